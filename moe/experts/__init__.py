@@ -1,0 +1,8 @@
+"""Frozen Ridge experts: streamed sufficient statistics, exact solver, torch buffers (DESIGN §6).
+
+Knows nothing of Lightning or gates.
+"""
+
+from moe.experts.module import RidgeExperts
+
+__all__ = ["RidgeExperts"]

@@ -1,0 +1,155 @@
+"""A fitted set of expert families, saved with the fingerprint of the data it came from.
+
+``load_or_fit(dm, cfg)`` is fit-on-first-use: the bundle lives under
+``<data_dir>/experts/experts-<key>.pt`` where ``key`` hashes the data fingerprint (train
+and val shards with sizes and rows, noise level, val seed) and the fit config. Loading a
+file made from other data or another config is an :class:`ExpertsMismatchError`, never
+a silent refit. Files are written atomically and read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moe.data.datamodule import SpectraDataModule
+from moe.experts.fit import FamilyFit, FitConfig, fit_families
+from moe.experts.module import RidgeExperts
+
+log = logging.getLogger(__name__)
+BUNDLE_VERSION = 1
+
+
+class ExpertsMismatchError(ValueError):
+    """An experts file that does not belong to the data or config at hand."""
+
+
+def bundle_key(fingerprint: dict, cfg: FitConfig) -> str:
+    blob = json.dumps({"data": fingerprint, "fit": cfg.key_dict(), "version": BUNDLE_VERSION}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class ExpertBundle:
+    """Families of experts plus the PCA basis of the same pass."""
+
+    families: dict[str, FamilyFit]
+    pca_mean: np.ndarray        # [D]
+    pca_components: np.ndarray  # [k, D]
+    pca_variance: np.ndarray    # [k]
+    wave: np.ndarray            # [D]
+    fingerprint: dict
+    config: FitConfig
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return bundle_key(self.fingerprint, self.config)
+
+    def experts(self, family: str) -> RidgeExperts:
+        if family not in self.families:
+            raise KeyError(f"family {family!r} was not fitted (have {sorted(self.families)})")
+        f = self.families[family]
+        return RidgeExperts.from_arrays(f.weight, f.bias, f.names)
+
+    def alpha_table(self) -> pd.DataFrame:
+        """One row per expert: training/val counts, chosen alpha, val R^2 at it, fallback."""
+        rows = []
+        alphas = np.asarray(self.config.alphas)
+        for fam, f in self.families.items():
+            for g, name in enumerate(f.names):
+                a = int(np.flatnonzero(alphas == f.alpha[g])[0])
+                r2 = 1 - f.val_sse[g, a] / f.val_sst[g] if f.n_val[g] > 1 and f.val_sst[g] > 0 else float("nan")
+                rows.append({"family": fam, "expert": name, "n_train": int(f.n_train[g]), "n_val": int(f.n_val[g]),
+                             "alpha": float(f.alpha[g]), "val_r2": float(r2), "fallback": f.fallback[g] if f.fallback else ""})
+        return pd.DataFrame(rows)
+
+    # ---- persistence --------------------------------------------------------------
+    def to_dict(self) -> dict:
+        fams = {}
+        for name, f in self.families.items():
+            fams[name] = {"names": list(f.names), "weight": torch.from_numpy(f.weight), "bias": torch.from_numpy(f.bias),
+                          "alpha": torch.from_numpy(np.asarray(f.alpha, float)), "n_train": torch.from_numpy(np.asarray(f.n_train, float)),
+                          "n_val": torch.from_numpy(np.asarray(f.n_val, float)), "val_sse": torch.from_numpy(f.val_sse),
+                          "val_sst": torch.from_numpy(np.asarray(f.val_sst, float)), "fallback": list(f.fallback)}
+        return {"version": BUNDLE_VERSION, "families": fams, "pca_mean": torch.from_numpy(self.pca_mean),
+                "pca_components": torch.from_numpy(self.pca_components), "pca_variance": torch.from_numpy(self.pca_variance),
+                "wave": torch.from_numpy(np.asarray(self.wave, float)), "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+                "config": json.dumps(self.config.key_dict() | {"block_rows": self.config.block_rows,
+                                                               "n_draws": self.config.n_draws}, sort_keys=True),
+                "timings": json.dumps(self.timings)}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(self.to_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.alpha_table().to_csv(path.with_suffix(".alphas.csv"), index=False)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, fingerprint: dict | None = None, config: FitConfig | None = None) -> "ExpertBundle":
+        """Load ``path``; with ``fingerprint``/``config`` given, a mismatch is an error."""
+        path = Path(path)
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ExpertsMismatchError(f"{path}: not a readable experts file ({exc})") from exc
+        if not isinstance(d, dict) or d.get("version") != BUNDLE_VERSION:
+            raise ExpertsMismatchError(f"{path}: experts file version {d.get('version') if isinstance(d, dict) else '?'}, "
+                                       f"expected {BUNDLE_VERSION}")
+        stored_fp = json.loads(d["fingerprint"])
+        cfg_d = json.loads(d["config"])
+        stored_cfg = FitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_d.items()})
+        if fingerprint is not None and stored_fp != json.loads(json.dumps(fingerprint, sort_keys=True)):
+            diff = sorted(k for k in set(stored_fp) | set(fingerprint) if stored_fp.get(k) != json.loads(json.dumps(fingerprint)).get(k))
+            raise ExpertsMismatchError(f"{path}: experts were fitted on other data (fingerprint differs in {diff}); "
+                                       "refusing to use them -- remove the file or point to the right data")
+        if config is not None and stored_cfg.key_dict() != config.key_dict():
+            diff = sorted(k for k, v in config.key_dict().items() if stored_cfg.key_dict().get(k) != v)
+            raise ExpertsMismatchError(f"{path}: experts were fitted with another config (differs in {diff})")
+        fams = {}
+        for name, f in d["families"].items():
+            fams[name] = FamilyFit(list(f["names"]), f["weight"].numpy(), f["bias"].numpy(), f["alpha"].numpy(),
+                                   f["n_train"].numpy(), f["n_val"].numpy(), f["val_sse"].numpy(), f["val_sst"].numpy(),
+                                   list(f["fallback"]))
+        return cls(fams, d["pca_mean"].numpy(), d["pca_components"].numpy(), d["pca_variance"].numpy(),
+                   d["wave"].numpy(), stored_fp, stored_cfg, json.loads(d["timings"]))
+
+
+def default_path(dm: SpectraDataModule, cfg: FitConfig) -> Path:
+    return Path(dm.data_dir) / "experts" / f"experts-{bundle_key(dm.fingerprint(), cfg)}.pt"
+
+
+def fit_bundle(dm: SpectraDataModule, cfg: FitConfig = FitConfig(), progress: bool = True) -> ExpertBundle:
+    """Fit all requested families on ``dm`` (no caching)."""
+    fits, (mean, comps, var), timings = fit_families(dm, cfg, progress)
+    return ExpertBundle(fits, mean, comps, var, dm.wave, dm.fingerprint(), cfg, timings)
+
+
+def load_or_fit(dm: SpectraDataModule, cfg: FitConfig = FitConfig(), path: str | os.PathLike | None = None,
+                progress: bool = True) -> ExpertBundle:
+    """The experts for ``dm`` and ``cfg``: loaded from ``path`` (default: the cache) or fitted and saved there.
+
+    An existing file that does not match the data or config raises :class:`ExpertsMismatchError`.
+    """
+    target = Path(path) if path is not None else default_path(dm, cfg)
+    if target.is_file():
+        return ExpertBundle.load(target, dm.fingerprint(), cfg)
+    log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
+    bundle = fit_bundle(dm, cfg, progress)
+    bundle.save(target)
+    log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
+    return bundle

@@ -1,0 +1,114 @@
+"""Oracle-routed evaluation of expert families on a pre-noised split.
+
+Each sample is sent to the expert of its true group (global / physical bin / SNR bin /
+cell). Reports R^2, MAE, RMSE overall and per group with counts, and the spread of the
+z-scores ``(prediction - log g) / sqrt(Var_k)`` where ``Var_k = noise_level^2 sum_i (w_ki error_i)^2``
+is the expert's predictive variance under the noise. The spread exceeds 1 because the
+experts are biased (the variance covers the noise only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moe.data import bins
+from moe.data.datamodule import SpectraDataModule
+from moe.experts import groups
+from moe.experts.bundle import ExpertBundle
+
+
+@dataclass
+class OracleResult:
+    """Per-sample oracle predictions of each family on one split."""
+
+    y: np.ndarray                 # [N]
+    snr_bin: np.ndarray           # [N]
+    phys_bin: np.ndarray          # [N]
+    pred: dict[str, np.ndarray]   # family -> [N]
+    var: dict[str, np.ndarray]    # family -> [N] predictive variance of the routed expert
+
+
+def oracle_predictions(dm: SpectraDataModule, bundle: ExpertBundle, split: str = "test",
+                       families: tuple[str, ...] | None = None) -> OracleResult:
+    """One pass over ``split``: each family's oracle-routed prediction and predictive variance."""
+    families = families or tuple(bundle.families)
+    experts = {f: bundle.experts(f).double() for f in families}
+    ys, sb, pb, preds, vars_ = [], [], [], {f: [] for f in families}, {f: [] for f in families}
+    with torch.no_grad():
+        for batch in dm.stream(split, batch_size=1024):
+            flux, err = batch["flux"].double(), batch["error"].double()
+            for f, module in experts.items():
+                g = torch.from_numpy(groups.group_of(f, batch["phys_bin"].numpy(), batch["snr_bin"].numpy()))
+                rows = torch.arange(len(g))
+                preds[f].append(module(flux)[rows, g].numpy())
+                vars_[f].append(module.predictive_variance(err, dm.noise_level)[rows, g].numpy())
+            ys.append(batch["log_g"].double().numpy())
+            sb.append(batch["snr_bin"].numpy())
+            pb.append(batch["phys_bin"].numpy())
+    cat = np.concatenate
+    return OracleResult(cat(ys), cat(sb), cat(pb), {f: cat(v) for f, v in preds.items()},
+                        {f: cat(v) for f, v in vars_.items()})
+
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """R^2, MAE, RMSE and count (R^2 is NaN below 2 samples)."""
+    n = y.size
+    if n == 0:
+        return {"n": 0, "r2": float("nan"), "mae": float("nan"), "rmse": float("nan")}
+    res = pred - y
+    sst = float(((y - y.mean()) ** 2).sum())
+    r2 = 1 - float((res**2).sum()) / sst if n > 1 and sst > 0 else float("nan")
+    return {"n": int(n), "r2": r2, "mae": float(np.abs(res).mean()), "rmse": float(np.sqrt((res**2).mean()))}
+
+
+def oracle_table(res: OracleResult) -> pd.DataFrame:
+    """Rows: family x slice (all, each SNR bin, each physical bin); columns n, r2, mae, rmse."""
+    rows = []
+    slices = [("all", np.ones_like(res.y, dtype=bool))]
+    slices += [(f"SNR {n}", res.snr_bin == i) for i, n in enumerate(bins.SNR_BIN_NAMES)]
+    slices += [(bins.PHYS_BIN_NAMES[k], res.phys_bin == k) for k in range(bins.N_PHYS_BINS)]
+    for fam, pred in res.pred.items():
+        for name, m in slices:
+            rows.append({"experts": fam, "slice": name, **regression_metrics(res.y[m], pred[m])})
+    return pd.DataFrame(rows)
+
+
+def zscore_table(res: OracleResult) -> pd.DataFrame:
+    """Spread of (pred - y) / sigma_k per family and SNR bin: std and the 68% half-width of |z|."""
+    rows = []
+    for fam, pred in res.pred.items():
+        z = (pred - res.y) / np.sqrt(np.maximum(res.var[fam], 1e-300))
+        for i, name in [(-1, "all")] + list(enumerate(bins.SNR_BIN_NAMES)):
+            m = np.ones_like(z, dtype=bool) if i < 0 else res.snr_bin == i
+            if not m.any():
+                continue
+            rows.append({"experts": fam, "snr_bin": name, "n": int(m.sum()), "z_std": float(z[m].std()),
+                         "z_68": float(np.percentile(np.abs(z[m]), 68.27)),
+                         "median_sigma": float(np.median(np.sqrt(res.var[fam][m])))})
+    return pd.DataFrame(rows)
+
+
+def compare_noise_modes(dm: SpectraDataModule, base, draws: int = 4, progress: bool = True) -> pd.DataFrame:
+    """Fit the families three ways -- noise-marginalised, one draw per spectrum, ``draws`` draws --
+    and give oracle R^2 on val (where alpha was chosen) and test for each. ``base``: a FitConfig."""
+    from dataclasses import replace
+    import time
+
+    from moe.experts.bundle import fit_bundle
+
+    rows = []
+    for mode, label in (("marginal", "noise-marginalised"), ("single", "1 draw / spectrum"), ("augment", f"{draws} draws / spectrum")):
+        cfg = replace(base, noise_mode=mode, n_draws=draws)
+        t = time.perf_counter()
+        bundle = fit_bundle(dm, cfg, progress)
+        seconds = time.perf_counter() - t
+        for split in ("val", "test"):
+            res = oracle_predictions(dm, bundle, split)
+            for fam, pred in res.pred.items():
+                rows.append({"training": label, "split": split, "experts": fam,
+                             "r2": regression_metrics(res.y, pred)["r2"], "fit_s": seconds})
+    return pd.DataFrame(rows)

@@ -1,0 +1,248 @@
+"""Fit every expert family from one streamed pass over the training split.
+
+1. One pass accumulates per-cell statistics (:mod:`moe.experts.stats`) of the training
+   flux -- clean (``noise_mode='marginal'``, the noise enters in closed form), one noise
+   draw per spectrum (``'single'``, the seeds' way) or ``n_draws`` draws (``'augment'``).
+2. Every group of every family is solved for the whole alpha sweep (:mod:`moe.experts.ridge`).
+3. One pass over the pre-noised validation split scores every (group, alpha) on the
+   group's own samples; each group keeps its best alpha. The 36 ``cells`` experts are
+   shrunk toward their selected physical expert (``w = argmin |y - Xw|^2 + a |w - w_phys|^2``)
+   with one alpha per SNR bin, pooled over its nine cells.
+4. The global group's (noisy-flux) covariance gives the PCA basis of the physics features.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+import scipy.linalg as sla
+
+from moe.data import bins
+from moe.data.datamodule import SpectraDataModule
+from moe.data.noise import add_noise_np
+from moe.data.stream import SpectraStream
+from moe.experts import groups
+from moe.experts.ridge import DEFAULT_ALPHAS, METHODS, fit_sweep
+from moe.experts.stats import PRODUCTS, CellStats, accumulate
+
+log = logging.getLogger(__name__)
+NOISE_MODES = ("marginal", "single", "augment")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How the experts are fitted (part of the cache key)."""
+
+    families: tuple[str, ...] = ("global", "phys", "snr")
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    noise_mode: str = "marginal"
+    n_draws: int = 4
+    products: str = "float64"
+    method: str = "auto"
+    min_samples: int = 50
+    fallback: str | None = None
+    n_pca: int = 4
+    block_rows: int = 4096
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "families", groups.check_families(self.families))
+        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        if self.noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {self.noise_mode!r}")
+        if self.products not in PRODUCTS:
+            raise ValueError(f"products must be one of {PRODUCTS}, got {self.products!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.fallback not in (None, "global"):
+            raise ValueError(f"fallback must be None or 'global', got {self.fallback!r}")
+        if self.noise_mode == "augment" and self.n_draws < 1:
+            raise ValueError("n_draws must be >= 1")
+
+    def key_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("block_rows")
+        if self.noise_mode != "augment":
+            d.pop("n_draws")
+        return d
+
+
+@dataclass
+class FamilyFit:
+    """The selected experts of one family and how they were chosen."""
+
+    names: list[str]
+    weight: np.ndarray          # [G, D] raw units
+    bias: np.ndarray            # [G]
+    alpha: np.ndarray           # [G] selected alpha
+    n_train: np.ndarray         # [G]
+    n_val: np.ndarray           # [G]
+    val_sse: np.ndarray         # [G, A] validation sum of squared errors per alpha
+    val_sst: np.ndarray         # [G] validation total sum of squares around the group mean
+    fallback: list[str] = field(default_factory=list)  # per group: '' or what it fell back to
+
+
+class GroupTooSmallError(ValueError):
+    """A group has fewer training samples than ``min_samples``."""
+
+
+def training_blocks(dm: SpectraDataModule, cfg: FitConfig, partition: str) -> Iterator[tuple]:
+    """(x [m, D], error, y, cell) blocks of this rank's share of the training split."""
+    stream = SpectraStream(dm.train_set, cfg.block_rows, dm.noise_level, cfg.block_rows, shuffle=False)
+    for batch in stream:
+        b = {k: v.numpy() for k, v in batch.items()}
+        cell = groups.cell_index(partition, b["phys_bin"], b["snr_bin"])
+        y = b["log_g"].astype(np.float64)
+        if cfg.noise_mode == "marginal":
+            yield b["flux"], b["error"], y, cell
+            continue
+        for draw in range(cfg.n_draws if cfg.noise_mode == "augment" else 1):
+            rng = np.random.default_rng([cfg.seed, int(b["row"][0]), draw])
+            yield add_noise_np(b["flux"], b["error"], dm.noise_level, rng), b["error"], y, cell
+
+
+def accumulate_stats(dm: SpectraDataModule, cfg: FitConfig, progress: bool = True) -> tuple[CellStats, str]:
+    """Per-cell statistics of the training split (summed over DDP ranks)."""
+    partition = groups.partition_for(cfg.families)
+    draws = cfg.n_draws if cfg.noise_mode == "augment" else 1
+    stats = accumulate(training_blocks(dm, cfg, partition), groups.n_cells(partition), dm.n_pixels,
+                       cfg.products, total=dm.train_set.n_rows * draws, progress=progress)
+    return stats.all_reduce(), partition
+
+
+def noise_variance(dm: SpectraDataModule, cfg: FitConfig) -> float:
+    """The closed-form noise term's multiplier (0 when the pass saw noisy flux)."""
+    return dm.noise_level**2 if cfg.noise_mode == "marginal" else 0.0
+
+
+def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_var: float,
+           prior: np.ndarray | None = None, fallback_path: tuple | None = None):
+    """Every group x alpha of ``family``: weight [G, A, D], bias [G, A], n [G], fallback notes."""
+    names = groups.group_names(family)
+    cells = groups.members(family, partition)
+    d, a = stats.n_pixels, len(cfg.alphas)
+    weight, bias = np.zeros((len(cells), a, d)), np.zeros((len(cells), a))
+    n = np.array([stats.n[c].sum() for c in cells])
+    notes = [""] * len(cells)
+    for g, c in enumerate(cells):
+        if family == "cells":
+            if n[g] < 2:
+                weight[g], bias[g] = prior[g // bins.N_SNR_BINS][0], prior[g // bins.N_SNR_BINS][1]
+                notes[g] = "phys"
+                log.warning("expert %s has %d training samples: using its physical expert", names[g], n[g])
+                continue
+            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, prior[g // bins.N_SNR_BINS][0], cfg.method)
+        elif n[g] < cfg.min_samples:
+            if cfg.fallback == "global" and fallback_path is not None:
+                weight[g], bias[g] = fallback_path
+                notes[g] = "global"
+                log.warning("expert %s/%s has %d training samples (< min_samples=%d): using the global expert",
+                            family, names[g], n[g], cfg.min_samples)
+                continue
+            raise GroupTooSmallError(
+                f"expert {family}/{names[g]} has {int(n[g])} training samples, fewer than min_samples={cfg.min_samples}; "
+                "use more data, lower min_samples, or fallback='global'")
+        else:
+            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, None, cfg.method)
+        weight[g], bias[g] = w, b
+    return weight, bias, n, notes
+
+
+def validation_sse(dm: SpectraDataModule, paths: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple]:
+    """One pass over the pre-noised val split: per family, (sse [G, A], n [G], sst [G])."""
+    fams = list(paths)
+    flat_w = np.concatenate([paths[f][0].reshape(-1, paths[f][0].shape[-1]) for f in fams])
+    flat_b = np.concatenate([paths[f][1].reshape(-1) for f in fams])
+    offsets = np.cumsum([0] + [paths[f][1].size for f in fams])
+    out = {f: [np.zeros(paths[f][1].shape), np.zeros(paths[f][1].shape[0]), np.zeros(paths[f][1].shape[0]),
+               np.zeros(paths[f][1].shape[0])] for f in fams}
+    for batch in dm.stream("val", batch_size=2048):
+        x = batch["flux"].numpy().astype(np.float64)
+        y = batch["log_g"].numpy().astype(np.float64)
+        pred = x @ flat_w.T + flat_b
+        for i, f in enumerate(fams):
+            g_count, a_count = paths[f][1].shape
+            p = pred[:, offsets[i]:offsets[i + 1]].reshape(-1, g_count, a_count)
+            grp = groups.group_of(f, batch["phys_bin"].numpy(), batch["snr_bin"].numpy())
+            own = p[np.arange(len(y)), grp]  # [N, A]
+            np.add.at(out[f][0], grp, (own - y[:, None]) ** 2)
+            np.add.at(out[f][1], grp, 1.0)
+            np.add.at(out[f][2], grp, y)
+            np.add.at(out[f][3], grp, y**2)
+    res = {}
+    for f, (sse, n, sy, syy) in out.items():
+        sst = syy - np.divide(sy**2, n, out=np.zeros_like(sy), where=n > 0)
+        res[f] = (sse, n, sst)
+    return res
+
+
+def _select(family: str, sse: np.ndarray, n_val: np.ndarray) -> np.ndarray:
+    """Index of the chosen alpha per group: own val samples; cells pooled per SNR bin; no val -> pooled."""
+    pooled = int(np.argmin(sse.sum(0)))
+    if family == "cells":
+        per_snr = [int(np.argmin(sse[s::bins.N_SNR_BINS].sum(0))) for s in range(bins.N_SNR_BINS)]
+        return np.array([per_snr[g % bins.N_SNR_BINS] for g in range(sse.shape[0])])
+    return np.array([int(np.argmin(sse[g])) if n_val[g] > 0 else pooled for g in range(sse.shape[0])])
+
+
+def _family_fit(family: str, path, n_train, notes, val, alphas) -> FamilyFit:
+    weight, bias = path
+    sse, n_val, sst = val
+    idx = _select(family, sse, n_val)
+    g = np.arange(weight.shape[0])
+    return FamilyFit(groups.group_names(family), weight[g, idx], bias[g, idx], np.asarray(alphas)[idx],
+                     n_train, n_val, sse, sst, notes)
+
+
+def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``k`` principal axes of the (noisy) training flux: mean [D], components [k, D], variances [k]."""
+    g = stats.group(np.arange(stats.n.size))
+    n = g.n[0]
+    mu_s = g.sx[0] / n
+    cov = (g.xtx[0] - np.outer(g.sx[0], mu_s)) / n
+    cov[np.diag_indices_from(cov)] += noise_var * g.se2[0] / n
+    d = cov.shape[0]
+    val, vec = sla.eigh(0.5 * (cov + cov.T), subset_by_index=[d - k, d - 1], check_finite=False)
+    order = np.argsort(val)[::-1]
+    comps = vec[:, order].T
+    sign = np.sign(comps[np.arange(k), np.argmax(np.abs(comps), axis=1)])
+    return g.shift + mu_s, comps * sign[:, None], val[order]
+
+
+def fit_families(dm: SpectraDataModule, cfg: FitConfig, progress: bool = True):
+    """Run the whole fit: (families {name: FamilyFit}, (pca mean, components, variances), timings)."""
+    t0 = time.perf_counter()
+    stats, partition = accumulate_stats(dm, cfg, progress)
+    t1 = time.perf_counter()
+    noise_var = noise_variance(dm, cfg)
+    paths, counts = {}, {}
+    paths["global"], counts["global"] = _split(_paths(stats, partition, "global", cfg, noise_var))
+    for fam in ("phys", "snr"):
+        if fam in cfg.families:
+            g_path = tuple(p[0] for p in paths["global"])
+            paths[fam], counts[fam] = _split(_paths(stats, partition, fam, cfg, noise_var, fallback_path=g_path))
+    t2 = time.perf_counter()
+    val = validation_sse(dm, paths)
+    fits = {}
+    for fam in paths:
+        fits[fam] = _family_fit(fam, paths[fam], *counts[fam], val[fam], cfg.alphas)
+    t3 = time.perf_counter()
+    if "cells" in cfg.families:
+        prior = [(fits["phys"].weight[k], fits["phys"].bias[k]) for k in range(bins.N_PHYS_BINS)]
+        cpath, ccount = _split(_paths(stats, partition, "cells", cfg, noise_var, prior=prior))
+        cval = validation_sse(dm, {"cells": cpath})["cells"]
+        fits["cells"] = _family_fit("cells", cpath, *ccount, cval, cfg.alphas)
+    t4 = time.perf_counter()
+    pca = pca_basis(stats, noise_var, cfg.n_pca)
+    t5 = time.perf_counter()
+    timings = {"stats_s": t1 - t0, "solve_s": (t2 - t1) + (t4 - t3), "validate_s": t3 - t2, "pca_s": t5 - t4}
+    return fits, pca, timings
+
+
+def _split(result):
+    weight, bias, n, notes = result
+    return (weight, bias), (n, notes)

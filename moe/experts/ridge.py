@@ -1,0 +1,125 @@
+r"""Ridge with intercept on standardised inputs, solved exactly from sufficient statistics.
+
+For one group with statistics from :mod:`moe.experts.stats`:
+
+- StandardScaler semantics: ``mean = shift + sx / n``; ``var = diag(S) / n`` with the centred
+  scatter ``S = xtx - sx sx^T / n``; constant features get scale 1 (scikit-learn's rule).
+- Noise marginalisation: averaging the squared loss over the noise
+  ``x -> x + noise_level * error * N(0, 1)`` adds ``noise_level^2 * sum_i error_i^2`` to the
+  scatter's diagonal (and to ``var``): the exact limit of training on endless noise
+  augmentation, in closed form. ``noise_var = 0`` gives ordinary Ridge on the rows given.
+- ``Z^T Z = S' / (scale scale^T)``, ``Z^T y = (xty - sx * ybar) / scale``; the coefficients
+  ``w_a = (Z^T Z + a I)^{-1} (Z^T y + a m)`` for every ``a`` of the sweep, where ``m`` is an
+  optional prior mean (shrinkage toward a parent expert; 0 for plain Ridge).
+- The sweep costs either one Cholesky per alpha or one eigendecomposition per group
+  (``Z^T Z = V L V^T``, then ``w_a = V (V^T b + a V^T m) / (L + a)``); ``method='auto'``
+  takes whichever is cheaper for the number of alphas.
+- Raw units: ``weight = w / scale``, ``bias = ybar - weight . mean``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import scipy.linalg as sla
+
+from moe.experts.stats import CellStats
+
+DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
+# One eigh of a D x D matrix costs about as much as this many Cholesky factorisations
+# (measured at D = 4096 on 2 cores: 8.5 s vs 0.46 s).
+EIGH_BREAKEVEN = 18
+METHODS = ("auto", "cholesky", "eigh")
+
+
+@dataclass
+class Standardized:
+    """A group's problem in standardised coordinates."""
+
+    n: float
+    mean: np.ndarray   # [D] raw-unit feature mean
+    scale: np.ndarray  # [D] raw-unit feature std (1 for constant features)
+    gram: np.ndarray   # [D, D] Z^T Z
+    zty: np.ndarray    # [D] Z^T (y - ybar)
+    ybar: float
+    syy: float         # sum (y - ybar)^2
+
+
+def standardize(stats: CellStats, noise_var: float = 0.0) -> Standardized:
+    """Standardised normal equations of a single group (``stats`` with one cell)."""
+    if stats.n.shape != (1,):
+        raise ValueError("standardize() takes one group: use CellStats.group(cells) first")
+    n = float(stats.n[0])
+    if n < 1:
+        raise ValueError("group has no samples")
+    sx, xtx = stats.sx[0], stats.xtx[0]
+    mu_s = sx / n
+    scatter = xtx - np.outer(sx, mu_s)
+    scatter = 0.5 * (scatter + scatter.T)
+    if noise_var:
+        scatter[np.diag_indices_from(scatter)] += noise_var * stats.se2[0]
+    mean = stats.shift + mu_s
+    var = np.clip(np.diag(scatter) / n, 0.0, None)
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    scale = np.where(constant, 1.0, np.sqrt(var))
+    ybar = float(stats.sy[0] / n)
+    gram = scatter / np.outer(scale, scale)
+    zty = (stats.xty[0] - sx * ybar) / scale
+    syy = float(stats.syy[0] - n * ybar**2)
+    return Standardized(n, mean, scale, gram, zty, ybar, syy)
+
+
+def solve_path(std: Standardized, alphas: Sequence[float], prior: np.ndarray | None = None,
+               method: str = "auto") -> np.ndarray:
+    """Standardised coefficients for every alpha: [A, D]."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if (alphas <= 0).any():
+        raise ValueError(f"alphas must be positive, got {alphas.tolist()}")
+    d = std.gram.shape[0]
+    m = np.zeros(d) if prior is None else np.asarray(prior, dtype=np.float64)
+    if method == "auto":
+        method = "eigh" if alphas.size > EIGH_BREAKEVEN else "cholesky"
+    if method == "cholesky":
+        out = np.empty((alphas.size, d))
+        for i, a in enumerate(alphas):
+            g = std.gram.copy()
+            g[np.diag_indices(d)] += a
+            try:
+                factor = sla.cho_factor(g, lower=True, overwrite_a=True, check_finite=False)
+            except np.linalg.LinAlgError:
+                return solve_path(std, alphas, prior, "eigh")
+            out[i] = sla.cho_solve(factor, std.zty + a * m, check_finite=False)
+        return out
+    lam, vec = sla.eigh(std.gram, driver="evd", check_finite=False)
+    lam = np.clip(lam, 0.0, None)
+    vb, vm = vec.T @ std.zty, vec.T @ m
+    coef = (vb[None, :] + alphas[:, None] * vm[None, :]) / (lam[None, :] + alphas[:, None])
+    return coef @ vec.T
+
+
+def to_raw(coef: np.ndarray, std: Standardized) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised coefficients [A, D] -> raw-unit (weight [A, D], bias [A])."""
+    weight = coef / std.scale[None, :]
+    return weight, std.ybar - weight @ std.mean
+
+
+def to_standardized(weight: np.ndarray, std: Standardized) -> np.ndarray:
+    """Raw-unit weights [.., D] expressed in ``std``'s standardised coordinates (prior means)."""
+    return weight * std.scale
+
+
+def fit_sweep(stats: CellStats, alphas: Sequence[float] = DEFAULT_ALPHAS, noise_var: float = 0.0,
+              prior_weight: np.ndarray | None = None, method: str = "auto") -> tuple[np.ndarray, np.ndarray, Standardized]:
+    """One group, every alpha: raw (weight [A, D], bias [A]) and its standardised problem.
+
+    ``prior_weight`` [D] (raw units) shrinks the solution toward a parent expert.
+    """
+    std = standardize(stats, noise_var)
+    prior = None if prior_weight is None else to_standardized(prior_weight, std)
+    weight, bias = to_raw(solve_path(std, alphas, prior, method), std)
+    return weight, bias, std
