@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 import scipy.linalg as sla
+from scipy.sparse.linalg import eigsh
 
 from moe.data import bins
 from moe.data.datamodule import SpectraDataModule
@@ -110,8 +111,15 @@ def accumulate_stats(dm: SpectraDataModule, cfg: FitConfig, progress: bool = Tru
     partition = groups.partition_for(cfg.families)
     draws = cfg.n_draws if cfg.noise_mode == "augment" else 1
     stats = accumulate(training_blocks(dm, cfg, partition), groups.n_cells(partition), dm.n_pixels,
-                       cfg.products, total=dm.train_set.n_rows * draws, progress=progress)
+                       cfg.products, total=dm.train_set.n_rows * draws, progress=progress, shift=common_shift(dm, cfg))
     return stats.all_reduce(), partition
+
+
+def common_shift(dm: SpectraDataModule, cfg: FitConfig) -> np.ndarray:
+    """Mean clean flux of the split's first block: the same on every rank."""
+    stream = SpectraStream(dm.train_set, cfg.block_rows, dm.noise_level, cfg.block_rows)
+    first = stream.shards.blocks(0, min(cfg.block_rows, dm.train_set.n_rows), cfg.block_rows)[0]
+    return stream.read(first)["flux"].mean(0, dtype=np.float64)
 
 
 def noise_variance(dm: SpectraDataModule, cfg: FitConfig) -> float:
@@ -205,8 +213,11 @@ def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, n
     mu_s = g.sx[0] / n
     cov = (g.xtx[0] - np.outer(g.sx[0], mu_s)) / n
     cov[np.diag_indices_from(cov)] += noise_var * g.se2[0] / n
-    d = cov.shape[0]
-    val, vec = sla.eigh(0.5 * (cov + cov.T), subset_by_index=[d - k, d - 1], check_finite=False)
+    cov = 0.5 * (cov + cov.T)
+    if k < cov.shape[0] // 4:
+        val, vec = eigsh(cov, k=k, which="LA", v0=np.ones(cov.shape[0]))  # Lanczos: a few mat-vecs
+    else:
+        val, vec = sla.eigh(cov, subset_by_index=[cov.shape[0] - k, cov.shape[0] - 1], check_finite=False)
     order = np.argsort(val)[::-1]
     comps = vec[:, order].T
     sign = np.sign(comps[np.arange(k), np.argmax(np.abs(comps), axis=1)])

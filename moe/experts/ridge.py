@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 import scipy.linalg as sla
+from scipy.linalg.blas import dger
 
 from moe.experts.stats import CellStats
 
@@ -54,19 +55,24 @@ def standardize(stats: CellStats, noise_var: float = 0.0) -> Standardized:
     n = float(stats.n[0])
     if n < 1:
         raise ValueError("group has no samples")
-    sx, xtx = stats.sx[0], stats.xtx[0]
+    sx = stats.sx[0]
     mu_s = sx / n
-    scatter = xtx - np.outer(sx, mu_s)
-    scatter = 0.5 * (scatter + scatter.T)
+    # centred scatter S = xtx - sx mu^T, built in place (BLAS rank-1 update on a transposed view;
+    # S is symmetric, and the solvers read one triangle only)
+    gram = np.array(stats.xtx[0], dtype=np.float64, order="C", copy=True)
+    dger(-1.0, mu_s, sx, a=gram.T, overwrite_a=1)
+    diag = np.diag_indices_from(gram)
     if noise_var:
-        scatter[np.diag_indices_from(scatter)] += noise_var * stats.se2[0]
+        gram[diag] += noise_var * stats.se2[0]
     mean = stats.shift + mu_s
-    var = np.clip(np.diag(scatter) / n, 0.0, None)
+    var = np.clip(gram[diag] / n, 0.0, None)
     eps = np.finfo(np.float64).eps
     constant = var <= n * eps * var + (n * mean * eps) ** 2
     scale = np.where(constant, 1.0, np.sqrt(var))
     ybar = float(stats.sy[0] / n)
-    gram = scatter / np.outer(scale, scale)
+    inv = 1.0 / scale
+    gram *= inv[:, None]
+    gram *= inv[None, :]
     zty = (stats.xty[0] - sx * ybar) / scale
     syy = float(stats.syy[0] - n * ybar**2)
     return Standardized(n, mean, scale, gram, zty, ybar, syy)
@@ -86,11 +92,13 @@ def solve_path(std: Standardized, alphas: Sequence[float], prior: np.ndarray | N
         method = "eigh" if alphas.size > EIGH_BREAKEVEN else "cholesky"
     if method == "cholesky":
         out = np.empty((alphas.size, d))
+        work = np.empty_like(std.gram)
+        diag = np.diag_indices(d)
         for i, a in enumerate(alphas):
-            g = std.gram.copy()
-            g[np.diag_indices(d)] += a
-            try:
-                factor = sla.cho_factor(g, lower=True, overwrite_a=True, check_finite=False)
+            np.copyto(work, std.gram)
+            work[diag] += a
+            try:  # gram is C-ordered and symmetric: its upper triangle is the F-order lower one
+                factor = sla.cho_factor(work.T, lower=False, overwrite_a=True, check_finite=False)
             except np.linalg.LinAlgError:
                 return solve_path(std, alphas, prior, "eigh")
             out[i] = sla.cho_solve(factor, std.zty + a * m, check_finite=False)

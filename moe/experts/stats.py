@@ -6,7 +6,8 @@ For every cell ``c`` (see :mod:`moe.experts.groups`), in float64:
 - ``sx[c] = sum (x - shift)``, ``xtx[c] = sum (x - shift)(x - shift)^T``, ``xty[c] = sum (x - shift) y``
 - ``se2[c] = sum error^2`` (per pixel; the noise variance at noise_level 1)
 
-``shift`` is the first block's mean flux: subtracting it before the products keeps the
+``shift`` is a reference flux near the mean (by default the first block's mean; under
+DDP every rank uses the same one): subtracting it before the products keeps the
 centred Gram accurate (the flux mean is ~10x its spread), which matters most for the
 ``float32`` products option (block products in float32, summed in float64).
 
@@ -52,9 +53,15 @@ class CellStats:
 
     def group(self, cells: np.ndarray) -> "CellStats":
         """One group: the sum over ``cells`` (leading axis of size 1)."""
-        idx = np.asarray(cells)
-        return CellStats(*(getattr(self, f.name)[idx].sum(0, keepdims=True) for f in fields(self) if f.name != "shift"),
-                         shift=self.shift)
+        idx = np.atleast_1d(np.asarray(cells))
+
+        def total(a: np.ndarray) -> np.ndarray:  # in-place sum: no copy of the selected [k, D, D] Grams
+            out = a[idx[0]].copy()
+            for c in idx[1:]:
+                out += a[c]
+            return out[None]
+
+        return CellStats(*(total(getattr(self, f.name)) for f in fields(self) if f.name != "shift"), shift=self.shift)
 
     def all_reduce(self) -> "CellStats":
         """Sum over DDP ranks (no-op without an initialised process group)."""
@@ -70,13 +77,10 @@ class CellStats:
 
 
 def _gram_update(acc: np.ndarray, x: np.ndarray, products: str) -> None:
-    """acc [D, D] += x^T x, x [m, D] already shifted."""
-    if products == "float32":
-        xf = x.astype(np.float32, copy=False)
-        acc += (xf.T @ xf).astype(np.float64)
-    else:
-        xd = x.astype(np.float64, copy=False)
-        acc += xd.T @ xd
+    """acc [D, D] += x^T x for a shifted segment x [m, D] (float32 products summed in float64)."""
+    dtype = np.float32 if products == "float32" else np.float64
+    x = x.astype(dtype, copy=False)
+    acc += x.T @ x
 
 
 class StatsAccumulator:
@@ -86,41 +90,50 @@ class StatsAccumulator:
     is a tall matrix product whatever the block size and however unevenly cells fill.
     """
 
-    def __init__(self, n_cells: int, n_pixels: int, products: str = "float64", flush_rows: int = 1024):
+    def __init__(self, n_cells: int, n_pixels: int, products: str = "float64", flush_rows: int = 2048,
+                 shift: np.ndarray | None = None):
         if products not in PRODUCTS:
             raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
         self.n_cells, self.n_pixels, self.products, self.flush_rows = n_cells, n_pixels, products, flush_rows
-        self.stats: CellStats | None = None
+        self.stats: CellStats | None = None if shift is None else CellStats.zeros(n_cells, n_pixels, shift)
         self._buf: list[list[np.ndarray]] = [[] for _ in range(n_cells)]
         self._buf_rows = np.zeros(n_cells, dtype=np.int64)
 
     def update(self, x: np.ndarray, error: np.ndarray, y: np.ndarray, cell: np.ndarray) -> None:
         x = np.asarray(x)
-        if x.shape[1] != self.n_pixels:
-            raise ValueError(f"block has {x.shape[1]} pixels, expected {self.n_pixels}")
+        if x.ndim != 2 or x.shape[1] != self.n_pixels:
+            raise ValueError(f"block has shape {x.shape}, expected (m, {self.n_pixels})")
         if self.stats is None:
             self.stats = CellStats.zeros(self.n_cells, self.n_pixels, x.mean(0, dtype=np.float64))
         s = self.stats
-        y = np.asarray(y, dtype=np.float64)
         cell = np.asarray(cell, dtype=np.int64)
-        if cell.size and (cell.min() < 0 or cell.max() >= self.n_cells):
+        if cell.size == 0:
+            return
+        if cell.min() < 0 or cell.max() >= self.n_cells:
             raise ValueError(f"cell index out of range [0, {self.n_cells})")
         work = np.float32 if self.products == "float32" else np.float64
-        xs = x.astype(work) - s.shift.astype(work)
-        e2 = np.square(np.asarray(error, dtype=np.float64))
+        # sort the block by cell once: every cell is then a contiguous (view) segment
         order = np.argsort(cell, kind="stable")
+        xs = np.take(x, order, axis=0).astype(work, copy=False)
+        xs -= s.shift.astype(work)
+        ys = np.asarray(y, dtype=np.float64)[order]
         bounds = np.searchsorted(cell[order], np.arange(self.n_cells + 1))
-        for c in np.flatnonzero(np.diff(bounds)):
-            rows = order[bounds[c]:bounds[c + 1]]
-            xc, yc = xs[rows], y[rows]
-            s.n[c] += rows.size
-            s.sy[c] += yc.sum()
-            s.syy[c] += yc @ yc
-            s.sx[c] += xc.sum(0, dtype=np.float64)
-            s.xty[c] += yc @ xc.astype(np.float64)
-            s.se2[c] += e2[rows].sum(0)
-            self._buf[c].append(xc)
-            self._buf_rows[c] += rows.size
+        present = np.flatnonzero(np.diff(bounds))
+        starts = bounds[present]
+        counts = np.diff(bounds)[present]
+        s.n[present] += counts
+        s.sy[present] += np.add.reduceat(ys, starts)
+        s.syy[present] += np.add.reduceat(ys * ys, starts)
+        s.sx[present] += np.add.reduceat(xs, starts, axis=0, dtype=np.float64)
+        s.se2[present] += np.add.reduceat(np.square(np.take(error, order, axis=0), dtype=np.float64), starts, axis=0)
+        for c, a, m in zip(present, starts, counts):
+            xc = xs[a:a + m]
+            s.xty[c] += ys[a:a + m] @ xc
+            if m >= self.flush_rows // 2:  # tall enough: update the Gram straight from the view
+                _gram_update(s.xtx[c], xc, self.products)
+                continue
+            self._buf[c].append(xc.copy())  # a copy, so the block can be freed
+            self._buf_rows[c] += m
             if self._buf_rows[c] >= self.flush_rows:
                 self._flush(c)
 
@@ -138,9 +151,14 @@ class StatsAccumulator:
 
 
 def accumulate(blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], n_cells: int, n_pixels: int,
-               products: str = "float64", total: int | None = None, progress: bool = True) -> CellStats:
-    """One pass over ``blocks`` -> per-cell statistics (progress bar in spectra)."""
-    acc = StatsAccumulator(n_cells, n_pixels, products)
+               products: str = "float64", total: int | None = None, progress: bool = True,
+               shift: np.ndarray | None = None) -> CellStats:
+    """One pass over ``blocks`` -> per-cell statistics (progress bar in spectra).
+
+    ``shift`` [D] defaults to the first block's mean; statistics that will be summed
+    (DDP ranks) must share one shift.
+    """
+    acc = StatsAccumulator(n_cells, n_pixels, products, shift=shift)
     with tqdm(total=total, unit="spec", desc="expert statistics", disable=not progress) as bar:
         for x, error, y, cell in blocks:
             acc.update(x, error, y, cell)
