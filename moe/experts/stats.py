@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from scipy.linalg.blas import dsyrk, ssyrk
 from tqdm.auto import tqdm
 
 PRODUCTS = ("float64", "float32")
@@ -77,20 +78,43 @@ class CellStats:
 
 
 def _gram_update(acc: np.ndarray, x: np.ndarray, products: str) -> None:
-    """acc [D, D] += x^T x for a shifted segment x [m, D] (float32 products summed in float64)."""
-    dtype = np.float32 if products == "float32" else np.float64
-    x = x.astype(dtype, copy=False)
-    acc += x.T @ x
+    """Lower triangle of acc [D, D] += x^T x for a shifted segment x [m, D], in place.
+
+    BLAS syrk on transposed views: ``x.T`` is x^T in Fortran order and ``acc.T`` is acc in
+    Fortran order, so nothing is copied and only one triangle is computed. float32 products
+    go through a float32 product summed into the float64 accumulator. Call
+    :func:`symmetrize_lower` once at the end.
+    """
+    if products == "float32":
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        acc += ssyrk(1.0, x.T, trans=0, lower=0).T
+        return
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    dsyrk(1.0, x.T, beta=1.0, c=acc.T, trans=0, lower=0, overwrite_c=1)
+
+
+def symmetrize_lower(a: np.ndarray, block: int = 512) -> None:
+    """Copy the lower triangle of a [D, D] onto its upper triangle, in cache-friendly blocks."""
+    d = a.shape[0]
+    for i in range(0, d, block):
+        ie = min(i + block, d)
+        sub = a[i:ie, i:ie]
+        iu = np.triu_indices(ie - i, 1)
+        sub[iu] = sub.T[iu]
+        for j in range(ie, d, block):
+            je = min(j + block, d)
+            a[i:ie, j:je] = a[j:je, i:ie].T
 
 
 class StatsAccumulator:
     """Streams blocks ``(x [m, D], error [m, D], y [m], cell [m])`` into :class:`CellStats`.
 
-    Rows are buffered per cell and flushed ``flush_rows`` at a time, so each Gram update
-    is a tall matrix product whatever the block size and however unevenly cells fill.
+    Rows are buffered per cell (float32) and flushed ``flush_rows`` at a time into an in-place
+    BLAS rank-k update of the cell's Gram, so updates stay efficient whatever the block size
+    and however unevenly cells fill; buffer memory is bounded by ``cells x flush_rows x D``.
     """
 
-    def __init__(self, n_cells: int, n_pixels: int, products: str = "float64", flush_rows: int = 2048,
+    def __init__(self, n_cells: int, n_pixels: int, products: str = "float64", flush_rows: int = 1024,
                  shift: np.ndarray | None = None):
         if products not in PRODUCTS:
             raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
@@ -111,35 +135,45 @@ class StatsAccumulator:
             return
         if cell.min() < 0 or cell.max() >= self.n_cells:
             raise ValueError(f"cell index out of range [0, {self.n_cells})")
-        work = np.float32 if self.products == "float32" else np.float64
-        # sort the block by cell once: every cell is then a contiguous (view) segment
+        # sort the block by cell once: every cell is then a contiguous (view) segment. Rows stay
+        # float32 (the input, exact); the shift is subtracted in float64 (exact) where products
+        # are formed, and the shifted sums follow from raw ones: sum(x - s) = sum x - n s.
         order = np.argsort(cell, kind="stable")
-        xs = np.take(x, order, axis=0).astype(work, copy=False)
-        xs -= s.shift.astype(work)
+        xs = np.take(np.asarray(x, dtype=np.float32), order, axis=0)
         ys = np.asarray(y, dtype=np.float64)[order]
         bounds = np.searchsorted(cell[order], np.arange(self.n_cells + 1))
         present = np.flatnonzero(np.diff(bounds))
         starts = bounds[present]
         counts = np.diff(bounds)[present]
+        sy = np.add.reduceat(ys, starts)
         s.n[present] += counts
-        s.sy[present] += np.add.reduceat(ys, starts)
+        s.sy[present] += sy
         s.syy[present] += np.add.reduceat(ys * ys, starts)
-        s.sx[present] += np.add.reduceat(xs, starts, axis=0, dtype=np.float64)
+        s.sx[present] += np.add.reduceat(xs, starts, axis=0, dtype=np.float64) - counts[:, None] * s.shift
         s.se2[present] += np.add.reduceat(np.square(np.take(error, order, axis=0), dtype=np.float64), starts, axis=0)
-        for c, a, m in zip(present, starts, counts):
+        for c, a, m, syc in zip(present, starts, counts, sy):
             xc = xs[a:a + m]
-            s.xty[c] += ys[a:a + m] @ xc
-            if m >= self.flush_rows // 2:  # tall enough: update the Gram straight from the view
-                _gram_update(s.xtx[c], xc, self.products)
+            s.xty[c] += ys[a:a + m] @ xc.astype(np.float64) - syc * s.shift
+            if m >= self.flush_rows // 2:  # tall enough: update the Gram straight from the segment
+                self._gram(c, xc)
                 continue
-            self._buf[c].append(xc.copy())  # a copy, so the block can be freed
+            self._buf[c].append(xc.copy())  # a float32 copy, so the block can be freed
             self._buf_rows[c] += m
             if self._buf_rows[c] >= self.flush_rows:
                 self._flush(c)
 
+    def _gram(self, c: int, rows: np.ndarray) -> None:
+        """Gram update of cell c with raw float32 rows [m, D] (shifted here)."""
+        if self.products == "float32":
+            shifted = rows - self.stats.shift.astype(np.float32)
+        else:
+            shifted = rows.astype(np.float64)
+            shifted -= self.stats.shift
+        _gram_update(self.stats.xtx[c], shifted, self.products)
+
     def _flush(self, c: int) -> None:
         if self._buf_rows[c]:
-            _gram_update(self.stats.xtx[c], np.concatenate(self._buf[c]), self.products)
+            self._gram(c, np.concatenate(self._buf[c]))
         self._buf[c], self._buf_rows[c] = [], 0
 
     def finalize(self) -> CellStats:
@@ -147,6 +181,7 @@ class StatsAccumulator:
             raise ValueError("no rows were accumulated")
         for c in range(self.n_cells):
             self._flush(c)
+            symmetrize_lower(self.stats.xtx[c])
         return self.stats
 
 

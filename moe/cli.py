@@ -1,0 +1,99 @@
+"""The LightningCLI of ``train.py``: fit / validate / test / predict of ``GatedMoE`` on ``SpectraDataModule``.
+
+- links the datamodule's pixel count, noise level and expert cache folder into the model;
+- a ModelCheckpoint on ``val/r2`` (max, plus ``last.ckpt``) and a per-star prediction CSV;
+- ``--test_after_fit true`` tests the best checkpoint right after ``fit``;
+- ``test``/``predict``/``validate`` print or write their results, and ``--ckpt_path best``
+  works in a fresh process (the best checkpoint of the newest run under the log folder).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
+
+from moe.data.datamodule import SpectraDataModule
+from moe.gates.callbacks import CSVPredictionWriter
+from moe.gates.module import GatedMoE, summary_table
+
+
+def experts_dir(data_dir: str) -> str:
+    return str(Path(data_dir) / "experts")
+
+
+def resolve_best_checkpoint(root: str | os.PathLike) -> str:
+    """The best checkpoint (per its ModelCheckpoint state) of the newest run that saved a ``last.ckpt``."""
+    candidates = glob.glob(os.path.join(str(root), "**", "checkpoints", "last.ckpt"), recursive=True)
+    if not candidates:
+        raise FileNotFoundError(f"--ckpt_path best: no run with checkpoints/last.ckpt under {root}")
+    last = max(candidates, key=os.path.getmtime)
+    state = torch.load(last, map_location="cpu", weights_only=False)  # our own checkpoint
+    for key, cb in state.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and cb.get("best_model_path"):
+            return cb["best_model_path"]
+    raise FileNotFoundError(f"{last} records no best checkpoint")
+
+
+class MoECLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.n_pixels", "model.n_pixels", apply_on="instantiate")
+        parser.link_arguments("data.noise_level", "model.noise_level", apply_on="parse")
+        parser.link_arguments("data.data_dir", "model.experts_dir", compute_fn=experts_dir, apply_on="parse")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/r2", "checkpoint.mode": "max", "checkpoint.save_last": True,
+                             "checkpoint.filename": "epoch{epoch:02d}-val_r2{val/r2:.4f}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(CSVPredictionWriter, "predict_writer")
+        parser.add_argument("--test_after_fit", type=bool, default=False, help="test the best checkpoint after fit")
+
+    def _instantiate_trainer(self, config, callbacks):
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, RichProgressBar) for c in callbacks):
+            callbacks.append(RichProgressBar())
+        return super()._instantiate_trainer(config, callbacks)
+
+    # ---- checkpoints supplied on the command line -------------------------------------------
+    def _use_checkpoint(self) -> None:
+        cfg = self.config_init[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt is None:
+            return
+        if ckpt == "best" and not getattr(self.trainer.checkpoint_callback, "best_model_path", ""):
+            ckpt = resolve_best_checkpoint(self.trainer.default_root_dir)
+            cfg["ckpt_path"] = ckpt
+            rank_zero_info(f"--ckpt_path best -> {ckpt}")
+        self.model.defer_to_checkpoint = True
+
+    before_validate = before_predict = _use_checkpoint
+
+    def before_test(self) -> None:
+        self._use_checkpoint()
+
+    def after_test(self) -> None:
+        self._print_table()
+
+    def after_fit(self) -> None:
+        if self.config_init["fit"].get("test_after_fit") and not self.trainer.fast_dev_run:
+            best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+            self._print_table()
+
+    def _print_table(self) -> None:
+        if self.trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+            print(f"\ntest: fusion {self.model.hparams.fusion}, experts {self.model.family} "
+                  f"({self.model.experts.n_experts}), noise_level {self.datamodule.noise_level}")
+            print(summary_table(metrics))
+
+
+def cli_main(args: list[str] | None = None) -> MoECLI:
+    """Entry point of ``train.py`` (``args`` for tests; ``None`` reads sys.argv)."""
+    torch.set_float32_matmul_precision("high")
+    return MoECLI(GatedMoE, SpectraDataModule, seed_everything_default=42, save_config_kwargs={"overwrite": True},
+                  trainer_defaults={"max_epochs": 8, "log_every_n_steps": 20},
+                  args=args)

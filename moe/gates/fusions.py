@@ -1,0 +1,180 @@
+r"""Gates: feature towers and how they fuse into weights over K experts (DESIGN §7).
+
+Every gate maps ``(phys [B, 13], qual [B, 10], route [B])`` to a :class:`GateOutput` with
+weights ``[B, K]`` on the simplex. ``route`` is the true group of each sample; only the
+oracle gate reads it.
+
+========== ===============================================================
+concat     w = softmax(MLP([phys, qual]))          MLP 23 -> 32 -> 16 -> K
+logit_add  w = softmax(f_phys(phys) + f_qual(qual))
+product    w \propto p^beta * q^gamma, p = softmax(a), q = softmax(b), beta, gamma >= 0 learned
+temperature w = softmax(f_phys(phys) / tau(qual)), tau = 1 + softplus(g(qual)) >= 1
+phys_only  w = softmax(f_phys(phys))
+quality_only w = softmax(f_qual(qual))            (over the 4 SNR experts)
+oracle     w = one_hot(route)                     (nothing learned)
+global     w = 1                                   (K = 1, nothing learned)
+========== ===============================================================
+
+The seeds' "probability product" ``normalise(softmax(a) * softmax(b))`` equals
+``softmax(a + b)`` exactly (the normalisers cancel), i.e. it *is* the logit-add gate
+(:func:`normalized_product`); ``product`` here is the distinct weighted product.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FUSIONS = ("concat", "logit_add", "product", "temperature", "phys_only", "quality_only", "oracle", "global")
+
+
+class GateOutput(NamedTuple):
+    weights: torch.Tensor                 # [B, K]
+    tau: torch.Tensor | None = None       # [B] temperature (temperature gate only)
+
+
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
+    """Linear-ReLU stack ending in a linear layer."""
+    layers, d = [], in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+def normalized_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The seeds' product fusion: softmax(a) * softmax(b), renormalised. Equals softmax(a + b)."""
+    p = F.softmax(a, dim=-1) * F.softmax(b, dim=-1)
+    return p / p.sum(-1, keepdim=True)
+
+
+def _inverse_softplus(y: float) -> float:
+    return math.log(math.expm1(y))
+
+
+class ConcatGate(nn.Module):
+    def __init__(self, phys_dim: int, qual_dim: int, n_experts: int, hidden: Sequence[int] = (32, 16)):
+        super().__init__()
+        self.net = mlp(phys_dim + qual_dim, hidden, n_experts)
+
+    def forward(self, phys, qual, route=None) -> GateOutput:
+        return GateOutput(F.softmax(self.net(torch.cat([phys, qual], dim=-1)), dim=-1))
+
+
+class LogitAddGate(nn.Module):
+    def __init__(self, phys_dim: int, qual_dim: int, n_experts: int, phys_hidden: Sequence[int] = (32, 16),
+                 qual_hidden: Sequence[int] = (16,)):
+        super().__init__()
+        self.phys_tower = mlp(phys_dim, phys_hidden, n_experts)
+        self.qual_tower = mlp(qual_dim, qual_hidden, n_experts)
+
+    def logits(self, phys, qual) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.phys_tower(phys), self.qual_tower(qual)
+
+    def forward(self, phys, qual, route=None) -> GateOutput:
+        a, b = self.logits(phys, qual)
+        return GateOutput(F.softmax(a + b, dim=-1))
+
+
+class ProductGate(LogitAddGate):
+    """w proportional to softmax(a)^beta * softmax(b)^gamma, beta = softplus(.), gamma = softplus(.) >= 0.
+
+    Computed in log space: softmax(beta * log_softmax(a) + gamma * log_softmax(b)).
+    beta = gamma = 1 (the start) is the logit-add gate; the learned exponents let one
+    tower sharpen or flatten the other's opinion.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.raw_beta = nn.Parameter(torch.tensor(_inverse_softplus(1.0)))
+        self.raw_gamma = nn.Parameter(torch.tensor(_inverse_softplus(1.0)))
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return F.softplus(self.raw_beta)
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return F.softplus(self.raw_gamma)
+
+    def forward(self, phys, qual, route=None) -> GateOutput:
+        a, b = self.logits(phys, qual)
+        return GateOutput(F.softmax(self.beta * F.log_softmax(a, -1) + self.gamma * F.log_softmax(b, -1), dim=-1))
+
+
+class TemperatureGate(nn.Module):
+    """Quality sets how sharp the physics gate may be: softmax(a / tau), tau = 1 + softplus(g(qual))."""
+
+    def __init__(self, phys_dim: int, qual_dim: int, n_experts: int, phys_hidden: Sequence[int] = (32, 16),
+                 qual_hidden: Sequence[int] = (16,)):
+        super().__init__()
+        self.phys_tower = mlp(phys_dim, phys_hidden, n_experts)
+        self.tau_tower = mlp(qual_dim, qual_hidden, 1)
+
+    def forward(self, phys, qual, route=None) -> GateOutput:
+        tau = 1.0 + F.softplus(self.tau_tower(qual)).squeeze(-1)
+        return GateOutput(F.softmax(self.phys_tower(phys) / tau[:, None], dim=-1), tau)
+
+
+class PhysOnlyGate(nn.Module):
+    def __init__(self, phys_dim: int, n_experts: int, hidden: Sequence[int] = (32, 16)):
+        super().__init__()
+        self.net = mlp(phys_dim, hidden, n_experts)
+
+    def forward(self, phys, qual, route=None) -> GateOutput:
+        return GateOutput(F.softmax(self.net(phys), dim=-1))
+
+
+class QualityOnlyGate(nn.Module):
+    def __init__(self, qual_dim: int, n_experts: int, hidden: Sequence[int] = (32, 16)):
+        super().__init__()
+        self.net = mlp(qual_dim, hidden, n_experts)
+
+    def forward(self, phys, qual, route=None) -> GateOutput:
+        return GateOutput(F.softmax(self.net(qual), dim=-1))
+
+
+class OracleGate(nn.Module):
+    """All weight on the sample's true group (an upper reference; nothing is learned)."""
+
+    def __init__(self, n_experts: int):
+        super().__init__()
+        self.n_experts = n_experts
+
+    def forward(self, phys, qual, route) -> GateOutput:
+        return GateOutput(F.one_hot(route, self.n_experts).to(phys.dtype))
+
+
+class GlobalGate(nn.Module):
+    """The single global expert (weight 1)."""
+
+    def forward(self, phys, qual, route=None) -> GateOutput:
+        return GateOutput(torch.ones(phys.shape[0], 1, dtype=phys.dtype, device=phys.device))
+
+
+def build_gate(fusion: str, phys_dim: int, qual_dim: int, n_experts: int) -> nn.Module:
+    """The gate module of ``fusion`` for K = ``n_experts``."""
+    if fusion == "concat":
+        return ConcatGate(phys_dim, qual_dim, n_experts)
+    if fusion == "logit_add":
+        return LogitAddGate(phys_dim, qual_dim, n_experts)
+    if fusion == "product":
+        return ProductGate(phys_dim, qual_dim, n_experts)
+    if fusion == "temperature":
+        return TemperatureGate(phys_dim, qual_dim, n_experts)
+    if fusion == "phys_only":
+        return PhysOnlyGate(phys_dim, n_experts)
+    if fusion == "quality_only":
+        return QualityOnlyGate(qual_dim, n_experts)
+    if fusion == "oracle":
+        return OracleGate(n_experts)
+    if fusion == "global":
+        if n_experts != 1:
+            raise ValueError("the global gate takes the single global expert (K = 1)")
+        return GlobalGate()
+    raise ValueError(f"unknown fusion {fusion!r}; choose from {FUSIONS}")

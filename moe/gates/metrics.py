@@ -1,0 +1,98 @@
+"""Metrics of one split (torchmetrics): R^2 / MAE / RMSE, per-bin R^2, rho, gate entropy, tau.
+
+``SplitMetrics.update(...)`` per batch, ``compute()`` once per epoch -> ``{"r2": ..., "r2_snr_H": ...}``
+(un-prefixed; the module adds ``val/`` or ``test/``). R^2 of a bin with fewer than two
+samples is left out rather than raising. ``rho = (R2_gate - R2_global) / (R2_oracle - R2_global)``
+against the oracle routing and the global expert of the same experts and samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, R2Score
+
+from moe.data import bins
+
+
+def gate_entropy(weights: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Entropy in nats of each row of ``weights`` [B, K] -> [B] (clamped log)."""
+    return -(weights * weights.clamp_min(eps).log()).sum(-1)
+
+
+def _r2(metric: R2Score) -> float | None:
+    return float(metric.compute()) if int(metric.total) >= 2 else None
+
+
+class SplitMetrics(nn.Module):
+    """All epoch-level metrics of one split (state syncs across DDP ranks in ``compute``)."""
+
+    def __init__(self, with_tau: bool = False):
+        super().__init__()
+        self.r2 = R2Score()
+        self.mae = MeanAbsoluteError()
+        self.rmse = MeanSquaredError(squared=False)
+        self.r2_oracle = R2Score()
+        self.r2_global = R2Score()
+        self.r2_snr = nn.ModuleList(R2Score() for _ in bins.SNR_BIN_NAMES)
+        self.r2_phys = nn.ModuleList(R2Score() for _ in bins.PHYS_BIN_NAMES)
+        self.entropy = MeanMetric()
+        self.entropy_snr = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
+        self.with_tau = with_tau
+        if with_tau:
+            self.tau_snr = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, oracle: torch.Tensor, global_pred: torch.Tensor, target: torch.Tensor,
+               entropy: torch.Tensor, snr_bin: torch.Tensor, phys_bin: torch.Tensor, tau: torch.Tensor | None = None) -> None:
+        pred, oracle, global_pred, target = (t.float() for t in (pred, oracle, global_pred, target))
+        self.r2.update(pred, target)
+        self.mae.update(pred, target)
+        self.rmse.update(pred, target)
+        self.r2_oracle.update(oracle, target)
+        self.r2_global.update(global_pred, target)
+        self.entropy.update(entropy)
+        for i, (m_r2, m_h) in enumerate(zip(self.r2_snr, self.entropy_snr)):
+            sel = snr_bin == i
+            if sel.any():
+                m_r2.update(pred[sel], target[sel])
+                m_h.update(entropy[sel])
+                if self.with_tau and tau is not None:
+                    self.tau_snr[i].update(tau[sel])
+        for k, m in enumerate(self.r2_phys):
+            sel = phys_bin == k
+            if sel.any():
+                m.update(pred[sel], target[sel])
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        r2, r2_o, r2_g = _r2(self.r2), _r2(self.r2_oracle), _r2(self.r2_global)
+        if r2 is None:
+            return out
+        out |= {"r2": r2, "r2_oracle": r2_o, "r2_global": r2_g,
+                "mae": float(self.mae.compute()), "rmse": float(self.rmse.compute())}
+        denom = r2_o - r2_g
+        out["rho"] = (r2 - r2_g) / denom if abs(denom) > 1e-9 else math.nan
+        out["entropy"] = float(self.entropy.compute())
+        for name, m_r2, m_h in zip(bins.SNR_BIN_NAMES, self.r2_snr, self.entropy_snr):
+            v = _r2(m_r2)
+            if v is not None:
+                out[f"r2_snr_{name}"] = v
+            if int(m_r2.total) > 0:
+                out[f"entropy_snr_{name}"] = float(m_h.compute())
+        for k, m in enumerate(self.r2_phys):
+            v = _r2(m)
+            if v is not None:
+                out[f"r2_phys_{k}"] = v
+        if self.with_tau:
+            for name, m in zip(bins.SNR_BIN_NAMES, self.tau_snr):
+                if float(m.weight) > 0:
+                    out[f"tau_snr_{name}"] = float(m.compute())
+        return out
+
+    def reset(self) -> None:
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset"):
+                m.reset()

@@ -1,0 +1,191 @@
+"""Gates: fusions learn, experts stay frozen, weights on the simplex, the product identity, the CLI."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moe.cli import cli_main
+from moe.data.datamodule import SpectraDataModule
+from moe.experts.bundle import ExpertsMismatchError
+from moe.gates import FUSIONS, GatedMoE, normalized_product
+from moe.gates.fusions import ProductGate, TemperatureGate
+from moe.gates.module import summary_table
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def dm(tiny_dir):
+    return SpectraDataModule(tiny_dir, batch_size=128, num_workers=0, synth=None)
+
+
+def _model(dm, fusion, experts=None, **kw):
+    m = GatedMoE(fusion=fusion, experts=experts, n_pixels=dm.n_pixels, noise_level=dm.noise_level,
+                 expert_min_samples=10, feature_rows=600, **kw)
+    m.prepare(dm)
+    return m
+
+
+def _noisy_batch(dm, n=256, seed=0):
+    b = next(iter(dm.stream("train", shuffle=False, batch_size=n)))
+    g = torch.Generator().manual_seed(seed)
+    b["flux"] = b["flux"] + b["error"] * torch.randn(b["flux"].shape, generator=g)
+    return b
+
+
+@pytest.mark.parametrize("fusion", ["concat", "logit_add", "product", "temperature", "phys_only", "quality_only"])
+def test_fusion_learns_and_experts_stay_frozen(dm, fusion):
+    torch.manual_seed(0)
+    model = _model(dm, fusion)
+    batch = _noisy_batch(dm)
+    experts_before = model.experts.weight.clone()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(40):
+        out = model(batch)
+        loss = torch.nn.functional.mse_loss(out.pred, batch["log_g"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] * 0.97, losses[::10]
+    assert torch.equal(model.experts.weight, experts_before)
+    assert model.experts.weight.grad is None and not model.experts.weight.requires_grad
+    assert all(not b.requires_grad for b in model.buffers())
+    w = model(batch).weights
+    assert torch.allclose(w.sum(-1), torch.ones(len(w)), atol=1e-5) and (w >= 0).all()
+
+
+def test_nothing_learned_baselines(dm):
+    batch = _noisy_batch(dm, 64)
+    oracle = _model(dm, "oracle")
+    out = oracle(batch)
+    assert torch.equal(out.weights.argmax(-1), batch["phys_bin"]) and torch.all(out.entropy < 1e-6)
+    assert not list(oracle.parameters()) and oracle.configure_optimizers() is None
+    glob = _model(dm, "global")
+    assert glob.experts.n_experts == 1
+    torch.testing.assert_close(glob(batch).pred, glob.global_expert(batch["flux"]).squeeze(1))
+    snr_oracle = _model(dm, "oracle", experts="snr")
+    assert torch.equal(snr_oracle(batch).weights.argmax(-1), batch["snr_bin"])
+    with pytest.raises(ValueError, match="unknown fusion"):
+        GatedMoE(fusion="mystery")
+
+
+def test_normalized_product_is_logit_add_and_weighted_product_differs():
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 9, dtype=torch.float64) * 3, torch.randn(64, 9, dtype=torch.float64) * 3
+    torch.testing.assert_close(normalized_product(a, b), torch.softmax(a + b, -1), rtol=1e-12, atol=1e-15)
+    gate = ProductGate(13, 10, 9).double()
+    phys, qual = torch.randn(64, 13, dtype=torch.float64), torch.randn(64, 10, dtype=torch.float64)
+    a, b = gate.logits(phys, qual)
+    torch.testing.assert_close(gate(phys, qual).weights, torch.softmax(a + b, -1))  # beta = gamma = 1 at start
+    with torch.no_grad():
+        gate.raw_beta.fill_(2.0)
+        gate.raw_gamma.fill_(-3.0)
+    w = gate(phys, qual).weights
+    assert (w - torch.softmax(a + b, -1)).abs().max() > 1e-2  # learned exponents make it a different gate
+    p, q = torch.softmax(a, -1), torch.softmax(b, -1)
+    ref = p**gate.beta * q**gate.gamma
+    torch.testing.assert_close(w, ref / ref.sum(-1, keepdim=True))
+    assert gate.beta > 0 and gate.gamma > 0
+
+
+def test_temperature_is_at_least_one():
+    gate = TemperatureGate(13, 10, 9)
+    with torch.no_grad():
+        for p in gate.tau_tower.parameters():
+            p.normal_(0, 5)
+    out = gate(torch.randn(500, 13), torch.randn(500, 10) * 10)
+    assert (out.tau >= 1).all() and out.tau.max() > 1.5
+    torch.testing.assert_close(out.weights.sum(-1), torch.ones(500))
+
+
+def test_mixture_sigma(dm):
+    model = _model(dm, "concat")
+    batch = _noisy_batch(dm, 32)
+    out = model(batch)
+    var = model.experts.predictive_variance(batch["error"], dm.noise_level)
+    mu, w = out.expert_preds.double(), out.weights.double()
+    m = (w * mu).sum(-1)
+    expect = ((w * (var.double() + (mu - m[:, None]) ** 2)).sum(-1)).sqrt()  # law of total variance
+    torch.testing.assert_close(out.sigma.double(), expect, rtol=1e-3, atol=1e-4)
+
+
+def _cli(tmp_path, *extra, tiny_dir):
+    return ["--data.data_dir", tiny_dir, "--data.num_workers", "0", "--data.batch_size", "128",
+            "--model.expert_min_samples", "10", "--model.feature_rows", "600",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", *extra]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_fast_dev_run(tmp_path, tiny_dir, config):
+    cli = cli_main(["fit", "--config", str(config), *_cli(tmp_path, "--trainer.fast_dev_run", "1", tiny_dir=tiny_dir)])
+    assert cli.trainer.state.finished
+
+
+def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = _cli(tmp_path, "--trainer.max_epochs", "2", "--model.warmup_steps", "2", "--test_after_fit", "true",
+                tiny_dir=tiny_dir)
+    cli = cli_main(["fit", "--config", str(CONFIG_DIR / "temperature.yaml"), *args])
+    assert "rho =" in capsys.readouterr().out
+    events = list(Path(cli.trainer.log_dir).glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0]), size_guidance={"histograms": 0, "images": 0, "scalars": 0}).Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "val/r2", "val/entropy", "val/rho", "val/tau_snr_X", *(f"val/{m}_snr_{b}" for m in ("r2", "entropy") for b in "HMLX")):
+        assert tag in scalars, tag
+    assert "val/gate_weights" in acc.Tags()["histograms"]
+    assert "val/entropy_vs_snr" in acc.Tags()["images"]
+    ckpts = list(Path(cli.trainer.log_dir, "checkpoints").glob("*.ckpt"))
+    assert any(p.name == "last.ckpt" for p in ckpts) and any(p.name.startswith("epoch") for p in ckpts)
+
+    # a fresh process-like CLI call resolves --ckpt_path best from the newest run
+    test = cli_main(["test", "--config", str(CONFIG_DIR / "temperature.yaml"), "--ckpt_path", "best", *args[:-2]])
+    assert "test/r2" in test.trainer.callback_metrics
+    out = capsys.readouterr().out
+    assert "SNR X" in out and "rho =" in out
+
+    pred_csv = tmp_path / "pred.csv"
+    cli_main(["predict", "--config", str(CONFIG_DIR / "temperature.yaml"), "--ckpt_path", "best",
+              "--predict_writer.output", str(pred_csv), *args[:-2]])
+    rows = list(csv.DictReader(pred_csv.open()))
+    assert len(rows) == 300
+    assert list(rows[0])[:7] == ["row", "log_g_pred", "log_g_sigma", "log_g_true", "snr", "snr_bin", "phys_bin"]
+    assert list(rows[0])[7:] == [f"w_{n}" for n in test.model.experts.names]
+    assert abs(sum(float(rows[0][f"w_{n}"]) for n in test.model.experts.names) - 1) < 1e-4
+    assert {r["snr_bin"] for r in rows} <= {"X", "L", "M", "H"}
+
+
+def test_checkpoint_from_other_data_is_refused(tmp_path, tiny_dir):
+    args = _cli(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", tiny_dir=tiny_dir)
+    cli = cli_main(["fit", "--config", str(CONFIG_DIR / "dual_tower.yaml"), *args])
+    ckpt = Path(cli.trainer.log_dir, "checkpoints", "last.ckpt")
+    with pytest.raises(ExpertsMismatchError, match="checkpoint was trained on data"):
+        cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(ckpt), *args,
+                  "--data.noise_level", "0.5"])
+
+
+def test_resume_from_last_checkpoint(tmp_path, tiny_dir):
+    args = _cli(tmp_path, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", tiny_dir=tiny_dir)
+    first = cli_main(["fit", "--config", str(CONFIG_DIR / "logit_add.yaml"), "--trainer.max_epochs", "1", *args])
+    last = Path(first.trainer.log_dir, "checkpoints", "last.ckpt")
+    second = cli_main(["fit", "--config", str(CONFIG_DIR / "logit_add.yaml"), "--trainer.max_epochs", "2", "--ckpt_path", str(last), *args])
+    assert second.trainer.current_epoch == 2 and second.trainer.global_step == 4
+
+
+def test_summary_table_lists_bins():
+    text = summary_table({"test/r2": 0.6, "test/rho": 0.8, "test/r2_snr_X": 0.2, "test/entropy_snr_X": 1.5})
+    assert "SNR X" in text and "0.2000" in text and "rho = 0.800" in text
+
+
+def test_all_fusions_listed():
+    assert set(FUSIONS) == {"concat", "logit_add", "product", "temperature", "phys_only", "quality_only", "oracle", "global"}
+    assert {p.stem for p in CONFIGS} >= {"quickstart", "dual_tower", "logit_add", "product", "temperature", "phys_only",
+                                         "quality_only", "oracle", "global", "experts36"}
