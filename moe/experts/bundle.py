@@ -25,7 +25,7 @@ from moe.experts.fit import FamilyFit, FitConfig, fit_families
 from moe.experts.module import RidgeExperts
 
 log = logging.getLogger(__name__)
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
 
 
 class ExpertsMismatchError(ValueError):
@@ -80,6 +80,8 @@ class ExpertBundle:
                           "alpha": torch.from_numpy(np.asarray(f.alpha, float)), "n_train": torch.from_numpy(np.asarray(f.n_train, float)),
                           "n_val": torch.from_numpy(np.asarray(f.n_val, float)), "val_sse": torch.from_numpy(f.val_sse),
                           "val_sst": torch.from_numpy(np.asarray(f.val_sst, float)), "fallback": list(f.fallback)}
+            if f.path_weight is not None:
+                fams[name] |= {"path_weight": torch.from_numpy(f.path_weight), "path_bias": torch.from_numpy(f.path_bias)}
         return {"version": BUNDLE_VERSION, "families": fams, "pca_mean": torch.from_numpy(self.pca_mean),
                 "pca_components": torch.from_numpy(self.pca_components), "pca_variance": torch.from_numpy(self.pca_variance),
                 "wave": torch.from_numpy(np.asarray(self.wave, float)), "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
@@ -124,7 +126,8 @@ class ExpertBundle:
         for name, f in d["families"].items():
             fams[name] = FamilyFit(list(f["names"]), f["weight"].numpy(), f["bias"].numpy(), f["alpha"].numpy(),
                                    f["n_train"].numpy(), f["n_val"].numpy(), f["val_sse"].numpy(), f["val_sst"].numpy(),
-                                   list(f["fallback"]))
+                                   list(f["fallback"]), f["path_weight"].numpy() if "path_weight" in f else None,
+                                   f["path_bias"].numpy() if "path_bias" in f else None)
         return cls(fams, d["pca_mean"].numpy(), d["pca_components"].numpy(), d["pca_variance"].numpy(),
                    d["wave"].numpy(), stored_fp, stored_cfg, json.loads(d["timings"]))
 

@@ -26,6 +26,7 @@ class OracleResult:
     """Per-sample oracle predictions of each family on one split."""
 
     y: np.ndarray                 # [N]
+    snr: np.ndarray               # [N]
     snr_bin: np.ndarray           # [N]
     phys_bin: np.ndarray          # [N]
     pred: dict[str, np.ndarray]   # family -> [N]
@@ -37,7 +38,7 @@ def oracle_predictions(dm: SpectraDataModule, bundle: ExpertBundle, split: str =
     """One pass over ``split``: each family's oracle-routed prediction and predictive variance."""
     families = families or tuple(bundle.families)
     experts = {f: bundle.experts(f).double() for f in families}
-    ys, sb, pb, preds, vars_ = [], [], [], {f: [] for f in families}, {f: [] for f in families}
+    ys, snr, sb, pb, preds, vars_ = [], [], [], [], {f: [] for f in families}, {f: [] for f in families}
     with torch.no_grad():
         for batch in dm.stream(split, batch_size=1024):
             flux, err = batch["flux"].double(), batch["error"].double()
@@ -47,10 +48,11 @@ def oracle_predictions(dm: SpectraDataModule, bundle: ExpertBundle, split: str =
                 preds[f].append(module(flux)[rows, g].numpy())
                 vars_[f].append(module.predictive_variance(err, dm.noise_level)[rows, g].numpy())
             ys.append(batch["log_g"].double().numpy())
+            snr.append(batch["snr"].double().numpy())
             sb.append(batch["snr_bin"].numpy())
             pb.append(batch["phys_bin"].numpy())
     cat = np.concatenate
-    return OracleResult(cat(ys), cat(sb), cat(pb), {f: cat(v) for f, v in preds.items()},
+    return OracleResult(cat(ys), cat(snr), cat(sb), cat(pb), {f: cat(v) for f, v in preds.items()},
                         {f: cat(v) for f, v in vars_.items()})
 
 

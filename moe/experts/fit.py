@@ -85,6 +85,8 @@ class FamilyFit:
     val_sse: np.ndarray         # [G, A] validation sum of squared errors per alpha
     val_sst: np.ndarray         # [G] validation total sum of squares around the group mean
     fallback: list[str] = field(default_factory=list)  # per group: '' or what it fell back to
+    path_weight: np.ndarray | None = None  # [G, A, D] every alpha of the sweep (raw units)
+    path_bias: np.ndarray | None = None    # [G, A]
 
 
 class GroupTooSmallError(ValueError):
@@ -203,12 +205,12 @@ def _family_fit(family: str, path, n_train, notes, val, alphas) -> FamilyFit:
     idx = _select(family, sse, n_val)
     g = np.arange(weight.shape[0])
     return FamilyFit(groups.group_names(family), weight[g, idx], bias[g, idx], np.asarray(alphas)[idx],
-                     n_train, n_val, sse, sst, notes)
+                     n_train, n_val, sse, sst, notes, weight, bias)
 
 
 def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` principal axes of the (noisy) training flux: mean [D], components [k, D], variances [k]."""
-    g = stats.group(np.arange(stats.n.size))
+    g = stats.group(np.arange(stats.n.size))  # full symmetric Gram
     n = g.n[0]
     mu_s = g.sx[0] / n
     cov = (g.xtx[0] - np.outer(g.sx[0], mu_s)) / n

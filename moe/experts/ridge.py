@@ -27,7 +27,7 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.linalg.blas import dger
 
-from moe.experts.stats import CellStats
+from moe.experts.stats import CellStats, symmetrize_lower
 
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
 # One eigh of a D x D matrix costs about as much as this many Cholesky factorisations
@@ -58,9 +58,9 @@ def standardize(stats: CellStats, noise_var: float = 0.0) -> Standardized:
         raise ValueError("group has no samples")
     sx = stats.sx[0]
     mu_s = sx / n
-    # centred scatter S = xtx - sx mu^T, built in place (BLAS rank-1 update on a transposed view;
-    # S is symmetric, and the solvers read one triangle only)
+    # centred scatter S = xtx - sx mu^T, built in place (BLAS rank-1 update on a transposed view)
     gram = np.array(stats.xtx[0], dtype=np.float64, order="C", copy=True)
+    symmetrize_lower(gram)  # accumulators hold the lower triangle (idempotent on full matrices)
     dger(-1.0, mu_s, sx, a=gram.T, overwrite_a=1)
     diag = np.diag_indices_from(gram)
     if noise_var:

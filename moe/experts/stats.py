@@ -3,8 +3,10 @@
 For every cell ``c`` (see :mod:`moe.experts.groups`), in float64:
 
 - ``n[c]``, ``sy[c] = sum y``, ``syy[c] = sum y^2``
-- ``sx[c] = sum (x - shift)``, ``xtx[c] = sum (x - shift)(x - shift)^T``, ``xty[c] = sum (x - shift) y``
-- ``se2[c] = sum error^2`` (per pixel; the noise variance at noise_level 1)
+- ``sx[c] = sum (x - shift)``, ``xty[c] = sum (x - shift) y``
+- ``xtx[c] = sum (x - shift)(x - shift)^T`` -- the lower triangle only; :meth:`CellStats.group`
+  and :meth:`CellStats.gram` return full symmetric matrices
+- ``se2[c] = sum error^2`` (per pixel; the noise variance at noise_level 1, float32 products)
 
 ``shift`` is a reference flux near the mean (by default the first block's mean; under
 DDP every rank uses the same one): subtracting it before the products keeps the
@@ -53,7 +55,7 @@ class CellStats:
         return self.shift.size
 
     def group(self, cells: np.ndarray) -> "CellStats":
-        """One group: the sum over ``cells`` (leading axis of size 1)."""
+        """One group: the sum over ``cells`` (leading axis of size 1), with a full symmetric Gram."""
         idx = np.atleast_1d(np.asarray(cells))
 
         def total(a: np.ndarray) -> np.ndarray:  # in-place sum: no copy of the selected [k, D, D] Grams
@@ -62,7 +64,13 @@ class CellStats:
                 out += a[c]
             return out[None]
 
-        return CellStats(*(total(getattr(self, f.name)) for f in fields(self) if f.name != "shift"), shift=self.shift)
+        out = CellStats(*(total(getattr(self, f.name)) for f in fields(self) if f.name != "shift"), shift=self.shift)
+        symmetrize_lower(out.xtx[0])
+        return out
+
+    def gram(self, cell: int) -> np.ndarray:
+        """Full symmetric X^T X [D, D] of one cell (``xtx`` holds only its lower triangle)."""
+        return self.group([cell]).xtx[0]
 
     def all_reduce(self) -> "CellStats":
         """Sum over DDP ranks (no-op without an initialised process group)."""
@@ -114,7 +122,7 @@ class StatsAccumulator:
     and however unevenly cells fill; buffer memory is bounded by ``cells x flush_rows x D``.
     """
 
-    def __init__(self, n_cells: int, n_pixels: int, products: str = "float64", flush_rows: int = 1024,
+    def __init__(self, n_cells: int, n_pixels: int, products: str = "float64", flush_rows: int = 2048,
                  shift: np.ndarray | None = None):
         if products not in PRODUCTS:
             raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
@@ -145,15 +153,22 @@ class StatsAccumulator:
         present = np.flatnonzero(np.diff(bounds))
         starts = bounds[present]
         counts = np.diff(bounds)[present]
-        sy = np.add.reduceat(ys, starts)
+        # per-cell row sums as skinny BLAS products with the cell-indicator matrix [cells, m]
+        onehot = np.zeros((present.size, len(ys)))
+        for j, (a, m) in enumerate(zip(starts, counts)):
+            onehot[j, a:a + m] = 1.0
+        xd = xs.astype(np.float64)
+        sy = onehot @ ys
         s.n[present] += counts
         s.sy[present] += sy
-        s.syy[present] += np.add.reduceat(ys * ys, starts)
-        s.sx[present] += np.add.reduceat(xs, starts, axis=0, dtype=np.float64) - counts[:, None] * s.shift
-        s.se2[present] += np.add.reduceat(np.square(np.take(error, order, axis=0), dtype=np.float64), starts, axis=0)
-        for c, a, m, syc in zip(present, starts, counts, sy):
+        s.syy[present] += onehot @ (ys * ys)
+        s.sx[present] += onehot @ xd - counts[:, None] * s.shift
+        s.xty[present] += (onehot * ys) @ xd - sy[:, None] * s.shift
+        del xd
+        # the noise variance per pixel only enters the marginalised diagonal: float32 products suffice
+        s.se2[present] += onehot.astype(np.float32) @ np.square(np.take(np.asarray(error, dtype=np.float32), order, axis=0))
+        for c, a, m in zip(present, starts, counts):
             xc = xs[a:a + m]
-            s.xty[c] += ys[a:a + m] @ xc.astype(np.float64) - syc * s.shift
             if m >= self.flush_rows // 2:  # tall enough: update the Gram straight from the segment
                 self._gram(c, xc)
                 continue
@@ -181,7 +196,6 @@ class StatsAccumulator:
             raise ValueError("no rows were accumulated")
         for c in range(self.n_cells):
             self._flush(c)
-            symmetrize_lower(self.stats.xtx[c])
         return self.stats
 
 

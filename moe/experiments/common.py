@@ -1,0 +1,210 @@
+"""What every experiment shares: its settings, data access, verdicts, statistics and the report.
+
+A report folder holds ``report.md`` (question, verdicts computed from the numbers, tables,
+embedded figures, config and data fingerprint), every table as CSV, and the PNG figures.
+Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moe.data.datamodule import SpectraDataModule
+from moe.data.noise import add_noise_np
+from moe.data.synth import SynthConfig
+from moe.plots import save as save_figure
+
+
+@dataclass
+class ExperimentSettings:
+    """Command-line settings shared by all experiments."""
+
+    data: str = "data/synth"
+    n_train: int | None = None
+    seeds: tuple[int, ...] = (42,)
+    out: str | None = None
+    noise_level: float = 1.0
+    max_memory_rows: int = 50_000
+    epochs: int = 12
+    cnn_epochs: int = 50
+    lgbm_device: str = "cpu"
+    progress: bool = True
+
+    def datamodule(self, **kw) -> SpectraDataModule:
+        return SpectraDataModule(self.data, noise_level=self.noise_level, max_train_rows=self.n_train, num_workers=0,
+                                 synth=SynthConfig(), **kw)
+
+
+@dataclass
+class Arrays:
+    """Rows of one split in memory (experiments only; capped by ``max_memory_rows``)."""
+
+    flux: np.ndarray      # [N, D] noisy (train: one draw; val/test: the pre-noised copy)
+    error: np.ndarray     # [N, D]
+    clean: np.ndarray | None
+    log_g: np.ndarray
+    teff: np.ndarray
+    mh: np.ndarray
+    snr: np.ndarray
+    phys_bin: np.ndarray
+    snr_bin: np.ndarray
+
+    def subset(self, mask: np.ndarray) -> "Arrays":
+        return Arrays(*(None if v is None else v[mask] for v in (self.flux, self.error, self.clean, self.log_g, self.teff,
+                                                                  self.mh, self.snr, self.phys_bin, self.snr_bin)))
+
+
+def load_arrays(dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0, keep_clean: bool = False) -> Arrays:
+    """Up to ``max_rows`` rows of ``split``; train rows get one noise draw (``seed``)."""
+    parts, have = [], 0
+    stream = dm.stream(split, shuffle=False, batch_size=4096)
+    for b in stream:
+        parts.append({k: v.numpy() for k, v in b.items()})
+        have += len(b["row"])
+        if have >= max_rows:
+            break
+    cat = {k: np.concatenate([p[k] for p in parts])[:max_rows] for k in parts[0]}
+    clean = cat["flux"] if (keep_clean and split == "train") else None
+    flux = cat["flux"]
+    if split == "train":
+        flux = add_noise_np(flux, cat["error"], dm.noise_level, np.random.default_rng([seed, 7]))
+    return Arrays(flux, cat["error"], clean, cat["log_g"].astype(np.float64), cat["T_eff"].astype(np.float64),
+                  cat["M_H"].astype(np.float64), cat["snr"].astype(np.float64), cat["phys_bin"], cat["snr_bin"])
+
+
+def r2(y: np.ndarray, pred: np.ndarray) -> float:
+    y, pred = np.asarray(y, float), np.asarray(pred, float)
+    if y.size < 2:
+        return float("nan")
+    sst = ((y - y.mean()) ** 2).sum()
+    return float(1 - ((pred - y) ** 2).sum() / sst) if sst > 0 else float("nan")
+
+
+def metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    res = np.asarray(pred, float) - np.asarray(y, float)
+    return {"n": int(np.size(y)), "r2": r2(y, pred), "mae": float(np.abs(res).mean()) if res.size else float("nan"),
+            "rmse": float(np.sqrt((res**2).mean())) if res.size else float("nan")}
+
+
+def bootstrap_delta_r2(y: np.ndarray, pred_a: Sequence[np.ndarray], pred_b: Sequence[np.ndarray], n_boot: int = 1000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Paired bootstrap (over test spectra) 95% CI of R2(a) - R2(b), each averaged over seeds."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y, float)
+    pa, pb = np.asarray(pred_a, float), np.asarray(pred_b, float)
+    out = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = rng.integers(0, y.size, y.size)
+        yi = y[idx]
+        sst = ((yi - yi.mean()) ** 2).sum()
+        ra = 1 - ((pa[:, idx] - yi) ** 2).sum(1) / sst
+        rb = 1 - ((pb[:, idx] - yi) ** 2).sum(1) / sst
+        out[i] = (ra - rb).mean()
+    lo, hi = np.percentile(out, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A decision rule of the seed evaluated on a measured value."""
+
+    question: str
+    value: float
+    op: str  # '>=', '<', '<=' or '>'
+    threshold: float
+    if_pass: str
+    if_fail: str
+
+    @property
+    def passed(self) -> bool:
+        ops: dict[str, Callable[[float, float], bool]] = {">=": np.greater_equal, "<": np.less, "<=": np.less_equal,
+                                                          ">": np.greater}
+        return bool(np.isfinite(self.value) and ops[self.op](self.value, self.threshold))
+
+    def row(self) -> dict:
+        return {"question": self.question, "value": round(self.value, 4), "rule": f"{self.op} {self.threshold:g}",
+                "result": "PASS" if self.passed else "FAIL", "decision": self.if_pass if self.passed else self.if_fail}
+
+
+def _md_table(df: pd.DataFrame, floatfmt: int = 4) -> str:
+    def fmt(v):
+        if isinstance(v, (float, np.floating)):
+            return "–" if not np.isfinite(v) else f"{v:.{floatfmt}f}"
+        return str(v)
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """Collects an experiment's outputs and writes its folder."""
+
+    out: Path
+    experiment_id: str
+    title: str
+    question: str
+    sections: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def text(self, heading: str, body: str) -> None:
+        self.sections.append(f"## {heading}\n\n{body}\n")
+
+    def table(self, name: str, df: pd.DataFrame, heading: str, note: str = "", floatfmt: int = 4) -> pd.DataFrame:
+        _atomic_write(self.out / f"{name}.csv", df.to_csv(index=False))
+        self.sections.append(f"## {heading}\n\n{_md_table(df, floatfmt)}\n\n{note + chr(10) if note else ''}"
+                             f"(CSV: `{name}.csv`)\n")
+        return df
+
+    def figure(self, filename: str, fig, caption: str) -> Path:
+        path = self.out / filename
+        save_figure(fig, path)
+        self.sections.append(f"![{caption}]({filename})\n\n*{caption}*\n")
+        return path
+
+    def verdicts(self, verdicts: Sequence[Verdict]) -> pd.DataFrame:
+        df = pd.DataFrame([v.row() for v in verdicts])
+        _atomic_write(self.out / "verdicts.csv", df.to_csv(index=False))
+        self.sections.insert(0, "## Verdicts (computed from the numbers below)\n\n" + _md_table(df) + "\n")
+        return df
+
+    def write(self, settings: ExperimentSettings, dm: SpectraDataModule, extra: dict | None = None) -> Path:
+        config = {"experiment": self.experiment_id, "settings": asdict(settings), **(extra or {}),
+                  "data": dm.describe(), "data_fingerprint": dm.fingerprint(), "data_fingerprint_hash": dm.fingerprint_hash(),
+                  "runtime_s": round(time.time() - self.started, 1), "torch": torch.__version__}
+        _atomic_write(self.out / "config.json", json.dumps(config, indent=2, default=str))
+        head = (f"# {self.title}\n\n**Experiment:** `{self.experiment_id}`  \n**Data:** `{dm.data_dir}` "
+                f"({dm.train_set.n_rows} train / {dm.val_set.n_rows} val / {dm.test_set.n_rows} test, {dm.n_pixels} px, "
+                f"noise_level {dm.noise_level})  \n**Seeds:** {', '.join(map(str, settings.seeds))}  \n"
+                f"**Runtime:** {config['runtime_s']:.0f} s\n\n**Question.** {self.question}\n")
+        tail = ("## Config and data fingerprint\n\n```json\n" + json.dumps(
+            {k: config[k] for k in ("settings", "data", "data_fingerprint_hash")} | (extra or {}), indent=2, default=str)
+            + "\n```\n\nFull fingerprint (shards, sizes, rows): `config.json`.\n")
+        path = self.out / "report.md"
+        _atomic_write(path, "\n".join([head, *self.sections, tail]))
+        return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def seed_mean_std(values: Sequence[float]) -> str:
+    v = np.asarray(values, float)
+    return f"{v.mean():.4f} ± {v.std():.4f}" if v.size > 1 else f"{v.mean():.4f}"

@@ -1,0 +1,222 @@
+"""LOGG-DUAL-TOWER-01: does a quality tower add to the physics gate over 9 frozen Ridge experts?
+
+Methods: Global Ridge, phys-only gate, quality-only gate (4 SNR experts), the dual-tower
+fusions concat / logit-add / product / temperature, a 36-expert (physical x SNR) concat
+gate and the 9-bin oracle. Slices: per SNR bin, per physical bin, boundary samples (within
+10% of a bin width of a T_eff or M_H edge). Gate entropy and confidence against SNR; feature
+ablation (each feature group dropped; 10 quality statistics against a 5-statistic subset);
+how the two towers of the logit-add gate agree and which contributes more.
+
+Gates train on cached gate inputs (:mod:`moe.experiments.gate_cache`): one fresh noise
+draw per epoch, MSE, Adam with warm-up, best epoch on validation R^2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moe.data import bins
+from moe.data.quality import QUALITY_NAMES, QUALITY_SUBSET5
+from moe.experiments.common import ExperimentSettings, Report, Verdict, bootstrap_delta_r2, r2, seed_mean_std
+from moe.experiments.gate_cache import GateData, build_cache, train_gate
+from moe.experts.bundle import load_or_fit
+from moe.features import PHYSICS_NAMES
+from moe.gates.module import GatedMoE
+from moe.plots import bar, grouped_bar, plt, pred_vs_true
+
+EXPERIMENT_ID = "LOGG-DUAL-TOWER-01"
+# (label, fusion, expert family)
+METHODS = (
+    ("Global Ridge", "global", "global"),
+    ("Phys-only gate", "phys_only", "phys"),
+    ("Quality-only gate", "quality_only", "snr"),
+    ("Dual-tower concat", "concat", "phys"),
+    ("Dual-tower logit-add", "logit_add", "phys"),
+    ("Dual-tower product", "product", "phys"),
+    ("Dual-tower temperature", "temperature", "phys"),
+    ("36-expert gate", "concat", "cells"),
+    ("Oracle (9 bins)", "oracle", "phys"),
+)
+DUAL = "Dual-tower concat"
+ABLATIONS = {
+    "drop CaT (7)": [i for i, n in enumerate(PHYSICS_NAMES) if n.startswith("CaT")],
+    "drop Na I (2)": [i for i, n in enumerate(PHYSICS_NAMES) if n.startswith("NaI")],
+    "drop PCA (4)": [i for i, n in enumerate(PHYSICS_NAMES) if n.startswith("PCA")],
+    "drop quality (10)": [13 + i for i in range(10)],
+    "quality 5-subset": [13 + i for i, n in enumerate(QUALITY_NAMES) if n not in QUALITY_SUBSET5],
+}
+BOUNDARY = 0.1
+
+
+def run(settings: ExperimentSettings) -> dict:
+    dm = settings.datamodule()
+    rep = Report(settings.out or "reports/dual-tower", EXPERIMENT_ID, "Dual-tower gates: physics + quality",
+                 "Does a gate that sees the quality statistics (SNR axis) next to the physics-window features "
+                 "(T_eff x [M/H] axis) beat the physics-only gate over the same 9 frozen Ridge experts, "
+                 "especially at low SNR, and which fusion works best?")
+    model = GatedMoE(fusion="concat", experts="cells", n_pixels=dm.n_pixels, noise_level=dm.noise_level,
+                     experts_dir=str(dm.data_dir / "experts"), feature_rows=min(20_000, dm.train_set.n_rows))
+    model.prepare(dm)
+    bundle = load_or_fit(dm, model.fit_config(), progress=settings.progress)
+    n_train = min(dm.train_set.n_rows, settings.max_memory_rows if settings.n_train is None else settings.n_train)
+    draws = max(1, min(settings.epochs, int(4e6 // max(n_train, 1))))
+    train = build_cache(model, bundle, dm, "train", n_train, draws=draws, seed=1)
+    val = build_cache(model, bundle, dm, "val", dm.val_set.n_rows)
+    test = build_cache(model, bundle, dm, "test", dm.test_set.n_rows)
+    y = test.y.numpy()
+
+    results: dict[str, list] = {label: [] for label, _, _ in METHODS}
+    for seed in settings.seeds:
+        for label, fusion, family in METHODS:
+            results[label].append(train_gate(fusion, family, train, val, test, seed, settings.epochs))
+    oracle = np.mean([r.pred for r in results["Oracle (9 bins)"]], 0)
+    glob = np.mean([r.pred for r in results["Global Ridge"]], 0)
+    r2_o, r2_g = r2(y, oracle), r2(y, glob)
+
+    # ---- headline and slices -------------------------------------------------------------------
+    rows, snr_rows, phys_rows, ent_rows = [], [], [], []
+    edge = bins.edge_distance(test.teff.numpy(), test.mh.numpy()) < BOUNDARY
+    sb, pb = test.snr_bin.numpy(), test.phys_bin.numpy()
+    for label, fusion, family in METHODS:
+        res = results[label]
+        per_seed = [r2(y, r.pred) for r in res]
+        pred = np.mean([r.pred for r in res], 0)
+        rows.append({"method": label, "experts": family, "r2": float(np.mean(per_seed)), "r2_seeds": seed_mean_std(per_seed),
+                     "rho": (float(np.mean(per_seed)) - r2_g) / (r2_o - r2_g), "r2_boundary": r2(y[edge], pred[edge]),
+                     "r2_interior": r2(y[~edge], pred[~edge]), "mae": float(np.abs(pred - y).mean()),
+                     "val_r2": float(np.mean([r.val_r2 for r in res])), "epochs": int(np.mean([r.epochs for r in res]))})
+        snr_rows.append({"method": label, **{f"r2_{n}": r2(y[sb == i], pred[sb == i]) for i, n in reversed(list(enumerate(bins.SNR_BIN_NAMES)))},
+                         "r2_snr<=4": r2(y[sb <= 1], pred[sb <= 1])})
+        phys_rows.append({"method": label, **{bins.PHYS_BIN_NAMES[k]: r2(y[pb == k], pred[pb == k]) for k in range(bins.N_PHYS_BINS)}})
+        if fusion not in ("global", "oracle"):
+            ent = np.mean([r.entropy for r in res], 0)
+            conf = np.mean([r.weights.max(1) for r in res], 0)
+            ent_rows.append({"method": label, "K": res[0].weights.shape[1],
+                             **{f"entropy_{n}": float(ent[sb == i].mean()) for i, n in reversed(list(enumerate(bins.SNR_BIN_NAMES)))},
+                             **{f"confidence_{n}": float(conf[sb == i].mean()) for i, n in reversed(list(enumerate(bins.SNR_BIN_NAMES)))}})
+    table, snr_table, phys_table, ent_table = map(pd.DataFrame, (rows, snr_rows, phys_rows, ent_rows))
+    counts = {n: int((sb == i).sum()) for i, n in enumerate(bins.SNR_BIN_NAMES)}
+
+    # ---- ablation of the concat gate --------------------------------------------------------------
+    full = [r2(y, r.pred) for r in results[DUAL]]
+    abl_rows = []
+    for name, drop in ABLATIONS.items():
+        mask = torch.ones(23)
+        mask[drop] = 0.0
+        vals = [r2(y, train_gate("concat", "phys", train, val, test, s, settings.epochs, feature_mask=mask).pred)
+                for s in settings.seeds]
+        abl_rows.append({"ablation": name, "r2": float(np.mean(vals)), "delta_r2": float(np.mean(vals) - np.mean(full))})
+    abl = pd.DataFrame(abl_rows)
+
+    # ---- the two towers of logit-add -----------------------------------------------------------------
+    towers = _tower_analysis(results["Dual-tower logit-add"][0].gate, test)
+
+    dual, phys_only = results[DUAL], results["Phys-only gate"]
+    d_all = [r2(y, a.pred) - r2(y, b.pred) for a, b in zip(dual, phys_only)]
+    low = sb <= 1
+    d_low = [r2(y[low], a.pred[low]) - r2(y[low], b.pred[low]) for a, b in zip(dual, phys_only)]
+    ci = bootstrap_delta_r2(y, [r.pred for r in dual], [r.pred for r in phys_only])
+    best_dual = table[table.method.str.startswith("Dual")].sort_values("r2").iloc[-1]
+    verdicts = [
+        Verdict("Dual tower beats the phys-only gate by >= 0.005?", float(np.mean(d_all)), ">=", 0.005,
+                "continue to MVP-4.1 (factorised gates)", "no stacking gain at the 0.005 level"),
+        Verdict("Low SNR (<= 4) improves by >= 0.01?", float(np.mean(d_low)), ">=", 0.01,
+                "the quality gate is useful where it should be", "no low-SNR gain from the quality tower"),
+        Verdict("Dual tower at least as good as phys-only (Delta R2 >= 0)?", float(np.mean(d_all)), ">=", 0.0,
+                "keep the dual tower", "fall back to the single physics tower"),
+    ]
+    rep.verdicts(verdicts)
+    rep.text("Headline", f"Delta R^2 (dual concat - phys-only) = {seed_mean_std(d_all)}; paired bootstrap 95% CI "
+                         f"[{ci[0]:+.4f}, {ci[1]:+.4f}]. At SNR <= 4: {seed_mean_std(d_low)}. Best dual-tower fusion: "
+                         f"{best_dual.method} (R^2 {best_dual.r2:.4f}, rho {best_dual.rho:.3f}). rho = (R2 - R2_global) / "
+                         f"(R2_oracle - R2_global) with R2_oracle = {r2_o:.4f} (9 bins) and R2_global = {r2_g:.4f}.")
+    rep.table("comparison", table, "All methods on the test split",
+              f"Boundary: within {BOUNDARY:.0%} of a bin width of a T_eff or M_H edge ({int(edge.sum())} of {edge.size} spectra). "
+              f"Training: {n_train} spectra x {draws} noise draws, up to {settings.epochs} epochs.")
+    rep.table("per_snr", snr_table, "R^2 per SNR bin", "Test counts: " + ", ".join(f"{k} {v}" for k, v in reversed(counts.items())) + ".")
+    rep.table("per_phys", phys_table, "R^2 per physical bin")
+    rep.table("entropy_confidence", ent_table, "Gate entropy [nats] and confidence (max weight) per SNR bin",
+              "Lower SNR should mean flatter gates (higher entropy) if the quality tower acts as a temperature.")
+    rep.table("ablation", abl, "Feature ablation of the dual-tower concat gate",
+              f"Delta R^2 against the full gate (R^2 {np.mean(full):.4f}); dropped standardised features are set to their training mean.")
+    rep.table("towers", towers, "The two towers of the logit-add gate")
+
+    labels = [m[0] for m in METHODS]
+    colors = ["tab:gray", "tab:orange", "tab:orange"] + ["tab:blue"] * 4 + ["tab:purple", "tab:green"]
+    rep.figure("dual_tower_comparison.png",
+               bar([s.replace("Dual-tower ", "").replace(" gate", "") for s in labels], list(table.r2), "test R²",
+                   "Gates over frozen Ridge experts", hline=r2_o, hline_label=f"oracle R² {r2_o:.3f}", colors=colors),
+               "Test R² per method (blue: dual-tower fusions; green: oracle routing).")
+    show = ["Global Ridge", "Phys-only gate", "Quality-only gate", DUAL, "Oracle (9 bins)"]
+    rep.figure("dual_tower_persnr_r2.png",
+               grouped_bar(["H (>7)", "M (4-7)", "L (2-4)", "X (<=2)"],
+                           {m: [float(snr_table.set_index("method").loc[m, f"r2_{n}"]) for n in "HMLX"] for m in show},
+                           "test R² within the bin", "R² per SNR bin", counts=[counts[n] for n in "HMLX"]),
+               "R² inside each SNR bin for the key methods; n = test spectra per bin.")
+    dual_pred = np.mean([r.pred for r in dual], 0)
+    rep.figure("dual_tower_pred_vs_true.png",
+               pred_vs_true(y, dual_pred, test.snr.numpy(), "SNR", "Dual-tower concat: predicted vs true", log_color=True),
+               "Dual-tower (concat) predictions against true log g, coloured by SNR.")
+    rep.figure("dual_tower_entropy_vs_snr.png", _entropy_heatmap(test.snr.numpy(), np.mean([r.entropy for r in dual], 0), 9),
+               "Gate entropy against SNR for the dual-tower concat gate: density, median per SNR bin, and the maximum ln 9.")
+    rep.figure("dual_tower_ablation.png",
+               bar(list(abl.ablation), list(abl.delta_r2), "ΔR² vs full dual-tower gate", "Feature ablation",
+                   hline=0.0, colors=["tab:red" if v < 0 else "tab:green" for v in abl.delta_r2],
+                   annotate=[f"{v:+.4f}" for v in abl.delta_r2]),
+               "Change in test R² when a feature group is dropped (or quality reduced to 5 statistics).")
+    rep.write(settings, dm, {"methods": [m[0] for m in METHODS], "n_train_rows": n_train, "noise_draws": draws,
+                             "fit": model.fit_config().key_dict()})
+    return {"report": rep.out, "headline": table[["method", "r2", "rho"]], "verdicts": verdicts,
+            "delta_r2": float(np.mean(d_all)), "ci": ci}
+
+
+@torch.no_grad()
+def _tower_analysis(gate, test: GateData) -> pd.DataFrame:
+    a, b = gate.logits(test.phys[0], test.qual)
+    p, q = torch.softmax(a, -1), torch.softmax(b, -1)
+    pc, qc = p - p.mean(-1, keepdim=True), q - q.mean(-1, keepdim=True)
+    corr = (pc * qc).sum(-1) / (pc.norm(dim=-1) * qc.norm(dim=-1)).clamp_min(1e-12)
+    mu, y = test.experts["phys"][0], test.y
+    def r2_of(logits):
+        return _r2(y, (torch.softmax(logits, -1) * mu).sum(-1))
+    both = r2_of(a + b)
+    return pd.DataFrame([
+        {"quantity": "mean per-spectrum correlation of softmax(a) and softmax(b)", "value": float(corr.mean())},
+        {"quantity": "argmax agreement of the two towers", "value": float((p.argmax(-1) == q.argmax(-1)).float().mean())},
+        {"quantity": "logit spread (std across experts), physics tower", "value": float(a.std(-1).mean())},
+        {"quantity": "logit spread (std across experts), quality tower", "value": float(b.std(-1).mean())},
+        {"quantity": "test R2, both towers", "value": both},
+        {"quantity": "test R2, physics tower only (quality logits removed)", "value": r2_of(a)},
+        {"quantity": "test R2, quality tower only (physics logits removed)", "value": r2_of(b)},
+    ])
+
+
+def _r2(y: torch.Tensor, p: torch.Tensor) -> float:
+    return float(1 - ((p - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def _entropy_heatmap(snr: np.ndarray, entropy: np.ndarray, k: int):
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ok = np.isfinite(snr) & (snr > 0)
+    hb = ax.hist2d(np.log10(snr[ok]), entropy[ok], bins=(40, 30), cmap="viridis", cmin=1)
+    fig.colorbar(hb[3], ax=ax).set_label("spectra")
+    centres, med = [], []
+    idx = bins.snr_bin(snr[ok])
+    for i, name in enumerate(bins.SNR_BIN_NAMES):
+        sel = idx == i
+        if sel.any():
+            centres.append(np.median(np.log10(snr[ok][sel])))
+            med.append(np.median(entropy[ok][sel]))
+            ax.annotate(name, (centres[-1], med[-1]), textcoords="offset points", xytext=(4, 6), color="white", fontsize=9)
+    ax.plot(centres, med, "o-", color="tab:red", label="median per SNR bin")
+    for e in (2.0, 4.0, 7.0):
+        ax.axvline(np.log10(e), color="white", lw=0.8, ls=":")
+    ax.axhline(np.log(k), color="white", ls="--", lw=0.8, label=f"max entropy ln {k}")
+    ax.set_xlabel("log10 SNR")
+    ax.set_ylabel("gate entropy [nats]")
+    ax.set_title("Dual-tower gate entropy vs SNR")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
