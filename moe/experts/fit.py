@@ -145,7 +145,7 @@ def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_
                 notes[g] = "phys"
                 log.warning("expert %s has %d training samples: using its physical expert", names[g], n[g])
                 continue
-            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, prior[g // bins.N_SNR_BINS][0], cfg.method)
+            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, prior[g // bins.N_SNR_BINS][0], cfg.method, consume=True)
         elif n[g] < cfg.min_samples:
             if cfg.fallback == "global" and fallback_path is not None:
                 weight[g], bias[g] = fallback_path
@@ -157,7 +157,7 @@ def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_
                 f"expert {family}/{names[g]} has {int(n[g])} training samples, fewer than min_samples={cfg.min_samples}; "
                 "use more data, lower min_samples, or fallback='global'")
         else:
-            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, None, cfg.method)
+            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, None, cfg.method, consume=True)
         weight[g], bias[g] = w, b
     return weight, bias, n, notes
 

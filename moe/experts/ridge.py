@@ -49,8 +49,11 @@ class Standardized:
     syy: float         # sum (y - ybar)^2
 
 
-def standardize(stats: CellStats, noise_var: float = 0.0) -> Standardized:
-    """Standardised normal equations of a single group (``stats`` with one cell)."""
+def standardize(stats: CellStats, noise_var: float = 0.0, consume: bool = False) -> Standardized:
+    """Standardised normal equations of a single group (``stats`` with one cell).
+
+    ``consume=True`` reuses ``stats.xtx`` as the output buffer (for freshly summed groups).
+    """
     if stats.n.shape != (1,):
         raise ValueError("standardize() takes one group: use CellStats.group(cells) first")
     n = float(stats.n[0])
@@ -59,7 +62,7 @@ def standardize(stats: CellStats, noise_var: float = 0.0) -> Standardized:
     sx = stats.sx[0]
     mu_s = sx / n
     # centred scatter S = xtx - sx mu^T, built in place (BLAS rank-1 update on a transposed view)
-    gram = np.array(stats.xtx[0], dtype=np.float64, order="C", copy=True)
+    gram = stats.xtx[0] if consume else np.array(stats.xtx[0], dtype=np.float64, order="C", copy=True)
     symmetrize_lower(gram)  # accumulators hold the lower triangle (idempotent on full matrices)
     dger(-1.0, mu_s, sx, a=gram.T, overwrite_a=1)
     diag = np.diag_indices_from(gram)
@@ -114,7 +117,7 @@ def solve_path(std: Standardized, alphas: Sequence[float], prior: np.ndarray | N
     return coef @ vec.T
 
 
-def _solve_mixed(gram: np.ndarray, alpha: float, rhs: np.ndarray, diag, tol: float = 1e-13,
+def _solve_mixed(gram: np.ndarray, alpha: float, rhs: np.ndarray, diag, tol: float = 1e-12,
                  max_iter: int = 10) -> np.ndarray | None:
     """(gram + alpha I) x = rhs by a float32 Cholesky refined in float64 (about twice as fast).
 
@@ -155,12 +158,14 @@ def to_standardized(weight: np.ndarray, std: Standardized) -> np.ndarray:
 
 
 def fit_sweep(stats: CellStats, alphas: Sequence[float] = DEFAULT_ALPHAS, noise_var: float = 0.0,
-              prior_weight: np.ndarray | None = None, method: str = "auto") -> tuple[np.ndarray, np.ndarray, Standardized]:
+              prior_weight: np.ndarray | None = None, method: str = "auto",
+              consume: bool = False) -> tuple[np.ndarray, np.ndarray, Standardized]:
     """One group, every alpha: raw (weight [A, D], bias [A]) and its standardised problem.
 
-    ``prior_weight`` [D] (raw units) shrinks the solution toward a parent expert.
+    ``prior_weight`` [D] (raw units) shrinks the solution toward a parent expert;
+    ``consume=True`` lets the solver overwrite ``stats.xtx`` (a freshly summed group).
     """
-    std = standardize(stats, noise_var)
+    std = standardize(stats, noise_var, consume)
     prior = None if prior_weight is None else to_standardized(prior_weight, std)
     weight, bias = to_raw(solve_path(std, alphas, prior, method), std)
     return weight, bias, std
