@@ -132,8 +132,8 @@ def test_every_config_fast_dev_run(tmp_path, tiny_dir, config):
 def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = _cli(tmp_path, "--trainer.max_epochs", "2", "--model.warmup_steps", "2", "--test_after_fit", "true",
-                tiny_dir=tiny_dir)
+    args = _cli(tmp_path, "--trainer.max_epochs", "2", "--model.warmup_steps", "2", "--trainer.log_every_n_steps", "1",
+                "--test_after_fit", "true", tiny_dir=tiny_dir)
     cli = cli_main(["fit", "--config", str(CONFIG_DIR / "temperature.yaml"), *args])
     assert "rho =" in capsys.readouterr().out
     events = list(Path(cli.trainer.log_dir).glob("events.out.tfevents.*"))
