@@ -12,7 +12,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
 from moe.data.synth import SynthConfig, write_dataset
 

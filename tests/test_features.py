@@ -25,6 +25,15 @@ def test_quality_matches_scipy():
     assert torch.isfinite(const).all() and const[0, 8] == 0 and const[0, 9] == 0
 
 
+def _band_mean(f, wave, lo, hi):
+    m = (wave >= lo) & (wave <= hi)
+    return f[m].mean() if m.any() else f[np.argmin(np.abs(wave - 0.5 * (lo + hi)))]
+
+
+def _continuum(lam, lb, lr, cb, cr, floor):
+    return max(cb + (cr - cb) * (lam - lb) / (lr - lb), floor)
+
+
 def _reference(flux, wave, core_half=0.8, floor=0.05):
     """Straightforward per-spectrum implementation of the documented definitions."""
     width = np.gradient(wave)
@@ -32,21 +41,17 @@ def _reference(flux, wave, core_half=0.8, floor=0.05):
     for f in flux:
         row = {}
         for line in LINES:
-            def band(lo, hi):
-                m = (wave >= lo) & (wave <= hi)
-                return f[m].mean() if m.any() else f[np.argmin(np.abs(wave - 0.5 * (lo + hi)))]
-            cb, cr = band(*line.blue), band(*line.red)
-            lb, lr = np.mean(line.blue), np.mean(line.red)
-            cont = lambda lam: max(cb + (cr - cb) * (lam - lb) / (lr - lb), floor)  # noqa: E731
+            cb, cr = _band_mean(f, wave, *line.blue), _band_mean(f, wave, *line.red)
+            ends = (np.mean(line.blue), np.mean(line.red), cb, cr, floor)
             depths = []
             for c in line.centres:
                 m = (wave >= c - core_half) & (wave <= c + core_half)
                 if not m.any():
                     m = np.zeros_like(m)
                     m[np.argmin(np.abs(wave - c))] = True
-                depths.append(1 - f[m].mean() / cont(wave[m].mean()))
+                depths.append(1 - f[m].mean() / _continuum(wave[m].mean(), *ends))
             win = (wave >= line.window[0]) & (wave <= line.window[1])
-            ew = sum((1 - f[j] / cont(wave[j])) * width[j] for j in np.flatnonzero(win))
+            ew = sum((1 - f[j] / _continuum(wave[j], *ends)) * width[j] for j in np.flatnonzero(win))
             row[line.name] = (np.mean(depths), ew)
         out.append([row["CaT8498"][0], row["CaT8498"][1], row["CaT8542"][0], row["CaT8542"][1], row["CaT8662"][0],
                     row["CaT8662"][1], row["CaT8498"][1] + row["CaT8542"][1] + row["CaT8662"][1], row["NaI"][0], row["NaI"][1]])

@@ -71,7 +71,7 @@ def build_cache(model: GatedMoE, bundle: ExpertBundle, dm: SpectraDataModule, sp
     n_draws = draws if split == "train" else 1
     phys, exp = [], {f: [] for f in experts}
     gen = torch.Generator().manual_seed(seed)
-    for d in range(n_draws):
+    for _ in range(n_draws):
         ph, ex = [], {f: [] for f in experts}
         for b in batches:
             flux = add_noise(b["flux"], b["error"], dm.noise_level, gen) if split == "train" else b["flux"]

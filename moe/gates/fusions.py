@@ -121,22 +121,18 @@ class TemperatureGate(nn.Module):
         return GateOutput(F.softmax(self.phys_tower(phys) / tau[:, None], dim=-1), tau)
 
 
-class PhysOnlyGate(nn.Module):
-    def __init__(self, phys_dim: int, n_experts: int, hidden: Sequence[int] = (32, 16)):
+class SingleTowerGate(nn.Module):
+    """One tower on one input: ``phys_only`` (physics features) or ``quality_only`` (quality statistics)."""
+
+    def __init__(self, source: str, in_dim: int, n_experts: int, hidden: Sequence[int] = (32, 16)):
         super().__init__()
-        self.net = mlp(phys_dim, hidden, n_experts)
+        if source not in ("phys", "qual"):
+            raise ValueError(f"source must be 'phys' or 'qual', got {source!r}")
+        self.source = source
+        self.net = mlp(in_dim, hidden, n_experts)
 
     def forward(self, phys, qual, route=None) -> GateOutput:
-        return GateOutput(F.softmax(self.net(phys), dim=-1))
-
-
-class QualityOnlyGate(nn.Module):
-    def __init__(self, qual_dim: int, n_experts: int, hidden: Sequence[int] = (32, 16)):
-        super().__init__()
-        self.net = mlp(qual_dim, hidden, n_experts)
-
-    def forward(self, phys, qual, route=None) -> GateOutput:
-        return GateOutput(F.softmax(self.net(qual), dim=-1))
+        return GateOutput(F.softmax(self.net(phys if self.source == "phys" else qual), dim=-1))
 
 
 class OracleGate(nn.Module):
@@ -168,9 +164,9 @@ def build_gate(fusion: str, phys_dim: int, qual_dim: int, n_experts: int) -> nn.
     if fusion == "temperature":
         return TemperatureGate(phys_dim, qual_dim, n_experts)
     if fusion == "phys_only":
-        return PhysOnlyGate(phys_dim, n_experts)
+        return SingleTowerGate("phys", phys_dim, n_experts)
     if fusion == "quality_only":
-        return QualityOnlyGate(qual_dim, n_experts)
+        return SingleTowerGate("qual", qual_dim, n_experts)
     if fusion == "oracle":
         return OracleGate(n_experts)
     if fusion == "global":
