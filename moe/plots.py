@@ -125,7 +125,7 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             text = annotations[i, j] if annotations is not None else (f"{m[i, j]:.3f}" if np.isfinite(m[i, j]) else "–")
-            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+            ax.text(j, i, str(text), ha="center", va="center", fontsize=8)
     cb = fig.colorbar(im, ax=ax)
     cb.set_label(cbar_label)
     ax.set_title(title)

@@ -132,6 +132,8 @@ def run(settings: ExperimentSettings) -> dict:
         ax.annotate("★", (x, per_bin[column[best]][k]), ha="center", va="bottom", fontsize=9)
     for k in CNN_BINS:
         ax.axvspan(k - 0.45, k + 0.45, color="orange", alpha=0.12, lw=0)
+    ax.set_ylim(min(0.0, float(np.nanmin(per_bin[["r2_ridge", "r2_lgbm"]].to_numpy()))), 1.15)
+    ax.legend(fontsize=8, ncol=3, loc="upper center")
     rep.figure("ceiling_perbin_expert_comparison.png", fig, "Test R² per bin and expert type; ★ best on validation; "
                "shaded: metal-poor bins 3 and 6.")
     mat = per_bin[["r2_ridge", "r2_lgbm", "r2_cnn"]].to_numpy()
@@ -153,8 +155,9 @@ def run(settings: ExperimentSettings) -> dict:
     rep.figure("ceiling_oracle_hybrid_vs_baseline.png", fig, "Overall test R² with oracle routing.")
     order = per_bin.sort_values("r2_ridge")
     fig, ax = plt.subplots(figsize=(6, 5))
-    ax.bar([f"{int(r.bin)}" for r in order.itertuples()], order.delta_r2_vs_ridge,
-           color=["tab:green" if v >= 0 else "tab:red" for v in order.delta_r2_vs_ridge])
+    pos = np.arange(len(order))
+    ax.bar(pos, order.delta_r2_vs_ridge, color=["tab:green" if v >= 0 else "tab:red" for v in order.delta_r2_vs_ridge])
+    ax.set_xticks(pos, [f"{int(r.bin)}\n{r.name}" for r in order.itertuples()], fontsize=7)
     ax.axhline(0.05, color="grey", ls=":", lw=1, label="+0.05")
     ax.set_xlabel("physical bin (sorted from hardest to easiest for Ridge)")
     ax.set_ylabel("ΔR² best expert vs Ridge")

@@ -77,12 +77,11 @@ def run(settings: ExperimentSettings) -> dict:
     rep.figure("snr_oracle_moe_pred_vs_true.png",
                pred_vs_true(y, res.pred["snr"], res.snr, "SNR", "Oracle SNR-MoE: predicted vs true", log_color=True),
                "Predicted against true log g, coloured by SNR (log scale).")
-    mat = per[["r2_global", "r2_oracle", "delta_r2"]].to_numpy()
-    ann = np.array([[f"{v:.3f}" for v in row] for row in mat])
-    ann[:, 2] = [f"{d:+.3f}\nn={n}" for d, n in zip(per.delta_r2, per.n_test)]
+    ann = np.array([[f"ΔR² {d:+.3f}\n{g:.3f} → {o:.3f}\nn = {n}"] for d, g, o, n in
+                    zip(per.delta_r2, per.r2_global, per.r2_oracle, per.n_test)], dtype=object)
     rep.figure("snr_oracle_moe_delta_heatmap.png",
-               heatmap(mat, list(per.slice), ["R² global", "R² oracle", "ΔR² (n test)"], "Oracle vs global by SNR bin", "R² / ΔR²",
-                       annotations=ann),
-               "Per-bin R² of both models and their difference, with the test count of each bin.")
+               heatmap(per[["delta_r2"]].to_numpy(), list(per.slice), ["oracle − global"], "ΔR² of the SNR oracle by bin",
+                       "ΔR² (oracle − global)", annotations=ann, cmap="RdBu", center=0.0),
+               "ΔR² of the oracle SNR experts over the global Ridge in each SNR bin (R² global → oracle, test count).")
     rep.write(settings, dm, {"fit": FitConfig(families=("global", "phys", "snr")).key_dict()})
     return {"report": rep.out, "headline": headline, "verdicts": verdicts, "delta_r2": float(np.mean(deltas)), "ci": (lo, hi)}
