@@ -1,0 +1,169 @@
+"""``SpectraDataModule``: streams a dataset folder of pfsspec shards for Lightning.
+
+- train: contiguous row blocks, reshuffled every epoch, split exactly once across ranks
+  and workers (:mod:`moe.data.stream`); fresh noise ``noise_level * error * N(0,1)`` added
+  in ``on_after_batch_transfer``, i.e. on the batch's device (the GPU when there is one);
+- val/test: pre-noised once with fixed seeds, cached next to the data (:mod:`moe.data.noise_cache`);
+- predict: the test split.
+
+The dataset is generated on first use when ``synth`` is given and the folder holds no
+dataset. ``n_pixels`` and ``wave`` are read at construction so the CLI can link them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from moe.data.noise import add_noise
+from moe.data.noise_cache import ensure_noisy
+from moe.data.shards import ShardError, find_split, read_wave
+from moe.data.stream import ShardSet, SpectraStream
+from moe.data.synth import MANIFEST, SynthConfig, write_dataset
+
+log = logging.getLogger(__name__)
+
+
+def ensure_dataset(data_dir: str | Path, synth: SynthConfig | None) -> Path:
+    """Return ``data_dir``, generating (or finishing) the synthetic dataset there when needed.
+
+    A folder with a ``synth.json`` manifest is a complete synthetic dataset and is used as
+    it is (a warning says so when ``synth`` asks for other settings); a folder whose three splits all have shards but no manifest
+    holds real data and is used as it is; anything else is generated when ``synth`` is
+    given -- shards already written are kept, so an interrupted generation resumes.
+    """
+    root = Path(data_dir)
+    if (root / MANIFEST).is_file():
+        found = json.loads((root / MANIFEST).read_text())
+        if synth is not None and {k: v for k, v in found.items() if k != "generator_version"} != asdict(synth):
+            log.warning("%s holds a synthetic dataset generated with %s; the requested synth settings %s are ignored "
+                        "(generate into another folder to use them)", root, found, asdict(synth))
+        return root
+    complete = True
+    for split in ("train", "val", "test"):
+        try:
+            find_split(root, split)
+        except ShardError:
+            complete = False
+    if complete:
+        return root
+    if synth is None:
+        find_split(root, "train")  # raises with the folder and the missing pattern
+        raise ShardError(root, "dataset is incomplete (a val* or test* split is missing) and no synth config was given")
+    log.info("generating the synthetic dataset in %s (%s)", root, synth)
+    write_dataset(root, synth)
+    return root
+
+
+class SpectraDataModule(pl.LightningDataModule):
+    """Train/val/test/predict loaders over a folder of shards (see module docstring).
+
+    Args:
+        data_dir: dataset folder (``train_*/``, ``val*/``, ``test*/``).
+        noise_level: multiplier of the 1-sigma error for the heteroscedastic noise.
+        batch_size: spectra per batch.
+        num_workers: DataLoader workers per rank.
+        block_rows: rows per contiguous read.
+        max_train_rows: use only the first N training rows (scaling studies, smoke runs).
+        val_seed / test_seed: seeds of the pre-noised val/test copies.
+        cache_dir: where pre-noised copies go (default: next to the shards).
+        synth: generate this synthetic dataset in ``data_dir`` when it holds none; ``None``
+            never generates (real data).
+    """
+
+    def __init__(self, data_dir: str = "data/synth", noise_level: float = 1.0, batch_size: int = 256,
+                 num_workers: int = 2, block_rows: int = 2048, max_train_rows: int | None = None,
+                 val_seed: int = 1234, test_seed: int = 5678, cache_dir: str | None = None,
+                 synth: SynthConfig | None = SynthConfig()):
+        super().__init__()
+        self.save_hyperparameters()
+        if noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+        self.data_dir = ensure_dataset(data_dir, synth)
+        self.noise_level = float(noise_level)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.block_rows = int(block_rows)
+        self.cache_dir = cache_dir
+        self.seeds = {"val": int(val_seed), "test": int(test_seed)}
+        self.train_set = ShardSet(find_split(self.data_dir, "train"), max_train_rows)
+        self.val_set = ShardSet(find_split(self.data_dir, "val"))
+        self.test_set = ShardSet(find_split(self.data_dir, "test"))
+        self.n_pixels = self.train_set.n_pixels
+        self.wave = read_wave(self.train_set.paths[0])
+        for s in (self.val_set, self.test_set):
+            if s.n_pixels != self.n_pixels:
+                raise ShardError(s.paths[0], f"has {s.n_pixels} pixels, the train split has {self.n_pixels}")
+            if not np.allclose(read_wave(s.paths[0]), self.wave, rtol=0, atol=1e-6):
+                raise ShardError(s.paths[0], "wavelength grid differs from the train split's")
+
+    # ---- identity ---------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What the experts depend on: train/val shards (name, size, rows), noise level, val seed."""
+        def files(s: ShardSet) -> list:
+            return [[str(p.relative_to(self.data_dir)), p.stat().st_size, int(n)] for p, n in zip(s.paths, s.counts)]
+        return {"train": files(self.train_set), "val": files(self.val_set), "n_pixels": self.n_pixels,
+                "noise_level": self.noise_level, "val_seed": self.seeds["val"]}
+
+    def fingerprint_hash(self) -> str:
+        return hashlib.sha1(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+
+    # ---- pre-noised splits -------------------------------------------------------
+    def noisy_caches(self, split: str) -> dict[int, Path]:
+        """Pre-noised cache path per shard of ``split`` ('val' or 'test'), built if needed."""
+        s = self.val_set if split == "val" else self.test_set
+        return {k: ensure_noisy(info.path, info.n_rows, info.n_pixels, self.noise_level, self.seeds[split], self.cache_dir)
+                for k, info in enumerate(s.infos)}
+
+    def prepare_data(self) -> None:
+        for split in ("val", "test"):
+            self.noisy_caches(split)
+
+    # ---- datasets & loaders ------------------------------------------------------
+    def stream(self, split: str, shuffle: bool | None = None, batch_size: int | None = None) -> SpectraStream:
+        """The batch stream of ``split`` (train: clean flux; val/test/predict: pre-noised)."""
+        bs = batch_size or self.batch_size
+        if split == "train":
+            world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+            return SpectraStream(self.train_set, bs, self.noise_level, self.block_rows,
+                                 shuffle=True if shuffle is None else shuffle, seed=self.hparams.val_seed,
+                                 equalize_ranks=world > 1, num_workers=self.num_workers)
+        name = "test" if split == "predict" else split
+        shards = self.val_set if name == "val" else self.test_set
+        return SpectraStream(shards, bs, self.noise_level, self.block_rows, shuffle=bool(shuffle),
+                             noisy=self.noisy_caches(name), num_workers=self.num_workers)
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.stream(split), batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Fresh heteroscedastic noise on training batches, on the batch's device."""
+        if self.trainer is not None and self.trainer.training:
+            batch["flux"] = add_noise(batch["flux"], batch["error"], self.noise_level)
+        return batch
+
+    def describe(self) -> dict:
+        return {"data_dir": str(self.data_dir), "n_train": self.train_set.n_rows, "n_val": self.val_set.n_rows,
+                "n_test": self.test_set.n_rows, "n_pixels": self.n_pixels, "noise_level": self.noise_level,
+                **({"synth": asdict(self.hparams.synth)} if self.hparams.synth is not None else {})}

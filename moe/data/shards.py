@@ -1,0 +1,355 @@
+"""Read, validate and write shards in the pfsspec layout of the PFS simulator (DESIGN §2).
+
+A shard is one ``dataset.h5``:
+
+- ``spectrumdataset/wave``       (D,)   float, Angstrom, strictly increasing
+- ``dataset/arrays/flux/value``  (N, D) float32, median-normalised (clipped at 0 on load)
+- ``dataset/arrays/error/value`` (N, D) float32, 1 sigma (NaN filled from the nearest
+  finite pixel on load)
+- a pandas table with columns ``T_eff, log_g, M_H, a_M, C_M, mag, redshift, snr``
+  (N rows) that ``pandas.read_hdf(path)`` reads without a key.
+
+A dataset is a folder of shards ``train_*/dataset.h5``, ``val*/dataset.h5``,
+``test*/dataset.h5``. Rows are read in contiguous blocks; a split is never loaded whole.
+
+Command line::
+
+    python -m moe.data.shards validate PATH [PATH ...]   # files or dataset folders
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+
+WAVE_KEY = "spectrumdataset/wave"
+FLUX_KEY = "dataset/arrays/flux/value"
+ERROR_KEY = "dataset/arrays/error/value"
+PARAMS_KEY = "dataset/params"
+PARAM_COLUMNS = ("T_eff", "log_g", "M_H", "a_M", "C_M", "mag", "redshift", "snr")
+SHARD_FILE = "dataset.h5"
+SPLITS = ("train", "val", "test")
+
+
+class ShardError(ValueError):
+    """A shard or dataset folder that breaks the data contract; the message names the file."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Cheap facts about one shard, read from metadata only."""
+
+    path: Path
+    n_rows: int
+    n_pixels: int
+    params_key: str
+
+
+def _natural_key(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def find_split(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """Shard files of one split (``train_*``, ``val*`` or ``test*``), in natural order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(data_dir)
+    pattern = f"{split}_*/{SHARD_FILE}" if split == "train" else f"{split}*/{SHARD_FILE}"
+    files = sorted(root.glob(pattern), key=_natural_key)
+    if not files:
+        raise ShardError(root, f"empty split {split!r}: no files match {pattern}")
+    return files
+
+
+def _params_key(path: Path) -> str:
+    try:
+        with pd.HDFStore(path, mode="r") as store:
+            keys = store.keys()
+    except Exception as exc:  # PyTables raises a zoo of types on foreign files
+        raise ShardError(path, f"cannot read the parameter table: {exc}") from exc
+    if not keys:
+        raise ShardError(path, "missing parameter table (no pandas table in the file)")
+    for preferred in ("/" + PARAMS_KEY, "/params"):
+        if preferred in keys:
+            return preferred
+    return keys[0]
+
+
+def inspect_shard(path: str | os.PathLike) -> ShardInfo:
+    """Check the layout (datasets present, shapes agree, columns present) without scanning rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(path, "file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ShardError(path, f"not a readable HDF5 file ({exc})") from exc
+    with f:
+        for key in (WAVE_KEY, FLUX_KEY, ERROR_KEY):
+            if key not in f:
+                raise ShardError(path, f"missing dataset {key!r}")
+        wave, flux, error = f[WAVE_KEY], f[FLUX_KEY], f[ERROR_KEY]
+        if wave.ndim != 1:
+            raise ShardError(path, f"{WAVE_KEY} must be 1-D, has shape {wave.shape}")
+        if flux.ndim != 2:
+            raise ShardError(path, f"{FLUX_KEY} must be 2-D (N, D), has shape {flux.shape}")
+        if error.shape != flux.shape:
+            raise ShardError(path, f"{ERROR_KEY} shape {error.shape} disagrees with {FLUX_KEY} shape {flux.shape}")
+        if wave.shape[0] != flux.shape[1]:
+            raise ShardError(path, f"{WAVE_KEY} has {wave.shape[0]} pixels but {FLUX_KEY} has {flux.shape[1]}")
+        n_rows, n_pixels = flux.shape
+        _check_wave(path, wave[()])
+    key = _params_key(path)
+    with pd.HDFStore(path, mode="r") as store:
+        storer = store.get_storer(key)
+        n_params = storer.nrows if getattr(storer, "nrows", None) is not None else len(store.select(key))
+        cols = _storer_columns(store, key)
+    missing = [c for c in PARAM_COLUMNS if c not in cols]
+    if missing:
+        raise ShardError(path, f"parameter table {key} is missing columns {missing}")
+    if n_params != n_rows:
+        raise ShardError(path, f"parameter table {key} has {n_params} rows but {FLUX_KEY} has {n_rows}")
+    if n_rows == 0:
+        raise ShardError(path, "empty shard (0 rows)")
+    return ShardInfo(path=path, n_rows=int(n_rows), n_pixels=int(n_pixels), params_key=key)
+
+
+def _storer_columns(store: pd.HDFStore, key: str) -> list[str]:
+    storer = store.get_storer(key)
+    if getattr(storer, "is_table", False):
+        return list(storer.non_index_axes[0][1])
+    return list(store.select(key, start=0, stop=1).columns)
+
+
+def _check_wave(path: Path, wave: np.ndarray) -> None:
+    if not np.all(np.isfinite(wave)):
+        raise ShardError(path, f"{WAVE_KEY} contains non-finite values")
+    if wave.size > 1 and not np.all(np.diff(wave) > 0):
+        raise ShardError(path, f"{WAVE_KEY} is not strictly increasing")
+
+
+def read_wave(path: str | os.PathLike) -> np.ndarray:
+    """The wavelength grid [D] in Angstrom, validated."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        if WAVE_KEY not in f:
+            raise ShardError(path, f"missing dataset {WAVE_KEY!r}")
+        wave = np.asarray(f[WAVE_KEY][()], dtype=np.float64)
+    _check_wave(path, wave)
+    return wave
+
+
+def read_params(path: str | os.PathLike, key: str | None = None) -> pd.DataFrame:
+    """The shard's parameter table (N rows; small, read whole)."""
+    path = Path(path)
+    key = key or _params_key(path)
+    df = pd.read_hdf(path, key)
+    missing = [c for c in PARAM_COLUMNS if c not in df.columns]
+    if missing:
+        raise ShardError(path, f"parameter table {key} is missing columns {missing}")
+    return df.reset_index(drop=True)
+
+
+def fill_nan_nearest(error: np.ndarray) -> np.ndarray:
+    """Replace NaN in each row by the value of the nearest finite pixel (ties take the left). [N, D]."""
+    error = np.asarray(error)
+    bad = ~np.isfinite(error)
+    if not bad.any():
+        return error
+    n, d = error.shape
+    idx = np.arange(d)
+    left = np.where(~bad, idx, -1)
+    np.maximum.accumulate(left, axis=1, out=left)
+    right = np.where(~bad, idx, d)
+    right = np.minimum.accumulate(right[:, ::-1], axis=1)[:, ::-1]
+    dist_left = np.where(left >= 0, idx - left, np.iinfo(np.int64).max)
+    dist_right = np.where(right < d, right - idx, np.iinfo(np.int64).max)
+    src = np.where(dist_left <= dist_right, left, right)
+    src = np.clip(src, 0, d - 1)
+    rows = np.arange(n)[:, None]
+    return np.where(bad, error[rows, src], error)
+
+
+def read_block(path: str | os.PathLike, start: int, stop: int,
+               f: h5py.File | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [start, stop) as (flux, error), float32 [n, D]: flux clipped at 0, error NaN-filled."""
+    own = f is None
+    if own:
+        f = h5py.File(path, "r")
+    try:
+        flux = np.asarray(f[FLUX_KEY][start:stop], dtype=np.float32)
+        error = np.asarray(f[ERROR_KEY][start:stop], dtype=np.float32)
+    finally:
+        if own:
+            f.close()
+    dead = ~np.isfinite(error).any(axis=1)
+    if dead.any():
+        raise ShardError(path, f"error row {start + int(np.argmax(dead))} is all NaN")
+    np.maximum(flux, 0.0, out=flux)
+    return flux, fill_nan_nearest(error).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What ``validate`` reports for one shard."""
+
+    path: Path
+    n_rows: int
+    n_pixels: int
+    wave_min: float
+    wave_max: float
+    label_ranges: dict[str, tuple[float, float]]
+
+    def line(self) -> str:
+        labels = "  ".join(f"{k} [{lo:.4g}, {hi:.4g}]" for k, (lo, hi) in self.label_ranges.items())
+        return (f"{self.path}: {self.n_rows} rows x {self.n_pixels} px, "
+                f"wave {self.wave_min:.1f}-{self.wave_max:.1f} A  {labels}")
+
+
+def validate_shard(path: str | os.PathLike, block_rows: int = 4096) -> ShardSummary:
+    """Full check of one shard (layout, then every row in blocks); raises :class:`ShardError`."""
+    info = inspect_shard(path)
+    path = info.path
+    params = read_params(path, info.params_key)
+    for col in ("T_eff", "log_g", "M_H"):
+        if not np.all(np.isfinite(params[col].to_numpy(dtype=np.float64))):
+            raise ShardError(path, f"parameter column {col!r} contains non-finite values")
+    with h5py.File(path, "r") as f:
+        wave = f[WAVE_KEY][()]
+        for start in range(0, info.n_rows, block_rows):
+            stop = min(start + block_rows, info.n_rows)
+            flux = f[FLUX_KEY][start:stop]
+            error = f[ERROR_KEY][start:stop]
+            bad = ~np.isfinite(flux)
+            if bad.any():
+                row, col = np.argwhere(bad)[0]
+                raise ShardError(path, f"non-finite flux at row {start + row}, pixel {col}")
+            finite = np.isfinite(error)
+            dead = ~finite.any(axis=1)
+            if dead.any():
+                raise ShardError(path, f"error row {start + int(np.argmax(dead))} is all NaN")
+            if np.isinf(error).any():
+                row, col = np.argwhere(np.isinf(error))[0]
+                raise ShardError(path, f"infinite error at row {start + row}, pixel {col}")
+            nonpos = finite & (error <= 0)
+            if nonpos.any():
+                row, col = np.argwhere(nonpos)[0]
+                raise ShardError(path, f"error <= 0 at row {start + row}, pixel {col} (value {error[row, col]})")
+    ranges = {c: (float(params[c].min()), float(params[c].max())) for c in ("T_eff", "log_g", "M_H", "mag", "snr")}
+    return ShardSummary(path, info.n_rows, info.n_pixels, float(wave[0]), float(wave[-1]), ranges)
+
+
+def dataset_shards(data_dir: str | os.PathLike) -> dict[str, list[Path]]:
+    """All three splits of a dataset folder; an empty split is an error."""
+    return {split: find_split(data_dir, split) for split in SPLITS}
+
+
+class ShardWriter:
+    """Write one shard block by block, atomically: a temp file renamed into place on close.
+
+    Usage::
+
+        with ShardWriter(path, wave, n_rows) as w:
+            w.write(start, flux_block, error_block)
+            w.set_params(df)
+
+    An exception inside the block removes the temp file, so an interrupted run never
+    leaves a half-written ``dataset.h5``.
+    """
+
+    def __init__(self, path: str | os.PathLike, wave: np.ndarray, n_rows: int, chunk_rows: int = 64):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.n_rows = int(n_rows)
+        self.wave = np.asarray(wave, dtype=np.float64)
+        self._params: pd.DataFrame | None = None
+        self._f = h5py.File(self.tmp, "w")
+        d = self.wave.size
+        self._f.create_dataset(WAVE_KEY, data=self.wave)
+        chunks = (min(chunk_rows, max(self.n_rows, 1)), d)
+        for key in (FLUX_KEY, ERROR_KEY):
+            self._f.create_dataset(key, shape=(self.n_rows, d), dtype=np.float32, chunks=chunks)
+
+    def write(self, start: int, flux: np.ndarray, error: np.ndarray) -> None:
+        stop = start + flux.shape[0]
+        self._f[FLUX_KEY][start:stop] = flux
+        self._f[ERROR_KEY][start:stop] = error
+
+    def set_params(self, params: pd.DataFrame) -> None:
+        missing = [c for c in PARAM_COLUMNS if c not in params.columns]
+        if missing:
+            raise ValueError(f"{self.path}: parameter table is missing columns {missing}")
+        if len(params) != self.n_rows:
+            raise ValueError(f"{self.path}: parameter table has {len(params)} rows, expected {self.n_rows}")
+        self._params = params.reset_index(drop=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._f.close()
+        if exc_type is not None or self._params is None:
+            self.tmp.unlink(missing_ok=True)
+            if exc_type is None:
+                raise ValueError(f"{self.path}: set_params() was never called; shard not written")
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTables' NaturalNameWarning etc.
+            self._params.to_hdf(self.tmp, key=PARAMS_KEY, mode="a", format="table")
+        os.replace(self.tmp, self.path)
+
+
+def write_shard(path: str | os.PathLike, wave: np.ndarray, flux: np.ndarray, error: np.ndarray,
+                params: pd.DataFrame) -> None:
+    """Write a whole in-memory shard atomically (tests, small files)."""
+    with ShardWriter(path, wave, flux.shape[0]) as w:
+        w.write(0, np.asarray(flux, np.float32), np.asarray(error, np.float32))
+        w.set_params(params)
+
+
+def iter_paths(paths: Sequence[str]) -> Iterator[Path]:
+    """Expand dataset folders into their shard files; files pass through."""
+    for p in map(Path, paths):
+        if p.is_dir() and not (p / SHARD_FILE).is_file():
+            for split in SPLITS:
+                yield from find_split(p, split)
+        elif p.is_dir():
+            yield p / SHARD_FILE
+        else:
+            yield p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe.data.shards", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    val = sub.add_parser("validate", help="check shards and print a one-line summary per shard")
+    val.add_argument("paths", nargs="+", help="dataset.h5 files or dataset folders")
+    val.add_argument("--block-rows", type=int, default=4096)
+    args = parser.parse_args(argv)
+    try:
+        for path in iter_paths(args.paths):
+            print(validate_shard(path, args.block_rows).line(), flush=True)
+    except ShardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""Streaming reads of a split: contiguous row blocks, split across DDP ranks and workers.
+
+A split is the concatenation of its shards (rows ``0..N-1`` in shard order). For
+``S = world_size * num_workers`` slots, slot ``s`` owns the contiguous rows
+``[round(s N / S), round((s+1) N / S))`` -- every row belongs to exactly one slot. A slot
+reads its range in blocks of at most ``block_rows`` contiguous rows (never across a shard
+boundary); when shuffling, the block order and the row order inside each block are
+redrawn every epoch. With several ranks the training slots are truncated to the shortest
+slot length so every rank yields the same number of batches (DDP would hang otherwise);
+this drops fewer than ``S`` rows per epoch, different ones each epoch.
+
+Batches are assembled here (use ``DataLoader(batch_size=None)``): dicts of tensors
+``flux [B, D], error [B, D], log_g, T_eff, M_H, snr [B] (float32), phys_bin, snr_bin,
+row [B] (int64)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from moe.data import bins
+from moe.data.noise import snr as snr_of
+from moe.data.shards import ShardInfo, inspect_shard, read_block, read_params
+
+LABELS = ("log_g", "T_eff", "M_H")
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows [start, stop) of shard ``shard`` (index into the split), at split row ``offset``."""
+
+    shard: int
+    start: int
+    stop: int
+    offset: int
+
+
+class ShardSet:
+    """The shards of one split, their row counts and offsets; optionally capped at ``max_rows``."""
+
+    def __init__(self, files: Sequence[str | os.PathLike], max_rows: int | None = None):
+        infos = [inspect_shard(f) for f in files]
+        if not infos:
+            raise ValueError("a ShardSet needs at least one shard")
+        d = {i.n_pixels for i in infos}
+        if len(d) != 1:
+            raise ValueError(f"shards disagree on the pixel count: { {str(i.path): i.n_pixels for i in infos} }")
+        counts = np.array([i.n_rows for i in infos], dtype=np.int64)
+        if max_rows is not None:
+            if max_rows <= 0:
+                raise ValueError(f"max_rows must be positive, got {max_rows}")
+            keep = np.minimum(counts, np.maximum(max_rows - np.concatenate([[0], np.cumsum(counts)[:-1]]), 0))
+            infos = [i for i, k in zip(infos, keep) if k > 0]
+            counts = keep[keep > 0]
+        self.infos: list[ShardInfo] = infos
+        self.counts = counts
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.n_rows = int(self.offsets[-1])
+        self.n_pixels = infos[0].n_pixels
+
+    @property
+    def paths(self) -> list[Path]:
+        return [i.path for i in self.infos]
+
+    def slot_range(self, slot: int, n_slots: int) -> tuple[int, int]:
+        """Split rows [lo, hi) owned by ``slot`` of ``n_slots``."""
+        return (slot * self.n_rows) // n_slots, ((slot + 1) * self.n_rows) // n_slots
+
+    def blocks(self, lo: int, hi: int, block_rows: int) -> list[Block]:
+        """Contiguous blocks covering split rows [lo, hi), none crossing a shard boundary."""
+        out = []
+        for k in range(len(self.infos)):
+            a, b = max(lo, self.offsets[k]), min(hi, self.offsets[k + 1])
+            for s in range(int(a), int(b), block_rows):
+                e = min(s + block_rows, int(b))
+                out.append(Block(k, s - int(self.offsets[k]), e - int(self.offsets[k]), s))
+        return out
+
+
+def _slot() -> tuple[int, int, int]:
+    """(this slot's index, number of slots, worker id) from torch.distributed and the worker info."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * nw + wid, world * nw, wid
+
+
+class SpectraStream(IterableDataset):
+    """Batches of one split, streamed in contiguous row blocks (see module docstring).
+
+    ``noisy`` maps shard index -> path of a pre-noised cache (val/test); its ``flux`` and
+    ``snr`` replace the clean flux and the computed SNR. Train batches carry clean flux;
+    the DataModule adds fresh noise after the transfer to the device.
+    """
+
+    def __init__(self, shards: ShardSet, batch_size: int, noise_level: float, block_rows: int = 2048,
+                 shuffle: bool = False, seed: int = 0, noisy: dict[int, Path] | None = None,
+                 equalize_ranks: bool = False, num_workers: int = 0):
+        self.shards = shards
+        self.batch_size = int(batch_size)
+        self.noise_level = float(noise_level)
+        self.block_rows = int(block_rows)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.noisy = noisy or {}
+        self.equalize_ranks = equalize_ranks
+        self.num_workers = int(num_workers)
+        self._iterations = 0
+        self._labels: dict[int, dict[str, np.ndarray]] = {}
+
+    def _shard_labels(self, k: int) -> dict[str, np.ndarray]:
+        if k not in self._labels:
+            p = read_params(self.shards.infos[k].path, self.shards.infos[k].params_key)
+            self._labels[k] = {c: p[c].to_numpy(np.float64)[: self.shards.counts[k]] for c in LABELS}
+        return self._labels[k]
+
+    def read(self, block: Block) -> dict[str, np.ndarray]:
+        """One block as numpy arrays (rows in file order)."""
+        path = self.shards.infos[block.shard].path
+        flux, error = read_block(path, block.start, block.stop)
+        cache = self.noisy.get(block.shard)
+        if cache is not None:
+            with h5py.File(cache, "r") as f:
+                noisy_flux = np.asarray(f["flux"][block.start:block.stop], dtype=np.float32)
+                snr = np.asarray(f["snr"][block.start:block.stop], dtype=np.float64)
+            flux = noisy_flux
+        else:
+            snr = snr_of(flux, error, self.noise_level)
+        lab = self._shard_labels(block.shard)
+        sl = slice(block.start, block.stop)
+        out = {"flux": flux, "error": error, "snr": snr.astype(np.float32)}
+        for c in LABELS:
+            out[c] = lab[c][sl].astype(np.float32)
+        out["phys_bin"] = bins.phys_bin(lab["T_eff"][sl], lab["M_H"][sl])
+        out["snr_bin"] = bins.snr_bin(snr)
+        out["row"] = np.arange(block.offset, block.offset + (block.stop - block.start), dtype=np.int64)
+        return out
+
+    def plan(self, slot: int, n_slots: int) -> list[Block]:
+        """Blocks of ``slot`` in file order (before any shuffling or truncation)."""
+        lo, hi = self.shards.slot_range(slot, n_slots)
+        if self.equalize_ranks:
+            hi = lo + self.shards.n_rows // n_slots
+        return self.shards.blocks(lo, hi, self.block_rows)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        slot, n_slots, wid = _slot()
+        self._iterations += 1
+        blocks = self.plan(slot, n_slots)
+        rng = None
+        if self.shuffle:
+            base = torch.initial_seed() - wid  # differs per epoch in workers, same for all of them
+            rng = np.random.default_rng([self.seed, self._iterations, base % (2**63), slot])
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        carry: dict[str, np.ndarray] | None = None
+        for block in blocks:
+            part = self.read(block)
+            if rng is not None:
+                order = rng.permutation(block.stop - block.start)
+                part = {k: v[order] for k, v in part.items()}
+            if carry is not None:
+                part = {k: np.concatenate([carry[k], part[k]]) for k in part}
+            n = len(part["row"])
+            full = n - n % self.batch_size
+            for s in range(0, full, self.batch_size):
+                yield {k: torch.from_numpy(np.ascontiguousarray(v[s:s + self.batch_size])) for k, v in part.items()}
+            carry = {k: v[full:] for k, v in part.items()} if full < n else None
+        if carry is not None:
+            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in carry.items()}
+
+    def _slot_batches(self, slot: int, n_slots: int) -> int:
+        lo, hi = self.shards.slot_range(slot, n_slots)
+        if self.equalize_ranks:
+            hi = lo + self.shards.n_rows // n_slots
+        return -(-(hi - lo) // self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (over its ``num_workers`` slots)."""
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        nw = max(self.num_workers, 1)
+        return sum(self._slot_batches(rank * nw + w, world * nw) for w in range(nw))
