@@ -214,8 +214,9 @@ def _ddp_worker(rank, world, tiny_dir, port, out):
     try:
         dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None)
         stats, _ = accumulate_stats(dm, FitConfig(block_rows=100), progress=False)
-        if rank == 0:
-            np.savez(out, n=stats.n, xtx=stats.xtx, sx=stats.sx, shift=stats.shift)
+        fits, _, _ = fit_families(dm, FitConfig(block_rows=100, min_samples=10), progress=False)
+        np.savez(f"{out}.rank{rank}.npz", n=stats.n, xtx=stats.xtx, sx=stats.sx, shift=stats.shift,
+                 alpha=fits["phys"].alpha, weight=fits["phys"].weight)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -227,11 +228,17 @@ def test_ddp_statistics_all_reduce(tiny_dir, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = str(tmp_path / "ddp.npz")
+    out = str(tmp_path / "ddp")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, tiny_dir, port, out), nprocs=2, join=True)
-    got = np.load(out)
+    got, other = np.load(f"{out}.rank0.npz"), np.load(f"{out}.rank1.npz")
     dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None)
     ref, _ = accumulate_stats(dm, FitConfig(block_rows=100), progress=False)
+    single, _, _ = fit_families(dm, FitConfig(block_rows=100, min_samples=10), progress=False)
+    # both ranks choose the same alphas (validation reads every row on every rank) = single process
+    np.testing.assert_array_equal(got["alpha"], other["alpha"])
+    np.testing.assert_array_equal(got["alpha"], single["phys"].alpha)
+    np.testing.assert_allclose(got["weight"], single["phys"].weight, rtol=1e-7, atol=1e-10)
+    np.testing.assert_array_equal(got["weight"], other["weight"])
     np.testing.assert_array_equal(got["n"], ref.n)
     np.testing.assert_array_equal(got["shift"], ref.shift)
     np.testing.assert_allclose(got["sx"], ref.sx, rtol=1e-9, atol=1e-9)

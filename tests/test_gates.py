@@ -135,8 +135,9 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
                 "--test_after_fit", "true", tiny_dir=tiny_dir)
     cli = cli_main(["fit", "--config", str(CONFIG_DIR / "temperature.yaml"), *args])
     assert "rho =" in capsys.readouterr().out
-    events = list(Path(cli.trainer.log_dir).glob("events.out.tfevents.*"))
-    acc = EventAccumulator(str(events[0]), size_guidance={"histograms": 0, "images": 0, "scalars": 0}).Reload()
+    assert list(Path(cli.trainer.log_dir).glob("events.out.tfevents.*"))
+    # the run folder holds the fit's and the test's event files: read them all
+    acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"histograms": 0, "images": 0, "scalars": 0}).Reload()
     scalars = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "val/r2", "val/entropy", "val/rho", "val/tau_snr_X", *(f"val/{m}_snr_{b}" for m in ("r2", "entropy") for b in "HMLX")):
         assert tag in scalars, tag

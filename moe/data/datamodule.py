@@ -30,6 +30,9 @@ from moe.data.stream import ShardSet, SpectraStream
 from moe.data.synth import MANIFEST, SynthConfig, write_dataset
 
 log = logging.getLogger(__name__)
+# Salt of the per-epoch training shuffle; the randomness itself comes from torch's seed
+# (seed_everything) and the epoch count, so runs are reproducible and epochs differ.
+SHUFFLE_SALT = 1234
 
 
 def ensure_dataset(data_dir: str | Path, synth: SynthConfig | None) -> Path:
@@ -134,7 +137,7 @@ class SpectraDataModule(pl.LightningDataModule):
         if split == "train":
             world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
             return SpectraStream(self.train_set, bs, self.noise_level, self.block_rows,
-                                 shuffle=True if shuffle is None else shuffle, seed=self.hparams.val_seed,
+                                 shuffle=True if shuffle is None else shuffle, seed=SHUFFLE_SALT,
                                  equalize_ranks=world > 1, num_workers=self.num_workers)
         name = "test" if split == "predict" else split
         shards = self.val_set if name == "val" else self.test_set

@@ -162,6 +162,18 @@ class SpectraStream(IterableDataset):
             base = torch.initial_seed() - wid  # differs per epoch in workers, same for all of them
             rng = np.random.default_rng([self.seed, self._iterations, base % (2**63), slot])
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        return self._batches(blocks, rng)
+
+    def all_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Every row of the split in file order, in batches, whatever the rank or worker.
+
+        For computations that must agree across DDP ranks (alpha selection, feature scaling).
+        """
+        return self._batches(self.plan(0, 1), None)
+
+    def _batches(self, blocks: list[Block], rng: np.random.Generator | None) -> Iterator[dict[str, torch.Tensor]]:
+        """Read ``blocks`` in order (rows permuted inside each when ``rng``), cut into full batches
+        carried across block boundaries; the last batch may be short."""
         carry: dict[str, np.ndarray] | None = None
         for block in blocks:
             part = self.read(block)

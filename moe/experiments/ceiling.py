@@ -133,6 +133,7 @@ def run(settings: ExperimentSettings) -> dict:
     for k in CNN_BINS:
         ax.axvspan(k - 0.45, k + 0.45, color="orange", alpha=0.12, lw=0)
     ax.set_ylim(min(0.0, float(np.nanmin(per_bin[["r2_ridge", "r2_lgbm"]].to_numpy()))), 1.15)
+    ax.set_xlabel("physical bin (0 Cool-Poor … 8 Hot-Rich; T_eff × [M/H])")
     ax.legend(fontsize=8, ncol=3, loc="upper center")
     rep.figure("ceiling_perbin_expert_comparison.png", fig, "Test R² per bin and expert type; ★ best on validation; "
                "shaded: metal-poor bins 3 and 6.")

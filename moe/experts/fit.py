@@ -163,21 +163,25 @@ def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_
 
 
 def validation_sse(dm: SpectraDataModule, paths: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple]:
-    """One pass over the pre-noised val split: per family, (sse [G, A], n [G], sst [G])."""
+    """One pass over the pre-noised val split: per family, (sse [G, A], n [G], sst [G]).
+
+    Reads all rows on every rank, so DDP ranks pick the same alphas.
+    """
     fams = list(paths)
     flat_w = np.concatenate([paths[f][0].reshape(-1, paths[f][0].shape[-1]) for f in fams])
     flat_b = np.concatenate([paths[f][1].reshape(-1) for f in fams])
     offsets = np.cumsum([0] + [paths[f][1].size for f in fams])
     out = {f: [np.zeros(paths[f][1].shape), np.zeros(paths[f][1].shape[0]), np.zeros(paths[f][1].shape[0]),
                np.zeros(paths[f][1].shape[0])] for f in fams}
-    for batch in dm.stream("val", batch_size=2048):
-        x = batch["flux"].numpy().astype(np.float64)
-        y = batch["log_g"].numpy().astype(np.float64)
+    for tensors in dm.stream("val", batch_size=2048).all_batches():  # every val row on every rank
+        batch = {k: v.numpy() for k, v in tensors.items()}
+        x = batch["flux"].astype(np.float64)
+        y = batch["log_g"].astype(np.float64)
         pred = x @ flat_w.T + flat_b
         for i, f in enumerate(fams):
             g_count, a_count = paths[f][1].shape
             p = pred[:, offsets[i]:offsets[i + 1]].reshape(-1, g_count, a_count)
-            grp = groups.group_of(f, batch["phys_bin"].numpy(), batch["snr_bin"].numpy())
+            grp = groups.group_of(f, batch["phys_bin"], batch["snr_bin"])
             own = p[np.arange(len(y)), grp]  # [N, A]
             np.add.at(out[f][0], grp, (own - y[:, None]) ** 2)
             np.add.at(out[f][1], grp, 1.0)

@@ -142,9 +142,11 @@ class GatedMoE(pl.LightningModule):
         self.prepared.fill_(True)
 
     def _fit_scalers(self, dm) -> None:
+        """Feature standardisation from the first ``feature_rows`` training rows with one fixed
+        noise draw -- the same rows on every DDP rank, so every rank gets the same buffers."""
         gen = torch.Generator().manual_seed(0)
         phys, qual, seen = [], [], 0
-        for batch in dm.stream("train", shuffle=False, batch_size=1024):
+        for batch in dm.stream("train", shuffle=False, batch_size=1024).all_batches():
             flux = add_noise(batch["flux"], batch["error"], dm.noise_level, gen)
             phys.append(self.physics(flux))
             qual.append(quality_features(batch["error"]))
