@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 from moe.data import bins
 from moe.data.noise import add_noise_np, snr as snr_of
 from moe.data.quality import quality_stats
-from moe.data.shards import PARAM_COLUMNS, find_split, inspect_shard, read_block, read_params
+from moe.data.shards import find_split, inspect_shard, read_block, read_params
 
 ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
 
