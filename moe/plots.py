@@ -5,6 +5,8 @@ Plain matplotlib (Agg), English text, labelled axes; every function returns a Fi
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -135,9 +137,6 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
 
 def save(fig, path) -> None:
     """Write ``fig`` as PNG atomically and close it."""
-    import os
-    from pathlib import Path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")

@@ -254,11 +254,6 @@ def validate_shard(path: str | os.PathLike, block_rows: int = 4096) -> ShardSumm
     return ShardSummary(path, info.n_rows, info.n_pixels, float(wave[0]), float(wave[-1]), ranges)
 
 
-def dataset_shards(data_dir: str | os.PathLike) -> dict[str, list[Path]]:
-    """All three splits of a dataset folder; an empty split is an error."""
-    return {split: find_split(data_dir, split) for split in SPLITS}
-
-
 class ShardWriter:
     """Write one shard block by block, atomically: a temp file renamed into place on close.
 

@@ -58,10 +58,6 @@ class Arrays:
     phys_bin: np.ndarray
     snr_bin: np.ndarray
 
-    def subset(self, mask: np.ndarray) -> "Arrays":
-        return Arrays(*(None if v is None else v[mask] for v in (self.flux, self.error, self.clean, self.log_g, self.teff,
-                                                                  self.mh, self.snr, self.phys_bin, self.snr_bin)))
-
 
 def load_arrays(dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0, keep_clean: bool = False) -> Arrays:
     """Up to ``max_rows`` rows of ``split``; train rows get one noise draw (``seed``)."""

@@ -21,6 +21,7 @@ from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise
 from moe.experts.bundle import ExpertBundle
 from moe.experts.module import RidgeExperts
+from moe.features import quality_features
 from moe.gates.fusions import build_gate
 from moe.gates.metrics import gate_entropy
 from moe.gates.module import GatedMoE
@@ -81,8 +82,6 @@ def build_cache(model: GatedMoE, bundle: ExpertBundle, dm: SpectraDataModule, sp
         phys.append(torch.cat(ph)[:max_rows])
         for f in experts:
             exp[f].append(torch.cat(ex[f])[:max_rows])
-    from moe.features import quality_features
-
     qual = torch.cat([model.qual_scaler(quality_features(b["error"])) for b in batches])[:max_rows]
     cat = lambda k, dt=None: torch.cat([b[k] for b in batches])[:max_rows].to(dt or torch.float32)  # noqa: E731
     return GateData(torch.stack(phys), qual, {f: torch.stack(v) for f, v in exp.items()}, cat("log_g"), cat("snr"),

@@ -9,7 +9,8 @@ experts are biased (the variance covers the noise only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ import torch
 from moe.data import bins
 from moe.data.datamodule import SpectraDataModule
 from moe.experts import groups
-from moe.experts.bundle import ExpertBundle
+from moe.experts.bundle import ExpertBundle, fit_bundle
 
 
 @dataclass
@@ -97,11 +98,6 @@ def zscore_table(res: OracleResult) -> pd.DataFrame:
 def compare_noise_modes(dm: SpectraDataModule, base, draws: int = 4, progress: bool = True) -> pd.DataFrame:
     """Fit the families three ways -- noise-marginalised, one draw per spectrum, ``draws`` draws --
     and give oracle R^2 on val (where alpha was chosen) and test for each. ``base``: a FitConfig."""
-    from dataclasses import replace
-    import time
-
-    from moe.experts.bundle import fit_bundle
-
     rows = []
     for mode, label in (("marginal", "noise-marginalised"), ("single", "1 draw / spectrum"), ("augment", f"{draws} draws / spectrum")):
         cfg = replace(base, noise_mode=mode, n_draws=draws)
