@@ -41,6 +41,8 @@ def test_round_trip(tmp_path):
     f, e = read_block(path, 3, 9)
     np.testing.assert_array_equal(f, flux[3:9])
     np.testing.assert_array_equal(e, error[3:9])
+    none, e_only = read_block(path, 3, 9, flux=False)  # error only (pre-noised val/test reads)
+    assert none is None and np.array_equal(e_only, e)
     pd.testing.assert_frame_equal(read_params(path), params)
     assert pd.read_hdf(path).shape == (N, len(PARAM_COLUMNS))  # no key needed, as on real files
     assert not list(path.parent.glob(".*tmp*"))

@@ -19,7 +19,7 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -82,23 +82,22 @@ def load_rows(data_dir: str | os.PathLike, split: str, n: int | None) -> Split:
     return Split(np.concatenate(fluxes), np.concatenate(errors), pd.concat(tables, ignore_index=True))
 
 
-def fit_ridge(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-              alphas: Sequence[float] = ALPHAS) -> tuple[StandardScaler, Ridge, float]:
-    """Standardised scikit-learn Ridge with alpha picked on val (one X^T X for all alphas)."""
-    scaler = StandardScaler().fit(x_train)
-    z = scaler.transform(x_train)
+def ridge_sweep(z_train: np.ndarray, y_train: np.ndarray, alphas: Sequence[float]) -> Ridge:
+    """scikit-learn Ridge for every alpha at once (one X^T X): target column a uses ``alphas[a]``.
+
+    ``predict`` gives [N, A]; ``coef_`` is [A, D]. Inputs are expected standardised.
+    """
     alphas = np.asarray(alphas, dtype=np.float64)
-    sweep = Ridge(alpha=alphas, solver="cholesky").fit(z, np.repeat(y_train[:, None], alphas.size, axis=1))
-    scores = [r2_score(y_val, p) for p in sweep.predict(scaler.transform(x_val)).T]
-    best = float(alphas[int(np.argmax(scores))])
-    model = Ridge(alpha=best, solver="cholesky")
-    model.coef_, model.intercept_ = sweep.coef_[int(np.argmax(scores))], sweep.intercept_[int(np.argmax(scores))]
-    model.n_features_in_ = z.shape[1]
-    return scaler, model, best
+    return Ridge(alpha=alphas, solver="cholesky").fit(z_train, np.repeat(np.asarray(y_train)[:, None], alphas.size, axis=1))
 
 
-def _predict(scaler: StandardScaler, model: Ridge, x: np.ndarray) -> np.ndarray:
-    return model.predict(scaler.transform(x))
+def fit_ridge(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+              alphas: Sequence[float] = ALPHAS) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """Standardised Ridge with alpha picked on val: (predict(x) -> [N], chosen alpha)."""
+    scaler = StandardScaler().fit(x_train)
+    sweep = ridge_sweep(scaler.transform(x_train), y_train, alphas)
+    best = int(np.argmax([r2_score(y_val, p) for p in sweep.predict(scaler.transform(x_val)).T]))
+    return (lambda x: sweep.predict(scaler.transform(x))[:, best]), float(alphas[best])
 
 
 def run_checks(train: Split, val: Split, test: Split, noise_level: float = 1.0, seed: int = 0,
@@ -118,8 +117,8 @@ def run_checks(train: Split, val: Split, test: Split, noise_level: float = 1.0, 
     low = float(np.mean(snr_all <= 7))
     lines.append(CheckLine("share with SNR <= 7", low, "> 0.50", low > 0.5))
 
-    sc, model, _ = fit_ridge(x_tr, y_tr, x_va, y_va)
-    r2_global = r2_score(y_te, _predict(sc, model, x_te))
+    predict, _ = fit_ridge(x_tr, y_tr, x_va, y_va)
+    r2_global = r2_score(y_te, predict(x_te))
     lo, hi = bounds.global_r2
     lines.append(CheckLine("global Ridge R2 (noisy flux)", r2_global, f"in [{lo}, {hi}]", lo <= r2_global <= hi))
 
@@ -131,19 +130,19 @@ def run_checks(train: Split, val: Split, test: Split, noise_level: float = 1.0, 
             continue
         if m_tr.sum() < 2 or m_va.sum() < 2:
             raise ValueError(f"physical bin {k} ({bins.PHYS_BIN_NAMES[k]}) has {m_tr.sum()} train / {m_va.sum()} val rows")
-        sc_k, model_k, _ = fit_ridge(x_tr[m_tr], y_tr[m_tr], x_va[m_va], y_va[m_va])
-        pred[m_te] = _predict(sc_k, model_k, x_te[m_te])
+        predict_k, _ = fit_ridge(x_tr[m_tr], y_tr[m_tr], x_va[m_va], y_va[m_va])
+        pred[m_te] = predict_k(x_te[m_te])
     r2_oracle = r2_score(y_te, pred)
     need = r2_global + bounds.oracle_gain
     lines.append(CheckLine("9-bin oracle Ridge R2", r2_oracle, f">= {need:.4f}", r2_oracle >= need))
 
-    sc, model, _ = fit_ridge(train.error, y_tr, val.error, y_va)
-    r2_err = r2_score(y_te, _predict(sc, model, test.error))
+    predict, _ = fit_ridge(train.error, y_tr, val.error, y_va)
+    r2_err = r2_score(y_te, predict(test.error))
     lines.append(CheckLine("error-only Ridge R2", r2_err, f">= {bounds.error_only_min}", r2_err >= bounds.error_only_min))
 
     q_tr, q_va, q_te = (quality_stats(s.error) for s in (train, val, test))
-    sc, model, _ = fit_ridge(q_tr, y_tr, q_va, y_va)
-    r2_q = r2_score(y_te, _predict(sc, model, q_te))
+    predict, _ = fit_ridge(q_tr, y_tr, q_va, y_va)
+    r2_q = r2_score(y_te, predict(q_te))
     lines.append(CheckLine("10 aggregate error statistics Ridge R2", r2_q, f"<= {bounds.quality_max}", r2_q <= bounds.quality_max))
     return lines
 

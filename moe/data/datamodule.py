@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from moe.data.noise import add_noise
 from moe.data.noise_cache import ensure_noisy
 from moe.data.shards import ShardError, find_split, read_wave
-from moe.data.stream import ShardSet, SpectraStream
+from moe.data.stream import ShardSet, SpectraStream, rank_world
 from moe.data.synth import MANIFEST, SynthConfig, write_dataset
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,9 @@ class SpectraDataModule(pl.LightningDataModule):
         """The batch stream of ``split`` (train: clean flux; val/test/predict: pre-noised)."""
         bs = batch_size or self.batch_size
         if split == "train":
-            world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
             return SpectraStream(self.train_set, bs, self.noise_level, self.block_rows,
                                  shuffle=True if shuffle is None else shuffle, seed=SHUFFLE_SALT,
-                                 equalize_ranks=world > 1, num_workers=self.num_workers)
+                                 equalize_ranks=rank_world()[1] > 1, num_workers=self.num_workers)
         name = "test" if split == "predict" else split
         shards = self.val_set if name == "val" else self.test_set
         return SpectraStream(shards, bs, self.noise_level, self.block_rows, shuffle=bool(shuffle),

@@ -186,22 +186,20 @@ def fill_nan_nearest(error: np.ndarray) -> np.ndarray:
 
 
 def read_block(path: str | os.PathLike, start: int, stop: int,
-               f: h5py.File | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows [start, stop) as (flux, error), float32 [n, D]: flux clipped at 0, error NaN-filled."""
-    own = f is None
-    if own:
-        f = h5py.File(path, "r")
-    try:
-        flux = np.asarray(f[FLUX_KEY][start:stop], dtype=np.float32)
+               flux: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """Rows [start, stop) as (flux, error), float32 [n, D]: flux clipped at 0, error NaN-filled.
+
+    ``flux=False`` reads the error only (flux is returned as None).
+    """
+    with h5py.File(path, "r") as f:
+        values = np.asarray(f[FLUX_KEY][start:stop], dtype=np.float32) if flux else None
         error = np.asarray(f[ERROR_KEY][start:stop], dtype=np.float32)
-    finally:
-        if own:
-            f.close()
     dead = ~np.isfinite(error).any(axis=1)
     if dead.any():
         raise ShardError(path, f"error row {start + int(np.argmax(dead))} is all NaN")
-    np.maximum(flux, 0.0, out=flux)
-    return flux, fill_nan_nearest(error).astype(np.float32, copy=False)
+    if values is not None:
+        np.maximum(values, 0.0, out=values)
+    return values, fill_nan_nearest(error).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)

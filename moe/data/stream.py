@@ -85,11 +85,16 @@ class ShardSet:
         return out
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _slot() -> tuple[int, int, int]:
     """(this slot's index, number of slots, worker id) from torch.distributed and the worker info."""
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = rank_world()
     info = get_worker_info()
     wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
     return rank * nw + wid, world * nw, wid
@@ -127,13 +132,12 @@ class SpectraStream(IterableDataset):
     def read(self, block: Block) -> dict[str, np.ndarray]:
         """One block as numpy arrays (rows in file order)."""
         path = self.shards.infos[block.shard].path
-        flux, error = read_block(path, block.start, block.stop)
         cache = self.noisy.get(block.shard)
-        if cache is not None:
+        flux, error = read_block(path, block.start, block.stop, flux=cache is None)
+        if cache is not None:  # the pre-noised copy replaces the clean flux, which is not read
             with h5py.File(cache, "r") as f:
-                noisy_flux = np.asarray(f["flux"][block.start:block.stop], dtype=np.float32)
+                flux = np.asarray(f["flux"][block.start:block.stop], dtype=np.float32)
                 snr = np.asarray(f["snr"][block.start:block.stop], dtype=np.float64)
-            flux = noisy_flux
         else:
             snr = snr_of(flux, error, self.noise_level)
         lab = self._shard_labels(block.shard)
@@ -148,10 +152,12 @@ class SpectraStream(IterableDataset):
 
     def plan(self, slot: int, n_slots: int) -> list[Block]:
         """Blocks of ``slot`` in file order (before any shuffling or truncation)."""
+        return self.shards.blocks(*self._slot_rows(slot, n_slots), self.block_rows)
+
+    def _slot_rows(self, slot: int, n_slots: int) -> tuple[int, int]:
+        """Split rows [lo, hi) that ``slot`` yields (truncated to the common length when equalising ranks)."""
         lo, hi = self.shards.slot_range(slot, n_slots)
-        if self.equalize_ranks:
-            hi = lo + self.shards.n_rows // n_slots
-        return self.shards.blocks(lo, hi, self.block_rows)
+        return (lo, lo + self.shards.n_rows // n_slots) if self.equalize_ranks else (lo, hi)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         slot, n_slots, wid = _slot()
@@ -191,15 +197,11 @@ class SpectraStream(IterableDataset):
             yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in carry.items()}
 
     def _slot_batches(self, slot: int, n_slots: int) -> int:
-        lo, hi = self.shards.slot_range(slot, n_slots)
-        if self.equalize_ranks:
-            hi = lo + self.shards.n_rows // n_slots
+        lo, hi = self._slot_rows(slot, n_slots)
         return -(-(hi - lo) // self.batch_size)
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (over its ``num_workers`` slots)."""
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        rank, world = rank_world()
         nw = max(self.num_workers, 1)
         return sum(self._slot_batches(rank * nw + w, world * nw) for w in range(nw))

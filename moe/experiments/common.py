@@ -21,6 +21,7 @@ import torch
 from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise_np
 from moe.data.synth import SynthConfig
+from moe.experts.evaluate import regression_metrics
 from moe.plots import save as save_figure
 
 
@@ -77,18 +78,11 @@ def load_arrays(dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0,
                   cat["M_H"].astype(np.float64), cat["snr"].astype(np.float64), cat["phys_bin"], cat["snr_bin"])
 
 
+metrics = regression_metrics
+
+
 def r2(y: np.ndarray, pred: np.ndarray) -> float:
-    y, pred = np.asarray(y, float), np.asarray(pred, float)
-    if y.size < 2:
-        return float("nan")
-    sst = ((y - y.mean()) ** 2).sum()
-    return float(1 - ((pred - y) ** 2).sum() / sst) if sst > 0 else float("nan")
-
-
-def metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    res = np.asarray(pred, float) - np.asarray(y, float)
-    return {"n": int(np.size(y)), "r2": r2(y, pred), "mae": float(np.abs(res).mean()) if res.size else float("nan"),
-            "rmse": float(np.sqrt((res**2).mean())) if res.size else float("nan")}
+    return regression_metrics(y, pred)["r2"]
 
 
 def bootstrap_delta_r2(y: np.ndarray, pred_a: Sequence[np.ndarray], pred_b: Sequence[np.ndarray], n_boot: int = 1000,

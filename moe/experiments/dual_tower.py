@@ -20,7 +20,7 @@ import torch
 from moe.data import bins
 from moe.data.quality import QUALITY_NAMES, QUALITY_SUBSET5
 from moe.experiments.common import ExperimentSettings, Report, Verdict, bootstrap_delta_r2, r2, seed_mean_std
-from moe.experiments.gate_cache import GateData, build_cache, train_gate
+from moe.experiments.gate_cache import GateData, build_cache, r2_tensor, train_gate
 from moe.experts.bundle import load_or_fit
 from moe.features import PHYSICS_NAMES
 from moe.gates.module import GatedMoE
@@ -180,7 +180,7 @@ def _tower_analysis(gate, test: GateData) -> pd.DataFrame:
     corr = (pc * qc).sum(-1) / (pc.norm(dim=-1) * qc.norm(dim=-1)).clamp_min(1e-12)
     mu, y = test.experts["phys"][0], test.y
     def r2_of(logits):
-        return _r2(y, (torch.softmax(logits, -1) * mu).sum(-1))
+        return r2_tensor(y, (torch.softmax(logits, -1) * mu).sum(-1))
     both = r2_of(a + b)
     return pd.DataFrame([
         {"quantity": "mean per-spectrum correlation of softmax(a) and softmax(b)", "value": float(corr.mean())},
@@ -191,10 +191,6 @@ def _tower_analysis(gate, test: GateData) -> pd.DataFrame:
         {"quantity": "test R2, physics tower only (quality logits removed)", "value": r2_of(a)},
         {"quantity": "test R2, quality tower only (physics logits removed)", "value": r2_of(b)},
     ])
-
-
-def _r2(y: torch.Tensor, p: torch.Tensor) -> float:
-    return float(1 - ((p - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
 
 
 def _entropy_heatmap(snr: np.ndarray, entropy: np.ndarray, k: int):

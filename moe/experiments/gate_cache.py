@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise
 from moe.experts.bundle import ExpertBundle
-from moe.experts.module import RidgeExperts
+from moe.experts import groups
 from moe.features import quality_features
 from moe.gates.fusions import build_gate
 from moe.gates.metrics import gate_entropy
@@ -48,21 +48,14 @@ class GateData:
         return self.phys.shape[0]
 
     def route(self, family: str) -> torch.Tensor:
-        if family == "phys":
-            return self.phys_bin
-        if family == "snr":
-            return self.snr_bin
-        if family == "cells":
-            return 4 * self.phys_bin + self.snr_bin
-        return torch.zeros_like(self.phys_bin)
+        return groups.group_of(family, self.phys_bin, self.snr_bin)
 
 
 @torch.no_grad()
 def build_cache(model: GatedMoE, bundle: ExpertBundle, dm: SpectraDataModule, split: str, max_rows: int,
                 draws: int = 1, seed: int = 0) -> GateData:
     """Features and all families' expert predictions for up to ``max_rows`` rows of ``split``."""
-    experts = {f: RidgeExperts.from_arrays(bundle.families[f].weight, bundle.families[f].bias) for f in FAMILIES
-               if f in bundle.families}
+    experts = {f: bundle.experts(f) for f in FAMILIES if f in bundle.families}
     batches, have = [], 0
     for b in dm.stream(split, shuffle=False, batch_size=2048):
         batches.append(b)
@@ -106,7 +99,7 @@ def _predict(gate, data: GateData, family: str, fusion: str, draw: int = 0, mask
     return (w * data.experts[family][draw]).sum(-1), w
 
 
-def _r2(y: torch.Tensor, p: torch.Tensor) -> float:
+def r2_tensor(y: torch.Tensor, p: torch.Tensor) -> float:
     return float(1 - ((p - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
 
 
@@ -143,7 +136,7 @@ def train_gate(fusion: str, family: str, train: GateData, val: GateData, test: G
                 sched.step()
             gate.eval()
             with torch.no_grad():
-                r2 = _r2(val.y, _predict(gate, val, family, fusion, mask=feature_mask)[0])
+                r2 = r2_tensor(val.y, _predict(gate, val, family, fusion, mask=feature_mask)[0])
             if r2 > best_r2:
                 best_r2, best_state, best_epoch = r2, copy.deepcopy(gate.state_dict()), epoch
             elif epoch - best_epoch >= patience:
@@ -152,6 +145,6 @@ def train_gate(fusion: str, family: str, train: GateData, val: GateData, test: G
     gate.eval()
     with torch.no_grad():
         if not params:
-            best_r2 = _r2(val.y, _predict(gate, val, family, fusion)[0])
+            best_r2 = r2_tensor(val.y, _predict(gate, val, family, fusion)[0])
         pred, w = _predict(gate, test, family, fusion, mask=feature_mask)
     return GateResult(pred.numpy(), w.numpy(), gate_entropy(w).numpy(), best_r2, best_epoch, gate)

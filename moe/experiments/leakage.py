@@ -22,6 +22,7 @@ from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
 from moe.data import bins
+from moe.data.check import ridge_sweep
 from moe.data.quality import quality_stats
 from moe.experiments.common import ExperimentSettings, Report, Verdict, load_arrays, metrics, r2, seed_mean_std
 from moe.features.physics import LINES
@@ -37,8 +38,7 @@ TOP_K = 40
 
 def _ridge_sweep(z_tr, y_tr, zs: dict[str, np.ndarray], alphas=RIDGE_ALPHAS) -> tuple[dict, np.ndarray]:
     """Standardised Ridge for every alpha from one X^T X: predictions per split [N, A] and coefs [A, D]."""
-    alphas = np.asarray(alphas, float)
-    model = Ridge(alpha=alphas, solver="cholesky").fit(z_tr, np.repeat(y_tr[:, None], alphas.size, 1))
+    model = ridge_sweep(z_tr, y_tr, alphas)
     return {k: model.predict(z) for k, z in zs.items()}, model.coef_
 
 

@@ -44,7 +44,7 @@ def oracle_predictions(dm: SpectraDataModule, bundle: ExpertBundle, split: str =
         for batch in dm.stream(split, batch_size=1024):
             flux, err = batch["flux"].double(), batch["error"].double()
             for f, module in experts.items():
-                g = torch.from_numpy(groups.group_of(f, batch["phys_bin"].numpy(), batch["snr_bin"].numpy()))
+                g = groups.group_of(f, batch["phys_bin"], batch["snr_bin"])
                 rows = torch.arange(len(g))
                 preds[f].append(module(flux)[rows, g].numpy())
                 vars_[f].append(module.predictive_variance(err, dm.noise_level)[rows, g].numpy())
@@ -58,7 +58,8 @@ def oracle_predictions(dm: SpectraDataModule, bundle: ExpertBundle, split: str =
 
 
 def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """R^2, MAE, RMSE and count (R^2 is NaN below 2 samples)."""
+    """R^2, MAE, RMSE and count (R^2 is NaN below 2 samples or with constant truth)."""
+    y, pred = np.asarray(y, dtype=float), np.asarray(pred, dtype=float)
     n = y.size
     if n == 0:
         return {"n": 0, "r2": float("nan"), "mae": float("nan"), "rmse": float("nan")}

@@ -91,13 +91,17 @@ def group_names(family: str) -> list[str]:
     return [f"{p}/SNR-{s}" for p in bins.PHYS_BIN_NAMES for s in bins.SNR_BIN_NAMES]
 
 
-def group_of(family: str, phys_bin: np.ndarray, snr_bin: np.ndarray) -> np.ndarray:
-    """The group of ``family`` each sample belongs to (oracle routing)."""
-    phys_bin, snr_bin = np.asarray(phys_bin), np.asarray(snr_bin)
+def group_of(family: str, phys_bin, snr_bin):
+    """The group of ``family`` each sample belongs to (oracle routing).
+
+    Plain integer arithmetic, so it serves numpy arrays and torch tensors (on any device) alike.
+    """
     if family == "global":
-        return np.zeros(phys_bin.shape, dtype=np.int64)
+        return phys_bin * 0
     if family == "phys":
-        return phys_bin.astype(np.int64)
+        return phys_bin
     if family == "snr":
-        return snr_bin.astype(np.int64)
-    return bins.cell(phys_bin, snr_bin)
+        return snr_bin
+    if family == "cells":
+        return bins.N_SNR_BINS * phys_bin + snr_bin
+    raise ValueError(f"unknown family {family!r}")

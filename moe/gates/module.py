@@ -173,14 +173,7 @@ class GatedMoE(pl.LightningModule):
 
     def route(self, batch: dict) -> torch.Tensor:
         """True group of each sample in this module's expert family [B] (oracle routing)."""
-        phys, snr = batch["phys_bin"], batch["snr_bin"]
-        if self.family == "phys":
-            return phys
-        if self.family == "snr":
-            return snr
-        if self.family == "cells":
-            return bins.N_SNR_BINS * phys + snr
-        return torch.zeros_like(phys)
+        return groups.group_of(self.family, batch["phys_bin"], batch["snr_bin"])
 
     def forward(self, batch: dict) -> MoEOutput:
         flux, error = batch["flux"], batch["error"]
