@@ -30,7 +30,8 @@ def add_noise_np(flux: np.ndarray, error: np.ndarray, noise_level: float,
 
 def snr(flux: np.ndarray, error: np.ndarray, noise_level: float) -> np.ndarray:
     """Per-spectrum SNR ``||flux|| / ||noise_level * error||``. flux, error: [N, D] -> [N]."""
-    num = np.linalg.norm(np.asarray(flux, dtype=np.float64), axis=-1)
-    den = float(noise_level) * np.linalg.norm(np.asarray(error, dtype=np.float64), axis=-1)
+    # row dot products accumulated in float64 straight from the float32 rows (no float64 copies)
+    num = np.sqrt(np.einsum("...i,...i->...", flux, flux, dtype=np.float64))
+    den = float(noise_level) * np.sqrt(np.einsum("...i,...i->...", error, error, dtype=np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.inf)

@@ -17,6 +17,7 @@ row [B] (int64)``.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -176,6 +177,25 @@ class SpectraStream(IterableDataset):
         For computations that must agree across DDP ranks (alpha selection, feature scaling).
         """
         return self._batches(self.plan(0, 1), None)
+
+    def rank_blocks(self, prefetch: bool = True) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's rows as whole blocks of numpy arrays, in file order (no batching, no copies).
+
+        For consumers that take any block size (the experts' statistics pass). With
+        ``prefetch`` a background thread reads the next block while the caller works on this
+        one (h5py and numpy release the GIL while they read and reduce).
+        """
+        slot, n_slots, _ = _slot()
+        blocks = self.plan(slot, n_slots)
+        if not prefetch:
+            yield from map(self.read, blocks)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-read") as pool:
+            pending = pool.submit(self.read, blocks[0]) if blocks else None
+            for nxt in blocks[1:] + [None]:
+                part = pending.result()
+                pending = pool.submit(self.read, nxt) if nxt is not None else None
+                yield part
 
     def _batches(self, blocks: list[Block], rng: np.random.Generator | None) -> Iterator[dict[str, torch.Tensor]]:
         """Read ``blocks`` in order (rows permuted inside each when ``rng``), cut into full batches

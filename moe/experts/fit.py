@@ -27,6 +27,7 @@ from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise_np
 from moe.data.stream import SpectraStream
 from moe.experts import groups
+from moe.experts.heap import retained_heap
 from moe.experts.ridge import DEFAULT_ALPHAS, METHODS, fit_sweep
 from moe.experts.stats import PRODUCTS, CellStats, accumulate
 
@@ -96,8 +97,7 @@ class GroupTooSmallError(ValueError):
 def training_blocks(dm: SpectraDataModule, cfg: FitConfig, partition: str) -> Iterator[tuple]:
     """(x [m, D], error, y, cell) blocks of this rank's share of the training split."""
     stream = SpectraStream(dm.train_set, cfg.block_rows, dm.noise_level, cfg.block_rows, shuffle=False)
-    for batch in stream:
-        b = {k: v.numpy() for k, v in batch.items()}
+    for b in stream.rank_blocks():
         cell = groups.cell_index(partition, b["phys_bin"], b["snr_bin"])
         y = b["log_g"].astype(np.float64)
         if cfg.noise_mode == "marginal":
@@ -145,7 +145,7 @@ def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_
                 notes[g] = "phys"
                 log.warning("expert %s has %d training samples: using its physical expert", names[g], n[g])
                 continue
-            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, prior[g // bins.N_SNR_BINS][0], cfg.method, consume=True)
+            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, prior[g // bins.N_SNR_BINS][0], cfg.method)
         elif n[g] < cfg.min_samples:
             if cfg.fallback == "global" and fallback_path is not None:
                 weight[g], bias[g] = fallback_path
@@ -157,7 +157,7 @@ def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_
                 f"expert {family}/{names[g]} has {int(n[g])} training samples, fewer than min_samples={cfg.min_samples}; "
                 "use more data, lower min_samples, or fallback='global'")
         else:
-            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, None, cfg.method, consume=True)
+            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, None, cfg.method)
         weight[g], bias[g] = w, b
     return weight, bias, n, notes
 
@@ -214,10 +214,10 @@ def _family_fit(family: str, path, n_train, notes, val, alphas) -> FamilyFit:
 
 def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` principal axes of the (noisy) training flux: mean [D], components [k, D], variances [k]."""
-    g = stats.group(np.arange(stats.n.size))  # full symmetric Gram
+    g = stats.group(np.arange(stats.n.size))
     n = g.n[0]
     mu_s = g.sx[0] / n
-    cov = (g.xtx[0] - np.outer(g.sx[0], mu_s)) / n
+    cov = (g.gram() - np.outer(g.sx[0], mu_s)) / n
     cov[np.diag_indices_from(cov)] += noise_var * g.se2[0] / n
     cov = 0.5 * (cov + cov.T)
     if k < cov.shape[0] // 4:
@@ -232,6 +232,11 @@ def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, n
 
 def fit_families(dm: SpectraDataModule, cfg: FitConfig, progress: bool = True):
     """Run the whole fit: (families {name: FamilyFit}, (pca mean, components, variances), timings)."""
+    with retained_heap():
+        return _fit_families(dm, cfg, progress)
+
+
+def _fit_families(dm: SpectraDataModule, cfg: FitConfig, progress: bool):
     t0 = time.perf_counter()
     stats, partition = accumulate_stats(dm, cfg, progress)
     t1 = time.perf_counter()

@@ -4,8 +4,10 @@ For every cell ``c`` (see :mod:`moe.experts.groups`), in float64:
 
 - ``n[c]``, ``sy[c] = sum y``, ``syy[c] = sum y^2``
 - ``sx[c] = sum (x - shift)``, ``xty[c] = sum (x - shift) y``
-- ``xtx[c] = sum (x - shift)(x - shift)^T`` -- the lower triangle only; :meth:`CellStats.group`
-  and :meth:`CellStats.gram` return full symmetric matrices
+- ``xtx[c] = sum (x - shift)(x - shift)^T`` in LAPACK's rectangular full packed (RFP) layout:
+  the lower triangle, ``D (D + 1) / 2`` numbers, updated in place by the level-3 ``dsfrk``
+  (as fast as ``dsyrk`` on a full matrix, half the memory); :meth:`CellStats.gram` and
+  :func:`unpack` give the full symmetric matrix
 - ``se2[c] = sum error^2`` (per pixel; the noise variance at noise_level 1, float32 products)
 
 ``shift`` is a reference flux near the mean (by default the first block's mean; under
@@ -25,7 +27,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from scipy.linalg.blas import dsyrk, ssyrk
+from scipy.linalg.lapack import dsfrk, dtfttr, ssfrk
 from tqdm.auto import tqdm
 
 PRODUCTS = ("float64", "float32")
@@ -39,7 +41,7 @@ class CellStats:
     sy: np.ndarray     # [C]
     syy: np.ndarray    # [C]
     sx: np.ndarray     # [C, D]
-    xtx: np.ndarray    # [C, D, D]
+    xtx: np.ndarray    # [C, D (D + 1) / 2] lower triangle, RFP layout (see unpack)
     xty: np.ndarray    # [C, D]
     se2: np.ndarray    # [C, D]
     shift: np.ndarray  # [D]
@@ -47,7 +49,7 @@ class CellStats:
     @classmethod
     def zeros(cls, n_cells: int, n_pixels: int, shift: np.ndarray) -> "CellStats":
         c, d = n_cells, n_pixels
-        return cls(np.zeros(c), np.zeros(c), np.zeros(c), np.zeros((c, d)), np.zeros((c, d, d)),
+        return cls(np.zeros(c), np.zeros(c), np.zeros(c), np.zeros((c, d)), np.zeros((c, d * (d + 1) // 2)),
                    np.zeros((c, d)), np.zeros((c, d)), np.asarray(shift, dtype=np.float64))
 
     @property
@@ -55,22 +57,20 @@ class CellStats:
         return self.shift.size
 
     def group(self, cells: np.ndarray) -> "CellStats":
-        """One group: the sum over ``cells`` (leading axis of size 1), with a full symmetric Gram."""
+        """One group: the sum over ``cells`` (leading axis of size 1)."""
         idx = np.atleast_1d(np.asarray(cells))
 
-        def total(a: np.ndarray) -> np.ndarray:  # in-place sum: no copy of the selected [k, D, D] Grams
+        def total(a: np.ndarray) -> np.ndarray:  # in-place sum: no copy of the selected Grams
             out = a[idx[0]].copy()
             for c in idx[1:]:
                 out += a[c]
             return out[None]
 
-        out = CellStats(*(total(getattr(self, f.name)) for f in fields(self) if f.name != "shift"), shift=self.shift)
-        symmetrize_lower(out.xtx[0])
-        return out
+        return CellStats(*(total(getattr(self, f.name)) for f in fields(self) if f.name != "shift"), shift=self.shift)
 
-    def gram(self, cell: int) -> np.ndarray:
-        """Full symmetric X^T X [D, D] of one cell (``xtx`` holds only its lower triangle)."""
-        return self.group([cell]).xtx[0]
+    def gram(self, cell: int = 0) -> np.ndarray:
+        """Full symmetric X^T X [D, D] of one cell (or of a group from :meth:`group`)."""
+        return unpack(self.xtx[cell], self.n_pixels)
 
     def all_reduce(self) -> "CellStats":
         """Sum over DDP ranks (no-op without an initialised process group)."""
@@ -86,19 +86,29 @@ class CellStats:
 
 
 def _gram_update(acc: np.ndarray, x: np.ndarray, products: str) -> None:
-    """Lower triangle of acc [D, D] += x^T x for a shifted segment x [m, D], in place.
+    """acc [D (D + 1) / 2] (RFP lower triangle) += x^T x for a shifted segment x [m, D], in place.
 
-    BLAS syrk on transposed views: ``x.T`` is x^T in Fortran order and ``acc.T`` is acc in
-    Fortran order, so nothing is copied and only one triangle is computed. float32 products
-    go through a float32 product summed into the float64 accumulator. Call
-    :func:`symmetrize_lower` once at the end.
+    ``x.T`` is x^T in Fortran order, so nothing is copied. float32 products go through a
+    float32 product summed into the float64 accumulator.
     """
+    m, d = x.shape
     if products == "float32":
         x = np.ascontiguousarray(x, dtype=np.float32)
-        acc += ssyrk(1.0, x.T, trans=0, lower=0).T
+        acc += ssfrk(d, m, 1.0, x.T, 0.0, np.zeros(acc.size, np.float32), transr="N", uplo="L", trans="N")
         return
     x = np.ascontiguousarray(x, dtype=np.float64)
-    dsyrk(1.0, x.T, beta=1.0, c=acc.T, trans=0, lower=0, overwrite_c=1)
+    out = dsfrk(d, m, 1.0, x.T, 1.0, acc, transr="N", uplo="L", trans="N", overwrite_c=1)
+    if out is not acc:  # f2py had to copy (never for a contiguous float64 accumulator)
+        acc[...] = out
+
+
+def unpack(packed: np.ndarray, d: int) -> np.ndarray:
+    """RFP lower triangle [D (D + 1) / 2] -> full symmetric float64 [D, D] (C order, a new array)."""
+    full, info = dtfttr(d, np.asarray(packed, dtype=np.float64), transr="N", uplo="L")
+    if info != 0:
+        raise ValueError(f"dtfttr failed (info={info})")
+    symmetrize_lower(full)  # Fortran order: the transpose below is the C-order view of the same matrix
+    return full.T
 
 
 def symmetrize_lower(a: np.ndarray, block: int = 512) -> None:
@@ -128,7 +138,7 @@ class StatsAccumulator:
             raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
         self.n_cells, self.n_pixels, self.products, self.flush_rows = n_cells, n_pixels, products, flush_rows
         self.stats: CellStats | None = None if shift is None else CellStats.zeros(n_cells, n_pixels, shift)
-        self._buf: list[list[np.ndarray]] = [[] for _ in range(n_cells)]
+        self._buf: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_cells)]
         self._buf_rows = np.zeros(n_cells, dtype=np.int64)
 
     def update(self, x: np.ndarray, error: np.ndarray, y: np.ndarray, cell: np.ndarray) -> None:
@@ -144,8 +154,8 @@ class StatsAccumulator:
         if cell.min() < 0 or cell.max() >= self.n_cells:
             raise ValueError(f"cell index out of range [0, {self.n_cells})")
         # sort the block by cell once: every cell is then a contiguous (view) segment. Rows stay
-        # float32 (the input, exact); the shift is subtracted in float64 (exact) where products
-        # are formed, and the shifted sums follow from raw ones: sum(x - s) = sum x - n s.
+        # float32 (the input, exact) until a Gram update shifts them in float64 (exact), where
+        # their sums and y-weighted sums come from the same shifted rows (see _gram).
         order = np.argsort(cell, kind="stable")
         xs = np.take(np.asarray(x, dtype=np.float32), order, axis=0)
         ys = np.asarray(y, dtype=np.float64)[order]
@@ -153,42 +163,37 @@ class StatsAccumulator:
         present = np.flatnonzero(np.diff(bounds))
         starts = bounds[present]
         counts = np.diff(bounds)[present]
-        # per-cell row sums as skinny BLAS products with the cell-indicator matrix [cells, m]
-        onehot = np.zeros((present.size, len(ys)))
-        for j, (a, m) in enumerate(zip(starts, counts)):
-            onehot[j, a:a + m] = 1.0
-        xd = xs.astype(np.float64)
-        sy = onehot @ ys
         s.n[present] += counts
-        s.sy[present] += sy
-        s.syy[present] += onehot @ (ys * ys)
-        s.sx[present] += onehot @ xd - counts[:, None] * s.shift
-        s.xty[present] += (onehot * ys) @ xd - sy[:, None] * s.shift
-        del xd
-        # the noise variance per pixel only enters the marginalised diagonal: float32 products suffice
-        s.se2[present] += onehot.astype(np.float32) @ np.square(np.take(np.asarray(error, dtype=np.float32), order, axis=0))
+        s.sy[present] += np.add.reduceat(ys, starts)
+        s.syy[present] += np.add.reduceat(ys * ys, starts)
+        # the noise variance per pixel only enters the marginalised diagonal: float32 products
+        # suffice; the cell-indicator matrix [cells, m] sums the unsorted rows in one BLAS call
+        onehot = (cell[None, :] == present[:, None]).astype(np.float32)
+        s.se2[present] += onehot @ np.square(np.asarray(error, dtype=np.float32))
         for c, a, m in zip(present, starts, counts):
-            xc = xs[a:a + m]
+            xc, yc = xs[a:a + m], ys[a:a + m]
             if m >= self.flush_rows // 2:  # tall enough: update the Gram straight from the segment
-                self._gram(c, xc)
+                self._gram(c, xc, yc)
                 continue
-            self._buf[c].append(xc.copy())  # a float32 copy, so the block can be freed
+            self._buf[c].append((xc.copy(), yc))  # a float32 copy, so the block can be freed
             self._buf_rows[c] += m
             if self._buf_rows[c] >= self.flush_rows:
                 self._flush(c)
 
-    def _gram(self, c: int, rows: np.ndarray) -> None:
-        """Gram update of cell c with raw float32 rows [m, D] (shifted here)."""
-        if self.products == "float32":
-            shifted = rows - self.stats.shift.astype(np.float32)
-        else:
-            shifted = rows.astype(np.float64)
-            shifted -= self.stats.shift
-        _gram_update(self.stats.xtx[c], shifted, self.products)
+    def _gram(self, c: int, rows: np.ndarray, y: np.ndarray) -> None:
+        """Cell c's sums and Gram from raw float32 rows [m, D] and their labels y [m]."""
+        s = self.stats
+        shifted = rows.astype(np.float64)
+        shifted -= s.shift
+        sums = np.stack([np.ones(len(y)), y]) @ shifted  # [2, D]: sum(x - shift), sum (x - shift) y
+        s.sx[c] += sums[0]
+        s.xty[c] += sums[1]
+        _gram_update(s.xtx[c], shifted if self.products == "float64" else shifted.astype(np.float32), self.products)
 
     def _flush(self, c: int) -> None:
         if self._buf_rows[c]:
-            self._gram(c, np.concatenate(self._buf[c]))
+            rows, ys = zip(*self._buf[c])
+            self._gram(c, np.concatenate(rows), np.concatenate(ys))
         self._buf[c], self._buf_rows[c] = [], 0
 
     def finalize(self) -> CellStats:

@@ -1,0 +1,56 @@
+"""Keep freed large blocks in the heap while the experts are fitted (glibc only).
+
+glibc serves every allocation above ``M_MMAP_THRESHOLD`` (at most 32 MiB by its own dynamic
+rule) with a fresh ``mmap`` and unmaps it on free, so each [4096, 4096] temporary of the
+fit -- a block's float64 rows, a float32 copy of a Gram for a factorisation -- is
+page-faulted in again. Where page faults are expensive (virtual machines) this costs about
+as much as the arithmetic: measured on the 2-core VM, the SNR of one 4096-row block took
+0.052 s with fresh pages and 0.023 s with reused ones. :func:`retained_heap` raises the
+thresholds for the duration of the fit, then sets them back to glibc's initial values
+(fixed from then on: glibc's dynamic adjustment stops once ``mallopt`` is called) and
+returns the freed memory to the system (``malloc_trim``). Elsewhere it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import platform
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial value of both thresholds
+RETAIN_BYTES = 1 << 30  # blocks up to 1 GiB come from (and return to) the heap
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _set(libc: ctypes.CDLL, mmap_threshold: int, trim_threshold: int) -> bool:
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))
+                and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)))
+
+
+@contextlib.contextmanager
+def retained_heap() -> Iterator[bool]:
+    """Reuse freed large blocks inside the ``with`` (yields whether the setting took effect)."""
+    libc = _glibc()
+    active = libc is not None and _set(libc, RETAIN_BYTES, 2**31 - 1)
+    if libc is not None and not active:
+        log.debug("mallopt refused the heap thresholds; allocating as usual")
+    try:
+        yield active
+    finally:
+        if active:
+            _set(libc, DEFAULT_THRESHOLD, DEFAULT_THRESHOLD)
+            libc.malloc_trim(0)
