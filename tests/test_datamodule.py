@@ -134,3 +134,15 @@ def test_loader_in_workers_reshuffles_each_epoch(dm):
     a = _rows(loader)
     b = _rows(loader)
     assert not np.array_equal(a, b) and np.array_equal(np.sort(a), np.sort(b))
+
+
+def test_rank_blocks_prefetched_equal_plain_and_cover_the_split(dm):
+    stream = dm.stream("train", shuffle=False)
+    plain, fetched = list(stream.rank_blocks(prefetch=False)), list(stream.rank_blocks(prefetch=True))
+    assert len(plain) == len(fetched) == len(stream.plan(0, 1))
+    for a, b in zip(plain, fetched):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert np.array_equal(np.concatenate([b["row"] for b in fetched]), np.arange(1200))
+    gen = stream.rank_blocks()
+    next(gen)
+    gen.close()  # abandoning the generator waits for the pending read and returns

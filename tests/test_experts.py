@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import scipy.linalg as sla
 import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
@@ -20,7 +21,7 @@ from moe.experts import groups
 from moe.experts.bundle import ExpertBundle, ExpertsMismatchError, load_or_fit
 from moe.experts.fit import FitConfig, GroupTooSmallError, accumulate_stats, fit_families, pca_basis, training_blocks
 from moe.experts.module import RidgeExperts
-from moe.experts.ridge import fit_sweep
+from moe.experts.ridge import Standardized, fit_sweep, solve_path
 from moe.experts.stats import accumulate, in_memory_blocks
 
 RTOL = 1e-6
@@ -254,3 +255,64 @@ def test_single_cell_stats_solve_without_group(small):
         w, b, _ = fit_sweep(s, (3.0,), method=method)
         wr, br = _sklearn(x, y, 3.0)
         assert _rel(w[0], wr) < RTOL and abs(b[0] - br) < RTOL * max(1, abs(br))
+
+
+def _spd(d: int, floor: float, top: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An SPD Gram with eigenvalues log-spread over [floor, top] in a random basis, and a rhs."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (q * np.logspace(np.log10(floor), np.log10(top), d)) @ q.T, rng.standard_normal(d)
+
+
+def _std(gram, zty):
+    d = gram.shape[0]
+    return Standardized(3.0 * d, np.zeros(d), np.ones(d), gram, zty, 0.0, 1.0)
+
+
+def test_factor_reused_for_alphas_below_the_noise_floor():
+    """Alphas far below lambda_min share one float32 factor; alphas a factor 100 apart inside a
+    spectrum spread over 1..1e7 each get theirs; every solution equals a float64 direct solve."""
+    for floor, alphas, factors in [(50.0, (1e-3, 1e-2, 1e-1, 1.0), 1), (1.0, (1e2, 1e4, 1e6), 3)]:
+        gram, b = _spd(200, floor, 1e7)
+        info = {}
+        coef = solve_path(_std(gram, b), alphas, method="cholesky", info=info)
+        assert info["factorizations"] == factors, info
+        for a, c in zip(alphas, coef):
+            ref = np.linalg.solve(gram + a * np.eye(200), b)
+            assert _rel(c, ref) < 1e-9, (a, _rel(c, ref))
+
+
+def test_prior_and_unsorted_alphas_keep_their_order():
+    gram, b = _spd(60, 1.0, 1e5, seed=1)
+    prior = np.random.default_rng(2).standard_normal(60)
+    alphas = (1e3, 0.1, 10.0)
+    coef = solve_path(_std(gram, b), alphas, prior, method="cholesky")
+    for a, c in zip(alphas, coef):
+        assert _rel(c, np.linalg.solve(gram + a * np.eye(60), b + a * prior)) < 1e-9
+
+
+def test_float32_unusable_falls_back_to_float64():
+    """cond ~ 1e12: a float32 factor cannot precondition it; the float64 Cholesky answers."""
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((80, 80)))
+    gram = (q * np.logspace(0, 12, 80)) @ q.T
+    b = rng.standard_normal(80)
+    info = {}
+    coef = solve_path(_std(gram, b), (1e-3,), method="cholesky", info=info)
+    a = gram + 1e-3 * np.eye(80)
+    backward = np.linalg.norm(b - a @ coef[0]) / (np.linalg.norm(a) * np.linalg.norm(coef[0]) + np.linalg.norm(b))
+    assert info["iterations"] == [0]  # answered by the float64 factorisation
+    assert backward < 1e-15  # as a float64 Cholesky: the forward error is cond x eps ~ 1e-4 here
+    assert _rel(coef[0], sla.solve(a, b, assume_a="pos")) < 1e-3
+
+
+def test_retained_heap_is_scoped(monkeypatch):
+    from moe.experts import heap
+
+    with heap.retained_heap() as active:
+        x = np.ones((2048, 2048))  # 32 MiB, served from the heap while active
+        assert x.sum() == 2048 * 2048
+    assert active == (heap._glibc() is not None)
+    monkeypatch.setattr(heap.platform, "libc_ver", lambda: ("", ""))
+    with heap.retained_heap() as active:
+        assert active is False

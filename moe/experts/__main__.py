@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"experts: {path}")
         print(bundle.alpha_table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         if bundle.timings:
-            print("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in bundle.timings.items()))
+            print("timings: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in bundle.timings.items()))
         return 0
     res = oracle_predictions(dm, bundle, "test")
     table = oracle_table(res)

@@ -130,8 +130,11 @@ def noise_variance(dm: SpectraDataModule, cfg: FitConfig) -> float:
 
 
 def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_var: float,
-           prior: np.ndarray | None = None, fallback_path: tuple | None = None):
-    """Every group x alpha of ``family``: weight [G, A, D], bias [G, A], n [G], fallback notes."""
+           prior: np.ndarray | None = None, fallback_path: tuple | None = None, solver: dict | None = None):
+    """Every group x alpha of ``family``: weight [G, A, D], bias [G, A], n [G], fallback notes.
+
+    ``solver`` (a dict) accumulates ``systems``, ``factorizations`` and ``cg_steps``.
+    """
     names = groups.group_names(family)
     cells = groups.members(family, partition)
     d, a = stats.n_pixels, len(cfg.alphas)
@@ -139,13 +142,14 @@ def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_
     n = np.array([stats.n[c].sum() for c in cells])
     notes = [""] * len(cells)
     for g, c in enumerate(cells):
+        info: dict = {}
         if family == "cells":
             if n[g] < 2:
                 weight[g], bias[g] = prior[g // bins.N_SNR_BINS][0], prior[g // bins.N_SNR_BINS][1]
                 notes[g] = "phys"
                 log.warning("expert %s has %d training samples: using its physical expert", names[g], n[g])
                 continue
-            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, prior[g // bins.N_SNR_BINS][0], cfg.method)
+            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, prior[g // bins.N_SNR_BINS][0], cfg.method, info)
         elif n[g] < cfg.min_samples:
             if cfg.fallback == "global" and fallback_path is not None:
                 weight[g], bias[g] = fallback_path
@@ -157,8 +161,12 @@ def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_
                 f"expert {family}/{names[g]} has {int(n[g])} training samples, fewer than min_samples={cfg.min_samples}; "
                 "use more data, lower min_samples, or fallback='global'")
         else:
-            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, None, cfg.method)
+            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, None, cfg.method, info)
         weight[g], bias[g] = w, b
+        if solver is not None:
+            for k, v in (("systems", len(cfg.alphas)), ("factorizations", info["factorizations"]),
+                         ("cg_steps", sum(info["iterations"]))):
+                solver[k] = solver.get(k, 0) + v
     return weight, bias, n, notes
 
 
@@ -242,11 +250,13 @@ def _fit_families(dm: SpectraDataModule, cfg: FitConfig, progress: bool):
     t1 = time.perf_counter()
     noise_var = noise_variance(dm, cfg)
     paths, counts = {}, {}
-    paths["global"], counts["global"] = _split(_paths(stats, partition, "global", cfg, noise_var))
+    solver: dict = {}
+    paths["global"], counts["global"] = _split(_paths(stats, partition, "global", cfg, noise_var, solver=solver))
     for fam in ("phys", "snr"):
         if fam in cfg.families:
             g_path = tuple(p[0] for p in paths["global"])
-            paths[fam], counts[fam] = _split(_paths(stats, partition, fam, cfg, noise_var, fallback_path=g_path))
+            paths[fam], counts[fam] = _split(_paths(stats, partition, fam, cfg, noise_var,
+                                                    fallback_path=g_path, solver=solver))
     t2 = time.perf_counter()
     val = validation_sse(dm, paths)
     fits = {}
@@ -255,13 +265,13 @@ def _fit_families(dm: SpectraDataModule, cfg: FitConfig, progress: bool):
     t3 = time.perf_counter()
     if "cells" in cfg.families:
         prior = [(fits["phys"].weight[k], fits["phys"].bias[k]) for k in range(bins.N_PHYS_BINS)]
-        cpath, ccount = _split(_paths(stats, partition, "cells", cfg, noise_var, prior=prior))
+        cpath, ccount = _split(_paths(stats, partition, "cells", cfg, noise_var, prior=prior, solver=solver))
         cval = validation_sse(dm, {"cells": cpath})["cells"]
         fits["cells"] = _family_fit("cells", cpath, *ccount, cval, cfg.alphas)
     t4 = time.perf_counter()
     pca = pca_basis(stats, noise_var, cfg.n_pca)
     t5 = time.perf_counter()
-    timings = {"stats_s": t1 - t0, "solve_s": (t2 - t1) + (t4 - t3), "validate_s": t3 - t2, "pca_s": t5 - t4}
+    timings = {"stats_s": t1 - t0, "solve_s": (t2 - t1) + (t4 - t3), "validate_s": t3 - t2, "pca_s": t5 - t4, **solver}
     return fits, pca, timings
 
 
