@@ -128,11 +128,14 @@ class StatsAccumulator:
     """Streams blocks ``(x [m, D], error [m, D], y [m], cell [m])`` into :class:`CellStats`.
 
     Rows are buffered per cell (float32) and flushed ``flush_rows`` at a time into an in-place
-    BLAS rank-k update of the cell's Gram, so updates stay efficient whatever the block size
-    and however unevenly cells fill; buffer memory is bounded by ``cells x flush_rows x D``.
+    level-3 rank-k update of the cell's Gram, so updates stay efficient whatever the block size
+    and however unevenly cells fill; buffer memory is bounded by ``cells x flush_rows x D``
+    (600 MB at the defaults, D = 4096). Measured in the 36-cell pass on 2 cores, 1024 rows
+    per flush is as fast as 2048; 512 is 1.2x and 256 1.5x slower (each call streams the
+    cell's 67 MB packed Gram).
     """
 
-    def __init__(self, n_cells: int, n_pixels: int, products: str = "float64", flush_rows: int = 2048,
+    def __init__(self, n_cells: int, n_pixels: int, products: str = "float64", flush_rows: int = 1024,
                  shift: np.ndarray | None = None):
         if products not in PRODUCTS:
             raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
