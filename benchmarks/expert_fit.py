@@ -9,7 +9,8 @@ Measured in one run, each part in a fresh subprocess (so peak RSS is its own):
   picks alpha, and peak RSS;
 - the floor: a bare float64 X^T X pass over the same rows, read the same way;
 - scikit-learn: StandardScaler + Ridge (one alpha) for the same 14 groups on the same rows
-  held in memory (loading excluded), and its peak RSS, extrapolated to 1M rows; run once as
+  held in memory (loading excluded; the rows are float32 as stored, so scikit-learn computes
+  in float32 where we accumulate in float64), and its peak RSS, extrapolated to 1M rows; run once as
   a user runs it and once with the glibc heap setting our fit applies to itself
   (:mod:`moe.experts.heap`, via ``MALLOC_MMAP_THRESHOLD_``), so the comparison can be read
   without that advantage.
