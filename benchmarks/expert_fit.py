@@ -4,7 +4,7 @@
 
 Measured in one run, each part in a fresh subprocess (so peak RSS is its own):
 
-- ours at ``--small`` and ``--n`` rows: the statistics pass (36 cells, float64), the solves
+- ours at ``--small``, ``--n / 2`` and ``--n`` rows: the statistics pass (36 cells, float64), the solves
   (global + 9 physical + 4 SNR groups x the whole alpha sweep), the validation pass that
   picks alpha, and peak RSS;
 - the floor: a bare float64 X^T X pass over the same rows, read the same way;
@@ -106,6 +106,7 @@ def main() -> None:
             while f.read(1 << 24):
                 pass
     small = run(OURS, a.data, a.small, "float64")
+    mid = run(OURS, a.data, a.n // 2, "float64")
     ours = run(OURS, a.data, a.n, "float64")
     ours32 = run(OURS, a.data, a.n, "float32")
     bare = run(BARE, a.data, a.n)
@@ -121,6 +122,7 @@ def main() -> None:
         "bare_xtx_s": bare["bare_s"], "pass_over_bare": ours["stats_s"] / bare["bare_s"],
         "pass_f32_over_bare": ours32["stats_s"] / bare["bare_s"],
         "rss_mb_small": small["rss_mb"], "rss_mb_n": ours["rss_mb"], "rss_ratio": ours["rss_mb"] / small["rss_mb"],
+        "rss_mb_half": mid["rss_mb"], "rss_ratio_half": ours["rss_mb"] / mid["rss_mb"],
         "small": a.small,
     }
     if sk is not None:
@@ -142,13 +144,14 @@ def main() -> None:
         print(f"{'scikit-learn, 14 groups at one alpha':<46}{fig['sklearn_s']:>9.1f} s   (+ {fig['sklearn_load_s']:.1f} s loading)")
         print(f"{'scikit-learn, same, with our heap setting':<46}{fig['sklearn_heap_s']:>9.1f} s")
     print(f"{'peak RSS ours at ' + str(a.small):<46}{fig['rss_mb_small']:>9.0f} MB")
+    print(f"{'peak RSS ours at ' + str(a.n // 2):<46}{fig['rss_mb_half']:>9.0f} MB")
     print(f"{'peak RSS ours at ' + str(a.n):<46}{fig['rss_mb_n']:>9.0f} MB")
     if sk is not None:
         print(f"{'peak RSS scikit-learn at ' + str(a.n):<46}{fig['sklearn_rss_mb']:>9.0f} MB  (~{fig['sklearn_rss_1m_gb_est']:.0f} GB at 1M rows)")
     print(f"ratios: pass / bare = {fig['pass_over_bare']:.2f} (target <= 1.5); f32 pass / bare = {fig['pass_f32_over_bare']:.2f}; "
           + (f"ours / sklearn = {fig['ours_over_sklearn']:.2f} (target <= 1; {fig['ours_over_sklearn_heap']:.2f} "
              "against sklearn with our heap setting); " if sk is not None else "")
-          + f"RSS {a.n} / {a.small} = {fig['rss_ratio']:.2f} (target ~1)")
+          + f"RSS {a.n} / {a.small} = {fig['rss_ratio']:.2f}, {a.n} / {a.n // 2} = {fig['rss_ratio_half']:.2f} (target ~1)")
     print(json.dumps(fig))
 
 
