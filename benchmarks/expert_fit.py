@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from moe.data.synth import SynthConfig, write_dataset
+from moe.experts.heap import RETAIN_BYTES, RETAIN_TRIM
 
 OURS = r"""
 import json, resource, sys, time
@@ -111,7 +112,7 @@ def main() -> None:
     ours32 = run(OURS, a.data, a.n, "float32")
     bare = run(BARE, a.data, a.n)
     sk = None if a.skip_sklearn else run(SKLEARN, a.data, a.n)
-    heap = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+    heap = {"MALLOC_MMAP_THRESHOLD_": str(RETAIN_BYTES), "MALLOC_TRIM_THRESHOLD_": str(RETAIN_TRIM)}
     sk_heap = None if a.skip_sklearn else run(SKLEARN, a.data, a.n, env=heap)
 
     ours_total = ours["stats_s"] + ours["solve_s"] + ours["validate_s"]

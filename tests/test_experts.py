@@ -299,10 +299,7 @@ def test_prior_and_unsorted_alphas_keep_their_order():
 
 def test_float32_unusable_falls_back_to_float64():
     """cond ~ 1e12: a float32 factor cannot precondition it; the float64 Cholesky answers."""
-    rng = np.random.default_rng(3)
-    q, _ = np.linalg.qr(rng.standard_normal((80, 80)))
-    gram = (q * np.logspace(0, 12, 80)) @ q.T
-    b = rng.standard_normal(80)
+    gram, b = _spd(80, 1.0, 1e12, seed=3)
     info = {}
     coef = solve_path(_std(gram, b), (1e-3,), method="cholesky", info=info)
     a = gram + 1e-3 * np.eye(80)

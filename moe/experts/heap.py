@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial value of both thresholds
 RETAIN_BYTES = 1 << 30  # blocks up to 1 GiB come from (and return to) the heap
+RETAIN_TRIM = 2**31 - 1  # never give the heap's top back while retaining
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -45,7 +46,7 @@ def _set(libc: ctypes.CDLL, mmap_threshold: int, trim_threshold: int) -> bool:
 def retained_heap() -> Iterator[bool]:
     """Reuse freed large blocks inside the ``with`` (yields whether the setting took effect)."""
     libc = _glibc()
-    active = libc is not None and _set(libc, RETAIN_BYTES, 2**31 - 1)
+    active = libc is not None and _set(libc, RETAIN_BYTES, RETAIN_TRIM)
     if libc is not None and not active:
         log.debug("mallopt refused the heap thresholds; allocating as usual")
     try:
