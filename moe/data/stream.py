@@ -11,7 +11,9 @@ this drops fewer than ``S`` rows per epoch, different ones each epoch.
 
 Batches are assembled here (use ``DataLoader(batch_size=None)``): dicts of tensors
 ``flux [B, D], error [B, D], log_g, T_eff, M_H, snr [B] (float32), phys_bin, snr_bin,
-row [B] (int64)``.
+row [B] (int64)``. A stream over per-row gate-input caches (``inputs``) yields their arrays
+(:mod:`moe.features.inputs`: ``proj, win, quality, var`` and, for clean rows,
+``win_error, chol``) in place of ``flux`` and ``error``, with the same labels and rows.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from moe.data import bins
 from moe.data.noise import snr as snr_of
+from moe.data.row_cache import read_rows
 from moe.data.shards import ShardInfo, inspect_shard, read_block, read_params
 
 LABELS = ("log_g", "T_eff", "M_H")
@@ -105,13 +108,14 @@ class SpectraStream(IterableDataset):
     """Batches of one split, streamed in contiguous row blocks (see module docstring).
 
     ``noisy`` maps shard index -> path of a pre-noised cache (val/test); its ``flux`` and
-    ``snr`` replace the clean flux and the computed SNR. Train batches carry clean flux;
-    the DataModule adds fresh noise after the transfer to the device.
+    ``snr`` replace the clean flux and the computed SNR. ``inputs`` maps shard index -> path
+    of a gate-input cache, whose arrays (and ``snr``) replace flux and error altogether.
+    Train batches are clean; the DataModule adds fresh noise after the transfer to the device.
     """
 
     def __init__(self, shards: ShardSet, batch_size: int, noise_level: float, block_rows: int = 2048,
                  shuffle: bool = False, seed: int = 0, noisy: dict[int, Path] | None = None,
-                 equalize_ranks: bool = False, num_workers: int = 0):
+                 equalize_ranks: bool = False, num_workers: int = 0, inputs: dict[int, Path] | None = None):
         self.shards = shards
         self.batch_size = int(batch_size)
         self.noise_level = float(noise_level)
@@ -119,6 +123,7 @@ class SpectraStream(IterableDataset):
         self.shuffle = shuffle
         self.seed = int(seed)
         self.noisy = noisy or {}
+        self.inputs = inputs or {}
         self.equalize_ranks = equalize_ranks
         self.num_workers = int(num_workers)
         self._iterations = 0
@@ -134,16 +139,21 @@ class SpectraStream(IterableDataset):
         """One block as numpy arrays (rows in file order)."""
         path = self.shards.infos[block.shard].path
         cache = self.noisy.get(block.shard)
-        flux, error = read_block(path, block.start, block.stop, flux=cache is None)
-        if cache is not None:  # the pre-noised copy replaces the clean flux, which is not read
-            with h5py.File(cache, "r") as f:
-                flux = np.asarray(f["flux"][block.start:block.stop], dtype=np.float32)
-                snr = np.asarray(f["snr"][block.start:block.stop], dtype=np.float64)
+        if block.shard in self.inputs:  # cached gate inputs replace flux and error, which are not read
+            out = read_rows(self.inputs[block.shard], block.start, block.stop)
+            snr = out.pop("snr")
         else:
-            snr = snr_of(flux, error, self.noise_level)
+            flux, error = read_block(path, block.start, block.stop, flux=cache is None)
+            if cache is not None:  # the pre-noised copy replaces the clean flux, which is not read
+                with h5py.File(cache, "r") as f:
+                    flux = np.asarray(f["flux"][block.start:block.stop], dtype=np.float32)
+                    snr = np.asarray(f["snr"][block.start:block.stop], dtype=np.float64)
+            else:
+                snr = snr_of(flux, error, self.noise_level)
+            out = {"flux": flux, "error": error}
         lab = self._shard_labels(block.shard)
         sl = slice(block.start, block.stop)
-        out = {"flux": flux, "error": error, "snr": snr.astype(np.float32)}
+        out["snr"] = snr.astype(np.float32)
         for c in LABELS:
             out[c] = lab[c][sl].astype(np.float32)
         out["phys_bin"] = bins.phys_bin(lab["T_eff"][sl], lab["M_H"][sl])

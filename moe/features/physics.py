@@ -14,7 +14,10 @@ projection of ``flux - pca_mean`` on the training covariance's top four axes).
 
 Windows are stored as fixed-shape ``[L, D]`` weight buffers built from the wavelength grid
 (:meth:`PhysicsFeatures.set_wave`), so the module's state has the same shape for every grid
-of D pixels and every feature is a batched tensor operation on the batch's device.
+of D pixels. The features are computed on the few hundred *window pixels* only (every
+pixel some side-band, core or EW window uses; ``pixels [W]``, with the weights restricted
+to them, ``[L, W]``): :meth:`PhysicsFeatures.window_features` takes ``flux[:, pixels]``,
+which is what the per-row gate-input caches store (:mod:`moe.features.inputs`).
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ class PhysicsFeatures(nn.Module):
         self.register_buffer("t", torch.zeros(L, D))  # continuum interpolation parameter per pixel
         self.register_buffer("pca_mean", torch.zeros(D))
         self.register_buffer("pca_components", torch.zeros(N_PCA, D))
+        # the same windows restricted to the pixels they use; derived from the buffers above
+        # (not saved: rebuilt after a state dict is loaded)
+        self.register_buffer("pixels", torch.zeros(0, dtype=torch.long), persistent=False)
+        for name in ("blue_w", "red_w", "ew_w", "t_w", "core_w"):
+            self.register_buffer(name, torch.zeros(0, 0), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._restrict_to_pixels())
 
     @torch.no_grad()
     def set_wave(self, wave) -> None:
@@ -100,6 +109,19 @@ class PhysicsFeatures(nn.Module):
         self.wave.copy_(torch.from_numpy(wave))
         for name, rows in (("blue", blue), ("red", red), ("ew_width", ew), ("t", t), ("core", core)):
             getattr(self, name).copy_(torch.from_numpy(np.stack(rows)))
+        self._restrict_to_pixels()
+
+    @torch.no_grad()
+    def _restrict_to_pixels(self) -> None:
+        """Derive ``pixels [W]`` and the ``[L, W]`` window weights from the ``[L, D]`` buffers."""
+        used = (self.blue != 0).any(0) | (self.red != 0).any(0) | (self.core != 0).any(0) | (self.ew_width != 0).any(0)
+        self.pixels = torch.nonzero(used).flatten()
+        for dense, name in (("blue", "blue_w"), ("red", "red_w"), ("ew_width", "ew_w"), ("t", "t_w"), ("core", "core_w")):
+            setattr(self, name, getattr(self, dense)[:, self.pixels].contiguous())
+
+    @property
+    def n_window_pixels(self) -> int:
+        return int(self.pixels.numel())
 
     @torch.no_grad()
     def set_pca(self, mean, components) -> None:
@@ -107,23 +129,30 @@ class PhysicsFeatures(nn.Module):
         self.pca_mean.copy_(torch.as_tensor(mean, dtype=self.pca_mean.dtype))
         self.pca_components.copy_(torch.as_tensor(components, dtype=self.pca_components.dtype)[:N_PCA])
 
-    def forward(self, flux: torch.Tensor) -> torch.Tensor:
-        dtype = flux.dtype
-        cb = flux @ self.blue.T.to(dtype)   # [B, L]
-        cr = flux @ self.red.T.to(dtype)    # [B, L]
-        cores = flux @ self.core.T.to(dtype)  # [B, L + 1]
-        t = self.t.to(dtype)
-        cont = (cb[:, :, None] + (cr - cb)[:, :, None] * t[None]).clamp_min(self.min_continuum)  # [B, L, D]
-        ew = ((1.0 - flux[:, None, :] / cont) * self.ew_width.to(dtype)[None]).sum(-1)  # [B, L]
+    def window_features(self, win: torch.Tensor) -> torch.Tensor:
+        """Depths and EWs [B, 9] from the flux at the window pixels, ``win = flux[:, pixels]`` [B, W]."""
+        if self.pixels.numel() == 0:
+            raise RuntimeError("PhysicsFeatures has no wavelength grid yet: call set_wave() first")
+        dtype = win.dtype
+        cb = win @ self.blue_w.T.to(dtype)     # [B, L]
+        cr = win @ self.red_w.T.to(dtype)      # [B, L]
+        cores = win @ self.core_w.T.to(dtype)  # [B, L + 1]
+        t = self.t_w.to(dtype)
+        cont = (cb[:, :, None] + (cr - cb)[:, :, None] * t[None]).clamp_min(self.min_continuum)  # [B, L, W]
+        ew = ((1.0 - win[:, None, :] / cont) * self.ew_w.to(dtype)[None]).sum(-1)  # [B, L]
         # continuum at each core: interpolate at the core's mean position
-        tc = (self.core.to(dtype) * torch.cat([t, t[-1:]], 0)).sum(-1)  # [L + 1]
-        line_of_core = torch.tensor([0, 1, 2, 3, 3], device=flux.device)
+        tc = (self.core_w.to(dtype) * torch.cat([t, t[-1:]], 0)).sum(-1)  # [L + 1]
+        line_of_core = torch.tensor([0, 1, 2, 3, 3], device=win.device)
         cont_core = (cb[:, line_of_core] + (cr - cb)[:, line_of_core] * tc).clamp_min(self.min_continuum)
         depth = 1.0 - cores / cont_core  # [B, L + 1]
         na_depth = 0.5 * (depth[:, 3] + depth[:, 4])
-        pca = (flux - self.pca_mean.to(dtype)) @ self.pca_components.T.to(dtype)
-        return torch.cat([
-            torch.stack([depth[:, 0], ew[:, 0], depth[:, 1], ew[:, 1], depth[:, 2], ew[:, 2],
-                         ew[:, :3].sum(-1), na_depth, ew[:, 3]], dim=-1),
-            pca,
-        ], dim=-1)
+        return torch.stack([depth[:, 0], ew[:, 0], depth[:, 1], ew[:, 1], depth[:, 2], ew[:, 2],
+                            ew[:, :3].sum(-1), na_depth, ew[:, 3]], dim=-1)
+
+    def pca(self, flux: torch.Tensor) -> torch.Tensor:
+        """PCA1-4 [B, 4] of flux [B, D]."""
+        return (flux - self.pca_mean.to(flux.dtype)) @ self.pca_components.T.to(flux.dtype)
+
+    def forward(self, flux: torch.Tensor) -> torch.Tensor:
+        """flux [B, D] -> [B, 13] (window features, then PCA1-4)."""
+        return torch.cat([self.window_features(flux[:, self.pixels]), self.pca(flux)], dim=-1)

@@ -27,7 +27,7 @@ def _quantile_sorted(s: torch.Tensor, q: float) -> torch.Tensor:
 def quality_features(error: torch.Tensor) -> torch.Tensor:
     """error [B, D] -> statistics [B, 10] (dtype of ``error``), in the order of ``QUALITY_NAMES``."""
     e = error.double()
-    s = e.sort(dim=-1).values
+    s = error.sort(dim=-1).values.double()  # sorting the input's dtype gives the same order and values
     mean = e.mean(-1)
     c = e - mean[:, None]
     m2 = c.square().mean(-1)

@@ -7,9 +7,14 @@ optional entropy term). Also returns sigma, the mixture's predictive spread
 The module owns loss, metrics, optimiser and logging; the experts (:mod:`moe.experts`),
 features (:mod:`moe.features`) and gates (:mod:`moe.gates.fusions`) are plain modules.
 On first use, ``setup`` loads or fits the experts for the datamodule's data (cached under
-the data folder), fills the feature windows and PCA basis, and fits the feature
+the data folder), fills the feature windows and PCA basis, caches every row's gate inputs
+(:mod:`moe.prepare`; the datamodule then streams those) and fits the feature
 standardisation on noisy training rows. All of that lives in buffers, so a checkpoint
 carries it; a checkpoint made on other data is refused when loaded.
+
+A batch is either spectra (``flux``, ``error``: the gate inputs are computed from them) or
+cached gate inputs (``proj``, ``win``, ``quality``, ``var``; :mod:`moe.features.inputs`),
+already noisy: both give the same numbers.
 """
 
 from __future__ import annotations
@@ -26,15 +31,16 @@ from pytorch_lightning.cli import OptimizerCallable
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from moe.data import bins
-from moe.data.noise import add_noise
 from moe.experts import groups
 from moe.experts.bundle import ExpertsMismatchError, bundle_key, load_or_fit
 from moe.experts.fit import FitConfig
 from moe.experts.module import RidgeExperts
 from moe.experts.ridge import DEFAULT_ALPHAS
-from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer, quality_features
+from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
+from moe.features.inputs import NOISE_KEYS, row_inputs
 from moe.gates.fusions import FUSIONS, ProductGate, build_gate
 from moe.gates.metrics import SplitMetrics, gate_entropy
+from moe.prepare import SPLITS, ensure_inputs
 
 log = logging.getLogger(__name__)
 MAX_FIGURE_SAMPLES = 20_000
@@ -49,6 +55,7 @@ class MoEOutput(NamedTuple):
     expert_preds: torch.Tensor  # [B, K]
     entropy: torch.Tensor       # [B] nats
     tau: torch.Tensor | None    # [B] (temperature gate)
+    global_pred: torch.Tensor   # [B] the global expert (the baseline of rho)
 
 
 def default_family(fusion: str) -> str:
@@ -138,19 +145,34 @@ class GatedMoE(pl.LightningModule):
         self.global_expert.load_arrays(bundle.families["global"].weight, bundle.families["global"].bias)
         self.physics.set_wave(dm.wave)
         self.physics.set_pca(bundle.pca_mean, bundle.pca_components)
+        self.attach_inputs(dm)
         self._fit_scalers(dm)
         self.prepared.fill_(True)
+
+    def input_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The affine map ``weight [P, D], bias [P]`` of the gate's linear inputs: rows are the K
+        experts, the global expert and PCA1-4 (P = K + 5)."""
+        comps = self.physics.pca_components
+        pca_bias = -(comps.double() @ self.physics.pca_mean.double()).to(comps.dtype)
+        return (torch.cat([self.experts.weight, self.global_expert.weight, comps]),
+                torch.cat([self.experts.bias, self.global_expert.bias, pca_bias]))
+
+    def attach_inputs(self, dm) -> None:
+        """Cache every split's gate inputs for this model's map and have ``dm`` stream them."""
+        weight, bias = self.input_map()
+        pixels = self.physics.pixels
+        dm.attach_inputs({split: ensure_inputs(dm, split, weight, bias, pixels) for split in SPLITS}, weight[:, pixels])
 
     def _fit_scalers(self, dm) -> None:
         """Feature standardisation from the first ``feature_rows`` training rows with one fixed
         noise draw -- the same rows on every DDP rank, so every rank gets the same buffers."""
         gen = torch.Generator().manual_seed(0)
         phys, qual, seen = [], [], 0
-        for batch in dm.stream("train", shuffle=False, batch_size=1024).all_batches():
-            flux = add_noise(batch["flux"], batch["error"], dm.noise_level, gen)
-            phys.append(self.physics(flux))
-            qual.append(quality_features(batch["error"]))
-            seen += flux.shape[0]
+        for batch in dm.stream("train", shuffle=False, batch_size=1024, cached=True).all_batches():
+            p, q = self.raw_features(self.gate_inputs(dm.add_noise(batch, gen)))
+            phys.append(p)
+            qual.append(q)
+            seen += p.shape[0]
             if seen >= self.hparams.feature_rows:
                 break
         self.phys_scaler.fit(phys)
@@ -167,24 +189,37 @@ class GatedMoE(pl.LightningModule):
         self.data_fingerprint = stored or self.data_fingerprint
 
     # ---- forward ---------------------------------------------------------------------------
-    def features(self, flux: torch.Tensor, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standardised gate inputs: phys [B, 13], qual [B, 10]."""
-        return self.phys_scaler(self.physics(flux)), self.qual_scaler(quality_features(error))
+    def gate_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The batch's (noisy) gate inputs ``proj, win, quality, var``: cached, or computed from its spectra."""
+        if "proj" in batch:
+            if any(k in batch for k in NOISE_KEYS):
+                raise ValueError("clean training rows reached the model: noise them first (SpectraDataModule.add_noise)")
+            return batch
+        weight, bias = self.input_map()
+        return row_inputs(batch["flux"], batch["error"], weight, bias, self.physics.pixels)
+
+    def raw_features(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physics [B, 13] and quality [B, 10] features before standardisation."""
+        k = self.experts.n_experts
+        phys = torch.cat([self.physics.window_features(inputs["win"]), inputs["proj"][:, k + 1:]], dim=-1)
+        return phys, inputs["quality"]
 
     def route(self, batch: dict) -> torch.Tensor:
         """True group of each sample in this module's expert family [B] (oracle routing)."""
         return groups.group_of(self.family, batch["phys_bin"], batch["snr_bin"])
 
     def forward(self, batch: dict) -> MoEOutput:
-        flux, error = batch["flux"], batch["error"]
-        phys, qual = self.features(flux, error)
-        gate = self.gate(phys, qual, self.route(batch) if self.hparams.fusion == "oracle" else None)
+        x = self.gate_inputs(batch)
+        phys, qual = self.raw_features(x)
+        gate = self.gate(self.phys_scaler(phys), self.qual_scaler(qual),
+                         self.route(batch) if self.hparams.fusion == "oracle" else None)
         w = gate.weights
-        mu = self.experts(flux)
-        var = self.experts.predictive_variance(error, self.hparams.noise_level)
+        k = self.experts.n_experts
+        mu = x["proj"][:, :k]
+        var = self.hparams.noise_level**2 * x["var"][:, :k]
         pred = (w * mu).sum(-1)
         sigma = ((w * (var + mu.square())).sum(-1) - pred.square()).clamp_min(0).sqrt()
-        return MoEOutput(pred, sigma, w, mu, gate_entropy(w), gate.tau)
+        return MoEOutput(pred, sigma, w, mu, gate_entropy(w), gate.tau, x["proj"][:, k])
 
     # ---- steps -----------------------------------------------------------------------------
     def _loss(self, out: MoEOutput, batch: dict) -> dict[str, torch.Tensor]:
@@ -205,8 +240,7 @@ class GatedMoE(pl.LightningModule):
         out = self(batch)
         route = self.route(batch)
         oracle = out.expert_preds.gather(1, route[:, None]).squeeze(1)
-        global_pred = self.global_expert(batch["flux"]).squeeze(1)
-        metrics.update(out.pred, oracle, global_pred, batch["log_g"], out.entropy, batch["snr_bin"], batch["phys_bin"], out.tau)
+        metrics.update(out.pred, oracle, out.global_pred, batch["log_g"], out.entropy, batch["snr_bin"], batch["phys_bin"], out.tau)
         self.log(f"{prefix}/loss", self._loss(out, batch)["mse"], batch_size=out.pred.shape[0], prog_bar=prefix == "val")
         return out
 

@@ -1,0 +1,94 @@
+"""Per-row gate-input caches of a dataset, built once for one gate's projection map (DESIGN §10).
+
+For every shard of a split, one HDF5 row cache (:mod:`moe.data.row_cache`) holds what
+:func:`moe.features.inputs.row_inputs` computes from the spectra -- from the clean flux for
+the training split (plus what its per-epoch noise needs), from the pre-noised copies for
+val/test -- and the SNR. It lives next to the pre-noised copies, is named by a hash of the
+map (experts, global expert, PCA basis, window pixels), the noise level and the seed, and
+records its source shard, so new experts or an edited shard give a rebuilt cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from moe.data.datamodule import SpectraDataModule
+from moe.data.noise import snr as snr_of
+from moe.data.noise_cache import cache_path
+from moe.data.row_cache import ensure_row_cache, read_rows, source_attrs
+from moe.features.inputs import rest_covariance_weights, row_inputs
+
+log = logging.getLogger(__name__)
+INPUTS_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+def map_key(weight: torch.Tensor, bias: torch.Tensor, pixels: torch.Tensor) -> str:
+    """Hash of a projection map ``weight [P, D], bias [P]`` and window ``pixels [W]``."""
+    h = hashlib.sha1(f"v{INPUTS_VERSION}".encode())
+    for t in (weight, bias, pixels):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def inputs_path(dm: SpectraDataModule, split: str, shard: Path, n_rows: int, key: str) -> Path:
+    """Where the gate-input cache of ``shard`` (its first ``n_rows`` rows) lives."""
+    seed = 0 if split == "train" else dm.seeds[split]
+    noisy = cache_path(shard, dm.noise_level, seed, dm.cache_dir)
+    kind = "clean" if split == "train" else noisy.stem
+    return noisy.with_name(f"gate_inputs_{kind}_{key}_rows{n_rows}.h5")
+
+
+def _snr(stream, block, part: dict[str, np.ndarray]) -> np.ndarray:
+    """The block's SNR in float64, as the stream bins it: from the clean flux, or as the pre-noised copy stored it."""
+    noisy = stream.noisy.get(block.shard)
+    if noisy is None:
+        return snr_of(part["flux"], part["error"], stream.noise_level)
+    return read_rows(noisy, block.start, block.stop, ["snr"])["snr"]
+
+
+@torch.no_grad()
+def ensure_inputs(dm: SpectraDataModule, split: str, weight: torch.Tensor, bias: torch.Tensor,
+                  pixels: torch.Tensor, progress: bool = True) -> dict[int, Path]:
+    """Path of a valid gate-input cache per shard index of ``split``, building what is absent or stale."""
+    weight, bias, pixels = weight.detach().cpu(), bias.detach().cpu(), pixels.detach().cpu()
+    key = map_key(weight, bias, pixels)
+    clean = split == "train"
+    stream = dm.stream(split, shuffle=False)
+    shards = stream.shards
+    rest = rest_covariance_weights(weight.double(), pixels) if clean else None
+    out: dict[int, Path] = {}
+    bar = None  # one progress bar for the split, opened by the first shard that needs building
+    for k, info in enumerate(shards.infos):
+        n = int(shards.counts[k])
+        path = inputs_path(dm, split, info.path, n, key)
+        expected = {"version": INPUTS_VERSION, **source_attrs(info.path, n, info.n_pixels), "map": key,
+                    "noise_level": float(dm.noise_level), "clean": clean}
+        lo = int(shards.offsets[k])
+
+        def blocks(k=k, lo=lo, n=n, path=path):
+            nonlocal bar
+            log.info("caching %s gate inputs of %s -> %s", split, shards.infos[k].path, path.name)
+            if bar is None:
+                bar = tqdm(total=shards.n_rows, initial=lo, desc=f"gate inputs ({split})", unit="spec",
+                           disable=not progress)
+            for block in shards.blocks(lo, lo + n, dm.block_rows):
+                part = stream.read(block)
+                x = row_inputs(torch.from_numpy(part["flux"]), torch.from_numpy(part["error"]), weight, bias, pixels,
+                               noise_factor=clean, rest_weights=rest)
+                arrays = {name: v.numpy() for name, v in x.items()}
+                arrays["snr"] = _snr(stream, block, part)
+                bar.update(block.stop - block.start)
+                yield block.start, block.stop, arrays
+
+        out[k] = ensure_row_cache(path, expected, blocks, f"{split} gate inputs")
+    if bar is not None:
+        bar.close()
+    return out
+
