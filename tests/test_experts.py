@@ -318,3 +318,18 @@ def test_retained_heap_is_scoped(monkeypatch):
     monkeypatch.setattr(heap.platform, "libc_ver", lambda: ("", ""))
     with heap.retained_heap() as active:
         assert active is False
+
+
+def test_alpha_at_the_edge_of_the_sweep_is_named_in_a_warning(tiny_dir, caplog):
+    dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None)
+    caplog.set_level(logging.WARNING, logger="moe")
+    fit_families(dm, FitConfig(("global",), alphas=(1e3, 1e4, 1e5), block_rows=256), progress=False)
+    assert "expert global/global: the validation chose alpha 1000, the smallest of the sweep, and R^2 still gains" \
+        in caplog.text
+    caplog.clear()
+    fit_families(dm, FitConfig(("global",), alphas=(1e-6, 1e-5), block_rows=256), progress=False)
+    assert "of the sweep" not in caplog.text  # alphas far below the noise variance: a plateau, no warning
+    caplog.clear()
+    fit_families(dm, FitConfig(("global",), alphas=(1e9,), block_rows=256), progress=False)
+    assert "of the sweep" not in caplog.text  # a single alpha is no sweep
+    assert min(FitConfig().alphas) < 1  # the default sweep reaches below 1

@@ -33,6 +33,7 @@ from moe.experts.stats import PRODUCTS, CellStats, accumulate
 
 log = logging.getLogger(__name__)
 NOISE_MODES = ("marginal", "single", "augment")
+EDGE_GAIN = 1e-4  # validation R^2 an expert must still gain at an end of the alpha sweep to be warned about
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,33 @@ def _family_fit(family: str, path, n_train, notes, val, alphas) -> FamilyFit:
     sse, n_val, sst = val
     idx = _select(family, sse, n_val)
     g = np.arange(weight.shape[0])
+    _warn_at_grid_edge(family, idx, alphas, sse, sst)
     return FamilyFit(groups.group_names(family), weight[g, idx], bias[g, idx], np.asarray(alphas)[idx],
                      n_train, n_val, sse, sst, notes, weight, bias)
+
+
+def _warn_at_grid_edge(family: str, idx: np.ndarray, alphas, sse: np.ndarray, sst: np.ndarray) -> None:
+    """One warning per expert whose chosen alpha is the smallest or largest of the sweep while the
+    validation R^2 still improves there (by more than ``EDGE_GAIN`` over the neighbouring alpha).
+
+    A flat end is a plateau, not a missed optimum: in the marginal noise mode the noise variance
+    already regularises, so every alpha far below it fits the same expert.
+    """
+    if len(alphas) < 2:
+        return
+    order = np.argsort(alphas)
+    neighbour = {int(order[0]): int(order[1]), int(order[-1]): int(order[-2])}
+    for g, (name, i) in enumerate(zip(groups.group_names(family), idx)):
+        nb = neighbour.get(int(i))
+        if nb is None or sst[g] <= 0:
+            continue
+        gain = (sse[g, nb] - sse[g, i]) / sst[g]
+        if gain > EDGE_GAIN:
+            low = i == order[0]
+            log.warning("expert %s/%s: the validation chose alpha %g, the %s of the sweep, and R^2 still gains %.1e "
+                        "there; the best alpha may lie %s it (widen the sweep: --model.expert_alphas, or --alphas of "
+                        "the experts command)", family, name, alphas[i], "smallest" if low else "largest", gain,
+                        "below" if low else "above")
 
 
 def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -32,7 +32,8 @@ from scipy.linalg.blas import dger, strsv
 
 from moe.experts.stats import CellStats
 
-DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
+# below 1 too: in the marginal noise mode the noise variance already sits on the Gram's diagonal
+DEFAULT_ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
 # One eigh of a D x D matrix costs about as much as this many alphas of the Cholesky path
 # (measured at D = 4096 on 2 cores: 8.7 s vs 0.15-0.25 s per alpha, factor reuse included).
 EIGH_BREAKEVEN = 40

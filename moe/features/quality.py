@@ -30,9 +30,10 @@ def quality_features(error: torch.Tensor) -> torch.Tensor:
     s = error.sort(dim=-1).values.double()  # sorting the input's dtype gives the same order and values
     mean = e.mean(-1)
     c = e - mean[:, None]
-    m2 = c.square().mean(-1)
-    m3 = (c**3).mean(-1)
-    m4 = (c**4).mean(-1)
+    c2 = c.square()
+    m2 = c2.mean(-1)
+    m3 = (c2 * c).mean(-1)
+    m4 = c2.square().mean(-1)
     ok = m2 > torch.finfo(torch.float64).tiny
     safe = torch.where(ok, m2, torch.ones_like(m2))
     skew = torch.where(ok, m3 / safe.pow(1.5), torch.zeros_like(m2))

@@ -1,0 +1,76 @@
+"""The whole pipeline at scale: wall time and peak RSS of each step, each in its own process.
+
+    python benchmarks/pipeline_scale.py --rows 1000000 [--data data/bench1m]
+
+Steps, as a user runs them on a fresh folder (shards of 200k rows, val 5k, test 10k):
+
+1. generate  -- ``moe.data.synth.write_dataset``;
+2. experts   -- ``python -m moe.experts fit`` (one streamed pass, the alpha sweep, validation);
+3. caches    -- pre-noised val/test copies and every split's per-row gate inputs (``GatedMoE.prepare``);
+4. gate epoch -- ``train.py fit`` for one epoch (concat gate, validation, checkpoint);
+5. predict   -- ``train.py predict`` of the test split from that checkpoint (CSV).
+
+Each step runs in a fresh process under a wrapper that reports its wall time and the
+step's peak RSS; later steps find what earlier ones cached. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# runs argv[1:] and prints {"wall_s", "rss_mb"} of that child alone (a fresh wrapper per step)
+WRAP = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
+print(json.dumps({"rc": rc, "wall_s": time.perf_counter() - t,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+GENERATE = "from moe.data.synth import SynthConfig, write_dataset; import sys; " \
+           "write_dataset(sys.argv[1], SynthConfig(int(sys.argv[2]), 5000, 10000, 200000, 4096, 0), progress=False)"
+CACHES = "import sys; from moe.data.datamodule import SpectraDataModule; from moe.gates import GatedMoE; " \
+         "dm = SpectraDataModule(sys.argv[1], synth=None); " \
+         "GatedMoE('concat', n_pixels=dm.n_pixels, experts_dir=sys.argv[1] + '/experts').prepare(dm)"
+
+
+def step(name: str, cmd: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", WRAP, *cmd], capture_output=True, text=True, cwd=ROOT)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if res["rc"] != 0:
+        raise SystemExit(f"step {name} failed (exit {res['rc']}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
+    print(f"{name:<12}{res['wall_s']:>10.1f} s{res['rss_mb']:>10.0f} MB", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000, help="training rows")
+    ap.add_argument("--data", default=None, help="dataset folder (default data/bench<rows>)")
+    a = ap.parse_args()
+    data = str(Path(a.data or f"data/bench{a.rows // 1000}k").resolve())
+    logs = str(Path(data) / "logs")
+    py = sys.executable
+    train = [py, str(ROOT / "train.py")]
+    common = ["--data.data_dir", data, "--data.synth", "null", "--trainer.default_root_dir", logs,
+              "--trainer.enable_progress_bar", "false"]
+    print(f"pipeline at {a.rows} training rows x 4096 px in {data}")
+    print(f"{'step':<12}{'wall':>12}{'peak RSS':>13}")
+    fig = {"rows": a.rows}
+    fig["generate"] = step("generate", [py, "-c", GENERATE, data, str(a.rows)])
+    fig["experts"] = step("experts", [py, "-m", "moe.experts", "fit", "--data", data])
+    fig["caches"] = step("caches", [py, "-c", CACHES, data])
+    fig["gate_epoch"] = step("gate epoch", train + ["fit", *common, "--trainer.max_epochs", "1"])
+    fig["predict"] = step("predict", train + ["predict", *common, "--ckpt_path", "best",
+                                              "--predict_writer.output", str(Path(data) / "predictions.csv")])
+    print(json.dumps(fig))
+
+
+if __name__ == "__main__":
+    main()
