@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe.data.datamodule import SpectraDataModule
+from moe.data.folder import SpectraFolder
 from moe.data.noise import snr as snr_of
 from moe.data.noise_cache import cache_path
 from moe.data.row_cache import ensure_row_cache, read_rows, source_attrs
@@ -37,10 +37,10 @@ def map_key(weight: torch.Tensor, bias: torch.Tensor, pixels: torch.Tensor) -> s
     return h.hexdigest()[:12]
 
 
-def inputs_path(dm: SpectraDataModule, split: str, shard: Path, n_rows: int, key: str) -> Path:
+def inputs_path(folder: SpectraFolder, split: str, shard: Path, n_rows: int, key: str) -> Path:
     """Where the gate-input cache of ``shard`` (its first ``n_rows`` rows) lives."""
-    seed = 0 if split == "train" else dm.seeds[split]
-    noisy = cache_path(shard, dm.noise_level, seed, dm.cache_dir)
+    seed = 0 if split == "train" else folder.seeds[split]
+    noisy = cache_path(shard, folder.noise_level, seed, folder.cache_dir)
     kind = "clean" if split == "train" else noisy.stem
     return noisy.with_name(f"gate_inputs_{kind}_{key}_rows{n_rows}.h5")
 
@@ -54,22 +54,22 @@ def _snr(stream, block, part: dict[str, np.ndarray]) -> np.ndarray:
 
 
 @torch.no_grad()
-def ensure_inputs(dm: SpectraDataModule, split: str, weight: torch.Tensor, bias: torch.Tensor,
+def ensure_inputs(folder: SpectraFolder, split: str, weight: torch.Tensor, bias: torch.Tensor,
                   pixels: torch.Tensor, progress: bool = True) -> dict[int, Path]:
     """Path of a valid gate-input cache per shard index of ``split``, building what is absent or stale."""
     weight, bias, pixels = weight.detach().cpu(), bias.detach().cpu(), pixels.detach().cpu()
     key = map_key(weight, bias, pixels)
     clean = split == "train"
-    stream = dm.stream(split, shuffle=False)
+    stream = folder.stream(split, shuffle=False)
     shards = stream.shards
     rest = rest_covariance_weights(weight.double(), pixels) if clean else None
     out: dict[int, Path] = {}
     bar = None  # one progress bar for the split, opened by the first shard that needs building
     for k, info in enumerate(shards.infos):
         n = int(shards.counts[k])
-        path = inputs_path(dm, split, info.path, n, key)
+        path = inputs_path(folder, split, info.path, n, key)
         expected = {"version": INPUTS_VERSION, **source_attrs(info.path, n, info.n_pixels), "map": key,
-                    "noise_level": float(dm.noise_level), "clean": clean}
+                    "noise_level": float(folder.noise_level), "clean": clean}
         lo = int(shards.offsets[k])
 
         def blocks(k=k, lo=lo, n=n, path=path):
@@ -78,7 +78,7 @@ def ensure_inputs(dm: SpectraDataModule, split: str, weight: torch.Tensor, bias:
             if bar is None:
                 bar = tqdm(total=shards.n_rows, initial=lo, desc=f"gate inputs ({split})", unit="spec",
                            disable=not progress)
-            for block in shards.blocks(lo, lo + n, dm.block_rows):
+            for block in shards.blocks(lo, lo + n, folder.block_rows):
                 part = stream.read(block)
                 x = row_inputs(torch.from_numpy(part["flux"]), torch.from_numpy(part["error"]), weight, bias, pixels,
                                noise_factor=clean, rest_weights=rest)

@@ -1,4 +1,4 @@
-"""``SpectraDataModule``: streams a dataset folder of pfsspec shards for Lightning.
+"""``SpectraDataModule``: a :class:`~moe.data.folder.SpectraFolder` with Lightning's loaders.
 
 - train: contiguous row blocks, reshuffled every epoch, split exactly once across ranks
   and workers (:mod:`moe.data.stream`); fresh noise ``noise_level * error * N(0,1)`` added
@@ -6,72 +6,25 @@
 - val/test: pre-noised once with fixed seeds, cached next to the data (:mod:`moe.data.noise_cache`);
 - predict: the test split.
 
-Once the gate inputs of each split are cached per row (:meth:`SpectraDataModule.attach_inputs`,
-done by the preparation step), the streams read those instead of the spectra, and the
-training noise is drawn on them (:func:`moe.data.noise.noisy_inputs`): same gate
-inputs, a fraction of the bytes and random numbers per epoch.
-
-The dataset is generated on first use when ``synth`` is given and the folder holds no
-dataset. ``n_pixels`` and ``wave`` are read at construction so the CLI can link them.
+Once the gate inputs of each split are cached per row (:meth:`SpectraFolder.attach_inputs`,
+done by the preparation step), the loaders read those instead of the spectra, and the
+training noise is drawn on them (:func:`moe.data.noise.noisy_inputs`): same gate inputs,
+a fraction of the bytes and random numbers per epoch. ``n_pixels`` and ``wave`` are read
+at construction so the CLI can link them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-from dataclasses import asdict
-from pathlib import Path
-
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from moe.data.noise import add_noise, noisy_inputs
-from moe.data.noise_cache import ensure_noisy
-from moe.data.shards import ShardError, find_split, read_wave
-from moe.data.stream import ShardSet, SpectraStream, rank_world
-from moe.data.synth import MANIFEST, SynthConfig, write_dataset
-
-log = logging.getLogger(__name__)
-# Salt of the per-epoch training shuffle; the randomness itself comes from torch's seed
-# (seed_everything) and the epoch count, so runs are reproducible and epochs differ.
-SHUFFLE_SALT = 1234
+from moe.data.folder import SpectraFolder
+from moe.data.stream import SpectraStream
+from moe.data.synth import SynthConfig
 
 
-def ensure_dataset(data_dir: str | Path, synth: SynthConfig | None) -> Path:
-    """Return ``data_dir``, generating (or finishing) the synthetic dataset there when needed.
-
-    A folder with a ``synth.json`` manifest is a complete synthetic dataset and is used as
-    it is (a warning says so when ``synth`` asks for other settings); a folder whose three splits all have shards but no manifest
-    holds real data and is used as it is; anything else is generated when ``synth`` is
-    given -- shards already written are kept, so an interrupted generation resumes.
-    """
-    root = Path(data_dir)
-    if (root / MANIFEST).is_file():
-        found = json.loads((root / MANIFEST).read_text())
-        if synth is not None and {k: v for k, v in found.items() if k != "generator_version"} != asdict(synth):
-            log.warning("%s holds a synthetic dataset generated with %s; the requested synth settings %s are ignored "
-                        "(generate into another folder to use them)", root, found, asdict(synth))
-        return root
-    complete = True
-    for split in ("train", "val", "test"):
-        try:
-            find_split(root, split)
-        except ShardError:
-            complete = False
-    if complete:
-        return root
-    if synth is None:
-        find_split(root, "train")  # raises with the folder and the missing pattern
-        raise ShardError(root, "dataset is incomplete (a val* or test* split is missing) and no synth config was given")
-    log.info("generating the synthetic dataset in %s (%s)", root, synth)
-    write_dataset(root, synth)
-    return root
-
-
-class SpectraDataModule(pl.LightningDataModule):
+class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
     """Train/val/test/predict loaders over a folder of shards (see module docstring).
 
     Args:
@@ -85,7 +38,7 @@ class SpectraDataModule(pl.LightningDataModule):
         block_rows: rows per contiguous read.
         max_train_rows: use only the first N training rows (scaling studies, smoke runs).
         val_seed / test_seed: seeds of the pre-noised val/test copies.
-        cache_dir: where pre-noised copies go (default: next to the shards).
+        cache_dir: where pre-noised copies and gate-input caches go (default: next to the shards).
         synth: generate this synthetic dataset in ``data_dir`` when it holds none; ``None``
             never generates (real data).
     """
@@ -94,81 +47,22 @@ class SpectraDataModule(pl.LightningDataModule):
                  num_workers: int = 0, block_rows: int = 2048, max_train_rows: int | None = None,
                  val_seed: int = 1234, test_seed: int = 5678, cache_dir: str | None = None,
                  synth: SynthConfig | None = SynthConfig()):
-        super().__init__()
+        pl.LightningDataModule.__init__(self)
         self.save_hyperparameters()
-        if noise_level < 0:
-            raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-        self.data_dir = ensure_dataset(data_dir, synth)
-        self.noise_level = float(noise_level)
+        SpectraFolder.__init__(self, data_dir, noise_level, block_rows, max_train_rows, val_seed, test_seed,
+                               cache_dir, synth)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
-        self.block_rows = int(block_rows)
-        self.cache_dir = cache_dir
-        self.seeds = {"val": int(val_seed), "test": int(test_seed)}
-        self.train_set = ShardSet(find_split(self.data_dir, "train"), max_train_rows)
-        self.val_set = ShardSet(find_split(self.data_dir, "val"))
-        self.test_set = ShardSet(find_split(self.data_dir, "test"))
-        self.n_pixels = self.train_set.n_pixels
-        self.inputs: dict[str, dict[int, Path]] = {}
-        self.window_weight: torch.Tensor | None = None
-        self.wave = read_wave(self.train_set.paths[0])
-        for s in (self.val_set, self.test_set):
-            if s.n_pixels != self.n_pixels:
-                raise ShardError(s.paths[0], f"has {s.n_pixels} pixels, the train split has {self.n_pixels}")
-            if not np.allclose(read_wave(s.paths[0]), self.wave, rtol=0, atol=1e-6):
-                raise ShardError(s.paths[0], "wavelength grid differs from the train split's")
-
-    # ---- identity ---------------------------------------------------------------
-    def fingerprint(self) -> dict:
-        """What the experts depend on: train/val shards (name, size, rows), noise level, val seed."""
-        def files(s: ShardSet) -> list:
-            return [[str(p.relative_to(self.data_dir)), p.stat().st_size, int(n)] for p, n in zip(s.paths, s.counts)]
-        return {"train": files(self.train_set), "val": files(self.val_set), "n_pixels": self.n_pixels,
-                "noise_level": self.noise_level, "val_seed": self.seeds["val"]}
-
-    def fingerprint_hash(self) -> str:
-        return hashlib.sha1(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
-
-    # ---- pre-noised splits -------------------------------------------------------
-    def noisy_caches(self, split: str) -> dict[int, Path]:
-        """Pre-noised cache path per shard of ``split`` ('val' or 'test'), built if needed."""
-        s = self.val_set if split == "val" else self.test_set
-        return {k: ensure_noisy(info.path, info.n_rows, info.n_pixels, self.noise_level, self.seeds[split], self.cache_dir)
-                for k, info in enumerate(s.infos)}
 
     def prepare_data(self) -> None:
         for split in ("val", "test"):
             self.noisy_caches(split)
 
-    def split_set(self, split: str) -> ShardSet:
-        """The shards of ``split`` ('train', 'val', 'test'; 'predict' is the test split)."""
-        return {"train": self.train_set, "val": self.val_set}.get(split, self.test_set)
-
-    # ---- cached gate inputs --------------------------------------------------------
-    def attach_inputs(self, inputs: dict[str, dict[int, Path]], window_weight: torch.Tensor) -> None:
-        """Stream the per-row gate-input caches ``inputs[split][shard index]`` instead of the spectra.
-
-        ``window_weight`` [P, W] is the projection map at the window pixels, used to noise the
-        clean training rows (:func:`moe.data.noise.noisy_inputs`).
-        """
-        self.inputs = dict(inputs)
-        self.window_weight = window_weight.detach().cpu()
-
-    # ---- datasets & loaders ------------------------------------------------------
     def stream(self, split: str, shuffle: bool | None = None, batch_size: int | None = None,
-               cached: bool = False) -> SpectraStream:
-        """The batch stream of ``split`` (train: clean; val/test/predict: pre-noised): of the spectra,
-        or with ``cached`` of the attached gate-input caches when there are some (the loaders do)."""
-        bs = batch_size or self.batch_size
-        name = "test" if split == "predict" else split
-        inputs = self.inputs.get(name) if cached else None
-        if split == "train":
-            return SpectraStream(self.train_set, bs, self.noise_level, self.block_rows,
-                                 shuffle=True if shuffle is None else shuffle, seed=SHUFFLE_SALT,
-                                 equalize_ranks=rank_world()[1] > 1, num_workers=self.num_workers, inputs=inputs)
-        return SpectraStream(self.split_set(name), bs, self.noise_level, self.block_rows, shuffle=bool(shuffle),
-                             noisy=self.noisy_caches(name) if inputs is None else None,
-                             num_workers=self.num_workers, inputs=inputs)
+               cached: bool = False, num_workers: int | None = None) -> SpectraStream:
+        """:meth:`SpectraFolder.stream` with this module's batch size and workers as defaults."""
+        return super().stream(split, shuffle, batch_size or self.batch_size, cached,
+                              self.num_workers if num_workers is None else num_workers)
 
     def _loader(self, split: str) -> DataLoader:
         return DataLoader(self.stream(split, cached=True), batch_size=None, num_workers=self.num_workers,
@@ -191,14 +85,3 @@ class SpectraDataModule(pl.LightningDataModule):
         if self.trainer is not None and self.trainer.training:
             batch = self.add_noise(batch)
         return batch
-
-    def add_noise(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        """A clean batch made noisy: ``flux + noise_level * error * z``, or the same on its cached gate inputs."""
-        if "flux" in batch:
-            return batch | {"flux": add_noise(batch["flux"], batch["error"], self.noise_level, generator)}
-        return noisy_inputs(batch, self.window_weight.to(batch["proj"].device), self.noise_level, generator)
-
-    def describe(self) -> dict:
-        return {"data_dir": str(self.data_dir), "n_train": self.train_set.n_rows, "n_val": self.val_set.n_rows,
-                "n_test": self.test_set.n_rows, "n_pixels": self.n_pixels, "noise_level": self.noise_level,
-                **({"synth": asdict(self.hparams.synth)} if self.hparams.synth is not None else {})}

@@ -1,6 +1,6 @@
 """A fitted set of expert families, saved with the fingerprint of the data it came from.
 
-``load_or_fit(dm, cfg)`` is fit-on-first-use: the bundle lives under
+``load_or_fit(folder, cfg)`` is fit-on-first-use: the bundle lives under
 ``<data_dir>/experts/experts-<key>.pt`` where ``key`` hashes the data fingerprint (train
 and val shards with sizes and rows, noise level, val seed) and the fit config. Loading a
 file made from other data or another config is an :class:`ExpertsMismatchError`, never
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moe.data.datamodule import SpectraDataModule
+from moe.data.folder import SpectraFolder
 from moe.experts.fit import FamilyFit, FitConfig, fit_families
 from moe.experts.module import RidgeExperts
 
@@ -132,27 +132,27 @@ class ExpertBundle:
                    d["wave"].numpy(), stored_fp, stored_cfg, json.loads(d["timings"]))
 
 
-def default_path(dm: SpectraDataModule, cfg: FitConfig) -> Path:
-    return Path(dm.data_dir) / "experts" / f"experts-{bundle_key(dm.fingerprint(), cfg)}.pt"
+def default_path(folder: SpectraFolder, cfg: FitConfig) -> Path:
+    return Path(folder.data_dir) / "experts" / f"experts-{bundle_key(folder.fingerprint(), cfg)}.pt"
 
 
-def fit_bundle(dm: SpectraDataModule, cfg: FitConfig = FitConfig(), progress: bool = True) -> ExpertBundle:
-    """Fit all requested families on ``dm`` (no caching)."""
-    fits, (mean, comps, var), timings = fit_families(dm, cfg, progress)
-    return ExpertBundle(fits, mean, comps, var, dm.wave, dm.fingerprint(), cfg, timings)
+def fit_bundle(folder: SpectraFolder, cfg: FitConfig = FitConfig(), progress: bool = True) -> ExpertBundle:
+    """Fit all requested families on ``folder`` (no caching)."""
+    fits, (mean, comps, var), timings = fit_families(folder, cfg, progress)
+    return ExpertBundle(fits, mean, comps, var, folder.wave, folder.fingerprint(), cfg, timings)
 
 
-def load_or_fit(dm: SpectraDataModule, cfg: FitConfig = FitConfig(), path: str | os.PathLike | None = None,
+def load_or_fit(folder: SpectraFolder, cfg: FitConfig = FitConfig(), path: str | os.PathLike | None = None,
                 progress: bool = True) -> ExpertBundle:
-    """The experts for ``dm`` and ``cfg``: loaded from ``path`` (default: the cache) or fitted and saved there.
+    """The experts for ``folder`` and ``cfg``: loaded from ``path`` (default: the cache) or fitted and saved there.
 
     An existing file that does not match the data or config raises :class:`ExpertsMismatchError`.
     """
-    target = Path(path) if path is not None else default_path(dm, cfg)
+    target = Path(path) if path is not None else default_path(folder, cfg)
     if target.is_file():
-        return ExpertBundle.load(target, dm.fingerprint(), cfg)
+        return ExpertBundle.load(target, folder.fingerprint(), cfg)
     log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
-    bundle = fit_bundle(dm, cfg, progress)
+    bundle = fit_bundle(folder, cfg, progress)
     bundle.save(target)
     log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
     return bundle

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from moe.data import bins
-from moe.data.datamodule import SpectraDataModule
+from moe.data.folder import SpectraFolder
 from moe.experts import groups
 from moe.experts.bundle import ExpertBundle, fit_bundle
 
@@ -34,20 +34,20 @@ class OracleResult:
     var: dict[str, np.ndarray]    # family -> [N] predictive variance of the routed expert
 
 
-def oracle_predictions(dm: SpectraDataModule, bundle: ExpertBundle, split: str = "test",
+def oracle_predictions(folder: SpectraFolder, bundle: ExpertBundle, split: str = "test",
                        families: tuple[str, ...] | None = None) -> OracleResult:
     """One pass over ``split``: each family's oracle-routed prediction and predictive variance."""
     families = families or tuple(bundle.families)
     experts = {f: bundle.experts(f).double() for f in families}
     ys, snr, sb, pb, preds, vars_ = [], [], [], [], {f: [] for f in families}, {f: [] for f in families}
     with torch.no_grad():
-        for batch in dm.stream(split, batch_size=1024):
+        for batch in folder.stream(split, batch_size=1024):
             flux, err = batch["flux"].double(), batch["error"].double()
             for f, module in experts.items():
                 g = groups.group_of(f, batch["phys_bin"], batch["snr_bin"])
                 rows = torch.arange(len(g))
                 preds[f].append(module(flux)[rows, g].numpy())
-                vars_[f].append(module.predictive_variance(err, dm.noise_level)[rows, g].numpy())
+                vars_[f].append(module.predictive_variance(err, folder.noise_level)[rows, g].numpy())
             ys.append(batch["log_g"].double().numpy())
             snr.append(batch["snr"].double().numpy())
             sb.append(batch["snr_bin"].numpy())
@@ -96,17 +96,17 @@ def zscore_table(res: OracleResult) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compare_noise_modes(dm: SpectraDataModule, base, draws: int = 4, progress: bool = True) -> pd.DataFrame:
+def compare_noise_modes(folder: SpectraFolder, base, draws: int = 4, progress: bool = True) -> pd.DataFrame:
     """Fit the families three ways -- noise-marginalised, one draw per spectrum, ``draws`` draws --
     and give oracle R^2 on val (where alpha was chosen) and test for each. ``base``: a FitConfig."""
     rows = []
     for mode, label in (("marginal", "noise-marginalised"), ("single", "1 draw / spectrum"), ("augment", f"{draws} draws / spectrum")):
         cfg = replace(base, noise_mode=mode, n_draws=draws)
         t = time.perf_counter()
-        bundle = fit_bundle(dm, cfg, progress)
+        bundle = fit_bundle(folder, cfg, progress)
         seconds = time.perf_counter() - t
         for split in ("val", "test"):
-            res = oracle_predictions(dm, bundle, split)
+            res = oracle_predictions(folder, bundle, split)
             for fam, pred in res.pred.items():
                 rows.append({"training": label, "split": split, "experts": fam,
                              "r2": regression_metrics(res.y, pred)["r2"], "fit_s": seconds})

@@ -23,7 +23,7 @@ import scipy.linalg as sla
 from scipy.sparse.linalg import eigsh
 
 from moe.data import bins
-from moe.data.datamodule import SpectraDataModule
+from moe.data.folder import SpectraFolder
 from moe.data.noise import add_noise_np
 from moe.data.stream import SpectraStream
 from moe.experts import groups
@@ -95,9 +95,9 @@ class GroupTooSmallError(ValueError):
     """A group has fewer training samples than ``min_samples``."""
 
 
-def training_blocks(dm: SpectraDataModule, cfg: FitConfig, partition: str) -> Iterator[tuple]:
+def training_blocks(folder: SpectraFolder, cfg: FitConfig, partition: str) -> Iterator[tuple]:
     """(x [m, D], error, y, cell) blocks of this rank's share of the training split."""
-    stream = SpectraStream(dm.train_set, cfg.block_rows, dm.noise_level, cfg.block_rows, shuffle=False)
+    stream = SpectraStream(folder.train_set, cfg.block_rows, folder.noise_level, cfg.block_rows, shuffle=False)
     for b in stream.rank_blocks():
         cell = groups.cell_index(partition, b["phys_bin"], b["snr_bin"])
         y = b["log_g"].astype(np.float64)
@@ -106,28 +106,28 @@ def training_blocks(dm: SpectraDataModule, cfg: FitConfig, partition: str) -> It
             continue
         for draw in range(cfg.n_draws if cfg.noise_mode == "augment" else 1):
             rng = np.random.default_rng([cfg.seed, int(b["row"][0]), draw])
-            yield add_noise_np(b["flux"], b["error"], dm.noise_level, rng), b["error"], y, cell
+            yield add_noise_np(b["flux"], b["error"], folder.noise_level, rng), b["error"], y, cell
 
 
-def accumulate_stats(dm: SpectraDataModule, cfg: FitConfig, progress: bool = True) -> tuple[CellStats, str]:
+def accumulate_stats(folder: SpectraFolder, cfg: FitConfig, progress: bool = True) -> tuple[CellStats, str]:
     """Per-cell statistics of the training split (summed over DDP ranks)."""
     partition = groups.partition_for(cfg.families)
     draws = cfg.n_draws if cfg.noise_mode == "augment" else 1
-    stats = accumulate(training_blocks(dm, cfg, partition), groups.n_cells(partition), dm.n_pixels,
-                       cfg.products, total=dm.train_set.n_rows * draws, progress=progress, shift=common_shift(dm, cfg))
+    stats = accumulate(training_blocks(folder, cfg, partition), groups.n_cells(partition), folder.n_pixels,
+                       cfg.products, total=folder.train_set.n_rows * draws, progress=progress, shift=common_shift(folder, cfg))
     return stats.all_reduce(), partition
 
 
-def common_shift(dm: SpectraDataModule, cfg: FitConfig) -> np.ndarray:
+def common_shift(folder: SpectraFolder, cfg: FitConfig) -> np.ndarray:
     """Mean clean flux of the split's first block: the same on every rank."""
-    stream = SpectraStream(dm.train_set, cfg.block_rows, dm.noise_level, cfg.block_rows)
-    first = stream.shards.blocks(0, min(cfg.block_rows, dm.train_set.n_rows), cfg.block_rows)[0]
+    stream = SpectraStream(folder.train_set, cfg.block_rows, folder.noise_level, cfg.block_rows)
+    first = stream.shards.blocks(0, min(cfg.block_rows, folder.train_set.n_rows), cfg.block_rows)[0]
     return stream.read(first)["flux"].mean(0, dtype=np.float64)
 
 
-def noise_variance(dm: SpectraDataModule, cfg: FitConfig) -> float:
+def noise_variance(folder: SpectraFolder, cfg: FitConfig) -> float:
     """The closed-form noise term's multiplier (0 when the pass saw noisy flux)."""
-    return dm.noise_level**2 if cfg.noise_mode == "marginal" else 0.0
+    return folder.noise_level**2 if cfg.noise_mode == "marginal" else 0.0
 
 
 def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_var: float,
@@ -171,7 +171,7 @@ def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_
     return weight, bias, n, notes
 
 
-def validation_sse(dm: SpectraDataModule, paths: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple]:
+def validation_sse(folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple]:
     """One pass over the pre-noised val split: per family, (sse [G, A], n [G], sst [G]).
 
     Reads all rows on every rank, so DDP ranks pick the same alphas.
@@ -182,7 +182,7 @@ def validation_sse(dm: SpectraDataModule, paths: dict[str, tuple[np.ndarray, np.
     offsets = np.cumsum([0] + [paths[f][1].size for f in fams])
     out = {f: [np.zeros(paths[f][1].shape), np.zeros(paths[f][1].shape[0]), np.zeros(paths[f][1].shape[0]),
                np.zeros(paths[f][1].shape[0])] for f in fams}
-    for tensors in dm.stream("val", batch_size=2048).all_batches():  # every val row on every rank
+    for tensors in folder.stream("val", batch_size=2048).all_batches():  # every val row on every rank
         batch = {k: v.numpy() for k, v in tensors.items()}
         x = batch["flux"].astype(np.float64)
         y = batch["log_g"].astype(np.float64)
@@ -264,17 +264,17 @@ def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, n
     return g.shift + mu_s, comps * sign[:, None], val[order]
 
 
-def fit_families(dm: SpectraDataModule, cfg: FitConfig, progress: bool = True):
+def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
     """Run the whole fit: (families {name: FamilyFit}, (pca mean, components, variances), timings)."""
     with retained_heap():
-        return _fit_families(dm, cfg, progress)
+        return _fit_families(folder, cfg, progress)
 
 
-def _fit_families(dm: SpectraDataModule, cfg: FitConfig, progress: bool):
+def _fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool):
     t0 = time.perf_counter()
-    stats, partition = accumulate_stats(dm, cfg, progress)
+    stats, partition = accumulate_stats(folder, cfg, progress)
     t1 = time.perf_counter()
-    noise_var = noise_variance(dm, cfg)
+    noise_var = noise_variance(folder, cfg)
     paths, counts = {}, {}
     solver: dict = {}
     paths["global"], counts["global"] = _split(_paths(stats, partition, "global", cfg, noise_var, solver=solver))
@@ -284,7 +284,7 @@ def _fit_families(dm: SpectraDataModule, cfg: FitConfig, progress: bool):
             paths[fam], counts[fam] = _split(_paths(stats, partition, fam, cfg, noise_var,
                                                     fallback_path=g_path, solver=solver))
     t2 = time.perf_counter()
-    val = validation_sse(dm, paths)
+    val = validation_sse(folder, paths)
     fits = {}
     for fam in paths:
         fits[fam] = _family_fit(fam, paths[fam], *counts[fam], val[fam], cfg.alphas)
@@ -292,7 +292,7 @@ def _fit_families(dm: SpectraDataModule, cfg: FitConfig, progress: bool):
     if "cells" in cfg.families:
         prior = [(fits["phys"].weight[k], fits["phys"].bias[k]) for k in range(bins.N_PHYS_BINS)]
         cpath, ccount = _split(_paths(stats, partition, "cells", cfg, noise_var, prior=prior, solver=solver))
-        cval = validation_sse(dm, {"cells": cpath})["cells"]
+        cval = validation_sse(folder, {"cells": cpath})["cells"]
         fits["cells"] = _family_fit("cells", cpath, *ccount, cval, cfg.alphas)
     t4 = time.perf_counter()
     pca = pca_basis(stats, noise_var, cfg.n_pca)
