@@ -39,6 +39,7 @@ from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise
 from moe.data.synth import SynthConfig, write_dataset
 from moe.gates import GatedMoE
+from moe.prepare import attach_inputs, prepare
 
 
 def warm(paths) -> None:
@@ -125,11 +126,11 @@ def main() -> None:
     dm = SpectraDataModule(a.data, max_train_rows=a.rows, synth=None)
     model = GatedMoE("concat", n_pixels=dm.n_pixels, noise_level=dm.noise_level,
                      experts_dir=str(Path(a.data) / "experts"))
-    model.prepare(dm)
+    model.load_prepared(prepare(dm, model.prepare_config()))
     with tempfile.TemporaryDirectory(dir=a.data) as tmp:
         fresh = SpectraDataModule(a.data, max_train_rows=a.rows, synth=None, cache_dir=tmp)
         t = time.perf_counter()
-        model.attach_inputs(fresh)
+        attach_inputs(fresh, *model.input_map(), model.physics.pixels)
         prepare_s = time.perf_counter() - t
     warm(dm.train_set.paths)
     warm(p for paths in dm.inputs.values() for p in paths.values())

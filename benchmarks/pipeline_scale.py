@@ -6,7 +6,7 @@ Steps, as a user runs them on a fresh folder (shards of 200k rows, val 5k, test 
 
 1. generate  -- ``moe.data.synth.write_dataset``;
 2. experts   -- ``python -m moe.experts fit`` (one streamed pass, the alpha sweep, validation);
-3. caches    -- pre-noised val/test copies and every split's per-row gate inputs (``GatedMoE.prepare``);
+3. caches    -- pre-noised val/test copies and every split's per-row gate inputs (``moe.prepare.prepare``);
 4. gate epoch -- ``train.py fit`` for one epoch (concat gate, validation, checkpoint);
 5. predict   -- ``train.py predict`` of the test split from that checkpoint (CSV).
 
@@ -35,9 +35,9 @@ print(json.dumps({"rc": rc, "wall_s": time.perf_counter() - t,
 
 GENERATE = "from moe.data.synth import SynthConfig, write_dataset; import sys; " \
            "write_dataset(sys.argv[1], SynthConfig(int(sys.argv[2]), 5000, 10000, 200000, 4096, 0), progress=False)"
-CACHES = "import sys; from moe.data.datamodule import SpectraDataModule; from moe.gates import GatedMoE; " \
-         "dm = SpectraDataModule(sys.argv[1], synth=None); " \
-         "GatedMoE('concat', n_pixels=dm.n_pixels, experts_dir=sys.argv[1] + '/experts').prepare(dm)"
+CACHES = "import sys; from moe.data.folder import SpectraFolder; from moe.gates import GatedMoE; " \
+         "from moe.prepare import prepare; folder = SpectraFolder(sys.argv[1], synth=None); " \
+         "prepare(folder, GatedMoE('concat', n_pixels=folder.n_pixels).prepare_config(), progress=False)"
 
 
 def step(name: str, cmd: list[str]) -> dict:

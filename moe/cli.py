@@ -1,6 +1,9 @@
 """The LightningCLI of ``train.py``: fit / validate / test / predict of ``GatedMoE`` on ``SpectraDataModule``.
 
 - links the datamodule's pixel count, noise level and expert cache folder into the model;
+- before the trainer runs, the preparation step (:func:`moe.prepare.prepare`) builds or loads
+  the experts, feature windows, scalers and gate-input caches and hands them to the model
+  (validate/test/predict with a checkpoint take them from the checkpoint instead);
 - a ModelCheckpoint on ``val/r2`` (max, plus ``last.ckpt``) and a per-star prediction CSV;
 - ``--test_after_fit true`` tests the best checkpoint right after ``fit``;
 - ``test``/``predict``/``validate`` print or write their results, and ``--ckpt_path best``
@@ -20,8 +23,11 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
 from moe.data.datamodule import SpectraDataModule
+from moe.experts.bundle import ExpertsMismatchError
 from moe.gates.callbacks import CSVPredictionWriter
+from moe.gates.checkpoints import read_checkpoint
 from moe.gates.module import GatedMoE, summary_table
+from moe.prepare import attach_inputs, prepare
 
 
 def experts_dir(data_dir: str) -> str:
@@ -34,7 +40,7 @@ def resolve_best_checkpoint(root: str | os.PathLike) -> str:
     if not candidates:
         raise FileNotFoundError(f"--ckpt_path best: no run with checkpoints/last.ckpt under {root}")
     last = max(candidates, key=os.path.getmtime)
-    state = torch.load(last, map_location="cpu", weights_only=False)  # our own checkpoint
+    state = read_checkpoint(last)
     for key, cb in state.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and cb.get("best_model_path"):
             return cb["best_model_path"]
@@ -58,22 +64,30 @@ class MoECLI(LightningCLI):
             callbacks.append(RichProgressBar())
         return super()._instantiate_trainer(config, callbacks)
 
-    # ---- checkpoints supplied on the command line -------------------------------------------
-    def _use_checkpoint(self) -> None:
+    # ---- prepared artefacts, before the trainer runs -------------------------------------------
+    def _prepare(self) -> None:
+        """Hand the model what is not learned: from the preparation step, or -- for validate/test/predict
+        with a checkpoint -- from the checkpoint itself, with the gate-input caches built for its experts."""
         cfg = self.config_init[self.subcommand]
         ckpt = cfg.get("ckpt_path")
-        if ckpt is None:
+        if self.subcommand == "fit" or ckpt is None:
+            self.model.load_prepared(prepare(self.datamodule, self.model.prepare_config()))
             return
-        if ckpt == "best" and not getattr(self.trainer.checkpoint_callback, "best_model_path", ""):
+        if ckpt == "best":
             ckpt = resolve_best_checkpoint(self.trainer.default_root_dir)
             cfg["ckpt_path"] = ckpt
             rank_zero_info(f"--ckpt_path best -> {ckpt}")
-        self.model.defer_to_checkpoint = True
+        state = read_checkpoint(ckpt)
+        stored, here = state.get("moe_data_fingerprint"), self.datamodule.fingerprint_hash()
+        if stored and stored != here:
+            raise ExpertsMismatchError(f"{ckpt}: trained on data {stored}, but --data holds data {here}: "
+                                       "its experts do not belong to this data")
+        self.model.load_state_dict(state["state_dict"])
+        self.model.data_fingerprint = stored or here
+        splits = ("val",) if self.subcommand == "validate" else ("test",)
+        attach_inputs(self.datamodule, *self.model.input_map(), self.model.physics.pixels, splits)
 
-    before_validate = before_predict = _use_checkpoint
-
-    def before_test(self) -> None:
-        self._use_checkpoint()
+    before_fit = before_validate = before_test = before_predict = _prepare
 
     def after_test(self) -> None:
         self._print_table()

@@ -48,6 +48,27 @@ def test_verdict_thresholds(value, op, threshold, passed):
     assert v.row()["result"] == ("PASS" if passed else "FAIL") and v.row()["decision"] == ("yes" if passed else "no")
 
 
+def test_inconclusive_verdict_never_passes():
+    v = Verdict("q", 0.5, ">=", 0.0, "yes", "no", inconclusive="concat below the global expert")
+    assert not v.passed and v.result == "INCONCLUSIVE"
+    assert v.row()["decision"] == "no decision: concat below the global expert"
+
+
+def test_degenerate_or_unfinished_gate_runs_are_inconclusive():
+    from moe.experiments.dual_tower import inconclusive_reason
+    from moe.experiments.gates import GateRun
+
+    y = np.linspace(1, 5, 200)
+    def run(pred, best, ran, most=5):
+        return GateRun("x", "concat", "phys", 0, pred, np.ones((200, 1)), np.zeros(200), 0.5, best, ran, most, None)
+    good = {"Dual-tower concat": [run(y + 0.1, 3, 5)], "Global Ridge": [run(y + 0.5, 0, 0)]}
+    assert inconclusive_reason(good, 0.8, y) == ""
+    bad = {"Dual-tower concat": [run(y[::-1], 3, 5)]}
+    assert "Dual-tower concat below the global expert" in inconclusive_reason(bad, 0.8, y)
+    still = {"Dual-tower concat": [run(y + 0.1, 5, 5)]}
+    assert "still improving at the last epoch" in inconclusive_reason(still, 0.8, y)
+
+
 def test_bootstrap_ci_brackets_the_difference():
     rng = np.random.default_rng(0)
     y = rng.normal(size=2000)
@@ -78,7 +99,8 @@ def test_experiment_writes_every_file(exp_dir, tmp_path, name):
         _assert_png_has_data(out / fig)
     for table in TABLES[name] + ["verdicts.csv"]:
         assert (out / table).is_file(), table
-    assert "## Verdicts (computed from the numbers below)" in report and ("PASS" in report or "FAIL" in report)
+    assert "## Verdicts (computed from the numbers below)" in report and any(
+        r in report for r in ("PASS", "FAIL", "INCONCLUSIVE"))
     config = json.loads((out / "config.json").read_text())
     assert config["data_fingerprint"]["train"] and config["settings"]["seeds"] == [1, 2]
     assert "data_fingerprint_hash" in report

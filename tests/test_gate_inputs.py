@@ -17,7 +17,7 @@ from moe.data.synth import SpectrumModel, generate
 from moe.features import PhysicsFeatures
 from moe.features.inputs import row_inputs
 from moe.gates import GatedMoE
-from moe.prepare import ensure_inputs
+from moe.prepare import ensure_inputs, prepare
 from reference_gate import dense_physics, reference_inputs
 
 
@@ -27,7 +27,7 @@ def prepared(tiny_dir, tmp_path_factory):
                            cache_dir=str(tmp_path_factory.mktemp("inputs_cache")))
     model = GatedMoE(fusion="concat", n_pixels=dm.n_pixels, noise_level=dm.noise_level, expert_min_samples=10,
                      feature_rows=600)
-    model.prepare(dm)
+    model.load_prepared(prepare(dm, model.prepare_config(), progress=False))
     return dm, model
 
 

@@ -14,6 +14,7 @@ from moe.experts.bundle import ExpertsMismatchError
 from moe.gates import FUSIONS, GatedMoE, normalized_product
 from moe.gates.fusions import ProductGate, TemperatureGate
 from moe.gates.module import summary_table
+from moe.prepare import prepare
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -27,7 +28,7 @@ def dm(tiny_dir):
 def _model(dm, fusion, experts=None, **kw):
     m = GatedMoE(fusion=fusion, experts=experts, n_pixels=dm.n_pixels, noise_level=dm.noise_level,
                  expert_min_samples=10, feature_rows=600, **kw)
-    m.prepare(dm)
+    m.load_prepared(prepare(dm, m.prepare_config(), progress=False))
     return m
 
 
@@ -131,7 +132,7 @@ def test_every_config_fast_dev_run(tmp_path, tiny_dir, config):
 def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = _cli(tmp_path, "--trainer.max_epochs", "2", "--model.warmup_steps", "2", "--trainer.log_every_n_steps", "1",
+    args = _cli(tmp_path, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
                 "--test_after_fit", "true", tiny_dir=tiny_dir)
     cli = cli_main(["fit", "--config", str(CONFIG_DIR / "temperature.yaml"), *args])
     assert "rho =" in capsys.readouterr().out
@@ -167,7 +168,7 @@ def test_checkpoint_from_other_data_is_refused(tmp_path, tiny_dir):
     args = _cli(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", tiny_dir=tiny_dir)
     cli = cli_main(["fit", "--config", str(CONFIG_DIR / "dual_tower.yaml"), *args])
     ckpt = Path(cli.trainer.log_dir, "checkpoints", "last.ckpt")
-    with pytest.raises(ExpertsMismatchError, match="checkpoint was trained on data"):
+    with pytest.raises(ExpertsMismatchError, match="last.ckpt: trained on data .*, but --data holds data"):
         cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(ckpt), *args,
                   "--data.noise_level", "0.5"])
 

@@ -26,7 +26,7 @@ def test_learned_gate_beats_global_end_to_end(tmp_path):
     data = tmp_path / "data"
     write_dataset(data, SynthConfig(n_train=12_000, n_val=2000, n_test=2000, shard_size=4000, n_pixels=1024, seed=3), progress=False)
     cli = cli_main(["fit", "--config", str(CONFIGS / "logit_add.yaml"), "--data.data_dir", str(data), "--data.num_workers", "0",
-                    "--trainer.max_epochs", "6", "--model.warmup_steps", "20", "--trainer.default_root_dir", str(tmp_path),
+                    "--trainer.max_epochs", "6", "--trainer.default_root_dir", str(tmp_path),
                     "--trainer.enable_progress_bar",
                     "false", "--test_after_fit", "true"])
     m = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}

@@ -60,8 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n== {name}: {result['report']}/report.md ({time.time() - t:.0f} s)")
         print(result["headline"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         for v in result["verdicts"]:
-            print(f"  [{'PASS' if v.passed else 'FAIL'}] {v.question} {v.value:+.4f} {v.op} {v.threshold:g} -> "
-                  f"{v.if_pass if v.passed else v.if_fail}")
+            print(f"  [{v.result}] {v.question} {v.value:+.4f} {v.op} {v.threshold:g} -> {v.decision}")
     return 0
 
 

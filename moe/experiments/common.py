@@ -105,7 +105,11 @@ def bootstrap_delta_r2(y: np.ndarray, pred_a: Sequence[np.ndarray], pred_b: Sequ
 
 @dataclass(frozen=True)
 class Verdict:
-    """A decision rule of the seed evaluated on a measured value."""
+    """A decision rule of the seed evaluated on a measured value.
+
+    ``inconclusive`` names why the measurement cannot carry a decision (a degenerate or
+    unfinished run): such a verdict is neither PASS nor FAIL, whatever the value.
+    """
 
     question: str
     value: float
@@ -113,16 +117,27 @@ class Verdict:
     threshold: float
     if_pass: str
     if_fail: str
+    inconclusive: str = ""
 
     @property
     def passed(self) -> bool:
         ops: dict[str, Callable[[float, float], bool]] = {">=": np.greater_equal, "<": np.less, "<=": np.less_equal,
                                                           ">": np.greater}
-        return bool(np.isfinite(self.value) and ops[self.op](self.value, self.threshold))
+        return bool(not self.inconclusive and np.isfinite(self.value) and ops[self.op](self.value, self.threshold))
+
+    @property
+    def result(self) -> str:
+        return "INCONCLUSIVE" if self.inconclusive else ("PASS" if self.passed else "FAIL")
+
+    @property
+    def decision(self) -> str:
+        if self.inconclusive:
+            return f"no decision: {self.inconclusive}"
+        return self.if_pass if self.passed else self.if_fail
 
     def row(self) -> dict:
         return {"question": self.question, "value": round(self.value, 4), "rule": f"{self.op} {self.threshold:g}",
-                "result": "PASS" if self.passed else "FAIL", "decision": self.if_pass if self.passed else self.if_fail}
+                "result": self.result, "decision": self.decision}
 
 
 def _md_table(df: pd.DataFrame, floatfmt: int = 4) -> str:

@@ -7,8 +7,9 @@ gate and the 9-bin oracle. Slices: per SNR bin, per physical bin, boundary sampl
 ablation (each feature group dropped; 10 quality statistics against a 5-statistic subset);
 how the two towers of the logit-add gate agree and which contributes more.
 
-Gates train on cached gate inputs (:mod:`moe.experiments.gate_cache`): one fresh noise
-draw per epoch, MSE, Adam with warm-up, best epoch on validation R^2.
+Every gate is a ``GatedMoE`` trained through ``pl.Trainer`` exactly as ``train.py fit`` trains
+it (:mod:`moe.experiments.gates`): fresh noise every epoch, MSE, Adam with a linear warm-up,
+early stopping and the best epoch on validation R^2.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import torch
 from moe.data import bins
 from moe.data.quality import QUALITY_NAMES, QUALITY_SUBSET5
 from moe.experiments.common import ExperimentSettings, Report, Verdict, bootstrap_delta_r2, r2, seed_mean_std
-from moe.experiments.gate_cache import GateData, build_cache, r2_tensor, train_gate
-from moe.experts.bundle import load_or_fit
+from moe.experiments.gates import PATIENCE, GateRun, prepare_families, test_rows, train_gate
+from moe.experts.fit import FitConfig
 from moe.features import PHYSICS_NAMES
-from moe.gates.module import GatedMoE
 from moe.plots import bar, grouped_bar, plt, pred_vs_true
 
 EXPERIMENT_ID = "LOGG-DUAL-TOWER-01"
@@ -40,12 +40,14 @@ METHODS = (
     ("Oracle (9 bins)", "oracle", "phys"),
 )
 DUAL = "Dual-tower concat"
+FAMILIES = ("global", "phys", "snr", "cells")
+# feature groups dropped (held at their training mean) for the ablation of the concat gate
 ABLATIONS = {
-    "drop CaT (7)": [i for i, n in enumerate(PHYSICS_NAMES) if n.startswith("CaT")],
-    "drop Na I (2)": [i for i, n in enumerate(PHYSICS_NAMES) if n.startswith("NaI")],
-    "drop PCA (4)": [i for i, n in enumerate(PHYSICS_NAMES) if n.startswith("PCA")],
-    "drop quality (10)": [13 + i for i in range(10)],
-    "quality 5-subset": [13 + i for i, n in enumerate(QUALITY_NAMES) if n not in QUALITY_SUBSET5],
+    "drop CaT (7)": [n for n in PHYSICS_NAMES if n.startswith("CaT")],
+    "drop Na I (2)": [n for n in PHYSICS_NAMES if n.startswith("NaI")],
+    "drop PCA (4)": [n for n in PHYSICS_NAMES if n.startswith("PCA")],
+    "drop quality (10)": list(QUALITY_NAMES),
+    "quality 5-subset": [n for n in QUALITY_NAMES if n not in QUALITY_SUBSET5],
 }
 BOUNDARY = 0.1
 
@@ -56,29 +58,24 @@ def run(settings: ExperimentSettings) -> dict:
                  "Does a gate that sees the quality statistics (SNR axis) next to the physics-window features "
                  "(T_eff x [M/H] axis) beat the physics-only gate over the same 9 frozen Ridge experts, "
                  "especially at low SNR, and which fusion works best?")
-    model = GatedMoE(fusion="concat", experts="cells", n_pixels=dm.n_pixels, noise_level=dm.noise_level,
-                     experts_dir=str(dm.data_dir / "experts"), feature_rows=min(20_000, dm.train_set.n_rows))
-    model.prepare(dm)
-    bundle = load_or_fit(dm, model.fit_config(), progress=settings.progress)
-    n_train = min(dm.train_set.n_rows, settings.max_memory_rows if settings.n_train is None else settings.n_train)
-    draws = max(1, min(settings.epochs, int(4e6 // max(n_train, 1))))
-    train = build_cache(model, bundle, dm, "train", n_train, draws=draws, seed=1)
-    val = build_cache(model, bundle, dm, "val", dm.val_set.n_rows)
-    test = build_cache(model, bundle, dm, "test", dm.test_set.n_rows)
-    y = test.y.numpy()
+    fit = FitConfig(families=FAMILIES)
+    prepared = prepare_families(dm, FAMILIES, fit, settings.progress)
+    test = test_rows(dm)
+    y = test["log_g"].astype(np.float64)
+    n_train = dm.train_set.n_rows
 
-    results: dict[str, list] = {label: [] for label, _, _ in METHODS}
+    results: dict[str, list[GateRun]] = {label: [] for label, _, _ in METHODS}
     for seed in settings.seeds:
         for label, fusion, family in METHODS:
-            results[label].append(train_gate(fusion, family, train, val, test, seed, settings.epochs))
+            results[label].append(train_gate(dm, prepared[family], label, fusion, seed, settings.epochs))
     oracle = np.mean([r.pred for r in results["Oracle (9 bins)"]], 0)
     glob = np.mean([r.pred for r in results["Global Ridge"]], 0)
     r2_o, r2_g = r2(y, oracle), r2(y, glob)
 
     # ---- headline and slices -------------------------------------------------------------------
     rows, snr_rows, phys_rows, ent_rows = [], [], [], []
-    edge = bins.edge_distance(test.teff.numpy(), test.mh.numpy()) < BOUNDARY
-    sb, pb = test.snr_bin.numpy(), test.phys_bin.numpy()
+    edge = bins.edge_distance(test["T_eff"], test["M_H"]) < BOUNDARY
+    sb, pb = test["snr_bin"], test["phys_bin"]
     for label, fusion, family in METHODS:
         res = results[label]
         per_seed = [r2(y, r.pred) for r in res]
@@ -86,7 +83,9 @@ def run(settings: ExperimentSettings) -> dict:
         rows.append({"method": label, "experts": family, "r2": float(np.mean(per_seed)), "r2_seeds": seed_mean_std(per_seed),
                      "rho": (float(np.mean(per_seed)) - r2_g) / (r2_o - r2_g), "r2_boundary": r2(y[edge], pred[edge]),
                      "r2_interior": r2(y[~edge], pred[~edge]), "mae": float(np.abs(pred - y).mean()),
-                     "val_r2": float(np.mean([r.val_r2 for r in res])), "epochs": int(np.mean([r.epochs for r in res]))})
+                     "val_r2": float(np.mean([r.val_r2 for r in res])),
+                     "best_epoch": float(np.mean([r.best_epoch for r in res])),
+                     "epochs_run": float(np.mean([r.epochs_run for r in res]))})
         snr_rows.append({"method": label, **{f"r2_{n}": r2(y[sb == i], pred[sb == i]) for i, n in reversed(list(enumerate(bins.SNR_BIN_NAMES)))},
                          "r2_snr<=4": r2(y[sb <= 1], pred[sb <= 1])})
         phys_rows.append({"method": label, **{bins.PHYS_BIN_NAMES[k]: r2(y[pb == k], pred[pb == k]) for k in range(bins.N_PHYS_BINS)}})
@@ -103,15 +102,13 @@ def run(settings: ExperimentSettings) -> dict:
     full = [r2(y, r.pred) for r in results[DUAL]]
     abl_rows = []
     for name, drop in ABLATIONS.items():
-        mask = torch.ones(23)
-        mask[drop] = 0.0
-        vals = [r2(y, train_gate("concat", "phys", train, val, test, s, settings.epochs, feature_mask=mask).pred)
+        vals = [r2(y, train_gate(dm, prepared["phys"], f"concat, {name}", "concat", s, settings.epochs, drop).pred)
                 for s in settings.seeds]
         abl_rows.append({"ablation": name, "r2": float(np.mean(vals)), "delta_r2": float(np.mean(vals) - np.mean(full))})
     abl = pd.DataFrame(abl_rows)
 
     # ---- the two towers of logit-add -----------------------------------------------------------------
-    towers = _tower_analysis(results["Dual-tower logit-add"][0].gate, test)
+    towers = _tower_analysis(results["Dual-tower logit-add"][0], dm, y)
 
     dual, phys_only = results[DUAL], results["Phys-only gate"]
     d_all = [r2(y, a.pred) - r2(y, b.pred) for a, b in zip(dual, phys_only)]
@@ -119,13 +116,14 @@ def run(settings: ExperimentSettings) -> dict:
     d_low = [r2(y[low], a.pred[low]) - r2(y[low], b.pred[low]) for a, b in zip(dual, phys_only)]
     ci = bootstrap_delta_r2(y, [r.pred for r in dual], [r.pred for r in phys_only])
     best_dual = table[table.method.str.startswith("Dual")].sort_values("r2").iloc[-1]
+    why = inconclusive_reason(results, r2_g, y)
     verdicts = [
         Verdict("Dual tower beats the phys-only gate by >= 0.005?", float(np.mean(d_all)), ">=", 0.005,
-                "continue to MVP-4.1 (factorised gates)", "no stacking gain at the 0.005 level"),
+                "continue to MVP-4.1 (factorised gates)", "no stacking gain at the 0.005 level", why),
         Verdict("Low SNR (<= 4) improves by >= 0.01?", float(np.mean(d_low)), ">=", 0.01,
-                "the quality gate is useful where it should be", "no low-SNR gain from the quality tower"),
+                "the quality gate is useful where it should be", "no low-SNR gain from the quality tower", why),
         Verdict("Dual tower at least as good as phys-only (Delta R2 >= 0)?", float(np.mean(d_all)), ">=", 0.0,
-                "keep the dual tower", "fall back to the single physics tower"),
+                "keep the dual tower", "fall back to the single physics tower", why),
     ]
     rep.verdicts(verdicts)
     rep.text("Headline", f"Delta R^2 (dual concat - phys-only) = {seed_mean_std(d_all)}; paired bootstrap 95% CI "
@@ -134,7 +132,8 @@ def run(settings: ExperimentSettings) -> dict:
                          f"(R2_oracle - R2_global) with R2_oracle = {r2_o:.4f} (9 bins) and R2_global = {r2_g:.4f}.")
     rep.table("comparison", table, "All methods on the test split",
               f"Boundary: within {BOUNDARY:.0%} of a bin width of a T_eff or M_H edge ({int(edge.sum())} of {edge.size} spectra). "
-              f"Training: {n_train} spectra x {draws} noise draws, up to {settings.epochs} epochs.")
+              f"Training: {n_train} spectra, a fresh noise draw every epoch, up to {settings.epochs} epochs "
+              f"(early stopping after {PATIENCE} epochs without a better val R^2; best_epoch / epochs_run: mean over seeds).")
     rep.table("per_snr", snr_table, "R^2 per SNR bin", "Test counts: " + ", ".join(f"{k} {v}" for k, v in reversed(counts.items())) + ".")
     rep.table("per_phys", phys_table, "R^2 per physical bin")
     rep.table("entropy_confidence", ent_table, "Gate entropy [nats] and confidence (max weight) per SNR bin",
@@ -157,37 +156,57 @@ def run(settings: ExperimentSettings) -> dict:
                "R² inside each SNR bin for the key methods; n = test spectra per bin.")
     dual_pred = np.mean([r.pred for r in dual], 0)
     rep.figure("dual_tower_pred_vs_true.png",
-               pred_vs_true(y, dual_pred, test.snr.numpy(), "SNR", "Dual-tower concat: predicted vs true", log_color=True),
+               pred_vs_true(y, dual_pred, test["snr"], "SNR", "Dual-tower concat: predicted vs true", log_color=True),
                "Dual-tower (concat) predictions against true log g, coloured by SNR.")
-    rep.figure("dual_tower_entropy_vs_snr.png", _entropy_heatmap(test.snr.numpy(), np.mean([r.entropy for r in dual], 0), 9),
+    rep.figure("dual_tower_entropy_vs_snr.png", _entropy_heatmap(test["snr"], np.mean([r.entropy for r in dual], 0), 9),
                "Gate entropy against SNR for the dual-tower concat gate: density, median per SNR bin, and the maximum ln 9.")
     rep.figure("dual_tower_ablation.png",
                bar(list(abl.ablation), list(abl.delta_r2), "ΔR² vs full dual-tower gate", "Feature ablation",
                    hline=0.0, colors=["tab:red" if v < 0 else "tab:green" for v in abl.delta_r2],
                    annotate=[f"{v:+.4f}" for v in abl.delta_r2]),
                "Change in test R² when a feature group is dropped (or quality reduced to 5 statistics).")
-    rep.write(settings, dm, {"methods": [m[0] for m in METHODS], "n_train_rows": n_train, "noise_draws": draws,
-                             "fit": model.fit_config().key_dict()})
+    rep.write(settings, dm, {"methods": [m[0] for m in METHODS], "n_train_rows": n_train, "fit": fit.key_dict()})
     return {"report": rep.out, "headline": table[["method", "r2", "rho"]], "verdicts": verdicts,
             "delta_r2": float(np.mean(d_all)), "ci": ci}
 
 
+def inconclusive_reason(results: dict[str, list[GateRun]], r2_global: float, y: np.ndarray) -> str:
+    """Why these gate runs cannot decide anything ('' when they can): a learned gate below the
+    global expert (the run is degenerate), or a run stopped at its epoch limit while still improving."""
+    learned = [(label, run) for label, runs in results.items() for run in runs if run.best_epoch > 0]
+    below = sorted({label for label, run in learned if r2(y, run.pred) < r2_global})
+    unfinished = sorted({label for label, run in learned if run.still_improving})
+    reasons = []
+    if below:
+        reasons.append(f"{', '.join(below)} below the global expert (R^2 {r2_global:.4f}): too little data or too few epochs")
+    if unfinished:
+        reasons.append(f"{', '.join(unfinished)} still improving at the last epoch: raise --epochs")
+    return "; ".join(reasons)
+
+
 @torch.no_grad()
-def _tower_analysis(gate, test: GateData) -> pd.DataFrame:
-    a, b = gate.logits(test.phys[0], test.qual)
+def _tower_analysis(run: GateRun, dm, y: np.ndarray) -> pd.DataFrame:
+    """How the physics and quality towers of a logit-add gate agree, and what each contributes, on the test split."""
+    model = run.model.eval()
+    a_parts, b_parts, mu_parts = [], [], []
+    for batch in dm.stream("test", batch_size=4096, cached=True):
+        phys, qual = model.standardised_features(batch)
+        a, b = model.gate.logits(phys, qual)
+        a_parts.append(a), b_parts.append(b), mu_parts.append(batch["proj"][:, :model.experts.n_experts])
+    a, b, mu = torch.cat(a_parts), torch.cat(b_parts), torch.cat(mu_parts)
     p, q = torch.softmax(a, -1), torch.softmax(b, -1)
     pc, qc = p - p.mean(-1, keepdim=True), q - q.mean(-1, keepdim=True)
     corr = (pc * qc).sum(-1) / (pc.norm(dim=-1) * qc.norm(dim=-1)).clamp_min(1e-12)
-    mu, y = test.experts["phys"][0], test.y
+
     def r2_of(logits):
-        return r2_tensor(y, (torch.softmax(logits, -1) * mu).sum(-1))
-    both = r2_of(a + b)
+        return r2(y, (torch.softmax(logits, -1) * mu).sum(-1).double().numpy())
+
     return pd.DataFrame([
         {"quantity": "mean per-spectrum correlation of softmax(a) and softmax(b)", "value": float(corr.mean())},
         {"quantity": "argmax agreement of the two towers", "value": float((p.argmax(-1) == q.argmax(-1)).float().mean())},
         {"quantity": "logit spread (std across experts), physics tower", "value": float(a.std(-1).mean())},
         {"quantity": "logit spread (std across experts), quality tower", "value": float(b.std(-1).mean())},
-        {"quantity": "test R2, both towers", "value": both},
+        {"quantity": "test R2, both towers", "value": r2_of(a + b)},
         {"quantity": "test R2, physics tower only (quality logits removed)", "value": r2_of(a)},
         {"quantity": "test R2, quality tower only (physics logits removed)", "value": r2_of(b)},
     ])

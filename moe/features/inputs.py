@@ -30,7 +30,8 @@ import torch
 from moe.data.noise import NOISE_KEYS, noisy_inputs
 from moe.features.quality import quality_features
 
-__all__ = ["INPUT_KEYS", "NOISE_KEYS", "noisy_inputs", "rest_covariance_weights", "row_inputs"]
+__all__ = ["INPUT_KEYS", "NOISE_KEYS", "gate_features", "input_map", "noisy_inputs", "rest_covariance_weights",
+           "row_inputs"]
 
 INPUT_KEYS = ("proj", "win", "quality", "var")  # what every gate-input row holds
 
@@ -84,3 +85,20 @@ def row_inputs(flux: torch.Tensor, error: torch.Tensor, weight: torch.Tensor, bi
         out["win_error"] = error[:, pixels].contiguous()
         out["chol"] = _square_root(cov).float()
     return out
+
+
+def input_map(experts, global_expert, physics) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map ``weight [P, D], bias [P]`` of a gate's linear inputs: rows are the K experts,
+    the global expert and PCA1-4 (P = K + 5); ``experts``/``global_expert`` hold ``weight``/``bias``,
+    ``physics`` is a :class:`~moe.features.PhysicsFeatures` with its PCA basis set."""
+    comps = physics.pca_components
+    pca_bias = -(comps.double() @ physics.pca_mean.double()).to(comps.dtype)
+    return (torch.cat([experts.weight, global_expert.weight, comps]),
+            torch.cat([experts.bias, global_expert.bias, pca_bias]))
+
+
+def gate_features(physics, inputs: dict[str, torch.Tensor], n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Physics [B, 13] (window depths/EWs, PCA1-4) and quality [B, 10] features of noisy gate inputs,
+    before standardisation; ``n_experts`` = K, the leading projections."""
+    phys = torch.cat([physics.window_features(inputs["win"]), inputs["proj"][:, n_experts + 1:]], dim=-1)
+    return phys, inputs["quality"]

@@ -6,11 +6,10 @@ optional entropy term). Also returns sigma, the mixture's predictive spread
 
 The module owns loss, metrics, optimiser and logging; the experts (:mod:`moe.experts`),
 features (:mod:`moe.features`) and gates (:mod:`moe.gates.fusions`) are plain modules.
-On first use, ``setup`` loads or fits the experts for the datamodule's data (cached under
-the data folder), fills the feature windows and PCA basis, caches every row's gate inputs
-(:mod:`moe.prepare`; the datamodule then streams those) and fits the feature
-standardisation on noisy training rows. All of that lives in buffers, so a checkpoint
-carries it; a checkpoint made on other data is refused when loaded.
+What is not learned -- experts, feature windows, PCA basis, feature scalers -- comes from
+the preparation step (:func:`moe.prepare.prepare`, run by the CLI before the trainer) through
+:meth:`GatedMoE.load_prepared`. It lives in buffers, so a checkpoint carries it; a
+checkpoint made on other data is refused when loaded.
 
 A batch is either spectra (``flux``, ``error``: the gate inputs are computed from them) or
 cached gate inputs (``proj``, ``win``, ``quality``, ``var``; :mod:`moe.features.inputs`),
@@ -20,27 +19,27 @@ already noisy: both give the same numbers.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.cli import OptimizerCallable
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from moe.data import bins
 from moe.experts import groups
-from moe.experts.bundle import ExpertsMismatchError, bundle_key, load_or_fit
+from moe.experts.bundle import ExpertsMismatchError
 from moe.experts.fit import FitConfig
 from moe.experts.module import RidgeExperts
 from moe.experts.ridge import DEFAULT_ALPHAS
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
-from moe.features.inputs import NOISE_KEYS, row_inputs
+from moe.features.inputs import NOISE_KEYS, gate_features, input_map, row_inputs
 from moe.gates.fusions import FUSIONS, ProductGate, build_gate
 from moe.gates.metrics import SplitMetrics, gate_entropy
-from moe.prepare import SPLITS, ensure_inputs
+from moe.gates.schedules import LinearWarmup
+from moe.prepare import PrepareConfig, Prepared
 
 log = logging.getLogger(__name__)
 MAX_FIGURE_SAMPLES = 20_000
@@ -76,8 +75,10 @@ class GatedMoE(pl.LightningModule):
         expert_noise_mode / expert_alphas / expert_min_samples / expert_fallback: how experts are fitted.
         feature_rows: training rows used to fit the feature standardisation.
         entropy_weight: coefficient of the mean gate entropy added to the loss (0: pure MSE).
-        warmup_steps: linear learning-rate warm-up length.
+        drop_features: gate features (names of ``PHYSICS_NAMES`` / ``QUALITY_NAMES``) held at their
+            training mean, i.e. 0 after standardisation (ablations).
         optimizer: optimiser factory (Adam by default).
+        scheduler: learning-rate schedule factory, stepped per batch (linear warm-up over 5% of the run).
     """
 
     monitor = "val/r2"
@@ -87,13 +88,20 @@ class GatedMoE(pl.LightningModule):
                  noise_level: float = 1.0, experts_dir: str | None = None, experts_path: str | None = None,
                  expert_noise_mode: str = "marginal", expert_alphas: list[float] | None = None,
                  expert_min_samples: int = 50, expert_fallback: str | None = None, feature_rows: int = 20_000,
-                 entropy_weight: float = 0.0, warmup_steps: int = 200,
-                 optimizer: OptimizerCallable = torch.optim.Adam):
+                 entropy_weight: float = 0.0, drop_features: list[str] | None = None,
+                 optimizer: OptimizerCallable = torch.optim.Adam, scheduler: LRSchedulerCallable = LinearWarmup):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose from {FUSIONS}")
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        names = PHYSICS_NAMES + QUALITY_NAMES
+        unknown = sorted(set(drop_features or ()) - set(names))
+        if unknown:
+            raise ValueError(f"unknown gate features {unknown}; choose from {list(names)}")
+        self.register_buffer("feature_mask", torch.tensor([n not in (drop_features or ()) for n in names],
+                                                          dtype=torch.float32), persistent=False)
         self.family = experts or default_family(fusion)
         if self.family not in groups.FAMILIES:
             raise ValueError(f"unknown expert family {self.family!r}; choose from {groups.FAMILIES}")
@@ -110,73 +118,41 @@ class GatedMoE(pl.LightningModule):
         self.val_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.test_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.data_fingerprint: str | None = None
-        self.defer_to_checkpoint = False  # set by the CLI when a checkpoint will fill the buffers
         self._fig_buffer: list[dict[str, torch.Tensor]] = []
 
-    # ---- preparation ------------------------------------------------------------------
-    def fit_config(self) -> FitConfig:
+    # ---- prepared artefacts --------------------------------------------------------------
+    def prepare_config(self) -> PrepareConfig:
+        """What the preparation step must build for this gate (:func:`moe.prepare.prepare`)."""
         h = self.hparams
         fams = ("global", "phys", "snr") + (("cells",) if self.family == "cells" else ())
-        return FitConfig(families=fams, alphas=tuple(h.expert_alphas or DEFAULT_ALPHAS), noise_mode=h.expert_noise_mode,
-                         min_samples=h.expert_min_samples, fallback=h.expert_fallback)
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            return
-        self.data_fingerprint = dm.fingerprint_hash()
-        if bool(self.prepared) or self.defer_to_checkpoint:
-            return
-        self.prepare(dm)
+        fit = FitConfig(families=fams, alphas=tuple(h.expert_alphas or DEFAULT_ALPHAS), noise_mode=h.expert_noise_mode,
+                        min_samples=h.expert_min_samples, fallback=h.expert_fallback)
+        return PrepareConfig(self.family, fit, h.experts_dir, h.experts_path, h.feature_rows)
 
     @torch.no_grad()
-    def prepare(self, dm) -> None:
-        """Load or fit the experts for ``dm``, set the feature windows/PCA, fit the feature scaling."""
-        cfg = self.fit_config()
-        h = self.hparams
-        if dm.n_pixels != self.experts.weight.shape[1]:
-            raise ValueError(f"model was built for {self.experts.weight.shape[1]} pixels, data has {dm.n_pixels}")
-        path = h.experts_path
-        if path is None and h.experts_dir is not None:
-            path = Path(h.experts_dir) / f"experts-{bundle_key(dm.fingerprint(), cfg)}.pt"
-        bundle = load_or_fit(dm, cfg, path)
-        fam = bundle.families[self.family]
-        self.experts.load_arrays(fam.weight, fam.bias)
-        self.global_expert.load_arrays(bundle.families["global"].weight, bundle.families["global"].bias)
-        self.physics.set_wave(dm.wave)
-        self.physics.set_pca(bundle.pca_mean, bundle.pca_components)
-        self.attach_inputs(dm)
-        self._fit_scalers(dm)
+    def load_prepared(self, prepared: Prepared) -> None:
+        """Copy the prepared experts, feature windows, PCA basis and scalers into this module's buffers."""
+        if prepared.family != self.family:
+            raise ValueError(f"prepared for expert family {prepared.family!r}, this gate uses {self.family!r}")
+        if prepared.experts.weight.shape[1] != self.experts.weight.shape[1]:
+            raise ValueError(f"model was built for {self.experts.weight.shape[1]} pixels, "
+                             f"the data has {prepared.experts.weight.shape[1]}")
+        self.experts.load_arrays(prepared.experts.weight, prepared.experts.bias)
+        self.global_expert.load_arrays(prepared.global_expert.weight, prepared.global_expert.bias)
+        self.physics.load_state_dict(prepared.physics.state_dict())
+        self.phys_scaler.load_state_dict(prepared.phys_scaler.state_dict())
+        self.qual_scaler.load_state_dict(prepared.qual_scaler.state_dict())
+        self.data_fingerprint = prepared.data_fingerprint
         self.prepared.fill_(True)
 
     def input_map(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The affine map ``weight [P, D], bias [P]`` of the gate's linear inputs: rows are the K
-        experts, the global expert and PCA1-4 (P = K + 5)."""
-        comps = self.physics.pca_components
-        pca_bias = -(comps.double() @ self.physics.pca_mean.double()).to(comps.dtype)
-        return (torch.cat([self.experts.weight, self.global_expert.weight, comps]),
-                torch.cat([self.experts.bias, self.global_expert.bias, pca_bias]))
+        """The affine map ``weight [P, D], bias [P]`` of the gate's linear inputs (:func:`moe.features.inputs.input_map`)."""
+        return input_map(self.experts, self.global_expert, self.physics)
 
-    def attach_inputs(self, dm) -> None:
-        """Cache every split's gate inputs for this model's map and have ``dm`` stream them."""
-        weight, bias = self.input_map()
-        pixels = self.physics.pixels
-        dm.attach_inputs({split: ensure_inputs(dm, split, weight, bias, pixels) for split in SPLITS}, weight[:, pixels])
-
-    def _fit_scalers(self, dm) -> None:
-        """Feature standardisation from the first ``feature_rows`` training rows with one fixed
-        noise draw -- the same rows on every DDP rank, so every rank gets the same buffers."""
-        gen = torch.Generator().manual_seed(0)
-        phys, qual, seen = [], [], 0
-        for batch in dm.stream("train", shuffle=False, batch_size=1024, cached=True).all_batches():
-            p, q = self.raw_features(self.gate_inputs(dm.add_noise(batch, gen)))
-            phys.append(p)
-            qual.append(q)
-            seen += p.shape[0]
-            if seen >= self.hparams.feature_rows:
-                break
-        self.phys_scaler.fit(phys)
-        self.qual_scaler.fit(qual)
+    def on_fit_start(self) -> None:
+        if not bool(self.prepared):
+            raise RuntimeError("GatedMoE has no prepared experts: call model.load_prepared(moe.prepare.prepare(folder, "
+                               "model.prepare_config())) before training (the CLI does)")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["moe_data_fingerprint"] = self.data_fingerprint
@@ -200,9 +176,13 @@ class GatedMoE(pl.LightningModule):
 
     def raw_features(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Physics [B, 13] and quality [B, 10] features before standardisation."""
-        k = self.experts.n_experts
-        phys = torch.cat([self.physics.window_features(inputs["win"]), inputs["proj"][:, k + 1:]], dim=-1)
-        return phys, inputs["quality"]
+        return gate_features(self.physics, inputs, self.experts.n_experts)
+
+    def standardised_features(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the towers read: standardised physics [B, 13] and quality [B, 10], dropped features at 0."""
+        phys, qual = self.raw_features(inputs)
+        n = phys.shape[1]
+        return self.phys_scaler(phys) * self.feature_mask[:n], self.qual_scaler(qual) * self.feature_mask[n:]
 
     def route(self, batch: dict) -> torch.Tensor:
         """True group of each sample in this module's expert family [B] (oracle routing)."""
@@ -210,9 +190,8 @@ class GatedMoE(pl.LightningModule):
 
     def forward(self, batch: dict) -> MoEOutput:
         x = self.gate_inputs(batch)
-        phys, qual = self.raw_features(x)
-        gate = self.gate(self.phys_scaler(phys), self.qual_scaler(qual),
-                         self.route(batch) if self.hparams.fusion == "oracle" else None)
+        phys, qual = self.standardised_features(x)
+        gate = self.gate(phys, qual, self.route(batch) if self.hparams.fusion == "oracle" else None)
         w = gate.weights
         k = self.experts.n_experts
         mu = x["proj"][:, :k]
@@ -256,7 +235,8 @@ class GatedMoE(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         out = self(batch)
         return {"row": batch["row"], "log_g_pred": out.pred, "log_g_sigma": out.sigma, "log_g_true": batch["log_g"],
-                "snr": batch["snr"], "snr_bin": batch["snr_bin"], "phys_bin": batch["phys_bin"], "weights": out.weights}
+                "T_eff": batch["T_eff"], "M_H": batch["M_H"], "snr": batch["snr"], "snr_bin": batch["snr_bin"],
+                "phys_bin": batch["phys_bin"], "weights": out.weights, "entropy": out.entropy}
 
     # ---- epoch ends --------------------------------------------------------------------------
     def _log_split(self, metrics: SplitMetrics, prefix: str) -> dict[str, float]:
@@ -289,8 +269,9 @@ class GatedMoE(pl.LightningModule):
         if not params:
             return None  # oracle / global: nothing to learn
         opt = self.optimizer_factory(params)
-        warm = max(int(self.hparams.warmup_steps), 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
+        sched = self.scheduler_factory(opt)
+        if isinstance(sched, LinearWarmup):
+            sched.set_total_steps(self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

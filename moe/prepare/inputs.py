@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe.data.folder import SpectraFolder
+from moe.data.folder import SPLITS, SpectraFolder
 from moe.data.noise import snr as snr_of
 from moe.data.noise_cache import cache_path
 from moe.data.row_cache import ensure_row_cache, read_rows, source_attrs
@@ -26,7 +26,6 @@ from moe.features.inputs import rest_covariance_weights, row_inputs
 
 log = logging.getLogger(__name__)
 INPUTS_VERSION = 1
-SPLITS = ("train", "val", "test")
 
 
 def map_key(weight: torch.Tensor, bias: torch.Tensor, pixels: torch.Tensor) -> str:
@@ -92,3 +91,11 @@ def ensure_inputs(folder: SpectraFolder, split: str, weight: torch.Tensor, bias:
         bar.close()
     return out
 
+
+
+def attach_inputs(folder: SpectraFolder, weight: torch.Tensor, bias: torch.Tensor, pixels: torch.Tensor,
+                  splits=SPLITS, progress: bool = True) -> dict[str, dict[int, Path]]:
+    """Build (or find) the gate-input caches of ``splits`` for one map and have ``folder`` stream them."""
+    inputs = {split: ensure_inputs(folder, split, weight, bias, pixels, progress) for split in splits}
+    folder.attach_inputs(inputs, weight[:, pixels])
+    return inputs

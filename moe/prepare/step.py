@@ -1,0 +1,125 @@
+"""The preparation step: everything a gate needs that is not learned, built once and cached.
+
+``prepare(folder, cfg)`` returns a :class:`Prepared` for one dataset folder and one expert
+family: the fitted expert bundle (loaded from its fingerprinted cache or fitted, every
+family of the fit), the physics windows and PCA basis, the per-row gate-input caches of
+every split (which ``folder`` then streams) and the feature standardisation, fitted on the
+first ``feature_rows`` training rows with one fixed noise draw. It knows nothing of
+Lightning: the CLI and the experiments call it before a trainer runs and hand the result
+to :meth:`moe.gates.GatedMoE.load_prepared`.
+
+Concurrent callers -- two processes on a fresh folder, or the ranks of a DDP run, which
+each execute the CLI -- take a file lock next to the experts cache: the first one fits and
+writes, the others wait and then load what it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from moe.data.folder import SPLITS, SpectraFolder
+from moe.experts import groups
+from moe.experts.bundle import ExpertBundle, bundle_key, load_or_fit
+from moe.experts.fit import FitConfig
+from moe.experts.module import RidgeExperts
+from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
+from moe.features.inputs import gate_features, input_map
+from moe.prepare.inputs import attach_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """What to prepare: the gated family, how the experts are fitted, where they are cached."""
+
+    family: str = "phys"
+    fit: FitConfig = field(default_factory=FitConfig)
+    experts_dir: str | None = None   # cache folder of expert bundles (default <data_dir>/experts)
+    experts_path: str | None = None  # an explicit experts file (must match the data and fit settings)
+    feature_rows: int = 20_000
+
+    def __post_init__(self):
+        if self.family not in groups.FAMILIES:
+            raise ValueError(f"unknown expert family {self.family!r}; choose from {groups.FAMILIES}")
+        if self.feature_rows < 2:
+            raise ValueError(f"feature_rows must be >= 2, got {self.feature_rows}")
+
+
+@dataclass
+class Prepared:
+    """The non-learned artefacts of a gate (B batch, K experts, D pixels)."""
+
+    bundle: ExpertBundle
+    family: str
+    experts: RidgeExperts        # the gated family [K, D]
+    global_expert: RidgeExperts  # [1, D]
+    physics: PhysicsFeatures     # windows of the data's grid, PCA basis
+    phys_scaler: Standardizer
+    qual_scaler: Standardizer
+    inputs: dict[str, dict[int, Path]]
+    data_fingerprint: str
+
+    def input_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return input_map(self.experts, self.global_expert, self.physics)
+
+
+def experts_file(folder: SpectraFolder, cfg: PrepareConfig) -> Path:
+    """The expert bundle this preparation uses: the explicit file, or the cache entry for the data and settings."""
+    if cfg.experts_path is not None:
+        return Path(cfg.experts_path)
+    root = Path(cfg.experts_dir) if cfg.experts_dir is not None else Path(folder.data_dir) / "experts"
+    return root / f"experts-{bundle_key(folder.fingerprint(), cfg.fit)}.pt"
+
+
+def prepare(folder: SpectraFolder, cfg: PrepareConfig = PrepareConfig(), progress: bool = True) -> Prepared:
+    """Build or load everything a gate over ``cfg.family`` needs on ``folder`` (see module docstring)."""
+    path = experts_file(folder, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / ".prepare.lock")):
+        return _prepare(folder, cfg, path, progress)
+
+
+@torch.no_grad()
+def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bool) -> Prepared:
+    if cfg.family not in cfg.fit.families:
+        raise ValueError(f"the fit settings make {cfg.fit.families}, not the gated family {cfg.family!r}")
+    bundle = load_or_fit(folder, cfg.fit, path, progress=progress)
+    physics = PhysicsFeatures(folder.n_pixels)
+    physics.set_wave(folder.wave)
+    physics.set_pca(bundle.pca_mean, bundle.pca_components)
+    experts, global_expert = bundle.experts(cfg.family), bundle.experts("global")
+    weight, bias = input_map(experts, global_expert, physics)
+    inputs = attach_inputs(folder, weight, bias, physics.pixels, SPLITS, progress)
+    phys_scaler, qual_scaler = fit_scalers(folder, physics, experts.n_experts, cfg.feature_rows)
+    return Prepared(bundle, cfg.family, experts, global_expert, physics, phys_scaler, qual_scaler, inputs,
+                    folder.fingerprint_hash())
+
+
+def fit_scalers(folder: SpectraFolder, physics: PhysicsFeatures, n_experts: int,
+                rows: int) -> tuple[Standardizer, Standardizer]:
+    """Feature standardisation from the first ``rows`` cached training rows with one fixed noise draw
+    (the same rows and draw on every DDP rank, so every rank gets the same buffers)."""
+    gen = torch.Generator().manual_seed(0)
+    phys, qual, seen = [], [], 0
+    for batch in folder.stream("train", shuffle=False, batch_size=1024, cached=True).all_batches():
+        p, q = gate_features(physics, folder.add_noise(batch, gen), n_experts)
+        phys.append(p[: rows - seen])
+        qual.append(q[: rows - seen])
+        seen += len(phys[-1])
+        if seen >= rows:
+            break
+    return Standardizer(len(PHYSICS_NAMES)).fit(phys), Standardizer(len(QUALITY_NAMES)).fit(qual)
+
+
+def describe(prepared: Prepared) -> dict:
+    """A short, JSON-able account of what was prepared (for logs and reports)."""
+    alphas = {f: sorted(set(np.asarray(v.alpha).tolist())) for f, v in prepared.bundle.families.items()}
+    return {"family": prepared.family, "experts": prepared.experts.n_experts, "data": prepared.data_fingerprint,
+            "window_pixels": prepared.physics.n_window_pixels, "alphas": alphas}
