@@ -124,8 +124,7 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
 
     dm = SpectraDataModule(a.data, max_train_rows=a.rows, synth=None)
-    model = GatedMoE("concat", n_pixels=dm.n_pixels, noise_level=dm.noise_level,
-                     experts_dir=str(Path(a.data) / "experts"))
+    model = GatedMoE("concat", n_pixels=dm.n_pixels, noise_level=dm.noise_level)
     model.load_prepared(prepare(dm, model.prepare_config()))
     with tempfile.TemporaryDirectory(dir=a.data) as tmp:
         fresh = SpectraDataModule(a.data, max_train_rows=a.rows, synth=None, cache_dir=tmp)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from pathlib import Path
 
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
@@ -23,7 +22,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
 from moe.data.datamodule import SpectraDataModule
-from moe.experts.bundle import ExpertsMismatchError
+from moe.experts.bundle import ExpertsMismatchError, default_dir
 from moe.gates.callbacks import CSVPredictionWriter
 from moe.gates.checkpoints import read_checkpoint
 from moe.gates.module import GatedMoE, summary_table
@@ -31,7 +30,7 @@ from moe.prepare import attach_inputs, prepare
 
 
 def experts_dir(data_dir: str) -> str:
-    return str(Path(data_dir) / "experts")
+    return str(default_dir(data_dir))
 
 
 def resolve_best_checkpoint(root: str | os.PathLike) -> str:

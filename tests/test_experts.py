@@ -311,10 +311,15 @@ def test_float32_unusable_falls_back_to_float64():
 def test_retained_heap_is_scoped(monkeypatch):
     from moe.experts import heap
 
+    calls = []
+    real_set = heap._set
+    monkeypatch.setattr(heap, "_set", lambda libc, m, t: calls.append((m, t)) or real_set(libc, m, t))
     with heap.retained_heap() as active:
         x = np.ones((2048, 2048))  # 32 MiB, served from the heap while active
         assert x.sum() == 2048 * 2048
     assert active == (heap._glibc() is not None)
+    if active:  # raised inside, then left at glibc's dynamic-rule values, not pinned at the fit's
+        assert calls == [(heap.RETAIN_BYTES, heap.RETAIN_TRIM), (heap.DYNAMIC_MMAP_MAX, heap.DYNAMIC_TRIM)]
     monkeypatch.setattr(heap.platform, "libc_ver", lambda: ("", ""))
     with heap.retained_heap() as active:
         assert active is False

@@ -132,8 +132,19 @@ class ExpertBundle:
                    d["wave"].numpy(), stored_fp, stored_cfg, json.loads(d["timings"]))
 
 
+def default_dir(data_dir: str | os.PathLike) -> Path:
+    """The default cache folder of expert bundles of a dataset folder."""
+    return Path(data_dir) / "experts"
+
+
+def bundle_path(folder: SpectraFolder, cfg: FitConfig, experts_dir: str | os.PathLike | None = None) -> Path:
+    """Where the bundle of ``folder``'s data fitted with ``cfg`` is cached: ``<experts_dir>/experts-<key>.pt``."""
+    root = Path(experts_dir) if experts_dir is not None else default_dir(folder.data_dir)
+    return root / f"experts-{bundle_key(folder.fingerprint(), cfg)}.pt"
+
+
 def default_path(folder: SpectraFolder, cfg: FitConfig) -> Path:
-    return Path(folder.data_dir) / "experts" / f"experts-{bundle_key(folder.fingerprint(), cfg)}.pt"
+    return bundle_path(folder, cfg)
 
 
 def fit_bundle(folder: SpectraFolder, cfg: FitConfig = FitConfig(), progress: bool = True) -> ExpertBundle:

@@ -6,9 +6,13 @@ fit -- a block's float64 rows, a float32 copy of a Gram for a factorisation -- i
 page-faulted in again. Where page faults are expensive (virtual machines) this costs about
 as much as the arithmetic: measured on the 2-core VM, the SNR of one 4096-row block took
 0.052 s with fresh pages and 0.023 s with reused ones. :func:`retained_heap` raises the
-thresholds for the duration of the fit, then sets them back to glibc's initial values
-(fixed from then on: glibc's dynamic adjustment stops once ``mallopt`` is called) and
-returns the freed memory to the system (``malloc_trim``). Elsewhere it does nothing.
+thresholds for the duration of the fit, then returns the freed memory to the system
+(``malloc_trim``) and leaves the thresholds where glibc's own dynamic rule takes them in a
+long-running process: a 32 MiB mmap threshold and twice that as the trim threshold. (glibc
+offers no way to read the thresholds or to resume its dynamic rule once ``mallopt`` has been
+called, so these are the values that rule would have reached after the first large free;
+the 128 KiB starting values would send every later allocation above 128 KiB -- a training
+batch -- to a fresh ``mmap``.) Elsewhere it does nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial value of both thresholds
+DYNAMIC_MMAP_MAX = 32 * 1024 * 1024  # glibc's ceiling of its dynamic mmap threshold (64-bit)
+DYNAMIC_TRIM = 2 * DYNAMIC_MMAP_MAX  # the trim threshold its dynamic rule sets alongside
 RETAIN_BYTES = 1 << 30  # blocks up to 1 GiB come from (and return to) the heap
 RETAIN_TRIM = 2**31 - 1  # never give the heap's top back while retaining
 
@@ -53,5 +58,5 @@ def retained_heap() -> Iterator[bool]:
         yield active
     finally:
         if active:
-            _set(libc, DEFAULT_THRESHOLD, DEFAULT_THRESHOLD)
+            _set(libc, DYNAMIC_MMAP_MAX, DYNAMIC_TRIM)
             libc.malloc_trim(0)

@@ -25,7 +25,7 @@ from filelock import FileLock
 
 from moe.data.folder import SPLITS, SpectraFolder
 from moe.experts import groups
-from moe.experts.bundle import ExpertBundle, bundle_key, load_or_fit
+from moe.experts.bundle import ExpertBundle, bundle_path, load_or_fit
 from moe.experts.fit import FitConfig
 from moe.experts.module import RidgeExperts
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
@@ -72,10 +72,7 @@ class Prepared:
 
 def experts_file(folder: SpectraFolder, cfg: PrepareConfig) -> Path:
     """The expert bundle this preparation uses: the explicit file, or the cache entry for the data and settings."""
-    if cfg.experts_path is not None:
-        return Path(cfg.experts_path)
-    root = Path(cfg.experts_dir) if cfg.experts_dir is not None else Path(folder.data_dir) / "experts"
-    return root / f"experts-{bundle_key(folder.fingerprint(), cfg.fit)}.pt"
+    return Path(cfg.experts_path) if cfg.experts_path is not None else bundle_path(folder, cfg.fit, cfg.experts_dir)
 
 
 def prepare(folder: SpectraFolder, cfg: PrepareConfig = PrepareConfig(), progress: bool = True) -> Prepared:
