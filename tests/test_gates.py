@@ -107,14 +107,29 @@ def test_temperature_is_at_least_one():
 
 
 def test_mixture_sigma(dm):
-    model = _model(dm, "concat")
+    model = _model(dm, "concat", variance_head=False)
     batch = _noisy_batch(dm, 32)
     out = model(batch)
-    var = model.experts.predictive_variance(batch["error"], dm.noise_level)
+    assert (model.model_var > 0).all()  # prepared: every expert has a model error on validation
+    with torch.no_grad():
+        model.sigma_scale.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
+    out = model(batch)
+    noise = model.experts.predictive_variance(batch["error"], dm.noise_level).double()
+    var = noise + model.model_var.double().T[batch["snr_bin"]]  # noise + model error of the star's SNR bin
     mu, w = out.expert_preds.double(), out.weights.double()
     m = (w * mu).sum(-1)
-    expect = ((w * (var.double() + (mu - m[:, None]) ** 2)).sum(-1)).sqrt()  # law of total variance
+    spread = ((w * (var + (mu - m[:, None]) ** 2)).sum(-1)).sqrt()  # law of total variance
+    expect = spread * model.sigma_scale.double()[batch["snr_bin"]]
     torch.testing.assert_close(out.sigma.double(), expect, rtol=1e-3, atol=1e-4)
+    # with the variance head: the noise spread plus the head's model-error variance, then the same factor
+    head = _model(dm, "concat")
+    out = head(batch)
+    mu, w = out.expert_preds.double(), out.weights.double()
+    m = (w * mu).sum(-1)
+    noise_s = ((w * (noise + (mu - m[:, None]) ** 2)).sum(-1)).sqrt()
+    expect = (noise_s.square() + out.log_model_var.double().exp()).sqrt() * head.sigma_scale.double()[batch["snr_bin"]]
+    torch.testing.assert_close(out.sigma.double(), expect, rtol=1e-3, atol=1e-4)
+    assert _model(dm, "oracle").variance_head is None  # nothing learned there: the prepared estimate
 
 
 def _cli(tmp_path, *extra, tiny_dir):

@@ -4,6 +4,10 @@
 (un-prefixed; the module adds ``val/`` or ``test/``). R^2 of a bin with fewer than two
 samples is left out rather than raising. ``rho = (R2_gate - R2_global) / (R2_oracle - R2_global)``
 against the oracle routing and the global expert of the same experts and samples.
+
+Calibration of the per-star sigma, overall and per SNR bin: ``z_std`` (std of
+z = (pred - true) / sigma; 1 when calibrated), ``coverage_1sigma`` / ``coverage_2sigma``
+(share of |z| <= 1 / 2; 0.683 / 0.954 for a Gaussian).
 """
 
 from __future__ import annotations
@@ -40,14 +44,24 @@ class SplitMetrics(nn.Module):
         self.r2_phys = nn.ModuleList(R2Score() for _ in bins.PHYS_BIN_NAMES)
         self.entropy = MeanMetric()
         self.entropy_snr = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
+        # z calibration: mean z, mean z^2, share |z| <= 1, share |z| <= 2; index 0 overall, 1 + i SNR bin i
+        self.z_moments = nn.ModuleList(nn.ModuleList(MeanMetric() for _ in range(4)) for _ in range(1 + len(bins.SNR_BIN_NAMES)))
         self.with_tau = with_tau
         if with_tau:
             self.tau_snr = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, oracle: torch.Tensor, global_pred: torch.Tensor, target: torch.Tensor,
-               entropy: torch.Tensor, snr_bin: torch.Tensor, phys_bin: torch.Tensor, tau: torch.Tensor | None = None) -> None:
+               entropy: torch.Tensor, snr_bin: torch.Tensor, phys_bin: torch.Tensor, tau: torch.Tensor | None = None,
+               sigma: torch.Tensor | None = None) -> None:
         pred, oracle, global_pred, target = (t.float() for t in (pred, oracle, global_pred, target))
+        if sigma is not None:
+            z = (pred - target) / sigma.float().clamp_min(1e-12)
+            stats = (z, z.square(), (z.abs() <= 1).float(), (z.abs() <= 2).float())
+            for slot, sel in enumerate([None] + [snr_bin == i for i in range(len(bins.SNR_BIN_NAMES))]):
+                if sel is None or sel.any():
+                    for m, v in zip(self.z_moments[slot], stats):
+                        m.update(v if sel is None else v[sel])
         self.r2.update(pred, target)
         self.mae.update(pred, target)
         self.rmse.update(pred, target)
@@ -86,6 +100,13 @@ class SplitMetrics(nn.Module):
             v = _r2(m)
             if v is not None:
                 out[f"r2_phys_{k}"] = v
+        for slot, suffix in enumerate([""] + [f"_snr_{n}" for n in bins.SNR_BIN_NAMES]):
+            mean_z, mean_z2, cov1, cov2 = self.z_moments[slot]
+            if float(mean_z.weight) > 0:
+                mz = float(mean_z.compute())
+                out[f"z_std{suffix}"] = math.sqrt(max(float(mean_z2.compute()) - mz * mz, 0.0))
+                out[f"coverage_1sigma{suffix}"] = float(cov1.compute())
+                out[f"coverage_2sigma{suffix}"] = float(cov2.compute())
         if self.with_tau:
             for name, m in zip(bins.SNR_BIN_NAMES, self.tau_snr):
                 if float(m.weight) > 0:

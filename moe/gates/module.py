@@ -1,8 +1,19 @@
 """``GatedMoE``: frozen Ridge experts, feature towers and a fusion gate, trained with MSE.
 
 ``log g = sum_k w_k(phys, qual) * expert_k(noisy flux)``; loss ``MSE(log g, truth)`` (+ an
-optional entropy term). Also returns sigma, the mixture's predictive spread
-``sqrt(sum_k w_k (v_k + mu_k^2) - mu^2)`` with ``v_k`` each expert's variance under the noise.
+optional entropy term). Also returns sigma, the per-star uncertainty, in two parts:
+
+- the mixture's spread under the noise, ``s^2 = sum_k w_k (v_k + mu_k^2) - mu^2`` with ``v_k``
+  each expert's exact variance under the noise (law of total variance);
+- the model error: by default a variance head (an MLP on the standardised gate features,
+  ``log s^2`` and the prediction) trained with a beta-NLL (beta = 0.5) on the detached prediction's residual, so
+  the gate's own objective stays MSE; without the head (and for the oracle / global gates,
+  which learn nothing) each expert's model-error variance in the star's SNR bin, estimated
+  on the validation split by the preparation step, enters as ``v_k + m_k``;
+
+times a per-SNR-bin factor refitted on the validation split after every validation epoch so
+that z = (pred - true) / sigma has unit RMS there (recalibration; a checkpoint keeps the
+factor of its own epoch).
 
 The module owns loss, metrics, optimiser and logging; the experts (:mod:`moe.experts`),
 features (:mod:`moe.features`) and gates (:mod:`moe.gates.fusions`) are plain modules.
@@ -25,8 +36,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric
 
 from moe.data import bins
 from moe.experts import groups
@@ -36,7 +49,7 @@ from moe.experts.module import RidgeExperts
 from moe.experts.ridge import DEFAULT_ALPHAS
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
 from moe.features.inputs import NOISE_KEYS, gate_features, input_map, row_inputs
-from moe.gates.fusions import FUSIONS, ProductGate, build_gate
+from moe.gates.fusions import FUSIONS, ProductGate, build_gate, mlp
 from moe.gates.metrics import SplitMetrics, gate_entropy
 from moe.gates.schedules import LinearWarmup
 from moe.prepare import PrepareConfig, Prepared
@@ -55,6 +68,9 @@ class MoEOutput(NamedTuple):
     entropy: torch.Tensor       # [B] nats
     tau: torch.Tensor | None    # [B] (temperature gate)
     global_pred: torch.Tensor   # [B] the global expert (the baseline of rho)
+    spread: torch.Tensor        # [B] sigma before the per-SNR-bin recalibration factor
+    noise_spread: torch.Tensor  # [B] the mixture's spread under the noise alone
+    log_model_var: torch.Tensor | None  # [B] the variance head's output
 
 
 def default_family(fusion: str) -> str:
@@ -77,6 +93,9 @@ class GatedMoE(pl.LightningModule):
         entropy_weight: coefficient of the mean gate entropy added to the loss (0: pure MSE).
         drop_features: gate features (names of ``PHYSICS_NAMES`` / ``QUALITY_NAMES``) held at their
             training mean, i.e. 0 after standardisation (ablations).
+        variance_head: learn each star's model-error variance (beta-NLL) instead of using the
+            prepared per-expert, per-SNR-bin estimate.
+        nll_weight: coefficient of the variance head's beta-NLL in the training loss.
         optimizer: optimiser factory (Adam by default).
         scheduler: learning-rate schedule factory, stepped per batch (linear warm-up over 5% of the run).
     """
@@ -89,6 +108,7 @@ class GatedMoE(pl.LightningModule):
                  expert_noise_mode: str = "marginal", expert_alphas: list[float] | None = None,
                  expert_min_samples: int = 50, expert_fallback: str | None = None, feature_rows: int = 20_000,
                  entropy_weight: float = 0.0, drop_features: list[str] | None = None,
+                 variance_head: bool = True, nll_weight: float = 1.0,
                  optimizer: OptimizerCallable = torch.optim.Adam, scheduler: LRSchedulerCallable = LinearWarmup):
         super().__init__()
         if fusion not in FUSIONS:
@@ -114,7 +134,13 @@ class GatedMoE(pl.LightningModule):
         self.phys_scaler = Standardizer(len(PHYSICS_NAMES))
         self.qual_scaler = Standardizer(len(QUALITY_NAMES))
         self.gate = build_gate(fusion, len(PHYSICS_NAMES), len(QUALITY_NAMES), k)
+        learned = any(p.requires_grad for p in self.gate.parameters())
+        # [phys, qual, log s^2, prediction] -> log model-error variance
+        self.variance_head = mlp(len(PHYSICS_NAMES) + len(QUALITY_NAMES) + 2, [32], 1) if variance_head and learned else None
         self.register_buffer("prepared", torch.tensor(False))
+        self.register_buffer("model_var", torch.zeros(k, bins.N_SNR_BINS))  # [K, 4] model-error variance
+        self.register_buffer("sigma_scale", torch.ones(bins.N_SNR_BINS))    # [4] validation recalibration
+        self.val_raw_z2 = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
         self.val_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.test_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.data_fingerprint: str | None = None
@@ -142,6 +168,7 @@ class GatedMoE(pl.LightningModule):
         self.physics.load_state_dict(prepared.physics.state_dict())
         self.phys_scaler.load_state_dict(prepared.phys_scaler.state_dict())
         self.qual_scaler.load_state_dict(prepared.qual_scaler.state_dict())
+        self.model_var.copy_(torch.as_tensor(prepared.model_var, dtype=self.model_var.dtype))
         self.data_fingerprint = prepared.data_fingerprint
         self.prepared.fill_(True)
 
@@ -195,22 +222,38 @@ class GatedMoE(pl.LightningModule):
         w = gate.weights
         k = self.experts.n_experts
         mu = x["proj"][:, :k]
-        var = self.hparams.noise_level**2 * x["var"][:, :k]
+        snr_bin = batch["snr_bin"]
+        noise_var = self.hparams.noise_level**2 * x["var"][:, :k]
         pred = (w * mu).sum(-1)
-        sigma = ((w * (var + mu.square())).sum(-1) - pred.square()).clamp_min(0).sqrt()
-        return MoEOutput(pred, sigma, w, mu, gate_entropy(w), gate.tau, x["proj"][:, k])
+        noise_s2 = ((w * (noise_var + mu.square())).sum(-1) - pred.square()).clamp_min(1e-12)
+        log_model_var = None
+        if self.variance_head is not None:
+            head_in = torch.cat([phys, qual, noise_s2.detach().log()[:, None], pred.detach()[:, None] - 3.0], dim=-1)
+            log_model_var = self.variance_head(head_in).squeeze(-1).clamp(-20, 10)
+            spread = (noise_s2 + log_model_var.exp()).sqrt()
+        else:
+            var = noise_var + self.model_var.T[snr_bin]
+            spread = ((w * (var + mu.square())).sum(-1) - pred.square()).clamp_min(1e-12).sqrt()
+        return MoEOutput(pred, spread * self.sigma_scale[snr_bin], w, mu, gate_entropy(w), gate.tau, x["proj"][:, k],
+                         spread, noise_s2.sqrt(), log_model_var)
 
     # ---- steps -----------------------------------------------------------------------------
     def _loss(self, out: MoEOutput, batch: dict) -> dict[str, torch.Tensor]:
         mse = F.mse_loss(out.pred, batch["log_g"])
         ent = out.entropy.mean()
-        return {"loss": mse + self.hparams.entropy_weight * ent, "mse": mse, "entropy": ent}
+        losses = {"loss": mse + self.hparams.entropy_weight * ent, "mse": mse, "entropy": ent}
+        if out.log_model_var is not None:  # the head learns the residual of the (detached) prediction
+            var = out.noise_spread.detach().square() + out.log_model_var.exp()
+            r2 = (out.pred.detach() - batch["log_g"]).square()
+            nll = (0.5 * (var.log() + r2 / var) * var.detach().sqrt()).mean()  # beta-NLL, beta = 0.5
+            losses |= {"loss": losses["loss"] + self.hparams.nll_weight * nll, "nll": nll}
+        return losses
 
     def training_step(self, batch: dict, batch_idx: int):
         out = self(batch)
         losses = self._loss(out, batch)
         self.log("train/loss", losses["loss"], batch_size=out.pred.shape[0], prog_bar=True)
-        self.log_dict({"train/mse": losses["mse"], "train/entropy": losses["entropy"]}, batch_size=out.pred.shape[0])
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=out.pred.shape[0])
         if isinstance(self.gate, ProductGate):
             self.log_dict({"train/beta": self.gate.beta, "train/gamma": self.gate.gamma}, batch_size=out.pred.shape[0])
         return losses["loss"] if losses["loss"].requires_grad else None
@@ -219,15 +262,22 @@ class GatedMoE(pl.LightningModule):
         out = self(batch)
         route = self.route(batch)
         oracle = out.expert_preds.gather(1, route[:, None]).squeeze(1)
-        metrics.update(out.pred, oracle, out.global_pred, batch["log_g"], out.entropy, batch["snr_bin"], batch["phys_bin"], out.tau)
+        metrics.update(out.pred, oracle, out.global_pred, batch["log_g"], out.entropy, batch["snr_bin"], batch["phys_bin"],
+                       out.tau, out.sigma)
         self.log(f"{prefix}/loss", self._loss(out, batch)["mse"], batch_size=out.pred.shape[0], prog_bar=prefix == "val")
         return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self._eval_step(batch, self.val_metrics, "val")
+        raw_z2 = ((out.pred - batch["log_g"]) / out.spread.clamp_min(1e-12)).square()
+        for i, m in enumerate(self.val_raw_z2):
+            sel = batch["snr_bin"] == i
+            if sel.any():
+                m.update(raw_z2[sel])
         if sum(len(b["snr"]) for b in self._fig_buffer) < MAX_FIGURE_SAMPLES:
             self._fig_buffer.append({"snr": batch["snr"].detach().cpu(), "entropy": out.entropy.detach().cpu(),
-                                     "weights": out.weights.detach().cpu()})
+                                     "weights": out.weights.detach().cpu(), "snr_bin": batch["snr_bin"].detach().cpu(),
+                                     "z": ((out.pred - batch["log_g"]) / out.sigma).detach().cpu()})
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
@@ -248,6 +298,7 @@ class GatedMoE(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_split(self.val_metrics, "val")
+        self._recalibrate()
         buf, self._fig_buffer = self._fig_buffer, []
         if not buf or not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking:
             return
@@ -259,6 +310,14 @@ class GatedMoE(pl.LightningModule):
         fig = entropy_vs_snr(torch.cat([b["snr"] for b in buf]).numpy(), torch.cat([b["entropy"] for b in buf]).numpy(),
                              weights.shape[1], title=f"Gate entropy vs SNR ({self.hparams.fusion}, epoch {self.current_epoch})")
         tb.add_figure("val/entropy_vs_snr", fig, global_step=self.global_step, close=True)
+
+    @torch.no_grad()
+    def _recalibrate(self) -> None:
+        """Set each SNR bin's sigma factor to the RMS of this validation epoch's raw z (synced across ranks)."""
+        for i, m in enumerate(self.val_raw_z2):
+            if float(m.weight) > 0 and not (self._trainer is not None and self.trainer.sanity_checking):
+                self.sigma_scale[i] = m.compute().sqrt().to(self.sigma_scale.dtype)
+            m.reset()
 
     def on_test_epoch_end(self) -> None:
         self._log_split(self.test_metrics, "test")

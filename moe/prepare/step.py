@@ -4,7 +4,8 @@
 family: the fitted expert bundle (loaded from its fingerprinted cache or fitted, every
 family of the fit), the physics windows and PCA basis, the per-row gate-input caches of
 every split (which ``folder`` then streams) and the feature standardisation, fitted on the
-first ``feature_rows`` training rows with one fixed noise draw. It knows nothing of
+first ``feature_rows`` training rows with one fixed noise draw, and each expert's
+model-error variance per SNR bin on the validation split (:mod:`moe.experts.calibration`). It knows nothing of
 Lightning: the CLI and the experiments call it before a trainer runs and hand the result
 to :meth:`moe.gates.GatedMoE.load_prepared`.
 
@@ -26,6 +27,7 @@ from filelock import FileLock
 from moe.data.folder import SPLITS, SpectraFolder
 from moe.experts import groups
 from moe.experts.bundle import ExpertBundle, bundle_path, load_or_fit
+from moe.experts.calibration import model_error_variance
 from moe.experts.fit import FitConfig
 from moe.experts.module import RidgeExperts
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
@@ -63,6 +65,7 @@ class Prepared:
     physics: PhysicsFeatures     # windows of the data's grid, PCA basis
     phys_scaler: Standardizer
     qual_scaler: Standardizer
+    model_var: np.ndarray        # [K, 4] each expert's model-error variance per SNR bin (validation)
     inputs: dict[str, dict[int, Path]]
     data_fingerprint: str
 
@@ -95,8 +98,23 @@ def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bo
     weight, bias = input_map(experts, global_expert, physics)
     inputs = attach_inputs(folder, weight, bias, physics.pixels, SPLITS, progress)
     phys_scaler, qual_scaler = fit_scalers(folder, physics, experts.n_experts, cfg.feature_rows)
-    return Prepared(bundle, cfg.family, experts, global_expert, physics, phys_scaler, qual_scaler, inputs,
+    model_var = validation_model_variance(folder, cfg.family, experts.n_experts)
+    return Prepared(bundle, cfg.family, experts, global_expert, physics, phys_scaler, qual_scaler, model_var, inputs,
                     folder.fingerprint_hash())
+
+
+def validation_model_variance(folder: SpectraFolder, family: str, n_experts: int) -> np.ndarray:
+    """Each expert's model-error variance [K, 4] per SNR bin, from the cached validation inputs
+    (:func:`moe.experts.calibration.model_error_variance`)."""
+    parts = {k: [] for k in ("y", "pred", "var", "group", "snr_bin")}
+    for batch in folder.stream("val", batch_size=4096, cached=True):
+        parts["y"].append(batch["log_g"].numpy())
+        parts["pred"].append(batch["proj"][:, :n_experts].numpy())
+        parts["var"].append(folder.noise_level**2 * batch["var"][:, :n_experts].numpy())
+        parts["group"].append(groups.group_of(family, batch["phys_bin"], batch["snr_bin"]).numpy())
+        parts["snr_bin"].append(batch["snr_bin"].numpy())
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    return model_error_variance(cat["y"], cat["pred"], cat["var"], cat["group"], cat["snr_bin"])
 
 
 def fit_scalers(folder: SpectraFolder, physics: PhysicsFeatures, n_experts: int,
