@@ -4,7 +4,8 @@
 - before the trainer runs, the preparation step (:func:`moe.prepare.prepare`) builds or loads
   the experts, feature windows, scalers and gate-input caches and hands them to the model
   (validate/test/predict with a checkpoint take them from the checkpoint instead);
-- a ModelCheckpoint on ``val/r2`` (max, plus ``last.ckpt``) and a per-star prediction CSV;
+- a ModelCheckpoint on ``val/r2`` (max, plus ``last.ckpt``) and the per-star catalogue of ``predict``
+  (``--data.predict_path``: any shards, labels optional; CSV or HDF5);
 - ``--test_after_fit true`` tests the best checkpoint right after ``fit``;
 - ``test``/``predict``/``validate`` print or write their results, and ``--ckpt_path best``
   works in a fresh process (the best checkpoint of the newest run under the log folder).
@@ -21,9 +22,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
-from moe.data.datamodule import SpectraDataModule
+from moe.data.datamodule import SpectraDataModule, check_grid
+from moe.data.shards import read_wave
 from moe.experts.bundle import ExpertsMismatchError, default_dir
-from moe.gates.callbacks import CSVPredictionWriter
+from moe.gates.callbacks import CatalogueWriter
 from moe.gates.checkpoints import read_checkpoint
 from moe.gates.module import GatedMoE, summary_table
 from moe.prepare import attach_inputs, prepare
@@ -55,7 +57,7 @@ class MoECLI(LightningCLI):
         parser.set_defaults({"checkpoint.monitor": "val/r2", "checkpoint.mode": "max", "checkpoint.save_last": True,
                              "checkpoint.filename": "epoch{epoch:02d}-val_r2{val/r2:.4f}",
                              "checkpoint.auto_insert_metric_name": False})
-        parser.add_lightning_class_args(CSVPredictionWriter, "predict_writer")
+        parser.add_lightning_class_args(CatalogueWriter, "predict_writer")
         parser.add_argument("--test_after_fit", type=bool, default=False, help="test the best checkpoint after fit")
 
     def _instantiate_trainer(self, config, callbacks):
@@ -76,6 +78,8 @@ class MoECLI(LightningCLI):
             ckpt = resolve_best_checkpoint(self.trainer.default_root_dir)
             cfg["ckpt_path"] = ckpt
             rank_zero_info(f"--ckpt_path best -> {ckpt}")
+        if self.subcommand == "predict":  # the catalogue is written batch by batch: keep nothing in memory
+            cfg["return_predictions"] = False
         state = read_checkpoint(ckpt)
         stored, here = state.get("moe_data_fingerprint"), self.datamodule.fingerprint_hash()
         if stored and stored != here:
@@ -83,6 +87,9 @@ class MoECLI(LightningCLI):
                                        "its experts do not belong to this data")
         self.model.load_state_dict(state["state_dict"])
         self.model.data_fingerprint = stored or here
+        if self.subcommand == "predict":
+            for path in self.datamodule.predict_set().paths:
+                check_grid(path, read_wave(path), self.model.physics.wave.cpu().numpy(), f"the checkpoint's ({ckpt})")
         splits = ("val",) if self.subcommand == "validate" else ("test",)
         attach_inputs(self.datamodule, *self.model.input_map(), self.model.physics.pixels, splits)
 

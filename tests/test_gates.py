@@ -173,8 +173,9 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
               "--predict_writer.output", str(pred_csv), *args[:-2]])
     rows = list(csv.DictReader(pred_csv.open()))
     assert len(rows) == 300
-    assert list(rows[0])[:7] == ["row", "log_g_pred", "log_g_sigma", "log_g_true", "snr", "snr_bin", "phys_bin"]
-    assert list(rows[0])[7:] == [f"w_{n}" for n in test.model.experts.names]
+    names = test.model.experts.names
+    assert list(rows[0]) == ["shard", "row", "mag", "snr", "snr_bin", "log_g_pred", "log_g_sigma",
+                             *(f"w_{n}" for n in names), *(f"pred_{n}" for n in names), "log_g_true"]
     assert abs(sum(float(rows[0][f"w_{n}"]) for n in test.model.experts.names) - 1) < 1e-4
     assert {r["snr_bin"] for r in rows} <= {"X", "L", "M", "H"}
 

@@ -4,7 +4,8 @@
   and workers (:mod:`moe.data.stream`); fresh noise ``noise_level * error * N(0,1)`` added
   in ``on_after_batch_transfer``, i.e. on the batch's device (the GPU when there is one);
 - val/test: pre-noised once with fixed seeds, cached next to the data (:mod:`moe.data.noise_cache`);
-- predict: the test split.
+- predict: the test split, or the spectra at ``predict_path`` (a folder of shards or shard
+  files; labels optional): taken as observed, i.e. used as they are, without added noise.
 
 Once the gate inputs of each split are cached per row (:meth:`SpectraFolder.attach_inputs`,
 done by the preparation step), the loaders read those instead of the spectra, and the
@@ -19,9 +20,37 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from pathlib import Path
+
+import numpy as np
+
 from moe.data.folder import SpectraFolder
-from moe.data.stream import SpectraStream
+from moe.data.shards import ShardError, read_wave
+from moe.data.stream import ShardSet, SpectraStream
 from moe.data.synth import SynthConfig
+
+
+def predict_files(paths: list[str]) -> list[Path]:
+    """Shard files named by ``paths``: files as given, folders searched (recursively) for ``*.h5``."""
+    files: list[Path] = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            found = sorted(p for p in entry.rglob("*.h5") if not p.name.startswith((".", "noisy_", "gate_inputs_")))
+            if not found:
+                raise ShardError(entry, "--data.predict_path: no *.h5 shard in this folder")
+            files += found
+        elif entry.is_file():
+            files.append(entry)
+        else:
+            raise ShardError(entry, "--data.predict_path: no such file or folder")
+    return files
+
+
+def check_grid(path: Path, wave: np.ndarray, expected: np.ndarray, whose: str) -> None:
+    """A shard's wavelength grid must be ``expected`` (same pixels, within 1e-6 A)."""
+    if wave.shape != expected.shape or not np.allclose(wave, expected, rtol=0, atol=1e-6):
+        raise ShardError(path, f"wavelength grid ({wave.size} px, {wave[0]:.2f}-{wave[-1]:.2f} A) differs from {whose} "
+                               f"({expected.size} px, {expected[0]:.2f}-{expected[-1]:.2f} A)")
 
 
 class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
@@ -41,18 +70,33 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
         cache_dir: where pre-noised copies and gate-input caches go (default: next to the shards).
         synth: generate this synthetic dataset in ``data_dir`` when it holds none; ``None``
             never generates (real data).
+        predict_path: spectra to predict: a folder (searched for ``*.h5`` shards), a shard file, or a list
+            of them (``[a.h5, b.h5]``);
+            default: the pre-noised test split. They must share the training data's pixel grid.
     """
 
     def __init__(self, data_dir: str = "data/synth", noise_level: float = 1.0, batch_size: int = 256,
                  num_workers: int = 0, block_rows: int = 2048, max_train_rows: int | None = None,
                  val_seed: int = 1234, test_seed: int = 5678, cache_dir: str | None = None,
-                 synth: SynthConfig | None = SynthConfig()):
+                 synth: SynthConfig | None = SynthConfig(), predict_path: str | list[str] | None = None):
         pl.LightningDataModule.__init__(self)
         self.save_hyperparameters()
         SpectraFolder.__init__(self, data_dir, noise_level, block_rows, max_train_rows, val_seed, test_seed,
                                cache_dir, synth)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
+        self.predict_path = [predict_path] if isinstance(predict_path, str) else predict_path
+        self._predict_set: ShardSet | None = None
+
+    def predict_set(self) -> ShardSet:
+        """The shards ``predict`` reads: those at ``predict_path`` (unlabelled allowed), else the test split."""
+        if not self.predict_path:
+            return self.test_set
+        if self._predict_set is None:
+            self._predict_set = ShardSet(predict_files(self.predict_path), labelled=False)
+            for path in self._predict_set.paths:
+                check_grid(path, read_wave(path), self.wave, "the training data's")
+        return self._predict_set
 
     def prepare_data(self) -> None:
         for split in ("val", "test"):
@@ -60,9 +104,12 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
 
     def stream(self, split: str, shuffle: bool | None = None, batch_size: int | None = None,
                cached: bool = False, num_workers: int | None = None) -> SpectraStream:
-        """:meth:`SpectraFolder.stream` with this module's batch size and workers as defaults."""
-        return super().stream(split, shuffle, batch_size or self.batch_size, cached,
-                              self.num_workers if num_workers is None else num_workers)
+        """:meth:`SpectraFolder.stream` with this module's batch size and workers as defaults
+        (``predict`` with a ``predict_path``: those spectra as they are)."""
+        bs, nw = batch_size or self.batch_size, self.num_workers if num_workers is None else num_workers
+        if split == "predict" and self.predict_path:
+            return SpectraStream(self.predict_set(), bs, self.noise_level, self.block_rows, num_workers=nw, ids=True)
+        return super().stream(split, shuffle, bs, cached, nw)
 
     def _loader(self, split: str) -> DataLoader:
         return DataLoader(self.stream(split, cached=True), batch_size=None, num_workers=self.num_workers,

@@ -149,7 +149,7 @@ class SpectraFolder:
                                  equalize_ranks=rank_world()[1] > 1, num_workers=num_workers, inputs=inputs)
         return SpectraStream(self.split_set(name), bs, self.noise_level, self.block_rows, shuffle=bool(shuffle),
                              noisy=self.noisy_caches(name) if inputs is None else None,
-                             num_workers=num_workers, inputs=inputs)
+                             num_workers=num_workers, inputs=inputs, ids=split == "predict")
 
     def add_noise(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """A clean batch made noisy: ``flux + noise_level * error * z``, or the same on its cached gate inputs."""

@@ -37,6 +37,9 @@ FLUX_KEY = "dataset/arrays/flux/value"
 ERROR_KEY = "dataset/arrays/error/value"
 PARAMS_KEY = "dataset/params"
 PARAM_COLUMNS = ("T_eff", "log_g", "M_H", "a_M", "C_M", "mag", "redshift", "snr")
+LABEL_COLUMNS = ("log_g", "T_eff", "M_H")
+# numeric columns of a parameter table that identify a star in a catalogue, when present
+ID_COLUMNS = ("objid", "catid", "fiberid", "ra", "dec", "mag")
 SHARD_FILE = "dataset.h5"
 SPLITS = ("train", "val", "test")
 
@@ -52,12 +55,12 @@ class ShardError(ValueError):
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """Cheap facts about one shard, read from metadata only."""
+    """Cheap facts about one shard, read from metadata only (``params_key`` None: no parameter table)."""
 
     path: Path
     n_rows: int
     n_pixels: int
-    params_key: str
+    params_key: str | None
 
 
 def _natural_key(path: Path) -> list:
@@ -90,8 +93,12 @@ def _params_key(path: Path) -> str:
     return keys[0]
 
 
-def inspect_shard(path: str | os.PathLike) -> ShardInfo:
-    """Check the layout (datasets present, shapes agree, columns present) without scanning rows."""
+def inspect_shard(path: str | os.PathLike, labelled: bool = True) -> ShardInfo:
+    """Check the layout (datasets present, shapes agree, columns present) without scanning rows.
+
+    ``labelled=False`` (spectra to predict) accepts a parameter table without the label columns,
+    or none at all.
+    """
     path = Path(path)
     if not path.is_file():
         raise ShardError(path, "file not found")
@@ -114,19 +121,29 @@ def inspect_shard(path: str | os.PathLike) -> ShardInfo:
             raise ShardError(path, f"{WAVE_KEY} has {wave.shape[0]} pixels but {FLUX_KEY} has {flux.shape[1]}")
         n_rows, n_pixels = flux.shape
         _check_wave(path, wave[()])
+    if n_rows == 0:
+        raise ShardError(path, "empty shard (0 rows)")
+    if not labelled and not _has_table(path):
+        return ShardInfo(path=path, n_rows=int(n_rows), n_pixels=int(n_pixels), params_key=None)
     key = _params_key(path)
     with pd.HDFStore(path, mode="r") as store:
         storer = store.get_storer(key)
         n_params = storer.nrows if getattr(storer, "nrows", None) is not None else len(store.select(key))
         cols = _storer_columns(store, key)
     missing = [c for c in PARAM_COLUMNS if c not in cols]
-    if missing:
+    if missing and labelled:
         raise ShardError(path, f"parameter table {key} is missing columns {missing}")
     if n_params != n_rows:
         raise ShardError(path, f"parameter table {key} has {n_params} rows but {FLUX_KEY} has {n_rows}")
-    if n_rows == 0:
-        raise ShardError(path, "empty shard (0 rows)")
     return ShardInfo(path=path, n_rows=int(n_rows), n_pixels=int(n_pixels), params_key=key)
+
+
+def _has_table(path: Path) -> bool:
+    try:
+        with pd.HDFStore(path, mode="r") as store:
+            return bool(store.keys())
+    except Exception:  # not readable as a pandas store: no table
+        return False
 
 
 def _storer_columns(store: pd.HDFStore, key: str) -> list[str]:
@@ -154,13 +171,13 @@ def read_wave(path: str | os.PathLike) -> np.ndarray:
     return wave
 
 
-def read_params(path: str | os.PathLike, key: str | None = None) -> pd.DataFrame:
+def read_params(path: str | os.PathLike, key: str | None = None, labelled: bool = True) -> pd.DataFrame:
     """The shard's parameter table (N rows; small, read whole)."""
     path = Path(path)
     key = key or _params_key(path)
     df = pd.read_hdf(path, key)
     missing = [c for c in PARAM_COLUMNS if c not in df.columns]
-    if missing:
+    if missing and labelled:
         raise ShardError(path, f"parameter table {key} is missing columns {missing}")
     return df.reset_index(drop=True)
 
@@ -284,9 +301,10 @@ class ShardWriter:
         self._f[FLUX_KEY][start:stop] = flux
         self._f[ERROR_KEY][start:stop] = error
 
-    def set_params(self, params: pd.DataFrame) -> None:
+    def set_params(self, params: pd.DataFrame, labelled: bool = True) -> None:
+        """The parameter table (all of ``PARAM_COLUMNS``; ``labelled=False``: any columns, e.g. observations)."""
         missing = [c for c in PARAM_COLUMNS if c not in params.columns]
-        if missing:
+        if missing and labelled:
             raise ValueError(f"{self.path}: parameter table is missing columns {missing}")
         if len(params) != self.n_rows:
             raise ValueError(f"{self.path}: parameter table has {len(params)} rows, expected {self.n_rows}")
@@ -309,11 +327,11 @@ class ShardWriter:
 
 
 def write_shard(path: str | os.PathLike, wave: np.ndarray, flux: np.ndarray, error: np.ndarray,
-                params: pd.DataFrame) -> None:
-    """Write a whole in-memory shard atomically (tests, small files)."""
+                params: pd.DataFrame, labelled: bool = True) -> None:
+    """Write a whole in-memory shard atomically (tests, small files; ``labelled=False``: no labels needed)."""
     with ShardWriter(path, wave, flux.shape[0]) as w:
         w.write(0, np.asarray(flux, np.float32), np.asarray(error, np.float32))
-        w.set_params(params)
+        w.set_params(params, labelled)
 
 
 def iter_paths(paths: Sequence[str]) -> Iterator[Path]:

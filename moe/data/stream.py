@@ -32,9 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from moe.data import bins
 from moe.data.noise import snr as snr_of
 from moe.data.row_cache import read_rows
-from moe.data.shards import ShardInfo, inspect_shard, read_block, read_params
-
-LABELS = ("log_g", "T_eff", "M_H")
+from moe.data.shards import ID_COLUMNS, LABEL_COLUMNS as LABELS, ShardInfo, inspect_shard, read_block, read_params
 
 
 @dataclass(frozen=True)
@@ -48,10 +46,14 @@ class Block:
 
 
 class ShardSet:
-    """The shards of one split, their row counts and offsets; optionally capped at ``max_rows``."""
+    """The shards of one split, their row counts and offsets; optionally capped at ``max_rows``.
 
-    def __init__(self, files: Sequence[str | os.PathLike], max_rows: int | None = None):
-        infos = [inspect_shard(f) for f in files]
+    ``labelled=False`` (spectra to predict) accepts shards without labels or parameter table.
+    """
+
+    def __init__(self, files: Sequence[str | os.PathLike], max_rows: int | None = None, labelled: bool = True):
+        self.labelled = labelled
+        infos = [inspect_shard(f, labelled) for f in files]
         if not infos:
             raise ValueError("a ShardSet needs at least one shard")
         d = {i.n_pixels for i in infos}
@@ -73,6 +75,11 @@ class ShardSet:
     @property
     def paths(self) -> list[Path]:
         return [i.path for i in self.infos]
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, row within the shard) of split rows [N]."""
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        return shard, rows - self.offsets[shard]
 
     def slot_range(self, slot: int, n_slots: int) -> tuple[int, int]:
         """Split rows [lo, hi) owned by ``slot`` of ``n_slots``."""
@@ -109,13 +116,15 @@ class SpectraStream(IterableDataset):
 
     ``noisy`` maps shard index -> path of a pre-noised cache (val/test); its ``flux`` and
     ``snr`` replace the clean flux and the computed SNR. ``inputs`` maps shard index -> path
-    of a gate-input cache, whose arrays (and ``snr``) replace flux and error altogether.
+    of a gate-input cache, whose arrays (and ``snr``) replace flux and error altogether. With
+    ``ids`` batches also carry the parameter table's numeric id columns (``id_objid``, ``id_mag``...).
     Train batches are clean; the DataModule adds fresh noise after the transfer to the device.
     """
 
     def __init__(self, shards: ShardSet, batch_size: int, noise_level: float, block_rows: int = 2048,
                  shuffle: bool = False, seed: int = 0, noisy: dict[int, Path] | None = None,
-                 equalize_ranks: bool = False, num_workers: int = 0, inputs: dict[int, Path] | None = None):
+                 equalize_ranks: bool = False, num_workers: int = 0, inputs: dict[int, Path] | None = None,
+                 ids: bool = False):
         self.shards = shards
         self.batch_size = int(batch_size)
         self.noise_level = float(noise_level)
@@ -124,15 +133,22 @@ class SpectraStream(IterableDataset):
         self.seed = int(seed)
         self.noisy = noisy or {}
         self.inputs = inputs or {}
+        self.ids = ids
         self.equalize_ranks = equalize_ranks
         self.num_workers = int(num_workers)
         self._iterations = 0
         self._labels: dict[int, dict[str, np.ndarray]] = {}
 
     def _shard_labels(self, k: int) -> dict[str, np.ndarray]:
+        """Labels (NaN where the table has none) and, with ``ids``, the numeric id columns (``id_*``) of shard k."""
         if k not in self._labels:
-            p = read_params(self.shards.infos[k].path, self.shards.infos[k].params_key)
-            self._labels[k] = {c: p[c].to_numpy(np.float64)[: self.shards.counts[k]] for c in LABELS}
+            info, n = self.shards.infos[k], int(self.shards.counts[k])
+            p = read_params(info.path, info.params_key, self.shards.labelled) if info.params_key else None
+            cols = {c: p[c].to_numpy(np.float64)[:n] if p is not None and c in p else np.full(n, np.nan) for c in LABELS}
+            if self.ids and p is not None:
+                cols |= {f"id_{c}": p[c].to_numpy()[:n] for c in ID_COLUMNS
+                         if c in p and np.issubdtype(p[c].dtype, np.number)}
+            self._labels[k] = cols
         return self._labels[k]
 
     def read(self, block: Block) -> dict[str, np.ndarray]:
@@ -156,7 +172,9 @@ class SpectraStream(IterableDataset):
         out["snr"] = snr.astype(np.float32)
         for c in LABELS:
             out[c] = lab[c][sl].astype(np.float32)
-        out["phys_bin"] = bins.phys_bin(lab["T_eff"][sl], lab["M_H"][sl])
+        out |= {c: v[sl] for c, v in lab.items() if c.startswith("id_")}
+        known = np.isfinite(lab["T_eff"][sl]) & np.isfinite(lab["M_H"][sl])
+        out["phys_bin"] = np.where(known, bins.phys_bin(lab["T_eff"][sl], lab["M_H"][sl]), -1)  # -1: no labels
         out["snr_bin"] = bins.snr_bin(snr)
         out["row"] = np.arange(block.offset, block.offset + (block.stop - block.start), dtype=np.int64)
         return out

@@ -1,59 +1,94 @@
-"""Lightning callbacks of the gate module: the per-star prediction CSV."""
+"""Lightning callbacks of the gate module: the per-star catalogue written by ``predict``."""
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from moe.data import bins
 
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+HDF5_KEY = "catalogue"
 
-class CSVPredictionWriter(BasePredictionWriter):
-    """Writes ``predict`` output as CSV: one row per star with log g, sigma, truth, SNR, bins and gate weights.
+
+class CatalogueWriter(BasePredictionWriter):
+    """Writes ``predict`` output as a catalogue, one row per star, chunk by chunk (memory stays flat).
+
+    Columns: ``shard`` (file), ``row`` (within the shard), the shard's numeric id columns
+    (``objid``, ``mag``, ... when present), ``snr``, ``snr_bin``, ``log_g_pred``, ``log_g_sigma``,
+    ``w_<expert>`` (gate weights), ``pred_<expert>`` (each expert's prediction) and ``log_g_true``
+    when the shards carry labels. CSV, or an HDF5 table readable with ``pandas.read_hdf(path)``
+    when ``output`` ends in ``.h5``. Written to a temporary name and renamed when prediction ends.
 
     Args:
-        output: CSV path; default ``<log_dir>/predictions.csv`` (``.rank{r}`` added under DDP).
-            Written to a temp name and renamed when prediction ends.
+        output: catalogue path; default ``<log_dir>/predictions.csv`` (``.rank{r}`` added under DDP).
     """
 
     def __init__(self, output: str | None = None):
         super().__init__(write_interval="batch")
         self.output = output
-        self._file = None
-        self._writer = None
         self._path: Path | None = None
+        self._tmp: Path | None = None
+        self._labelled: bool | None = None
 
     def _target(self, trainer: pl.Trainer) -> Path:
         base = Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
         if trainer.world_size > 1:
-            base = base.with_suffix(f".rank{trainer.global_rank}.csv")
+            base = base.with_name(f"{base.stem}.rank{trainer.global_rank}{base.suffix}")
         return base
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._path = self._target(trainer)
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}")
-        self._file = open(self._tmp, "w", newline="")
-        self._writer = csv.writer(self._file)
-        names = [f"w_{n}" for n in pl_module.experts.names]
-        self._writer.writerow(["row", "log_g_pred", "log_g_sigma", "log_g_true", "snr", "snr_bin", "phys_bin", *names])
+        self._tmp.unlink(missing_ok=True)
+        dm = trainer.datamodule
+        self._shards = dm.predict_set() if hasattr(dm, "predict_set") else None
+        self._names = list(pl_module.experts.names)
+        self._labelled = None
+
+    def frame(self, prediction: dict) -> pd.DataFrame:
+        """One batch of predictions as catalogue rows."""
+        p = {k: v.detach().cpu().numpy() for k, v in prediction.items()}
+        cols: dict[str, np.ndarray] = {}
+        if self._shards is not None:
+            shard, row = self._shards.locate(p["row"])
+            cols["shard"] = np.asarray([str(path) for path in self._shards.paths], dtype=object)[shard]
+            cols["row"] = row
+        else:
+            cols["row"] = p["row"]
+        cols |= {k[3:]: v for k, v in p.items() if k.startswith("id_")}
+        cols |= {"snr": p["snr"], "snr_bin": np.asarray(bins.SNR_BIN_NAMES)[p["snr_bin"]],
+                 "log_g_pred": p["log_g_pred"], "log_g_sigma": p["log_g_sigma"]}
+        cols |= {f"w_{n}": p["weights"][:, i] for i, n in enumerate(self._names)}
+        cols |= {f"pred_{n}": p["expert_preds"][:, i] for i, n in enumerate(self._names)}
+        if self._labelled is None:
+            self._labelled = bool(np.isfinite(p["log_g_true"]).any())
+        if self._labelled:
+            cols["log_g_true"] = p["log_g_true"]
+        return pd.DataFrame(cols)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
-        p = {k: v.detach().cpu() for k, v in prediction.items()}
-        w = p["weights"].tolist()
-        for i in range(len(p["row"])):
-            self._writer.writerow([int(p["row"][i]), f"{float(p['log_g_pred'][i]):.6f}", f"{float(p['log_g_sigma'][i]):.6f}",
-                                   f"{float(p['log_g_true'][i]):.6f}", f"{float(p['snr'][i]):.4f}",
-                                   bins.SNR_BIN_NAMES[int(p["snr_bin"][i])], bins.PHYS_BIN_NAMES[int(p["phys_bin"][i])],
-                                   *(f"{x:.6f}" for x in w[i])])
+        df = self.frame(prediction)
+        if self._path.suffix.lower() in HDF5_SUFFIXES:
+            longest = max((len(str(p)) for p in self._shards.paths), default=1) if self._shards is not None else 1
+            with pd.HDFStore(self._tmp, mode="a") as store:
+                store.append(HDF5_KEY, df, format="table", index=False,
+                             min_itemsize={"shard": longest, "snr_bin": 1} if "shard" in df else {"snr_bin": 1})
+        else:
+            df.to_csv(self._tmp, mode="a", header=not self._tmp.exists(), index=False, float_format="%.7g")
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self._tmp is not None and self._tmp.exists():
             os.replace(self._tmp, self._path)
-            self._file = None
-            print(f"predictions written to {self._path}")
+            print(f"catalogue written to {self._path}")
+        self._tmp = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)

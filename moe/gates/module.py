@@ -283,10 +283,14 @@ class GatedMoE(pl.LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Per star: split row, prediction, sigma, truth (NaN when unknown), SNR and bins, gate weights,
+        each expert's prediction, entropy, and the shard's numeric id columns (``id_*``)."""
         out = self(batch)
+        ids = {k: v for k, v in batch.items() if k.startswith("id_")}
         return {"row": batch["row"], "log_g_pred": out.pred, "log_g_sigma": out.sigma, "log_g_true": batch["log_g"],
                 "T_eff": batch["T_eff"], "M_H": batch["M_H"], "snr": batch["snr"], "snr_bin": batch["snr_bin"],
-                "phys_bin": batch["phys_bin"], "weights": out.weights, "entropy": out.entropy}
+                "phys_bin": batch["phys_bin"], "weights": out.weights, "expert_preds": out.expert_preds,
+                "entropy": out.entropy, **ids}
 
     # ---- epoch ends --------------------------------------------------------------------------
     def _log_split(self, metrics: SplitMetrics, prefix: str) -> dict[str, float]:

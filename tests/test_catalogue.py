@@ -1,0 +1,71 @@
+"""``predict`` as a catalogue: any shards, labels optional, CSV or HDF5, the checkpoint's grid enforced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moe.cli import cli_main
+from moe.data.shards import ShardError, find_split, read_block, read_params, read_wave, write_shard
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "dual_tower.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("catalogue")
+    args = ["--data.data_dir", tiny_dir, "--data.synth", "null", "--model.expert_min_samples", "10",
+            "--model.feature_rows", "600", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
+            "false"]
+    cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_epochs", "1", *args])
+    return root, args, Path(cli.trainer.checkpoint_callback.best_model_path), cli.model.experts.names
+
+
+def _unlabelled_copy(src: Path, dst: Path, wave: np.ndarray | None = None) -> Path:
+    """The shard at ``src`` without labels, with an ``objid`` column (and optionally another grid)."""
+    flux, error = read_block(src, 0, read_params(src).shape[0])
+    params = read_params(src).drop(columns=["log_g", "T_eff", "M_H"])
+    params.insert(0, "objid", np.arange(len(params), dtype=np.int64) + 10_000)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_shard(dst, read_wave(src) if wave is None else wave, flux, error, params, labelled=False)
+    return dst
+
+
+def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
+    root, args, ckpt, names = trained
+    shard = _unlabelled_copy(find_split(tiny_dir, "test")[0], tmp_path / "obs" / "night1.h5")
+    out = tmp_path / "catalogue.h5"
+    cli_main(["predict", "--config", CONFIG, "--ckpt_path", str(ckpt), "--data.predict_path", str(shard.parent),
+              "--predict_writer.output", str(out), *args])
+    cat = pd.read_hdf(out)
+    assert len(cat) == 300 and list(cat["row"]) == list(range(300)) and set(cat["shard"]) == {str(shard)}
+    assert list(cat.columns) == ["shard", "row", "objid", "mag", "snr", "snr_bin", "log_g_pred", "log_g_sigma",
+                                 *(f"w_{n}" for n in names), *(f"pred_{n}" for n in names)]  # no labels: no truth
+    assert (cat["objid"] == np.arange(300) + 10_000).all()
+    assert np.isfinite(cat["log_g_pred"]).all() and (cat["log_g_sigma"] > 0).all()
+    np.testing.assert_allclose(cat[[f"w_{n}" for n in names]].sum(1), 1, atol=1e-5)
+    assert not list(out.parent.glob(".*tmp*"))
+
+
+def test_catalogue_csv_of_labelled_shard_files(trained, tiny_dir, tmp_path):
+    root, args, ckpt, names = trained
+    shards = find_split(tiny_dir, "train")[:2]
+    out = tmp_path / "cat.csv"
+    cli_main(["predict", "--config", CONFIG, "--ckpt_path", str(ckpt), "--data.predict_path", f"[{shards[0]}, {shards[1]}]", "--predict_writer.output", str(out), *args])
+    cat = pd.read_csv(out)
+    assert len(cat) == 800 and cat["shard"].nunique() == 2 and "log_g_true" in cat
+    truth = read_params(shards[1])["log_g"].to_numpy()
+    second = cat[cat["shard"] == str(shards[1])]
+    np.testing.assert_allclose(second["log_g_true"], truth[second["row"]], rtol=2e-6)  # float32, 7 digits
+
+
+def test_catalogue_refuses_another_pixel_grid(trained, tiny_dir, tmp_path):
+    root, args, ckpt, _ = trained
+    src = find_split(tiny_dir, "test")[0]
+    shifted = _unlabelled_copy(src, tmp_path / "other.h5", read_wave(src) + 5.0)
+    with pytest.raises(ShardError, match=r"other\.h5: wavelength grid .* differs from"):
+        cli_main(["predict", "--config", CONFIG, "--ckpt_path", str(ckpt), "--data.predict_path", str(shifted),
+                  "--predict_writer.output", str(tmp_path / "x.csv"), *args])
