@@ -8,7 +8,9 @@ Steps, as a user runs them on a fresh folder (shards of 200k rows, val 5k, test 
 2. experts   -- ``python -m moe.experts fit`` (one streamed pass, the alpha sweep, validation);
 3. caches    -- pre-noised val/test copies and every split's per-row gate inputs (``moe.prepare.prepare``);
 4. gate epoch -- ``train.py fit`` for one epoch (concat gate, validation, checkpoint);
-5. predict   -- ``train.py predict`` of the test split from that checkpoint (CSV).
+5. predict   -- ``train.py predict`` of the test split from that checkpoint (CSV);
+6. catalogue -- ``train.py predict --data.predict_path`` over one 200k-row training shard, then over
+   all of them, taken as observations (HDF5 catalogues): peak RSS must not grow with the rows.
 
 Each step runs in a fresh process under a wrapper that reports its wall time and the
 step's peak RSS; later steps find what earlier ones cached. The last line is one JSON object.
@@ -45,7 +47,7 @@ def step(name: str, cmd: list[str]) -> dict:
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
         raise SystemExit(f"step {name} failed (exit {res['rc']}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
-    print(f"{name:<12}{res['wall_s']:>10.1f} s{res['rss_mb']:>10.0f} MB", flush=True)
+    print(f"{name:<14}{res['wall_s']:>10.1f} s{res['rss_mb']:>10.0f} MB", flush=True)
     return res
 
 
@@ -61,7 +63,7 @@ def main() -> None:
     common = ["--data.data_dir", data, "--data.synth", "null", "--trainer.default_root_dir", logs,
               "--trainer.enable_progress_bar", "false"]
     print(f"pipeline at {a.rows} training rows x 4096 px in {data}")
-    print(f"{'step':<12}{'wall':>12}{'peak RSS':>13}")
+    print(f"{'step':<14}{'wall':>12}{'peak RSS':>13}")
     fig = {"rows": a.rows}
     fig["generate"] = step("generate", [py, "-c", GENERATE, data, str(a.rows)])
     fig["experts"] = step("experts", [py, "-m", "moe.experts", "fit", "--data", data])
@@ -69,6 +71,11 @@ def main() -> None:
     fig["gate_epoch"] = step("gate epoch", train + ["fit", *common, "--trainer.max_epochs", "1"])
     fig["predict"] = step("predict", train + ["predict", *common, "--ckpt_path", "best",
                                               "--predict_writer.output", str(Path(data) / "predictions.csv")])
+    shards = sorted(str(p) for p in Path(data).glob("train_*/dataset.h5"))
+    for name, paths in (("catalogue 1", shards[:1]), (f"catalogue {len(shards)}", shards)):
+        fig[name] = step(name, train + ["predict", *common, "--ckpt_path", "best", "--data.predict_path",
+                                        "[" + ", ".join(paths) + "]",
+                                        "--predict_writer.output", str(Path(data) / f"catalogue{len(paths)}.h5")])
     print(json.dumps(fig))
 
 
