@@ -109,3 +109,66 @@ def test_experiment_writes_every_file(exp_dir, tmp_path, name):
 def test_settings_defaults():
     s = ExperimentSettings()
     assert s.data == "data/synth" and s.seeds == (42,)
+
+
+def test_r2_helpers_match_sklearn():
+    from sklearn.metrics import r2_score
+
+    from moe.experts.scores import r2, r2_from_sums, regression_metrics
+
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=500)
+    pred = y + rng.normal(0, 0.6, 500)
+    assert r2(y, pred) == pytest.approx(r2_score(y, pred), rel=1e-12)
+    assert regression_metrics(y, pred)["r2"] == pytest.approx(r2_score(y, pred), rel=1e-12)
+    sums = r2_from_sums([((pred - y) ** 2).sum(), 0.0], ((y - y.mean()) ** 2).sum(), y.size)
+    assert sums[0] == pytest.approx(r2_score(y, pred), rel=1e-12) and sums[1] == 1.0
+    assert np.isnan(r2(np.ones(5), np.zeros(5))) and np.isnan(r2(np.ones(1), np.ones(1))) and np.isnan(r2([], []))
+
+
+def test_every_method_has_one_palette_colour():
+    from moe.experiments import ceiling, dual_tower, snr_oracle
+    from moe.plots import method_colour
+
+    gates = [label for label, _, _ in dual_tower.METHODS]
+    assert len({method_colour(m) for m in gates}) == len(gates), "methods sharing a figure need distinct colours"
+    types = [*ceiling.TYPES, "OLS"]
+    assert len({method_colour(m) for m in types}) == len(types)
+    for label in (ceiling.GLOBAL, ceiling.RIDGE_ORACLE, ceiling.HYBRID, snr_oracle.GLOBAL, snr_oracle.ORACLE):
+        method_colour(label)
+    with pytest.raises(KeyError, match="no palette colour"):
+        method_colour("an unknown method")
+
+
+def test_figures_are_built_without_pyplot(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys
+import numpy as np
+from moe import plots
+rng = np.random.default_rng(0)
+snr = 10 ** rng.uniform(0, 1.5, 300)
+figs = [plots.entropy_vs_snr(snr, rng.uniform(0, 2, 300), 9),
+        plots.bar(["a", "b"], [0.1, -0.2], "R2", "t", hline=0.05, hline_label="line"),
+        plots.grouped_bar(["0", "1"], {"Ridge": [0.5, 0.6], "LightGBM": [0.4, np.nan]}, "R2", "t", star=["Ridge", None]),
+        plots.pred_vs_true(snr, snr, 1.0, snr, "SNR", log_color=True),
+        plots.heatmap(np.eye(2), ["a", "b"], ["c", "d"], "t", "v")]
+for i, fig in enumerate(figs):
+    plots.save(fig, f"{sys.argv[1]}/{i}.png")
+assert "matplotlib.pyplot" not in sys.modules, "moe.plots imported pyplot"
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False, capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert len(list(tmp_path.glob("*.png"))) == 5
+
+
+def test_heatmap_text_contrasts_with_its_cell():
+    from moe.plots import heatmap
+
+    fig = heatmap(np.array([[-1.0], [0.0], [1.0]]), ["low", "mid", "high"], ["d"], "t", "v", cmap="RdBu", center=0.0)
+    colours = [t.get_color() for t in fig.axes[0].texts]
+    assert colours[0] == "white" and colours[2] == "white" and colours[1] != "white"

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,8 @@ from sklearn.metrics import r2_score
 from sklearn.preprocessing import StandardScaler
 
 from moe.data import bins
-from moe.data.noise import add_noise_np, snr as snr_of
+from moe.data.noise import add_noise_np
+from moe.data.noise import snr as snr_of
 from moe.data.quality import quality_stats
 from moe.data.shards import find_split, inspect_shard, read_block, read_params
 
@@ -150,31 +151,18 @@ def run_checks(train: Split, val: Split, test: Split, noise_level: float = 1.0, 
 def spectra_figure(split: Split, wave: np.ndarray, path: str | os.PathLike,
                    teff: float = 4300.0, mh: float = 0.0, loggs: Sequence[float] = (1.5, 3.0, 4.5)) -> Path:
     """CaT and Na I regions of three stars near (teff, mh) with log g near each of ``loggs``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from moe.plots import save, spectra_regions
 
     p = split.params
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 2.2]})
-    for g, colour in zip(loggs, ("tab:red", "tab:green", "tab:blue")):
+    rows, labels = [], []
+    for g in loggs:
         dist = ((p["T_eff"] - teff) / 250.0) ** 2 + ((p["M_H"] - mh) / 0.25) ** 2 + ((p["log_g"] - g) / 0.3) ** 2
         i = int(np.argmin(dist.to_numpy()))
-        label = f"log g {p['log_g'][i]:.2f} (T_eff {p['T_eff'][i]:.0f} K, [M/H] {p['M_H'][i]:+.2f})"
-        for ax, (lo, hi) in zip(axes, ((8170.0, 8210.0), (8480.0, 8680.0))):
-            m = (wave >= lo) & (wave <= hi)
-            ax.plot(wave[m], split.flux[i, m], color=colour, lw=1.1, label=label)
-    axes[0].set_title("Na I 8183/8195")
-    axes[1].set_title("Ca II triplet 8498/8542/8662")
-    for ax in axes:
-        ax.set_xlabel("wavelength [Å]")
-        ax.set_ylabel("normalised flux")
-    axes[1].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        rows.append(split.flux[i])
+        labels.append(f"log g {p['log_g'][i]:.2f} (T_eff {p['T_eff'][i]:.0f} K, [M/H] {p['M_H'][i]:+.2f})")
+    fig = spectra_regions(wave, np.asarray(rows), labels,
+                          [(8170.0, 8210.0, "Na I 8183/8195"), (8480.0, 8680.0, "Ca II triplet 8498/8542/8662")])
+    return save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

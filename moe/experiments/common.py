@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,7 @@ import torch
 from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise_np
 from moe.data.synth import SynthConfig
-from moe.experts.evaluate import regression_metrics
+from moe.experts.scores import r2_from_sums
 from moe.plots import save as save_figure
 
 
@@ -44,24 +44,29 @@ class ExperimentSettings:
         return SpectraDataModule(self.data, noise_level=self.noise_level, max_train_rows=self.n_train, num_workers=0,
                                  synth=SynthConfig(), **kw)
 
+    @property
+    def memory_train_rows(self) -> int:
+        """Training rows an in-memory model gets: ``n_train`` capped by ``max_memory_rows``."""
+        return self.max_memory_rows if self.n_train is None else min(self.n_train, self.max_memory_rows)
+
 
 @dataclass
 class Arrays:
-    """Rows of one split in memory (experiments only; capped by ``max_memory_rows``)."""
+    """The first rows of one split in memory (N rows, D pixels), as the experiments' in-memory models use them."""
 
     flux: np.ndarray      # [N, D] noisy (train: one draw; val/test: the pre-noised copy)
     error: np.ndarray     # [N, D]
-    clean: np.ndarray | None
-    log_g: np.ndarray
-    teff: np.ndarray
-    mh: np.ndarray
-    snr: np.ndarray
-    phys_bin: np.ndarray
-    snr_bin: np.ndarray
+    clean: np.ndarray | None  # [N, D] noise-free train flux when asked for, else None
+    log_g: np.ndarray     # [N]
+    teff: np.ndarray      # [N]
+    mh: np.ndarray        # [N]
+    snr: np.ndarray       # [N]
+    phys_bin: np.ndarray  # [N]
+    snr_bin: np.ndarray   # [N]
 
 
 def load_arrays(dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0, keep_clean: bool = False) -> Arrays:
-    """Up to ``max_rows`` rows of ``split``; train rows get one noise draw (``seed``)."""
+    """The first ``max_rows`` rows of ``split``; train rows get one noise draw (``seed``)."""
     parts, have = [], 0
     stream = dm.stream(split, shuffle=False, batch_size=4096)
     for b in stream:
@@ -78,11 +83,12 @@ def load_arrays(dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0,
                   cat["M_H"].astype(np.float64), cat["snr"].astype(np.float64), cat["phys_bin"], cat["snr_bin"])
 
 
-metrics = regression_metrics
-
-
-def r2(y: np.ndarray, pred: np.ndarray) -> float:
-    return regression_metrics(y, pred)["r2"]
+def load_splits(dm: SpectraDataModule, settings: ExperimentSettings,
+                keep_clean: bool = False) -> tuple[Arrays, Arrays, Arrays]:
+    """Train, val and test in memory: train capped by ``settings.memory_train_rows`` with one noise
+    draw (the first seed), val and test by ``settings.max_memory_rows``."""
+    return (load_arrays(dm, "train", settings.memory_train_rows, seed=settings.seeds[0], keep_clean=keep_clean),
+            load_arrays(dm, "val", settings.max_memory_rows), load_arrays(dm, "test", settings.max_memory_rows))
 
 
 def bootstrap_delta_r2(y: np.ndarray, pred_a: Sequence[np.ndarray], pred_b: Sequence[np.ndarray], n_boot: int = 1000,
@@ -94,18 +100,18 @@ def bootstrap_delta_r2(y: np.ndarray, pred_a: Sequence[np.ndarray], pred_b: Sequ
     out = np.empty(n_boot)
     for i in range(n_boot):
         idx = rng.integers(0, y.size, y.size)
-        yi = y[idx]
-        sst = ((yi - yi.mean()) ** 2).sum()
-        ra = 1 - ((pa[:, idx] - yi) ** 2).sum(1) / sst
-        rb = 1 - ((pb[:, idx] - yi) ** 2).sum(1) / sst
-        out[i] = (ra - rb).mean()
+        y_boot = y[idx]
+        sst = ((y_boot - y_boot.mean()) ** 2).sum()
+        r2_a = r2_from_sums(((pa[:, idx] - y_boot) ** 2).sum(1), sst, y.size)  # [seeds]
+        r2_b = r2_from_sums(((pb[:, idx] - y_boot) ** 2).sum(1), sst, y.size)
+        out[i] = (r2_a - r2_b).mean()
     lo, hi = np.percentile(out, [2.5, 97.5])
     return float(lo), float(hi)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """A decision rule of the seed evaluated on a measured value.
+    """An experiment's decision rule evaluated on a measured value.
 
     ``inconclusive`` names why the measurement cannot carry a decision (a degenerate or
     unfinished run): such a verdict is neither PASS nor FAIL, whatever the value.

@@ -20,11 +20,32 @@ import torch
 
 from moe.data import bins
 from moe.data.quality import QUALITY_NAMES, QUALITY_SUBSET5
-from moe.experiments.common import ExperimentSettings, Report, Verdict, bootstrap_delta_r2, r2, seed_mean_std
-from moe.experiments.gates import PATIENCE, GateRun, prepare_families, test_rows, train_gate
+from moe.experiments.common import (
+    ExperimentSettings,
+    Report,
+    Verdict,
+    bootstrap_delta_r2,
+    seed_mean_std,
+)
+from moe.experiments.gates import (
+    PATIENCE,
+    GateRun,
+    prepare_families,
+    test_rows,
+    train_gate,
+)
+from moe.experts.scores import r2
 from moe.experts.fit import FitConfig
 from moe.features import PHYSICS_NAMES
-from moe.plots import bar, grouped_bar, plt, pred_vs_true
+from moe.plots import (
+    GAIN,
+    LOSS,
+    bar,
+    entropy_vs_snr,
+    grouped_bar,
+    method_colour,
+    pred_vs_true,
+)
 
 EXPERIMENT_ID = "LOGG-DUAL-TOWER-01"
 # (label, fusion, expert family)
@@ -42,13 +63,10 @@ METHODS = (
 DUAL = "Dual-tower concat"
 FAMILIES = ("global", "phys", "snr", "cells")
 # feature groups dropped (held at their training mean) for the ablation of the concat gate
-ABLATIONS = {
-    "drop CaT (7)": [n for n in PHYSICS_NAMES if n.startswith("CaT")],
-    "drop Na I (2)": [n for n in PHYSICS_NAMES if n.startswith("NaI")],
-    "drop PCA (4)": [n for n in PHYSICS_NAMES if n.startswith("PCA")],
-    "drop quality (10)": list(QUALITY_NAMES),
-    "quality 5-subset": [n for n in QUALITY_NAMES if n not in QUALITY_SUBSET5],
-}
+_GROUPS = {"CaT": [n for n in PHYSICS_NAMES if n.startswith("CaT")], "Na I": [n for n in PHYSICS_NAMES if n.startswith("NaI")],
+           "PCA": [n for n in PHYSICS_NAMES if n.startswith("PCA")], "quality": list(QUALITY_NAMES)}
+ABLATIONS = {f"drop {group} ({len(names)})": names for group, names in _GROUPS.items()} | {
+    f"quality {len(QUALITY_SUBSET5)}-subset": [n for n in QUALITY_NAMES if n not in QUALITY_SUBSET5]}
 BOUNDARY = 0.1
 
 
@@ -70,7 +88,7 @@ def run(settings: ExperimentSettings) -> dict:
             results[label].append(train_gate(dm, prepared[family], label, fusion, seed, settings.epochs))
     oracle = np.mean([r.pred for r in results["Oracle (9 bins)"]], 0)
     glob = np.mean([r.pred for r in results["Global Ridge"]], 0)
-    r2_o, r2_g = r2(y, oracle), r2(y, glob)
+    r2_oracle, r2_global = r2(y, oracle), r2(y, glob)
 
     # ---- headline and slices -------------------------------------------------------------------
     rows, snr_rows, phys_rows, ent_rows = [], [], [], []
@@ -81,7 +99,7 @@ def run(settings: ExperimentSettings) -> dict:
         per_seed = [r2(y, r.pred) for r in res]
         pred = np.mean([r.pred for r in res], 0)
         rows.append({"method": label, "experts": family, "r2": float(np.mean(per_seed)), "r2_seeds": seed_mean_std(per_seed),
-                     "rho": (float(np.mean(per_seed)) - r2_g) / (r2_o - r2_g), "r2_boundary": r2(y[edge], pred[edge]),
+                     "rho": (float(np.mean(per_seed)) - r2_global) / (r2_oracle - r2_global), "r2_boundary": r2(y[edge], pred[edge]),
                      "r2_interior": r2(y[~edge], pred[~edge]), "mae": float(np.abs(pred - y).mean()),
                      "val_r2": float(np.mean([r.val_r2 for r in res])),
                      "best_epoch": float(np.mean([r.best_epoch for r in res])),
@@ -116,10 +134,10 @@ def run(settings: ExperimentSettings) -> dict:
     d_low = [r2(y[low], a.pred[low]) - r2(y[low], b.pred[low]) for a, b in zip(dual, phys_only)]
     ci = bootstrap_delta_r2(y, [r.pred for r in dual], [r.pred for r in phys_only])
     best_dual = table[table.method.str.startswith("Dual")].sort_values("r2").iloc[-1]
-    why = inconclusive_reason(results, r2_g, y)
+    why = inconclusive_reason(results, r2_global, y)
     verdicts = [
         Verdict("Dual tower beats the phys-only gate by >= 0.005?", float(np.mean(d_all)), ">=", 0.005,
-                "continue to MVP-4.1 (factorised gates)", "no stacking gain at the 0.005 level", why),
+                "continue to factorised gates", "no stacking gain at the 0.005 level", why),
         Verdict("Low SNR (<= 4) improves by >= 0.01?", float(np.mean(d_low)), ">=", 0.01,
                 "the quality gate is useful where it should be", "no low-SNR gain from the quality tower", why),
         Verdict("Dual tower at least as good as phys-only (Delta R2 >= 0)?", float(np.mean(d_all)), ">=", 0.0,
@@ -129,7 +147,7 @@ def run(settings: ExperimentSettings) -> dict:
     rep.text("Headline", f"Delta R^2 (dual concat - phys-only) = {seed_mean_std(d_all)}; paired bootstrap 95% CI "
                          f"[{ci[0]:+.4f}, {ci[1]:+.4f}]. At SNR <= 4: {seed_mean_std(d_low)}. Best dual-tower fusion: "
                          f"{best_dual.method} (R^2 {best_dual.r2:.4f}, rho {best_dual.rho:.3f}). rho = (R2 - R2_global) / "
-                         f"(R2_oracle - R2_global) with R2_oracle = {r2_o:.4f} (9 bins) and R2_global = {r2_g:.4f}.")
+                         f"(R2_oracle - R2_global) with R2_oracle = {r2_oracle:.4f} ({bins.N_PHYS_BINS} bins) and R2_global = {r2_global:.4f}.")
     rep.table("comparison", table, "All methods on the test split",
               f"Boundary: within {BOUNDARY:.0%} of a bin width of a T_eff or M_H edge ({int(edge.sum())} of {edge.size} spectra). "
               f"Training: {n_train} spectra, a fresh noise draw every epoch, up to {settings.epochs} epochs "
@@ -143,28 +161,35 @@ def run(settings: ExperimentSettings) -> dict:
     rep.table("towers", towers, "The two towers of the logit-add gate")
 
     labels = [m[0] for m in METHODS]
-    colors = ["tab:gray", "tab:orange", "tab:orange"] + ["tab:blue"] * 4 + ["tab:purple", "tab:green"]
     rep.figure("dual_tower_comparison.png",
                bar([s.replace("Dual-tower ", "").replace(" gate", "") for s in labels], list(table.r2), "test R²",
-                   "Gates over frozen Ridge experts", hline=r2_o, hline_label=f"oracle R² {r2_o:.3f}", colors=colors),
-               "Test R² per method (blue: dual-tower fusions; green: oracle routing).")
+                   "Gates over frozen Ridge experts", colors=[method_colour(m) for m in labels], hline=r2_oracle,
+                   hline_label=f"oracle R² {r2_oracle:.3f}"),
+               "Test R² per method (concat, logit-add, product, temperature: the dual-tower fusions).")
     show = ["Global Ridge", "Phys-only gate", "Quality-only gate", DUAL, "Oracle (9 bins)"]
+    snr_order = "HMLX"
+    snr_groups = [bins.SNR_BIN_LABELS[bins.SNR_BIN_NAMES.index(n)] for n in snr_order]
     rep.figure("dual_tower_persnr_r2.png",
-               grouped_bar(["H (>7)", "M (4-7)", "L (2-4)", "X (<=2)"],
-                           {m: [float(snr_table.set_index("method").loc[m, f"r2_{n}"]) for n in "HMLX"] for m in show},
-                           "test R² within the bin", "R² per SNR bin", counts=[counts[n] for n in "HMLX"]),
+               grouped_bar(snr_groups, {m: [float(snr_table.set_index("method").loc[m, f"r2_{n}"]) for n in snr_order]
+                                        for m in show},
+                           "test R² within the bin", "R² per SNR bin", counts=[counts[n] for n in snr_order],
+                           xlabel="SNR bin", figsize=(7.5, 5.2)),
                "R² inside each SNR bin for the key methods; n = test spectra per bin.")
     dual_pred = np.mean([r.pred for r in dual], 0)
     rep.figure("dual_tower_pred_vs_true.png",
-               pred_vs_true(y, dual_pred, test["snr"], "SNR", "Dual-tower concat: predicted vs true", log_color=True),
-               "Dual-tower (concat) predictions against true log g, coloured by SNR.")
-    rep.figure("dual_tower_entropy_vs_snr.png", _entropy_heatmap(test["snr"], np.mean([r.entropy for r in dual], 0), 9),
-               "Gate entropy against SNR for the dual-tower concat gate: density, median per SNR bin, and the maximum ln 9.")
+               pred_vs_true(y, dual_pred, r2(y, dual_pred), test["snr"], "SNR", f"{DUAL}: predicted vs true",
+                            log_color=True),
+               f"{DUAL} predictions (mean over seeds) against true log g, coloured by SNR.")
+    n_experts = dual[0].weights.shape[1]
+    rep.figure("dual_tower_entropy_vs_snr.png",
+               entropy_vs_snr(test["snr"], np.mean([r.entropy for r in dual], 0), n_experts, f"{DUAL} gate: entropy vs SNR"),
+               f"Gate entropy against SNR for the {DUAL} gate (mean over seeds): density of test spectra, median per "
+               f"SNR bin, SNR-bin edges, and the maximum ln {n_experts}.")
     rep.figure("dual_tower_ablation.png",
                bar(list(abl.ablation), list(abl.delta_r2), "ΔR² vs full dual-tower gate", "Feature ablation",
-                   hline=0.0, colors=["tab:red" if v < 0 else "tab:green" for v in abl.delta_r2],
-                   annotate=[f"{v:+.4f}" for v in abl.delta_r2]),
-               "Change in test R² when a feature group is dropped (or quality reduced to 5 statistics).")
+                   colors=[LOSS if v < 0 else GAIN for v in abl.delta_r2], annotate=[f"{v:+.4f}" for v in abl.delta_r2],
+                   legend={"R² rises without the group": GAIN, "R² falls without the group": LOSS}),
+               f"Change in test R² when a feature group is dropped (or quality reduced to {len(QUALITY_SUBSET5)} statistics).")
     rep.write(settings, dm, {"methods": [m[0] for m in METHODS], "n_train_rows": n_train, "fit": fit.key_dict()})
     return {"report": rep.out, "headline": table[["method", "r2", "rho"]], "verdicts": verdicts,
             "delta_r2": float(np.mean(d_all)), "ci": ci}
@@ -211,27 +236,3 @@ def _tower_analysis(run: GateRun, dm, y: np.ndarray) -> pd.DataFrame:
         {"quantity": "test R2, quality tower only (physics logits removed)", "value": r2_of(b)},
     ])
 
-
-def _entropy_heatmap(snr: np.ndarray, entropy: np.ndarray, k: int):
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ok = np.isfinite(snr) & (snr > 0)
-    hb = ax.hist2d(np.log10(snr[ok]), entropy[ok], bins=(40, 30), cmap="viridis", cmin=1)
-    fig.colorbar(hb[3], ax=ax).set_label("spectra")
-    centres, med = [], []
-    idx = bins.snr_bin(snr[ok])
-    for i, name in enumerate(bins.SNR_BIN_NAMES):
-        sel = idx == i
-        if sel.any():
-            centres.append(np.median(np.log10(snr[ok][sel])))
-            med.append(np.median(entropy[ok][sel]))
-            ax.annotate(name, (centres[-1], med[-1]), textcoords="offset points", xytext=(4, 6), color="white", fontsize=9)
-    ax.plot(centres, med, "o-", color="tab:red", label="median per SNR bin")
-    for e in (2.0, 4.0, 7.0):
-        ax.axvline(np.log10(e), color="white", lw=0.8, ls=":")
-    ax.axhline(np.log(k), color="white", ls="--", lw=0.8, label=f"max entropy ln {k}")
-    ax.set_xlabel("log10 SNR")
-    ax.set_ylabel("gate entropy [nats]")
-    ax.set_title("Dual-tower gate entropy vs SNR")
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    return fig

@@ -23,6 +23,7 @@ import torch
 from moe.data.folder import SpectraFolder
 from moe.experts.fit import FamilyFit, FitConfig, fit_families
 from moe.experts.module import RidgeExperts
+from moe.experts.scores import r2_from_sums
 
 log = logging.getLogger(__name__)
 BUNDLE_VERSION = 2
@@ -67,7 +68,7 @@ class ExpertBundle:
         for fam, f in self.families.items():
             for g, name in enumerate(f.names):
                 a = int(np.flatnonzero(alphas == f.alpha[g])[0])
-                r2 = 1 - f.val_sse[g, a] / f.val_sst[g] if f.n_val[g] > 1 and f.val_sst[g] > 0 else float("nan")
+                r2 = r2_from_sums(f.val_sse[g, a], f.val_sst[g], f.n_val[g])
                 rows.append({"family": fam, "expert": name, "n_train": int(f.n_train[g]), "n_val": int(f.n_val[g]),
                              "alpha": float(f.alpha[g]), "val_r2": float(r2), "fallback": f.fallback[g] if f.fallback else ""})
         return pd.DataFrame(rows)

@@ -20,6 +20,7 @@ from moe.data import bins
 from moe.data.folder import SpectraFolder
 from moe.experts import groups
 from moe.experts.bundle import ExpertBundle, fit_bundle
+from moe.experts.scores import regression_metrics
 
 
 @dataclass
@@ -55,18 +56,6 @@ def oracle_predictions(folder: SpectraFolder, bundle: ExpertBundle, split: str =
     cat = np.concatenate
     return OracleResult(cat(ys), cat(snr), cat(sb), cat(pb), {f: cat(v) for f, v in preds.items()},
                         {f: cat(v) for f, v in vars_.items()})
-
-
-def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """R^2, MAE, RMSE and count (R^2 is NaN below 2 samples or with constant truth)."""
-    y, pred = np.asarray(y, dtype=float), np.asarray(pred, dtype=float)
-    n = y.size
-    if n == 0:
-        return {"n": 0, "r2": float("nan"), "mae": float("nan"), "rmse": float("nan")}
-    res = pred - y
-    sst = float(((y - y.mean()) ** 2).sum())
-    r2 = 1 - float((res**2).sum()) / sst if n > 1 and sst > 0 else float("nan")
-    return {"n": int(n), "r2": r2, "mae": float(np.abs(res).mean()), "rmse": float(np.sqrt((res**2).mean()))}
 
 
 def oracle_table(res: OracleResult) -> pd.DataFrame:

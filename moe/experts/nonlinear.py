@@ -1,7 +1,8 @@
 """Non-linear per-bin experts for the ceiling sweep: LightGBM and a small 1D-CNN.
 
 Both take numpy arrays ``[N, D]`` and predict log g ``[N]``; neither is frozen into the
-gate module (they serve the Oracle-Hybrid study of MOE-CEILING-C1-01).
+gate module (they serve the Oracle-Hybrid study of MOE-CEILING-C1-01). :func:`fit_lgbm` is
+the one LightGBM builder of the project; the leakage audit calls it with its own parameters.
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
+# feature_fraction 0.3 is colsample_bytree, bagging 0.7 every iteration is subsample / subsample_freq
 LGBM_PARAMS = {"n_estimators": 500, "max_depth": 5, "learning_rate": 0.05, "num_leaves": 20, "colsample_bytree": 0.3,
                "subsample": 0.7, "subsample_freq": 1, "min_child_samples": 50, "reg_alpha": 1.0, "reg_lambda": 1.0}
 
 
-def fit_lgbm(x: np.ndarray, y: np.ndarray, seed: int = 0, device_type: str = "cpu", **overrides):
-    """LightGBM with the seed's parameters (feature_fraction 0.3 = colsample_bytree, bagging 0.7 = subsample)."""
+def fit_lgbm(x: np.ndarray, y: np.ndarray, seed: int = 0, device_type: str = "cpu", params: dict | None = None,
+             **options):
+    """A fitted ``lightgbm.LGBMRegressor``: ``params`` (default :data:`LGBM_PARAMS`) plus ``options``
+    (e.g. ``importance_type``), seeded, on ``device_type`` (cpu, gpu, cuda), 2 threads."""
     import lightgbm as lgb
 
-    params = LGBM_PARAMS | overrides
-    model = lgb.LGBMRegressor(**params, random_state=seed, n_jobs=2, verbose=-1, device_type=device_type)
+    model = lgb.LGBMRegressor(**(LGBM_PARAMS if params is None else params), **options, random_state=seed, n_jobs=2,
+                              verbose=-1, device_type=device_type)
     return model.fit(x, y)
 
 
@@ -62,7 +66,7 @@ class CNNExpert:
     history: list[float] = field(default_factory=list)
 
     def fit(self, clean: np.ndarray, error: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-            seed: int = 0) -> "CNNExpert":
+            seed: int = 0) -> CNNExpert:
         torch.manual_seed(seed)
         dev = torch.device(self.device)
         clean_t, err_t = torch.from_numpy(clean).float(), torch.from_numpy(error).float()
