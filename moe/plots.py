@@ -129,6 +129,41 @@ def entropy_vs_snr(snr: np.ndarray, entropy: np.ndarray, n_experts: int, title: 
     return fig
 
 
+SNR_BIN_COLOURS = {"X": VERMILLION, "L": ORANGE, "M": TEAL, "H": INDIGO}  # the four SNR bins, low to high
+
+
+def calibration(z: np.ndarray, snr_bin_index: np.ndarray, title: str = "Calibration of the per-star sigma") -> Figure:
+    """Observed coverage of the central interval +-q(p) sigma against its nominal probability p (a
+    calibrated Gaussian sigma lies on the diagonal), overall and per SNR bin; z = (pred - true) / sigma."""
+    from scipy.stats import norm
+
+    z, which = np.asarray(z, float), np.asarray(snr_bin_index)
+    ok = np.isfinite(z)
+    nominal = np.linspace(0.02, 0.99, 50)
+    half_width = norm.ppf(0.5 + nominal / 2)
+    fig = _figure((5.6, 5.2))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color=REFERENCE, ls="--", lw=1, label="calibrated (diagonal)")
+    for i, name in enumerate(SNR_BIN_NAMES):
+        sel = ok & (which == i)
+        if sel.sum() >= 10:
+            cover = (np.abs(z[sel])[:, None] <= half_width[None]).mean(0)
+            ax.plot(nominal, cover, color=SNR_BIN_COLOURS[name], lw=1.5,
+                    label=f"SNR {name} (n={int(sel.sum())}, z std {z[sel].std():.2f})")
+    if ok.any():
+        cover = (np.abs(z[ok])[:, None] <= half_width[None]).mean(0)
+        ax.plot(nominal, cover, color=BLACK, lw=2.2, label=f"all (n={int(ok.sum())}, z std {z[ok].std():.2f})")
+    for level in (0.683, 0.954):
+        ax.axvline(level, color=GREY, lw=0.8, ls=":")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("nominal coverage p of |z| <= q(p)   (dotted: 1 sigma, 2 sigma)")
+    ax.set_ylabel("observed coverage")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
 def bar(labels: Sequence[str], values: Sequence[float], ylabel: str, title: str, colors: Sequence[str] | str = GREY,
         hline: float | None = None, hline_label: str | None = None, annotate: Sequence[str] | None = None,
         legend: Mapping[str, str] | None = None, xlabel: str | None = None, wrap: int | None = None,

@@ -19,14 +19,15 @@ FIGURES = {
     "snr-oracle": ["snr_oracle_moe_comparison.png", "snr_oracle_moe_perbin_r2.png", "snr_oracle_moe_pred_vs_true.png",
                    "snr_oracle_moe_delta_heatmap.png"],
     "dual-tower": ["dual_tower_comparison.png", "dual_tower_persnr_r2.png", "dual_tower_pred_vs_true.png",
-                   "dual_tower_entropy_vs_snr.png", "dual_tower_ablation.png"],
+                   "dual_tower_entropy_vs_snr.png", "dual_tower_ablation.png", "dual_tower_calibration.png"],
     "ceiling": ["ceiling_perbin_expert_comparison.png", "ceiling_expert_selection_heatmap.png",
                 "ceiling_oracle_hybrid_vs_baseline.png", "ceiling_perbin_delta_r2.png", "ceiling_hybrid_pred_vs_true.png"],
 }
 TABLES = {
     "leakage": ["models.csv", "sanity_checks.csv", "importance_top40.csv"],
     "snr-oracle": ["headline.csv", "per_bin.csv", "alphas.csv"],
-    "dual-tower": ["comparison.csv", "per_snr.csv", "per_phys.csv", "entropy_confidence.csv", "ablation.csv", "towers.csv"],
+    "dual-tower": ["comparison.csv", "per_snr.csv", "per_phys.csv", "entropy_confidence.csv", "ablation.csv", "towers.csv",
+                   "calibration.csv"],
     "ceiling": ["per_bin.csv", "overall.csv", "ridge_alpha_sweep.csv"],
 }
 
@@ -60,7 +61,8 @@ def test_degenerate_or_unfinished_gate_runs_are_inconclusive():
 
     y = np.linspace(1, 5, 200)
     def run(pred, best, ran, most=5):
-        return GateRun("x", "concat", "phys", 0, pred, np.ones((200, 1)), np.zeros(200), 0.5, best, ran, most, None)
+        return GateRun("x", "concat", "phys", 0, pred, np.ones(200), np.ones((200, 1)), np.zeros(200), 0.5, best, ran,
+                       most, None)
     good = {"Dual-tower concat": [run(y + 0.1, 3, 5)], "Global Ridge": [run(y + 0.5, 0, 0)]}
     assert inconclusive_reason(good, 0.8, y) == ""
     bad = {"Dual-tower concat": [run(y[::-1], 3, 5)]}

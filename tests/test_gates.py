@@ -155,10 +155,11 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     # the run folder holds the fit's and the test's event files: read them all
     acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"histograms": 0, "images": 0, "scalars": 0}).Reload()
     scalars = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "val/r2", "val/entropy", "val/rho", "val/tau_snr_X", *(f"val/{m}_snr_{b}" for m in ("r2", "entropy") for b in "HMLX")):
+    for tag in ("train/loss", "train/nll", "val/r2", "val/entropy", "val/rho", "val/tau_snr_X", "val/z_std",
+                "val/coverage_1sigma", "val/coverage_2sigma_snr_X", *(f"val/{m}_snr_{b}" for m in ("r2", "entropy") for b in "HMLX")):
         assert tag in scalars, tag
     assert "val/gate_weights" in acc.Tags()["histograms"]
-    assert "val/entropy_vs_snr" in acc.Tags()["images"]
+    assert "val/entropy_vs_snr" in acc.Tags()["images"] and "val/calibration" in acc.Tags()["images"]
     ckpts = list(Path(cli.trainer.log_dir, "checkpoints").glob("*.ckpt"))
     assert any(p.name == "last.ckpt" for p in ckpts) and any(p.name.startswith("epoch") for p in ckpts)
 

@@ -41,6 +41,7 @@ from moe.plots import (
     GAIN,
     LOSS,
     bar,
+    calibration,
     entropy_vs_snr,
     grouped_bar,
     method_colour,
@@ -159,6 +160,11 @@ def run(settings: ExperimentSettings) -> dict:
     rep.table("ablation", abl, "Feature ablation of the dual-tower concat gate",
               f"Delta R^2 against the full gate (R^2 {np.mean(full):.4f}); dropped standardised features are set to their training mean.")
     rep.table("towers", towers, "The two towers of the logit-add gate")
+    first_dual = dual[0]
+    z = (first_dual.pred - y) / first_dual.sigma
+    rep.table("calibration", calibration_table(z, sb), f"Calibration of the per-star sigma ({DUAL}, seed {first_dual.seed})",
+              "z = (predicted - true log g) / sigma on the test split; a calibrated Gaussian sigma gives z std 1, "
+              "68.3% of |z| <= 1 and 95.4% of |z| <= 2.")
 
     labels = [m[0] for m in METHODS]
     rep.figure("dual_tower_comparison.png",
@@ -190,9 +196,23 @@ def run(settings: ExperimentSettings) -> dict:
                    colors=[LOSS if v < 0 else GAIN for v in abl.delta_r2], annotate=[f"{v:+.4f}" for v in abl.delta_r2],
                    legend={"R² rises without the group": GAIN, "R² falls without the group": LOSS}),
                f"Change in test R² when a feature group is dropped (or quality reduced to {len(QUALITY_SUBSET5)} statistics).")
+    rep.figure("dual_tower_calibration.png", calibration(z, sb, f"{DUAL}: calibration of sigma (test)"),
+               "Observed against nominal coverage of the intervals ±q(p)·σ on the test split, overall and per SNR bin; "
+               "the diagonal is perfect calibration.")
     rep.write(settings, dm, {"methods": [m[0] for m in METHODS], "n_train_rows": n_train, "fit": fit.key_dict()})
     return {"report": rep.out, "headline": table[["method", "r2", "rho"]], "verdicts": verdicts,
             "delta_r2": float(np.mean(d_all)), "ci": ci}
+
+
+def calibration_table(z: np.ndarray, snr_bin: np.ndarray) -> pd.DataFrame:
+    """z std and 1/2-sigma coverage overall and per SNR bin (rows: all, H, M, L, X)."""
+    rows = []
+    for name, sel in [("all", np.ones_like(z, dtype=bool))] + [(n, snr_bin == i) for i, n in
+                                                             reversed(list(enumerate(bins.SNR_BIN_NAMES)))]:
+        rows.append({"slice": name, "n": int(sel.sum()), "z_std": float(z[sel].std()),
+                     "coverage_1sigma": float((np.abs(z[sel]) <= 1).mean()),
+                     "coverage_2sigma": float((np.abs(z[sel]) <= 2).mean())})
+    return pd.DataFrame(rows)
 
 
 def inconclusive_reason(results: dict[str, list[GateRun]], r2_global: float, y: np.ndarray) -> str:

@@ -38,6 +38,7 @@ class GateRun:
     family: str
     seed: int
     pred: np.ndarray      # [N]
+    sigma: np.ndarray     # [N] per-star uncertainty
     weights: np.ndarray   # [N, K]
     entropy: np.ndarray   # [N] nats
     val_r2: float         # best validation R^2
@@ -94,7 +95,7 @@ def train_gate(dm: SpectraDataModule, prepared: Prepared, label: str, fusion: st
             best_epoch = epochs_run = 0
             ckpt = None
         out = trainer.predict(model, datamodule=dm, ckpt_path=ckpt)
-    cat = {k: torch.cat([o[k] for o in out]).numpy() for k in ("row", "log_g_pred", "weights", "entropy")}
+    cat = {k: torch.cat([o[k] for o in out]).numpy() for k in ("row", "log_g_pred", "log_g_sigma", "weights", "entropy")}
     order = np.argsort(cat["row"], kind="stable")  # stream order is file order; sort to be sure
-    return GateRun(label, fusion, prepared.family, seed, cat["log_g_pred"][order], cat["weights"][order],
-                   cat["entropy"][order], val_r2, best_epoch, epochs_run, epochs, model)
+    return GateRun(label, fusion, prepared.family, seed, cat["log_g_pred"][order], cat["log_g_sigma"][order],
+                   cat["weights"][order], cat["entropy"][order], val_r2, best_epoch, epochs_run, epochs, model)

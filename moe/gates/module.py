@@ -306,7 +306,7 @@ class GatedMoE(pl.LightningModule):
         buf, self._fig_buffer = self._fig_buffer, []
         if not buf or not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking:
             return
-        from moe.plots import entropy_vs_snr
+        from moe.plots import calibration, entropy_vs_snr
 
         weights = torch.cat([b["weights"] for b in buf])
         tb = self.logger.experiment
@@ -314,6 +314,10 @@ class GatedMoE(pl.LightningModule):
         fig = entropy_vs_snr(torch.cat([b["snr"] for b in buf]).numpy(), torch.cat([b["entropy"] for b in buf]).numpy(),
                              weights.shape[1], title=f"Gate entropy vs SNR ({self.hparams.fusion}, epoch {self.current_epoch})")
         tb.add_figure("val/entropy_vs_snr", fig, global_step=self.global_step, close=True)
+        # z of this epoch's sigma (the factor refitted just now applies from the next epoch on)
+        fig = calibration(torch.cat([b["z"] for b in buf]).numpy(), torch.cat([b["snr_bin"] for b in buf]).numpy(),
+                          title=f"Calibration of sigma on validation ({self.hparams.fusion}, epoch {self.current_epoch})")
+        tb.add_figure("val/calibration", fig, global_step=self.global_step, close=True)
 
     @torch.no_grad()
     def _recalibrate(self) -> None:
