@@ -89,8 +89,13 @@ print(json.dumps({"sklearn_s": time.perf_counter() - t, "load_s": load_s, "rss_l
 
 
 def run(code: str, *args, env: dict | None = None) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True,
-                         env=None if env is None else os.environ | env)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=None if env is None else os.environ | env,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -118,42 +123,71 @@ def main() -> None:
 
     ours_total = ours["stats_s"] + ours["solve_s"] + ours["validate_s"]
     fig = {
-        "n": a.n, "stats_pass_s": ours["stats_s"], "solves_s": ours["solve_s"], "validate_s": ours["validate_s"],
-        "pca_s": ours["pca_s"], "ours_total_s": ours_total, "systems": ours["systems"],
-        "factorizations": ours["factorizations"], "cg_steps": ours["cg_steps"], "stats_pass_f32_s": ours32["stats_s"],
-        "bare_xtx_s": bare["bare_s"], "pass_over_bare": ours["stats_s"] / bare["bare_s"],
+        "n": a.n,
+        "stats_pass_s": ours["stats_s"],
+        "solves_s": ours["solve_s"],
+        "validate_s": ours["validate_s"],
+        "pca_s": ours["pca_s"],
+        "ours_total_s": ours_total,
+        "systems": ours["systems"],
+        "factorizations": ours["factorizations"],
+        "cg_steps": ours["cg_steps"],
+        "stats_pass_f32_s": ours32["stats_s"],
+        "bare_xtx_s": bare["bare_s"],
+        "pass_over_bare": ours["stats_s"] / bare["bare_s"],
         "pass_f32_over_bare": ours32["stats_s"] / bare["bare_s"],
-        "rss_mb_small": small["rss_mb"], "rss_mb_n": ours["rss_mb"], "rss_ratio": ours["rss_mb"] / small["rss_mb"],
-        "rss_mb_half": mid["rss_mb"], "rss_ratio_half": ours["rss_mb"] / mid["rss_mb"],
+        "rss_mb_small": small["rss_mb"],
+        "rss_mb_n": ours["rss_mb"],
+        "rss_ratio": ours["rss_mb"] / small["rss_mb"],
+        "rss_mb_half": mid["rss_mb"],
+        "rss_ratio_half": ours["rss_mb"] / mid["rss_mb"],
         "small": a.small,
     }
     if sk is not None:
         per_row = (sk["rss_mb"] - bare["rss_mb"]) / a.n
-        fig |= {"sklearn_s": sk["sklearn_s"], "sklearn_load_s": sk["load_s"], "ours_over_sklearn": ours_total / sk["sklearn_s"],
-                "sklearn_rss_mb": sk["rss_mb"], "sklearn_rss_1m_gb_est": (bare["rss_mb"] + per_row * 1_000_000) / 1024,
-                "sklearn_heap_s": sk_heap["sklearn_s"], "ours_over_sklearn_heap": ours_total / sk_heap["sklearn_s"]}
+        fig |= {
+            "sklearn_s": sk["sklearn_s"],
+            "sklearn_load_s": sk["load_s"],
+            "ours_over_sklearn": ours_total / sk["sklearn_s"],
+            "sklearn_rss_mb": sk["rss_mb"],
+            "sklearn_rss_1m_gb_est": (bare["rss_mb"] + per_row * 1_000_000) / 1024,
+            "sklearn_heap_s": sk_heap["sklearn_s"],
+            "ours_over_sklearn_heap": ours_total / sk_heap["sklearn_s"],
+        }
     fig = {k: round(v, 3) if isinstance(v, float) else v for k, v in fig.items()}
 
     print(f"rows: {a.n} x 4096 px; groups: 1 global + 9 physical + 4 SNR; alpha sweep of {len(DEFAULT_ALPHAS)}")
     print(f"{'statistics pass (ours, 36 cells, f64)':<46}{fig['stats_pass_s']:>9.1f} s")
     print(f"{'statistics pass (ours, f32 products)':<46}{fig['stats_pass_f32_s']:>9.1f} s")
     print(f"{'bare X^T X pass (floor, f64)':<46}{fig['bare_xtx_s']:>9.1f} s")
-    print(f"{f'solves, 14 groups x {len(DEFAULT_ALPHAS)} alphas':<46}{fig['solves_s']:>9.1f} s   ({fig['systems']} systems: "
-          f"{fig['factorizations']} float32 factorisations, {fig['cg_steps']} CG steps)")
+    print(
+        f"{f'solves, 14 groups x {len(DEFAULT_ALPHAS)} alphas':<46}{fig['solves_s']:>9.1f} s   ({fig['systems']} systems: "
+        f"{fig['factorizations']} float32 factorisations, {fig['cg_steps']} CG steps)"
+    )
     print(f"{'validation pass (alpha choice)':<46}{fig['validate_s']:>9.1f} s")
     print(f"{'ours, whole fit':<46}{fig['ours_total_s']:>9.1f} s")
     if sk is not None:
-        print(f"{'scikit-learn, 14 groups at one alpha':<46}{fig['sklearn_s']:>9.1f} s   (+ {fig['sklearn_load_s']:.1f} s loading)")
+        print(
+            f"{'scikit-learn, 14 groups at one alpha':<46}{fig['sklearn_s']:>9.1f} s   (+ {fig['sklearn_load_s']:.1f} s loading)"
+        )
         print(f"{'scikit-learn, same, with our heap setting':<46}{fig['sklearn_heap_s']:>9.1f} s")
     print(f"{'peak RSS ours at ' + str(a.small):<46}{fig['rss_mb_small']:>9.0f} MB")
     print(f"{'peak RSS ours at ' + str(a.n // 2):<46}{fig['rss_mb_half']:>9.0f} MB")
     print(f"{'peak RSS ours at ' + str(a.n):<46}{fig['rss_mb_n']:>9.0f} MB")
     if sk is not None:
-        print(f"{'peak RSS scikit-learn at ' + str(a.n):<46}{fig['sklearn_rss_mb']:>9.0f} MB  (~{fig['sklearn_rss_1m_gb_est']:.0f} GB at 1M rows)")
-    print(f"ratios: pass / bare = {fig['pass_over_bare']:.2f} (target <= 1.5); f32 pass / bare = {fig['pass_f32_over_bare']:.2f}; "
-          + (f"ours / sklearn = {fig['ours_over_sklearn']:.2f} (target <= 1; {fig['ours_over_sklearn_heap']:.2f} "
-             "against sklearn with our heap setting); " if sk is not None else "")
-          + f"RSS {a.n} / {a.small} = {fig['rss_ratio']:.2f}, {a.n} / {a.n // 2} = {fig['rss_ratio_half']:.2f} (target ~1)")
+        print(
+            f"{'peak RSS scikit-learn at ' + str(a.n):<46}{fig['sklearn_rss_mb']:>9.0f} MB  (~{fig['sklearn_rss_1m_gb_est']:.0f} GB at 1M rows)"
+        )
+    print(
+        f"ratios: pass / bare = {fig['pass_over_bare']:.2f} (target <= 1.5); f32 pass / bare = {fig['pass_f32_over_bare']:.2f}; "
+        + (
+            f"ours / sklearn = {fig['ours_over_sklearn']:.2f} (target <= 1; {fig['ours_over_sklearn_heap']:.2f} "
+            "against sklearn with our heap setting); "
+            if sk is not None
+            else ""
+        )
+        + f"RSS {a.n} / {a.small} = {fig['rss_ratio']:.2f}, {a.n} / {a.n // 2} = {fig['rss_ratio_half']:.2f} (target ~1)"
+    )
     print(json.dumps(fig))
 
 

@@ -55,8 +55,8 @@ def floor_epoch(dm: SpectraDataModule, device: torch.device) -> float:
     t = time.perf_counter()
     for block in shards.blocks(0, shards.n_rows, dm.block_rows):
         with h5py.File(shards.infos[block.shard].path, "r") as f:
-            flux = torch.from_numpy(f["dataset/arrays/flux/value"][block.start:block.stop]).to(device)
-            error = torch.from_numpy(f["dataset/arrays/error/value"][block.start:block.stop]).to(device)
+            flux = torch.from_numpy(f["dataset/arrays/flux/value"][block.start : block.stop]).to(device)
+            error = torch.from_numpy(f["dataset/arrays/error/value"][block.start : block.stop]).to(device)
         noisy = flux + error * torch.randn(flux.shape, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -103,9 +103,18 @@ class EpochTimer(pl.Callback):
 
 def our_epoch(dm: SpectraDataModule, model: GatedMoE, device: torch.device) -> float:
     timer = EpochTimer()
-    trainer = pl.Trainer(max_epochs=1, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
     trainer.fit(model, datamodule=dm)
     return timer.seconds
 
@@ -138,24 +147,44 @@ def main() -> None:
     ref_s, ref_rows = reference_epoch(dm, model.to(device), min(a.reference_rows, a.rows), device)
     ours_s = our_epoch(dm, model, device)
     n = dm.train_set.n_rows
-    fig = {"rows": n, "device": a.device, "num_workers": dm.num_workers, "batch_size": dm.batch_size,
-           "prepare_s": prepare_s, "floor_s": floor_s, "floor_spec_s": n / floor_s,
-           "reference_rows": ref_rows, "reference_s": ref_s, "reference_spec_s": ref_rows / ref_s,
-           "ours_s": ours_s, "ours_spec_s": n / ours_s, "floor_over_ours": floor_s / ours_s,
-           "ours_over_reference_speed": (n / ours_s) / (ref_rows / ref_s),
-           "window_pixels": model.physics.n_window_pixels, "projections": model.input_map()[0].shape[0]}
+    fig = {
+        "rows": n,
+        "device": a.device,
+        "num_workers": dm.num_workers,
+        "batch_size": dm.batch_size,
+        "prepare_s": prepare_s,
+        "floor_s": floor_s,
+        "floor_spec_s": n / floor_s,
+        "reference_rows": ref_rows,
+        "reference_s": ref_s,
+        "reference_spec_s": ref_rows / ref_s,
+        "ours_s": ours_s,
+        "ours_spec_s": n / ours_s,
+        "floor_over_ours": floor_s / ours_s,
+        "ours_over_reference_speed": (n / ours_s) / (ref_rows / ref_s),
+        "window_pixels": model.physics.n_window_pixels,
+        "projections": model.input_map()[0].shape[0],
+    }
     fig = {k: round(v, 3) if isinstance(v, float) else v for k, v in fig.items()}
 
-    print(f"gate epoch, concat gate over {model.experts.n_experts} experts: {n} rows x {dm.n_pixels} px, "
-          f"batch {dm.batch_size}, {dm.num_workers} loader workers, {a.device}")
+    print(
+        f"gate epoch, concat gate over {model.experts.n_experts} experts: {n} rows x {dm.n_pixels} px, "
+        f"batch {dm.batch_size}, {dm.num_workers} loader workers, {a.device}"
+    )
     print(f"{'part':<52}{'seconds':>9}{'spectra/s':>11}")
     print(f"{'floor: h5py flux + error, + error * randn':<52}{floor_s:>9.2f}{fig['floor_spec_s']:>11.0f}")
-    print(f"{'reference step (dense features), ' + str(ref_rows) + ' rows':<52}{ref_s:>9.2f}{fig['reference_spec_s']:>11.0f}")
+    print(
+        f"{'reference step (dense features), ' + str(ref_rows) + ' rows':<52}{ref_s:>9.2f}{fig['reference_spec_s']:>11.0f}"
+    )
     print(f"{'ours: pl.Trainer epoch on cached gate inputs':<52}{ours_s:>9.2f}{fig['ours_spec_s']:>11.0f}")
-    print(f"{'once: pre-noised val/test + gate-input caches':<52}{prepare_s:>9.2f}{(n + dm.val_set.n_rows + dm.test_set.n_rows) / prepare_s:>11.0f}")
-    print(f"ratios: floor / ours = {fig['floor_over_ours']:.2f} (target >= 1); ours / reference speed = "
-          f"{fig['ours_over_reference_speed']:.1f}x; per row the step reads {fig['window_pixels']} window pixels "
-          f"and {fig['projections']} projections instead of {dm.n_pixels} pixels")
+    print(
+        f"{'once: pre-noised val/test + gate-input caches':<52}{prepare_s:>9.2f}{(n + dm.val_set.n_rows + dm.test_set.n_rows) / prepare_s:>11.0f}"
+    )
+    print(
+        f"ratios: floor / ours = {fig['floor_over_ours']:.2f} (target >= 1); ours / reference speed = "
+        f"{fig['ours_over_reference_speed']:.1f}x; per row the step reads {fig['window_pixels']} window pixels "
+        f"and {fig['projections']} projections instead of {dm.n_pixels} pixels"
+    )
     print(json.dumps(fig))
 
 

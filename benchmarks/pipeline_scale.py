@@ -35,11 +35,15 @@ print(json.dumps({"rc": rc, "wall_s": time.perf_counter() - t,
                   "rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
-GENERATE = "from moe.data.synth import SynthConfig, write_dataset; import sys; " \
-           "write_dataset(sys.argv[1], SynthConfig(int(sys.argv[2]), 5000, 10000, 200000, 4096, 0), progress=False)"
-CACHES = "import sys; from moe.data.folder import SpectraFolder; from moe.gates import GatedMoE; " \
-         "from moe.prepare import prepare; folder = SpectraFolder(sys.argv[1], synth=None); " \
-         "prepare(folder, GatedMoE('concat', n_pixels=folder.n_pixels).prepare_config(), progress=False)"
+GENERATE = (
+    "from moe.data.synth import SynthConfig, write_dataset; import sys; "
+    "write_dataset(sys.argv[1], SynthConfig(int(sys.argv[2]), 5000, 10000, 200000, 4096, 0), progress=False)"
+)
+CACHES = (
+    "import sys; from moe.data.folder import SpectraFolder; from moe.gates import GatedMoE; "
+    "from moe.prepare import prepare; folder = SpectraFolder(sys.argv[1], synth=None); "
+    "prepare(folder, GatedMoE('concat', n_pixels=folder.n_pixels).prepare_config(), progress=False)"
+)
 
 
 def step(name: str, cmd: list[str]) -> dict:
@@ -60,8 +64,16 @@ def main() -> None:
     logs = str(Path(data) / "logs")
     py = sys.executable
     train = [py, str(ROOT / "train.py")]
-    common = ["--data.data_dir", data, "--data.synth", "null", "--trainer.default_root_dir", logs,
-              "--trainer.enable_progress_bar", "false"]
+    common = [
+        "--data.data_dir",
+        data,
+        "--data.synth",
+        "null",
+        "--trainer.default_root_dir",
+        logs,
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     print(f"pipeline at {a.rows} training rows x 4096 px in {data}")
     print(f"{'step':<14}{'wall':>12}{'peak RSS':>13}")
     fig = {"rows": a.rows}
@@ -69,13 +81,27 @@ def main() -> None:
     fig["experts"] = step("experts", [py, "-m", "moe.experts", "fit", "--data", data])
     fig["caches"] = step("caches", [py, "-c", CACHES, data])
     fig["gate_epoch"] = step("gate epoch", train + ["fit", *common, "--trainer.max_epochs", "1"])
-    fig["predict"] = step("predict", train + ["predict", *common, "--ckpt_path", "best",
-                                              "--predict_writer.output", str(Path(data) / "predictions.csv")])
+    fig["predict"] = step(
+        "predict",
+        train
+        + ["predict", *common, "--ckpt_path", "best", "--predict_writer.output", str(Path(data) / "predictions.csv")],
+    )
     shards = sorted(str(p) for p in Path(data).glob("train_*/dataset.h5"))
     for name, paths in (("catalogue 1", shards[:1]), (f"catalogue {len(shards)}", shards)):
-        fig[name] = step(name, train + ["predict", *common, "--ckpt_path", "best", "--data.predict_path",
-                                        "[" + ", ".join(paths) + "]",
-                                        "--predict_writer.output", str(Path(data) / f"catalogue{len(paths)}.h5")])
+        fig[name] = step(
+            name,
+            train
+            + [
+                "predict",
+                *common,
+                "--ckpt_path",
+                "best",
+                "--data.predict_path",
+                "[" + ", ".join(paths) + "]",
+                "--predict_writer.output",
+                str(Path(data) / f"catalogue{len(paths)}.h5"),
+            ],
+        )
     print(json.dumps(fig))
 
 

@@ -41,8 +41,9 @@ def main() -> None:
     rows, out = [], {}
     for w in a.workers:
         for n in a.sizes:
-            res = subprocess.run([sys.executable, "-c", CHILD, a.data, str(n), str(w)], check=True,
-                                 capture_output=True, text=True).stdout.split()
+            res = subprocess.run(
+                [sys.executable, "-c", CHILD, a.data, str(n), str(w)], check=True, capture_output=True, text=True
+            ).stdout.split()
             seen, dt, rss, kids = int(res[0]), float(res[1]), float(res[2]), float(res[3])
             rows.append((w, n, seen, dt, rss, kids))
             out[f"rss_mb_w{w}_{n}"] = round(rss, 1)

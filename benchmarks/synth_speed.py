@@ -1,6 +1,6 @@
 """Spectra per second of the synthetic generator, shards written to disk.
 
-    python benchmarks/synth_speed.py [--n 20000] [--pixels 4096]
+python benchmarks/synth_speed.py [--n 20000] [--pixels 4096]
 """
 
 from __future__ import annotations
@@ -30,10 +30,20 @@ def main() -> None:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     rate = (a.n + 2000) / dt
-    print(f"{'spectra':<20}{a.n + 2000}\n{'seconds':<20}{dt:.2f}\n{'spectra/s':<20}{rate:.0f}\n"
-          f"{'ratio to target':<20}{rate / TARGET:.2f}  (target {TARGET:.0f}/s)")
-    print(json.dumps({"spectra": a.n + 2000, "seconds": round(dt, 3), "spectra_per_s": round(rate, 1),
-                      "ratio_to_target": round(rate / TARGET, 3)}))
+    print(
+        f"{'spectra':<20}{a.n + 2000}\n{'seconds':<20}{dt:.2f}\n{'spectra/s':<20}{rate:.0f}\n"
+        f"{'ratio to target':<20}{rate / TARGET:.2f}  (target {TARGET:.0f}/s)"
+    )
+    print(
+        json.dumps(
+            {
+                "spectra": a.n + 2000,
+                "seconds": round(dt, 3),
+                "spectra_per_s": round(rate, 1),
+                "ratio_to_target": round(rate / TARGET, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,14 +54,22 @@ class MoECLI(LightningCLI):
         parser.link_arguments("data.noise_level", "model.noise_level", apply_on="parse")
         parser.link_arguments("data.data_dir", "model.experts_dir", compute_fn=experts_dir, apply_on="parse")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/r2", "checkpoint.mode": "max", "checkpoint.save_last": True,
-                             "checkpoint.filename": "epoch{epoch:02d}-val_r2{val/r2:.4f}",
-                             "checkpoint.auto_insert_metric_name": False})
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/r2",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch{epoch:02d}-val_r2{val/r2:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
         parser.add_lightning_class_args(CatalogueWriter, "predict_writer")
         parser.add_argument("--test_after_fit", type=bool, default=False, help="test the best checkpoint after fit")
 
     def _instantiate_trainer(self, config, callbacks):
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, RichProgressBar) for c in callbacks):
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, RichProgressBar) for c in callbacks
+        ):
             callbacks.append(RichProgressBar())
         return super()._instantiate_trainer(config, callbacks)
 
@@ -83,8 +91,10 @@ class MoECLI(LightningCLI):
         state = read_checkpoint(ckpt)
         stored, here = state.get("moe_data_fingerprint"), self.datamodule.fingerprint_hash()
         if stored and stored != here:
-            raise ExpertsMismatchError(f"{ckpt}: trained on data {stored}, but --data holds data {here}: "
-                                       "its experts do not belong to this data")
+            raise ExpertsMismatchError(
+                f"{ckpt}: trained on data {stored}, but --data holds data {here}: "
+                "its experts do not belong to this data"
+            )
         self.model.load_state_dict(state["state_dict"])
         self.model.data_fingerprint = stored or here
         if self.subcommand == "predict":
@@ -107,8 +117,10 @@ class MoECLI(LightningCLI):
     def _print_table(self) -> None:
         if self.trainer.is_global_zero:
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
-            print(f"\ntest: fusion {self.model.hparams.fusion}, experts {self.model.family} "
-                  f"({self.model.experts.n_experts}), noise_level {self.datamodule.noise_level}")
+            print(
+                f"\ntest: fusion {self.model.hparams.fusion}, experts {self.model.family} "
+                f"({self.model.experts.n_experts}), noise_level {self.datamodule.noise_level}"
+            )
             print(summary_table(metrics))
 
 
@@ -118,6 +130,11 @@ def cli_main(args: list[str] | None = None) -> MoECLI:
     # (SpectraDataModule.num_workers), so Lightning's advice to add workers does not apply
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     torch.set_float32_matmul_precision("high")
-    return MoECLI(GatedMoE, SpectraDataModule, seed_everything_default=42, save_config_kwargs={"overwrite": True},
-                  trainer_defaults={"max_epochs": 8, "log_every_n_steps": 20},
-                  args=args)
+    return MoECLI(
+        GatedMoE,
+        SpectraDataModule,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"max_epochs": 8, "log_every_n_steps": 20},
+        args=args,
+    )

@@ -53,9 +53,9 @@ PALETTE: dict[str, str] = {
 }
 """Method label (as written in the reports) -> its colour in every figure."""
 
-REFERENCE = BLACK            # decision thresholds and other reference lines
+REFERENCE = BLACK  # decision thresholds and other reference lines
 GAIN, LOSS = BLUE, VERMILLION  # signed differences (Delta R^2 bars)
-SHADE = ORANGE               # highlighted groups (drawn translucent)
+SHADE = ORANGE  # highlighted groups (drawn translucent)
 MARKER_EDGE = BLACK
 _HALO = [patheffects.withStroke(linewidth=3, foreground="white")]  # keeps dark lines and text readable on any colour
 DPI = 120
@@ -80,12 +80,19 @@ def _tick_labels(ax, x, labels: Sequence[str], fontsize: float = 8, wrap: int | 
     if wrap:
         labels = ["\n".join(textwrap.fill(part, wrap) for part in s.split("\n")) for s in labels]
     slanted = not wrap and any(len(s) > 6 and "\n" not in s for s in labels) and len(labels) > 3
-    ax.set_xticks(x, labels, rotation=30 if slanted else 0, ha="right" if slanted else "center",
-                  rotation_mode="anchor", fontsize=fontsize)
+    ax.set_xticks(
+        x,
+        labels,
+        rotation=30 if slanted else 0,
+        ha="right" if slanted else "center",
+        rotation_mode="anchor",
+        fontsize=fontsize,
+    )
 
 
-def entropy_vs_snr(snr: np.ndarray, entropy: np.ndarray, n_experts: int, title: str = "Gate entropy vs SNR",
-                   figsize=(6.4, 4.8)) -> Figure:
+def entropy_vs_snr(
+    snr: np.ndarray, entropy: np.ndarray, n_experts: int, title: str = "Gate entropy vs SNR", figsize=(6.4, 4.8)
+) -> Figure:
     """Density of gate entropy [nats] against log10 SNR, with the median of each SNR bin (named
     X/L/M/H), the SNR-bin edges and the maximum entropy ln K of a gate over ``n_experts`` experts."""
     snr, entropy = np.asarray(snr, float), np.asarray(entropy, float)
@@ -96,7 +103,10 @@ def entropy_vs_snr(snr: np.ndarray, entropy: np.ndarray, n_experts: int, title: 
     ax = fig.subplots()
     handles = []
     if ok.any():
-        x_lo, x_hi = min(log_snr.min(), np.log10(SNR_EDGES[0])) - 0.05, max(log_snr.max(), np.log10(SNR_EDGES[-1])) + 0.05
+        x_lo, x_hi = (
+            min(log_snr.min(), np.log10(SNR_EDGES[0])) - 0.05,
+            max(log_snr.max(), np.log10(SNR_EDGES[-1])) + 0.05,
+        )
         y_hi = max(max_entropy, float(ent.max())) * 1.08 or 0.1
         *_, mesh = ax.hist2d(log_snr, ent, bins=(40, 30), range=((x_lo, x_hi), (0.0, y_hi)), cmap="viridis", cmin=1)
         fig.colorbar(mesh, ax=ax).set_label("spectra per cell")
@@ -107,12 +117,30 @@ def entropy_vs_snr(snr: np.ndarray, entropy: np.ndarray, n_experts: int, title: 
             if sel.any():
                 centres.append(float(np.median(log_snr[sel])))
                 medians.append(float(np.median(ent[sel])))
-                ax.annotate(name, (centres[-1], medians[-1]), textcoords="offset points", xytext=(0, 9), ha="center",
-                            fontsize=10, fontweight="bold", color=BLACK, path_effects=_HALO)
+                ax.annotate(
+                    name,
+                    (centres[-1], medians[-1]),
+                    textcoords="offset points",
+                    xytext=(0, 9),
+                    ha="center",
+                    fontsize=10,
+                    fontweight="bold",
+                    color=BLACK,
+                    path_effects=_HALO,
+                )
         ax.plot(centres, medians, "-", color=BLACK, lw=1.2, path_effects=_HALO, zorder=3)
         ax.plot(centres, medians, "o", color=ORANGE, mec=MARKER_EDGE, ms=7, zorder=4)
-        handles.append(Line2D([], [], color=BLACK, marker="o", mfc=ORANGE, mec=MARKER_EDGE,
-                              label=f"median per SNR bin ({SNR_BIN_RULE})"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color=BLACK,
+                marker="o",
+                mfc=ORANGE,
+                mec=MARKER_EDGE,
+                label=f"median per SNR bin ({SNR_BIN_RULE})",
+            )
+        )
         ax.set_xlim(x_lo, x_hi)
         ax.set_ylim(0.0, y_hi)
     else:
@@ -120,8 +148,10 @@ def entropy_vs_snr(snr: np.ndarray, entropy: np.ndarray, n_experts: int, title: 
     for edge in SNR_EDGES:
         ax.axvline(np.log10(edge), color=BLACK, lw=1.0, ls=":", path_effects=_HALO)
     ax.axhline(max_entropy, color=BLACK, lw=1.2, ls="--", path_effects=_HALO)
-    handles += [Line2D([], [], color=BLACK, ls=":", label=f"SNR-bin edges ({', '.join(f'{e:g}' for e in SNR_EDGES)})"),
-                Line2D([], [], color=BLACK, ls="--", label=f"maximum entropy ln {n_experts} = {max_entropy:.2f}")]
+    handles += [
+        Line2D([], [], color=BLACK, ls=":", label=f"SNR-bin edges ({', '.join(f'{e:g}' for e in SNR_EDGES)})"),
+        Line2D([], [], color=BLACK, ls="--", label=f"maximum entropy ln {n_experts} = {max_entropy:.2f}"),
+    ]
     ax.set_xlabel("log10 SNR   (SNR = ‖flux‖ / ‖noise_level · error‖)")
     ax.set_ylabel("gate entropy [nats]")
     ax.set_title(title)
@@ -148,8 +178,13 @@ def calibration(z: np.ndarray, snr_bin_index: np.ndarray, title: str = "Calibrat
         sel = ok & (which == i)
         if sel.sum() >= 10:
             cover = (np.abs(z[sel])[:, None] <= half_width[None]).mean(0)
-            ax.plot(nominal, cover, color=SNR_BIN_COLOURS[name], lw=1.5,
-                    label=f"SNR {name} (n={int(sel.sum())}, z std {z[sel].std():.2f})")
+            ax.plot(
+                nominal,
+                cover,
+                color=SNR_BIN_COLOURS[name],
+                lw=1.5,
+                label=f"SNR {name} (n={int(sel.sum())}, z std {z[sel].std():.2f})",
+            )
     if ok.any():
         cover = (np.abs(z[ok])[:, None] <= half_width[None]).mean(0)
         ax.plot(nominal, cover, color=BLACK, lw=2.2, label=f"all (n={int(ok.sum())}, z std {z[ok].std():.2f})")
@@ -164,10 +199,20 @@ def calibration(z: np.ndarray, snr_bin_index: np.ndarray, title: str = "Calibrat
     return fig
 
 
-def bar(labels: Sequence[str], values: Sequence[float], ylabel: str, title: str, colors: Sequence[str] | str = GREY,
-        hline: float | None = None, hline_label: str | None = None, annotate: Sequence[str] | None = None,
-        legend: Mapping[str, str] | None = None, xlabel: str | None = None, wrap: int | None = None,
-        figsize=(6.4, 4.8)) -> Figure:
+def bar(
+    labels: Sequence[str],
+    values: Sequence[float],
+    ylabel: str,
+    title: str,
+    colors: Sequence[str] | str = GREY,
+    hline: float | None = None,
+    hline_label: str | None = None,
+    annotate: Sequence[str] | None = None,
+    legend: Mapping[str, str] | None = None,
+    xlabel: str | None = None,
+    wrap: int | None = None,
+    figsize=(6.4, 4.8),
+) -> Figure:
     """A bar per label with its value written above it (or ``annotate``), an optional reference line,
     and an optional legend ``{entry: colour}`` explaining the bar colours (entries whose colour no
     bar uses are left out). ``wrap``: tick labels wrapped at that many characters."""
@@ -179,13 +224,23 @@ def bar(labels: Sequence[str], values: Sequence[float], ylabel: str, title: str,
     _tick_labels(ax, x, labels, wrap=wrap)
     texts = annotate if annotate is not None else ["–" if not np.isfinite(v) else f"{v:.3f}" for v in values]
     for b, t, v in zip(bars, texts, values):
-        ax.annotate(t, (b.get_x() + b.get_width() / 2, np.nan_to_num(v)), textcoords="offset points",
-                    xytext=(0, 2 if v >= 0 or not np.isfinite(v) else -2), ha="center",
-                    va="bottom" if v >= 0 or not np.isfinite(v) else "top", fontsize=8, path_effects=_HALO)
+        ax.annotate(
+            t,
+            (b.get_x() + b.get_width() / 2, np.nan_to_num(v)),
+            textcoords="offset points",
+            xytext=(0, 2 if v >= 0 or not np.isfinite(v) else -2),
+            ha="center",
+            va="bottom" if v >= 0 or not np.isfinite(v) else "top",
+            fontsize=8,
+            path_effects=_HALO,
+        )
     ax.axhline(0.0, color=BLACK, lw=0.6)
     used = {to_rgb(c) for c in ([colors] if isinstance(colors, str) else colors)}
-    handles = [Patch(facecolor=c, edgecolor=BLACK, linewidth=0.5, label=name) for name, c in (legend or {}).items()
-               if to_rgb(c) in used]
+    handles = [
+        Patch(facecolor=c, edgecolor=BLACK, linewidth=0.5, label=name)
+        for name, c in (legend or {}).items()
+        if to_rgb(c) in used
+    ]
     if hline is not None:
         ax.axhline(hline, color=REFERENCE, ls="--", lw=1)
         if hline_label:
@@ -200,10 +255,21 @@ def bar(labels: Sequence[str], values: Sequence[float], ylabel: str, title: str,
     return fig
 
 
-def grouped_bar(groups: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str, title: str,
-                hline: float | None = None, hline_label: str | None = None, counts: Sequence[int] | None = None,
-                xlabel: str | None = None, star: Sequence[str | None] | None = None, star_label: str = "",
-                shade: Sequence[int] = (), shade_label: str = "", figsize=(6.4, 4.8)) -> Figure:
+def grouped_bar(
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    ylabel: str,
+    title: str,
+    hline: float | None = None,
+    hline_label: str | None = None,
+    counts: Sequence[int] | None = None,
+    xlabel: str | None = None,
+    star: Sequence[str | None] | None = None,
+    star_label: str = "",
+    shade: Sequence[int] = (),
+    shade_label: str = "",
+    figsize=(6.4, 4.8),
+) -> Figure:
     """Bars of several methods (``series``: method label -> one value per group) side by side per group.
 
     NaN values draw no bar. ``star[g]`` names the method marked ★ in group ``g``; ``shade`` lists
@@ -215,14 +281,30 @@ def grouped_bar(groups: Sequence[str], series: Mapping[str, Sequence[float]], yl
     width = 0.8 / max(len(series), 1)
     offsets = {name: -0.4 + width * (i + 0.5) for i, name in enumerate(series)}
     for name, vals in series.items():
-        ax.bar(x + offsets[name], np.nan_to_num(np.asarray(vals, float)), width, label=name, color=method_colour(name),
-               edgecolor=BLACK, linewidth=0.5)
+        ax.bar(
+            x + offsets[name],
+            np.nan_to_num(np.asarray(vals, float)),
+            width,
+            label=name,
+            color=method_colour(name),
+            edgecolor=BLACK,
+            linewidth=0.5,
+        )
     handles, _ = ax.get_legend_handles_labels()
     if star is not None:
         for g, name in enumerate(star):
             if name is not None:
-                ax.annotate("★", (g + offsets[name], np.nan_to_num(float(series[name][g]))), textcoords="offset points",
-                            xytext=(0, 1), ha="center", va="bottom", fontsize=11, color=BLACK, path_effects=_HALO)
+                ax.annotate(
+                    "★",
+                    (g + offsets[name], np.nan_to_num(float(series[name][g]))),
+                    textcoords="offset points",
+                    xytext=(0, 1),
+                    ha="center",
+                    va="bottom",
+                    fontsize=11,
+                    color=BLACK,
+                    path_effects=_HALO,
+                )
         handles.append(Line2D([], [], ls="", marker="*", ms=10, color=BLACK, label=star_label or "marked"))
     for g in shade:
         ax.axvspan(g - 0.48, g + 0.48, color=SHADE, alpha=0.18, lw=0, zorder=0)
@@ -243,9 +325,17 @@ def grouped_bar(groups: Sequence[str], series: Mapping[str, Sequence[float]], yl
     return fig
 
 
-def pred_vs_true(y: np.ndarray, pred: np.ndarray, r2: float, color: np.ndarray | None = None, color_label: str = "",
-                 title: str = "Predicted vs true log g", log_color: bool = False,
-                 categories: Sequence[str] | None = None, figsize=(6.4, 5.2)) -> Figure:
+def pred_vs_true(
+    y: np.ndarray,
+    pred: np.ndarray,
+    r2: float,
+    color: np.ndarray | None = None,
+    color_label: str = "",
+    title: str = "Predicted vs true log g",
+    log_color: bool = False,
+    categories: Sequence[str] | None = None,
+    figsize=(6.4, 5.2),
+) -> Figure:
     """Predictions against truth with the 1:1 line; ``r2`` (computed by the caller) and the count in
     the corner. ``color`` colours the points: continuous (log10 when ``log_color``) or, with
     ``categories``, integer codes 0..C-1 named on the colour bar."""
@@ -257,7 +347,11 @@ def pred_vs_true(y: np.ndarray, pred: np.ndarray, r2: float, color: np.ndarray |
         values = np.asarray(color, float)
         if categories is not None:
             cmap = ListedColormap(colormaps["viridis"](np.linspace(0.0, 1.0, len(categories))))
-            kw = {"c": values, "cmap": cmap, "norm": BoundaryNorm(np.arange(len(categories) + 1) - 0.5, len(categories))}
+            kw = {
+                "c": values,
+                "cmap": cmap,
+                "norm": BoundaryNorm(np.arange(len(categories) + 1) - 0.5, len(categories)),
+            }
         else:
             kw = {"c": np.log10(np.clip(values, 1e-3, None)) if log_color else values, "cmap": "viridis"}
     points = ax.scatter(y, pred, s=4, alpha=0.6, rasterized=True, **kw)
@@ -269,8 +363,15 @@ def pred_vs_true(y: np.ndarray, pred: np.ndarray, r2: float, color: np.ndarray |
             bar_.ax.tick_params(labelsize=7)
     lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
     ax.plot([lo, hi], [lo, hi], ls="--", color=REFERENCE, lw=1, label="1:1")
-    ax.text(0.04, 0.96, f"R² = {r2:.4f}\nn = {y.size}", transform=ax.transAxes, va="top", fontsize=9,
-            bbox={"facecolor": "white", "edgecolor": GREY, "alpha": 0.9})
+    ax.text(
+        0.04,
+        0.96,
+        f"R² = {r2:.4f}\nn = {y.size}",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=9,
+        bbox={"facecolor": "white", "edgecolor": GREY, "alpha": 0.9},
+    )
     ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("true log g [dex]")
     ax.set_ylabel("predicted log g [dex]")
@@ -285,9 +386,19 @@ def _luminance(rgb) -> float:
     return float(c @ [0.2126, 0.7152, 0.0722])
 
 
-def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str, cbar_label: str,
-            annotations: np.ndarray | None = None, cmap="viridis", center: float | None = None,
-            xlabel: str | None = None, ylabel: str | None = None, figsize=(6.4, 4.8)) -> Figure:
+def heatmap(
+    matrix: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    cbar_label: str,
+    annotations: np.ndarray | None = None,
+    cmap="viridis",
+    center: float | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    figsize=(6.4, 4.8),
+) -> Figure:
     """Annotated heatmap: each cell shows its value (or ``annotations[i, j]``) in black or white,
     whichever contrasts with the cell colour. ``center`` makes the colour scale symmetric about it."""
     m = np.asarray(matrix, float)
@@ -306,8 +417,15 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
             text = annotations[i, j] if annotations is not None else (f"{m[i, j]:.3f}" if np.isfinite(m[i, j]) else "–")
             cell = image.cmap(image.norm(m[i, j]))[:3] if np.isfinite(m[i, j]) else (1.0, 1.0, 1.0)
             # 0.179: the luminance at which black and white text contrast equally with the cell
-            ax.text(j, i, str(text), ha="center", va="center", fontsize=8,
-                    color=BLACK if _luminance(cell) > 0.179 else "white")
+            ax.text(
+                j,
+                i,
+                str(text),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=BLACK if _luminance(cell) > 0.179 else "white",
+            )
     fig.colorbar(image, ax=ax).set_label(cbar_label)
     if xlabel:
         ax.set_xlabel(xlabel)
@@ -317,9 +435,15 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
     return fig
 
 
-def importance_spectrum(wave: np.ndarray, importance: Mapping[str, np.ndarray], measure: Mapping[str, str],
-                        line_centres: Sequence[float], bands: Sequence[tuple[float, float]], title: str,
-                        figsize=(9, 5.5)) -> Figure:
+def importance_spectrum(
+    wave: np.ndarray,
+    importance: Mapping[str, np.ndarray],
+    measure: Mapping[str, str],
+    line_centres: Sequence[float],
+    bands: Sequence[tuple[float, float]],
+    title: str,
+    figsize=(9, 5.5),
+) -> Figure:
     """One panel per model (``importance``: method label -> value per pixel; ``measure``: method
     label -> what the value is) against wavelength, with spectral lines (vertical lines) and
     bands (shaded) marked and named in the legend."""
@@ -334,14 +458,22 @@ def importance_spectrum(wave: np.ndarray, importance: Mapping[str, np.ndarray], 
             ax.axvspan(lo, hi, color=GREY, alpha=0.25, lw=0, zorder=0)
     axes[-1].set_xlabel("wavelength [Å]")
     axes[0].set_title(title)
-    fig.legend(handles=[Line2D([], [], color=VERMILLION, lw=1, label="CaT / Na I line centres"),
-                        Patch(facecolor=GREY, alpha=0.25, label="telluric absorption bands")],
-               loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.legend(
+        handles=[
+            Line2D([], [], color=VERMILLION, lw=1, label="CaT / Na I line centres"),
+            Patch(facecolor=GREY, alpha=0.25, label="telluric absorption bands"),
+        ],
+        loc="outside lower center",
+        ncol=2,
+        fontsize=8,
+        frameon=False,
+    )
     return fig
 
 
-def importance_hist(importance: Mapping[str, np.ndarray], top_share: Mapping[str, float], top_k: int,
-                    figsize=(9, 4)) -> Figure:
+def importance_hist(
+    importance: Mapping[str, np.ndarray], top_share: Mapping[str, float], top_k: int, figsize=(9, 4)
+) -> Figure:
     """Histogram of per-pixel importance (normalised to sum 1, log10) per model, titled with the
     share held by the ``top_k`` most important pixels against a uniform spread."""
     fig = _figure(figsize)
@@ -354,13 +486,20 @@ def importance_hist(importance: Mapping[str, np.ndarray], top_share: Mapping[str
         ax.hist(np.log10(positive) if positive.size else [], bins=60, color=method_colour(name))
         ax.set_xlabel(f"log10 normalised importance ({name})")
         ax.set_ylabel("pixels")
-        ax.set_title(f"top-{top_k} pixels hold {top_share[name] * 100:.1f}% (uniform: {top_k / values.size * 100:.1f}%)",
-                     fontsize=9)
+        ax.set_title(
+            f"top-{top_k} pixels hold {top_share[name] * 100:.1f}% (uniform: {top_k / values.size * 100:.1f}%)",
+            fontsize=9,
+        )
     return fig
 
 
-def spectra_regions(wave: np.ndarray, flux: np.ndarray, labels: Sequence[str],
-                    regions: Sequence[tuple[float, float, str]], figsize=(11, 4.6)) -> Figure:
+def spectra_regions(
+    wave: np.ndarray,
+    flux: np.ndarray,
+    labels: Sequence[str],
+    regions: Sequence[tuple[float, float, str]],
+    figsize=(11, 4.6),
+) -> Figure:
     """Spectra ``flux`` [S, D] (one legend label each) in the wavelength ``regions`` ``(lo, hi, title)``, one panel each."""
     colours = (VERMILLION, BLUE, GREEN, ORANGE, PURPLE)
     widths = [np.sqrt(hi - lo) for lo, hi, _ in regions]  # wide regions get more room, not proportionally more

@@ -26,14 +26,36 @@ def dense_physics(feats: PhysicsFeatures, flux: torch.Tensor) -> torch.Tensor:
     depth = 1.0 - cores / cont_core
     na_depth = 0.5 * (depth[:, 3] + depth[:, 4])
     pca = (flux - feats.pca_mean.to(dtype)) @ feats.pca_components.T.to(dtype)
-    return torch.cat([torch.stack([depth[:, 0], ew[:, 0], depth[:, 1], ew[:, 1], depth[:, 2], ew[:, 2],
-                                   ew[:, :3].sum(-1), na_depth, ew[:, 3]], dim=-1), pca], dim=-1)
+    return torch.cat(
+        [
+            torch.stack(
+                [
+                    depth[:, 0],
+                    ew[:, 0],
+                    depth[:, 1],
+                    ew[:, 1],
+                    depth[:, 2],
+                    ew[:, 2],
+                    ew[:, :3].sum(-1),
+                    na_depth,
+                    ew[:, 3],
+                ],
+                dim=-1,
+            ),
+            pca,
+        ],
+        dim=-1,
+    )
 
 
 def reference_inputs(model, flux: torch.Tensor, error: torch.Tensor) -> dict[str, torch.Tensor]:
     """What a ``GatedMoE`` sees for (noisy) flux [B, D] and error [B, D], computed the first way:
     raw physics [B, 13] and quality [B, 10] features, experts [B, K], global expert [B],
     unit-noise expert variances [B, K]."""
-    return {"phys": dense_physics(model.physics, flux), "quality": quality_features(error),
-            "experts": model.experts(flux), "global": model.global_expert(flux).squeeze(1),
-            "var": model.experts.predictive_variance(error, 1.0)}
+    return {
+        "phys": dense_physics(model.physics, flux),
+        "quality": quality_features(error),
+        "experts": model.experts(flux),
+        "global": model.global_expert(flux).squeeze(1),
+        "var": model.experts.predictive_variance(error, 1.0),
+    }

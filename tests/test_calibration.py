@@ -29,8 +29,13 @@ def test_model_error_variance_recovers_the_bias_variance():
     np.testing.assert_allclose(np.maximum(est, 0), true_m, atol=0.012)
     assert (est > 0).all()  # floored, never negative
     # a cell without stars takes the expert's estimate over all SNR bins
-    sparse = model_error_variance(y[snr_bin > 0], (y[:, None] + err)[snr_bin > 0], noise_var[snr_bin > 0],
-                                  group[snr_bin > 0], snr_bin[snr_bin > 0])
+    sparse = model_error_variance(
+        y[snr_bin > 0],
+        (y[:, None] + err)[snr_bin > 0],
+        noise_var[snr_bin > 0],
+        group[snr_bin > 0],
+        snr_bin[snr_bin > 0],
+    )
     keep = snr_bin > 0
     resid2 = (err[keep][np.arange(keep.sum()), group[keep]]) ** 2 - noise_var[keep][np.arange(keep.sum()), group[keep]]
     pooled = [max(resid2[group[keep] == j].mean(), 1e-6) for j in range(k)]
@@ -56,10 +61,31 @@ def test_z_metrics_match_numpy():
 
 
 def test_trained_gate_sigma_is_calibrated_at_small_n(tmp_path, tiny_dir):
-    cli = cli_main(["fit", "--config", str(CONFIGS / "dual_tower.yaml"), "--data.data_dir", tiny_dir,
-                    "--data.synth", "null", "--data.batch_size", "64", "--model.expert_min_samples", "10",
-                    "--model.feature_rows", "600", "--trainer.max_epochs", "6", "--trainer.default_root_dir",
-                    str(tmp_path), "--trainer.enable_progress_bar", "false", "--test_after_fit", "true"])
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "dual_tower.yaml"),
+            "--data.data_dir",
+            tiny_dir,
+            "--data.synth",
+            "null",
+            "--data.batch_size",
+            "64",
+            "--model.expert_min_samples",
+            "10",
+            "--model.feature_rows",
+            "600",
+            "--trainer.max_epochs",
+            "6",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--test_after_fit",
+            "true",
+        ]
+    )
     m = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     assert 0.75 <= m["test/z_std"] <= 1.3, m  # 300 test stars: looser than the full-size [0.9, 1.1]
     assert 0.55 <= m["test/coverage_1sigma"] <= 0.82, m

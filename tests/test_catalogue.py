@@ -17,9 +17,20 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "dual_tower.yaml"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("catalogue")
-    args = ["--data.data_dir", tiny_dir, "--data.synth", "null", "--model.expert_min_samples", "10",
-            "--model.feature_rows", "600", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
-            "false"]
+    args = [
+        "--data.data_dir",
+        tiny_dir,
+        "--data.synth",
+        "null",
+        "--model.expert_min_samples",
+        "10",
+        "--model.feature_rows",
+        "600",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_epochs", "1", *args])
     return root, args, Path(cli.trainer.checkpoint_callback.best_model_path), cli.model.experts.names
 
@@ -38,12 +49,34 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
     root, args, ckpt, names = trained
     shard = _unlabelled_copy(find_split(tiny_dir, "test")[0], tmp_path / "obs" / "night1.h5")
     out = tmp_path / "catalogue.h5"
-    cli_main(["predict", "--config", CONFIG, "--ckpt_path", str(ckpt), "--data.predict_path", str(shard.parent),
-              "--predict_writer.output", str(out), *args])
+    cli_main(
+        [
+            "predict",
+            "--config",
+            CONFIG,
+            "--ckpt_path",
+            str(ckpt),
+            "--data.predict_path",
+            str(shard.parent),
+            "--predict_writer.output",
+            str(out),
+            *args,
+        ]
+    )
     cat = pd.read_hdf(out)
     assert len(cat) == 300 and list(cat["row"]) == list(range(300)) and set(cat["shard"]) == {str(shard)}
-    assert list(cat.columns) == ["shard", "row", "objid", "mag", "snr", "snr_bin", "log_g_pred", "log_g_sigma",
-                                 *(f"w_{n}" for n in names), *(f"pred_{n}" for n in names)]  # no labels: no truth
+    assert list(cat.columns) == [
+        "shard",
+        "row",
+        "objid",
+        "mag",
+        "snr",
+        "snr_bin",
+        "log_g_pred",
+        "log_g_sigma",
+        *(f"w_{n}" for n in names),
+        *(f"pred_{n}" for n in names),
+    ]  # no labels: no truth
     assert (cat["objid"] == np.arange(300) + 10_000).all()
     assert np.isfinite(cat["log_g_pred"]).all() and (cat["log_g_sigma"] > 0).all()
     np.testing.assert_allclose(cat[[f"w_{n}" for n in names]].sum(1), 1, atol=1e-5)
@@ -54,7 +87,20 @@ def test_catalogue_csv_of_labelled_shard_files(trained, tiny_dir, tmp_path):
     root, args, ckpt, names = trained
     shards = find_split(tiny_dir, "train")[:2]
     out = tmp_path / "cat.csv"
-    cli_main(["predict", "--config", CONFIG, "--ckpt_path", str(ckpt), "--data.predict_path", f"[{shards[0]}, {shards[1]}]", "--predict_writer.output", str(out), *args])
+    cli_main(
+        [
+            "predict",
+            "--config",
+            CONFIG,
+            "--ckpt_path",
+            str(ckpt),
+            "--data.predict_path",
+            f"[{shards[0]}, {shards[1]}]",
+            "--predict_writer.output",
+            str(out),
+            *args,
+        ]
+    )
     cat = pd.read_csv(out)
     assert len(cat) == 800 and cat["shard"].nunique() == 2 and "log_g_true" in cat
     truth = read_params(shards[1])["log_g"].to_numpy()
@@ -67,5 +113,17 @@ def test_catalogue_refuses_another_pixel_grid(trained, tiny_dir, tmp_path):
     src = find_split(tiny_dir, "test")[0]
     shifted = _unlabelled_copy(src, tmp_path / "other.h5", read_wave(src) + 5.0)
     with pytest.raises(ShardError, match=r"other\.h5: wavelength grid .* differs from"):
-        cli_main(["predict", "--config", CONFIG, "--ckpt_path", str(ckpt), "--data.predict_path", str(shifted),
-                  "--predict_writer.output", str(tmp_path / "x.csv"), *args])
+        cli_main(
+            [
+                "predict",
+                "--config",
+                CONFIG,
+                "--ckpt_path",
+                str(ckpt),
+                "--data.predict_path",
+                str(shifted),
+                "--predict_writer.output",
+                str(tmp_path / "x.csv"),
+                *args,
+            ]
+        )

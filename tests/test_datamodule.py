@@ -28,8 +28,9 @@ def test_rank_worker_split_covers_each_row_once(tiny_dir, world, workers):
     shards = ShardSet(find_split(tiny_dir, "train"), max_rows=1111)  # odd count, crosses shards
     stream = SpectraStream(shards, batch_size=50, noise_level=1.0, block_rows=97)
     n_slots = world * workers
-    seen = np.concatenate([np.arange(b.offset, b.offset + b.stop - b.start)
-                           for s in range(n_slots) for b in stream.plan(s, n_slots)])
+    seen = np.concatenate(
+        [np.arange(b.offset, b.offset + b.stop - b.start) for s in range(n_slots) for b in stream.plan(s, n_slots)]
+    )
     assert np.array_equal(np.sort(seen), np.arange(1111))
     stream.equalize_ranks = True
     lens = [sum(b.stop - b.start for b in stream.plan(s, n_slots)) for s in range(n_slots)]
@@ -95,8 +96,9 @@ def test_val_test_noise_identical_across_runs(tiny_dir, tmp_path):
         clean, err = read_block(find_split(tiny_dir, split)[0], 0, 300)
         z = (fa.numpy() - clean) / err
         assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
-    assert not torch.equal(torch.cat([x["flux"] for x in a.stream("val")]),
-                           torch.cat([x["flux"] for x in a.stream("test")])[:300])
+    assert not torch.equal(
+        torch.cat([x["flux"] for x in a.stream("val")]), torch.cat([x["flux"] for x in a.stream("test")])[:300]
+    )
 
 
 def test_noise_cache_rebuilt_when_stale(tiny_dir, tmp_path):

@@ -51,19 +51,41 @@ SCRIPT = textwrap.dedent('''
 @pytest.mark.slow
 def test_ddp_two_ranks_prepare_once_and_split_rows_exactly(tmp_path):
     data = tmp_path / "data"
-    write_dataset(data, SynthConfig(n_train=1200, n_val=300, n_test=300, shard_size=400, n_pixels=256, seed=11),
-                  progress=False)
+    write_dataset(
+        data, SynthConfig(n_train=1200, n_val=300, n_test=300, shard_size=400, n_pixels=256, seed=11), progress=False
+    )
     script = tmp_path / "ddp_fit.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    args = ["fit", "--data.data_dir", str(data), "--data.synth", "null", "--data.batch_size", "100",
-            "--model.expert_min_samples", "10", "--model.feature_rows", "600",
-            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-            "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path / "logs"),
-            "--trainer.enable_progress_bar", "false"]
-    run = subprocess.run([sys.executable, str(script), str(out), *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
+    args = [
+        "fit",
+        "--data.data_dir",
+        str(data),
+        "--data.synth",
+        "null",
+        "--data.batch_size",
+        "100",
+        "--model.expert_min_samples",
+        "10",
+        "--model.feature_rows",
+        "600",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path / "logs"),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    run = subprocess.run(
+        [sys.executable, str(script), str(out), *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     log = run.stdout + run.stderr
     assert log.count("fitting experts") == 1, log[-3000:]  # one rank fitted, the other loaded its files

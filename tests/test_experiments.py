@@ -14,20 +14,46 @@ from moe.experiments.__main__ import main as experiments_main
 from moe.experiments.common import ExperimentSettings, Verdict, bootstrap_delta_r2
 
 FIGURES = {
-    "leakage": ["logg_err_base_01_r2_models.png", "logg_err_base_01_importance_spectrum.png",
-                "logg_err_base_01_importance_hist.png", "logg_err_base_01_sanity_checks.png"],
-    "snr-oracle": ["snr_oracle_moe_comparison.png", "snr_oracle_moe_perbin_r2.png", "snr_oracle_moe_pred_vs_true.png",
-                   "snr_oracle_moe_delta_heatmap.png"],
-    "dual-tower": ["dual_tower_comparison.png", "dual_tower_persnr_r2.png", "dual_tower_pred_vs_true.png",
-                   "dual_tower_entropy_vs_snr.png", "dual_tower_ablation.png", "dual_tower_calibration.png"],
-    "ceiling": ["ceiling_perbin_expert_comparison.png", "ceiling_expert_selection_heatmap.png",
-                "ceiling_oracle_hybrid_vs_baseline.png", "ceiling_perbin_delta_r2.png", "ceiling_hybrid_pred_vs_true.png"],
+    "leakage": [
+        "logg_err_base_01_r2_models.png",
+        "logg_err_base_01_importance_spectrum.png",
+        "logg_err_base_01_importance_hist.png",
+        "logg_err_base_01_sanity_checks.png",
+    ],
+    "snr-oracle": [
+        "snr_oracle_moe_comparison.png",
+        "snr_oracle_moe_perbin_r2.png",
+        "snr_oracle_moe_pred_vs_true.png",
+        "snr_oracle_moe_delta_heatmap.png",
+    ],
+    "dual-tower": [
+        "dual_tower_comparison.png",
+        "dual_tower_persnr_r2.png",
+        "dual_tower_pred_vs_true.png",
+        "dual_tower_entropy_vs_snr.png",
+        "dual_tower_ablation.png",
+        "dual_tower_calibration.png",
+    ],
+    "ceiling": [
+        "ceiling_perbin_expert_comparison.png",
+        "ceiling_expert_selection_heatmap.png",
+        "ceiling_oracle_hybrid_vs_baseline.png",
+        "ceiling_perbin_delta_r2.png",
+        "ceiling_hybrid_pred_vs_true.png",
+    ],
 }
 TABLES = {
     "leakage": ["models.csv", "sanity_checks.csv", "importance_top40.csv"],
     "snr-oracle": ["headline.csv", "per_bin.csv", "alphas.csv"],
-    "dual-tower": ["comparison.csv", "per_snr.csv", "per_phys.csv", "entropy_confidence.csv", "ablation.csv", "towers.csv",
-                   "calibration.csv"],
+    "dual-tower": [
+        "comparison.csv",
+        "per_snr.csv",
+        "per_phys.csv",
+        "entropy_confidence.csv",
+        "ablation.csv",
+        "towers.csv",
+        "calibration.csv",
+    ],
     "ceiling": ["per_bin.csv", "overall.csv", "ridge_alpha_sweep.csv"],
 }
 
@@ -35,14 +61,24 @@ TABLES = {
 @pytest.fixture(scope="module")
 def exp_dir(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("exp") / "data"
-    write_dataset(root, SynthConfig(n_train=2400, n_val=600, n_test=600, shard_size=1200, n_pixels=256, seed=5), progress=False)
+    write_dataset(
+        root, SynthConfig(n_train=2400, n_val=600, n_test=600, shard_size=1200, n_pixels=256, seed=5), progress=False
+    )
     return str(root)
 
 
-@pytest.mark.parametrize("value, op, threshold, passed", [
-    (0.02, ">=", 0.02, True), (0.0199999, ">=", 0.02, False), (0.05, "<", 0.05, False), (0.0499, "<", 0.05, True),
-    (float("nan"), ">=", 0.0, False), (0.7, ">=", 0.70, True), (-0.0001, ">=", 0.0, False),
-])
+@pytest.mark.parametrize(
+    "value, op, threshold, passed",
+    [
+        (0.02, ">=", 0.02, True),
+        (0.0199999, ">=", 0.02, False),
+        (0.05, "<", 0.05, False),
+        (0.0499, "<", 0.05, True),
+        (float("nan"), ">=", 0.0, False),
+        (0.7, ">=", 0.70, True),
+        (-0.0001, ">=", 0.0, False),
+    ],
+)
 def test_verdict_thresholds(value, op, threshold, passed):
     v = Verdict("q", value, op, threshold, "yes", "no")
     assert v.passed is passed
@@ -60,9 +96,12 @@ def test_degenerate_or_unfinished_gate_runs_are_inconclusive():
     from moe.experiments.gates import GateRun
 
     y = np.linspace(1, 5, 200)
+
     def run(pred, best, ran, most=5):
-        return GateRun("x", "concat", "phys", 0, pred, np.ones(200), np.ones((200, 1)), np.zeros(200), 0.5, best, ran,
-                       most, None)
+        return GateRun(
+            "x", "concat", "phys", 0, pred, np.ones(200), np.ones((200, 1)), np.zeros(200), 0.5, best, ran, most, None
+        )
+
     good = {"Dual-tower concat": [run(y + 0.1, 3, 5)], "Global Ridge": [run(y + 0.5, 0, 0)]}
     assert inconclusive_reason(good, 0.8, y) == ""
     bad = {"Dual-tower concat": [run(y[::-1], 3, 5)]}
@@ -76,7 +115,9 @@ def test_bootstrap_ci_brackets_the_difference():
     y = rng.normal(size=2000)
     good, bad = y + rng.normal(0, 0.5, 2000), y + rng.normal(0, 0.7, 2000)
     lo, hi = bootstrap_delta_r2(y, [good], [bad], n_boot=300)
-    delta = (1 - ((good - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()) - (1 - ((bad - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    delta = (1 - ((good - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()) - (
+        1 - ((bad - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    )
     assert lo < delta < hi and lo > 0
 
 
@@ -91,8 +132,24 @@ def _assert_png_has_data(path):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_writes_every_file(exp_dir, tmp_path, name):
     out = tmp_path / name
-    rc = experiments_main([name, "--data", exp_dir, "--out", str(out), "--seeds", "1", "2", "--epochs", "3",
-                           "--cnn-epochs", "2", "--max-memory-rows", "2400"])
+    rc = experiments_main(
+        [
+            name,
+            "--data",
+            exp_dir,
+            "--out",
+            str(out),
+            "--seeds",
+            "1",
+            "2",
+            "--epochs",
+            "3",
+            "--cnn-epochs",
+            "2",
+            "--max-memory-rows",
+            "2400",
+        ]
+    )
     assert rc == 0
     report = (out / "report.md").read_text()
     for fig in FIGURES[name]:
@@ -102,7 +159,8 @@ def test_experiment_writes_every_file(exp_dir, tmp_path, name):
     for table in TABLES[name] + ["verdicts.csv"]:
         assert (out / table).is_file(), table
     assert "## Verdicts (computed from the numbers below)" in report and any(
-        r in report for r in ("PASS", "FAIL", "INCONCLUSIVE"))
+        r in report for r in ("PASS", "FAIL", "INCONCLUSIVE")
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["data_fingerprint"]["train"] and config["settings"]["seeds"] == [1, 2]
     assert "data_fingerprint_hash" in report
@@ -162,8 +220,13 @@ for i, fig in enumerate(figs):
     plots.save(fig, f"{sys.argv[1]}/{i}.png")
 assert "matplotlib.pyplot" not in sys.modules, "moe.plots imported pyplot"
 """
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False, capture_output=True, text=True,
-                         cwd=Path(__file__).parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
     assert out.returncode == 0, out.stderr
     assert len(list(tmp_path.glob("*.png"))) == 5
 

@@ -74,7 +74,9 @@ def test_streamed_statistics_equal_in_memory(small):
             np.testing.assert_allclose(s.gram(c), xs.T @ xs, rtol=1e-10, atol=1e-9)
             np.testing.assert_allclose(s.sx[c], xs.sum(0), rtol=1e-10, atol=1e-9)
             np.testing.assert_allclose(s.xty[c], xs.T @ y[m], rtol=1e-10, atol=1e-9)
-            np.testing.assert_allclose(s.se2[c], (error[m].astype(np.float64) ** 2).sum(0), rtol=1e-6)  # float32 products
+            np.testing.assert_allclose(
+                s.se2[c], (error[m].astype(np.float64) ** 2).sum(0), rtol=1e-6
+            )  # float32 products
             assert s.n[c] == m.sum() and np.isclose(s.syy[c], (y[m] ** 2).sum())
 
 
@@ -111,7 +113,9 @@ def test_noise_marginalised_is_the_augmentation_limit():
 def test_small_group_error_and_fallback(tiny_dir, caplog):
     dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None, max_train_rows=400)
     cfg = FitConfig(families=("global", "phys"), min_samples=60, block_rows=128)
-    with pytest.raises(GroupTooSmallError, match=r"expert phys/(\w+-\w+) has \d+ training samples, fewer than min_samples=60"):
+    with pytest.raises(
+        GroupTooSmallError, match=r"expert phys/(\w+-\w+) has \d+ training samples, fewer than min_samples=60"
+    ):
         fit_families(dm, cfg, progress=False)
     with caplog.at_level(logging.WARNING):
         fits, _, _ = fit_families(dm, replace(cfg, fallback="global"), progress=False)
@@ -127,8 +131,13 @@ def test_small_group_error_and_fallback(tiny_dir, caplog):
 
 def test_fit_in_single_mode_matches_sklearn_on_the_same_rows(tiny_dir):
     dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None)
-    cfg = FitConfig(families=("global", "phys", "snr"), noise_mode="single", min_samples=10, block_rows=256,
-                    alphas=(1.0, 100.0, 1e4))
+    cfg = FitConfig(
+        families=("global", "phys", "snr"),
+        noise_mode="single",
+        min_samples=10,
+        block_rows=256,
+        alphas=(1.0, 100.0, 1e4),
+    )
     fits, _, _ = fit_families(dm, cfg, progress=False)
     blocks = list(training_blocks(dm, cfg, "joint"))
     x = np.concatenate([b[0] for b in blocks])
@@ -200,7 +209,9 @@ def test_bundle_cache_and_fingerprint(tiny_dir, tmp_path):
     assert b2.experts("snr").names == ["SNR-X", "SNR-L", "SNR-M", "SNR-H"]
     torch.load(path, weights_only=True)
     other = SpectraDataModule(tiny_dir, num_workers=0, synth=None, noise_level=0.5)
-    with pytest.raises(ExpertsMismatchError, match=r"fitted on other data \(fingerprint differs in \['noise_level'\]\)"):
+    with pytest.raises(
+        ExpertsMismatchError, match=r"fitted on other data \(fingerprint differs in \['noise_level'\]\)"
+    ):
         load_or_fit(other, cfg, path, progress=False)
     with pytest.raises(ExpertsMismatchError, match=r"another config \(differs in \['alphas'\]\)"):
         ExpertBundle.load(path, dm.fingerprint(), replace(cfg, alphas=(1.0,)))
@@ -216,8 +227,15 @@ def _ddp_worker(rank, world, tiny_dir, port, out):
         dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None)
         stats, _ = accumulate_stats(dm, FitConfig(block_rows=100), progress=False)
         fits, _, _ = fit_families(dm, FitConfig(block_rows=100, min_samples=10), progress=False)
-        np.savez(f"{out}.rank{rank}.npz", n=stats.n, xtx=stats.xtx, sx=stats.sx, shift=stats.shift,
-                 alpha=fits["phys"].alpha, weight=fits["phys"].weight)
+        np.savez(
+            f"{out}.rank{rank}.npz",
+            n=stats.n,
+            xtx=stats.xtx,
+            sx=stats.sx,
+            shift=stats.shift,
+            alpha=fits["phys"].alpha,
+            weight=fits["phys"].weight,
+        )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -329,8 +347,10 @@ def test_alpha_at_the_edge_of_the_sweep_is_named_in_a_warning(tiny_dir, caplog):
     dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None)
     caplog.set_level(logging.WARNING, logger="moe")
     fit_families(dm, FitConfig(("global",), alphas=(1e3, 1e4, 1e5), block_rows=256), progress=False)
-    assert "expert global/global: the validation chose alpha 1000, the smallest of the sweep, and R^2 still gains" \
+    assert (
+        "expert global/global: the validation chose alpha 1000, the smallest of the sweep, and R^2 still gains"
         in caplog.text
+    )
     caplog.clear()
     fit_families(dm, FitConfig(("global",), alphas=(1e-6, 1e-5), block_rows=256), progress=False)
     assert "of the sweep" not in caplog.text  # alphas far below the noise variance: a plateau, no warning

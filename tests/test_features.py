@@ -53,8 +53,19 @@ def _reference(flux, wave, core_half=0.8, floor=0.05):
             win = (wave >= line.window[0]) & (wave <= line.window[1])
             ew = sum((1 - f[j] / _continuum(wave[j], *ends)) * width[j] for j in np.flatnonzero(win))
             row[line.name] = (np.mean(depths), ew)
-        out.append([row["CaT8498"][0], row["CaT8498"][1], row["CaT8542"][0], row["CaT8542"][1], row["CaT8662"][0],
-                    row["CaT8662"][1], row["CaT8498"][1] + row["CaT8542"][1] + row["CaT8662"][1], row["NaI"][0], row["NaI"][1]])
+        out.append(
+            [
+                row["CaT8498"][0],
+                row["CaT8498"][1],
+                row["CaT8542"][0],
+                row["CaT8542"][1],
+                row["CaT8662"][0],
+                row["CaT8662"][1],
+                row["CaT8498"][1] + row["CaT8542"][1] + row["CaT8662"][1],
+                row["NaI"][0],
+                row["NaI"][1],
+            ]
+        )
     return np.array(out)
 
 
@@ -78,8 +89,21 @@ def test_physics_features_match_reference(n_pixels):
 def test_physics_features_respond_to_gravity():
     model = SpectrumModel(4096)
     import pandas as pd
-    base = {"T_eff": 4000.0, "M_H": 0.0, "mag": 21.0, "seeing": 0.8, "airmass": 1.2, "s_sky": 1.0, "s_oh": 1.0,
-            "eta_field": 0.9, "r_tell": 0.1, "a_M": 0.0, "C_M": 0.0, "redshift": 0.0}
+
+    base = {
+        "T_eff": 4000.0,
+        "M_H": 0.0,
+        "mag": 21.0,
+        "seeing": 0.8,
+        "airmass": 1.2,
+        "s_sky": 1.0,
+        "s_oh": 1.0,
+        "eta_field": 0.9,
+        "r_tell": 0.1,
+        "a_M": 0.0,
+        "C_M": 0.0,
+        "redshift": 0.0,
+    }
     df = pd.DataFrame([base | {"log_g": 1.5}, base | {"log_g": 4.5}])
     feats = PhysicsFeatures(4096)
     feats.set_wave(model.wave)

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from reference_gate import dense_physics, reference_inputs
 
 from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import NOISE_KEYS, add_input_noise, noisy_inputs
@@ -18,15 +19,16 @@ from moe.features import PhysicsFeatures
 from moe.features.inputs import row_inputs
 from moe.gates import GatedMoE
 from moe.prepare import ensure_inputs, prepare
-from reference_gate import dense_physics, reference_inputs
 
 
 @pytest.fixture(scope="module")
 def prepared(tiny_dir, tmp_path_factory):
-    dm = SpectraDataModule(tiny_dir, batch_size=128, num_workers=0, synth=None,
-                           cache_dir=str(tmp_path_factory.mktemp("inputs_cache")))
-    model = GatedMoE(fusion="concat", n_pixels=dm.n_pixels, noise_level=dm.noise_level, expert_min_samples=10,
-                     feature_rows=600)
+    dm = SpectraDataModule(
+        tiny_dir, batch_size=128, num_workers=0, synth=None, cache_dir=str(tmp_path_factory.mktemp("inputs_cache"))
+    )
+    model = GatedMoE(
+        fusion="concat", n_pixels=dm.n_pixels, noise_level=dm.noise_level, expert_min_samples=10, feature_rows=600
+    )
     model.load_prepared(prepare(dm, model.prepare_config(), progress=False))
     return dm, model
 
@@ -107,7 +109,9 @@ def test_rest_noise_factor_matches_closed_form_covariance(prepared):
         c = cached["chol"][i].double().numpy()
         np.testing.assert_allclose(c @ c.T, cov, rtol=1e-4, atol=1e-6 * np.abs(cov).max())
     # drawn noise has that covariance (empirically, 40k draws of one row)
-    one = {k: v[:1].expand(40_000, *v.shape[1:]) for k, v in cached.items() if k in ("chol", "win_error", "win", "proj")}
+    one = {
+        k: v[:1].expand(40_000, *v.shape[1:]) for k, v in cached.items() if k in ("chol", "win_error", "win", "proj")
+    }
     out = noisy_inputs(one, torch.zeros(weight.shape[0], one["win"].shape[1]), 1.0, torch.Generator().manual_seed(0))
     emp = np.cov((out["proj"] - one["proj"]).double().numpy().T)
     cov0 = (weight[:, rest] * e[0, rest] ** 2) @ weight[:, rest].T
@@ -122,8 +126,9 @@ def test_caches_equal_recomputed_inputs(prepared):
     for split in ("train", "val"):
         spectra = next(iter(dm.stream(split, shuffle=False, batch_size=300)))
         cached = next(iter(dm.stream(split, shuffle=False, batch_size=300, cached=True)))
-        fresh = row_inputs(spectra["flux"], spectra["error"], weight, bias, model.physics.pixels,
-                           noise_factor=split == "train")
+        fresh = row_inputs(
+            spectra["flux"], spectra["error"], weight, bias, model.physics.pixels, noise_factor=split == "train"
+        )
         for name, v in fresh.items():
             torch.testing.assert_close(cached[name], v, rtol=0, atol=0)
 

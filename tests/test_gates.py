@@ -26,8 +26,15 @@ def dm(tiny_dir):
 
 
 def _model(dm, fusion, experts=None, **kw):
-    m = GatedMoE(fusion=fusion, experts=experts, n_pixels=dm.n_pixels, noise_level=dm.noise_level,
-                 expert_min_samples=10, feature_rows=600, **kw)
+    m = GatedMoE(
+        fusion=fusion,
+        experts=experts,
+        n_pixels=dm.n_pixels,
+        noise_level=dm.noise_level,
+        expert_min_samples=10,
+        feature_rows=600,
+        **kw,
+    )
     m.load_prepared(prepare(dm, m.prepare_config(), progress=False))
     return m
 
@@ -133,9 +140,23 @@ def test_mixture_sigma(dm):
 
 
 def _cli(tmp_path, *extra, tiny_dir):
-    return ["--data.data_dir", tiny_dir, "--data.num_workers", "0", "--data.batch_size", "128",
-            "--model.expert_min_samples", "10", "--model.feature_rows", "600",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", *extra]
+    return [
+        "--data.data_dir",
+        tiny_dir,
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "128",
+        "--model.expert_min_samples",
+        "10",
+        "--model.feature_rows",
+        "600",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -147,16 +168,34 @@ def test_every_config_fast_dev_run(tmp_path, tiny_dir, config):
 def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = _cli(tmp_path, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
-                "--test_after_fit", "true", tiny_dir=tiny_dir)
+    args = _cli(
+        tmp_path,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--test_after_fit",
+        "true",
+        tiny_dir=tiny_dir,
+    )
     cli = cli_main(["fit", "--config", str(CONFIG_DIR / "temperature.yaml"), *args])
     assert "rho =" in capsys.readouterr().out
     assert list(Path(cli.trainer.log_dir).glob("events.out.tfevents.*"))
     # the run folder holds the fit's and the test's event files: read them all
     acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"histograms": 0, "images": 0, "scalars": 0}).Reload()
     scalars = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/nll", "val/r2", "val/entropy", "val/rho", "val/tau_snr_X", "val/z_std",
-                "val/coverage_1sigma", "val/coverage_2sigma_snr_X", *(f"val/{m}_snr_{b}" for m in ("r2", "entropy") for b in "HMLX")):
+    for tag in (
+        "train/loss",
+        "train/nll",
+        "val/r2",
+        "val/entropy",
+        "val/rho",
+        "val/tau_snr_X",
+        "val/z_std",
+        "val/coverage_1sigma",
+        "val/coverage_2sigma_snr_X",
+        *(f"val/{m}_snr_{b}" for m in ("r2", "entropy") for b in "HMLX"),
+    ):
         assert tag in scalars, tag
     assert "val/gate_weights" in acc.Tags()["histograms"]
     assert "val/entropy_vs_snr" in acc.Tags()["images"] and "val/calibration" in acc.Tags()["images"]
@@ -170,13 +209,33 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     assert "SNR X" in out and "rho =" in out
 
     pred_csv = tmp_path / "pred.csv"
-    cli_main(["predict", "--config", str(CONFIG_DIR / "temperature.yaml"), "--ckpt_path", "best",
-              "--predict_writer.output", str(pred_csv), *args[:-2]])
+    cli_main(
+        [
+            "predict",
+            "--config",
+            str(CONFIG_DIR / "temperature.yaml"),
+            "--ckpt_path",
+            "best",
+            "--predict_writer.output",
+            str(pred_csv),
+            *args[:-2],
+        ]
+    )
     rows = list(csv.DictReader(pred_csv.open()))
     assert len(rows) == 300
     names = test.model.experts.names
-    assert list(rows[0]) == ["shard", "row", "mag", "snr", "snr_bin", "log_g_pred", "log_g_sigma",
-                             *(f"w_{n}" for n in names), *(f"pred_{n}" for n in names), "log_g_true"]
+    assert list(rows[0]) == [
+        "shard",
+        "row",
+        "mag",
+        "snr",
+        "snr_bin",
+        "log_g_pred",
+        "log_g_sigma",
+        *(f"w_{n}" for n in names),
+        *(f"pred_{n}" for n in names),
+        "log_g_true",
+    ]
     assert abs(sum(float(rows[0][f"w_{n}"]) for n in test.model.experts.names) - 1) < 1e-4
     assert {r["snr_bin"] for r in rows} <= {"X", "L", "M", "H"}
 
@@ -186,15 +245,36 @@ def test_checkpoint_from_other_data_is_refused(tmp_path, tiny_dir):
     cli = cli_main(["fit", "--config", str(CONFIG_DIR / "dual_tower.yaml"), *args])
     ckpt = Path(cli.trainer.log_dir, "checkpoints", "last.ckpt")
     with pytest.raises(ExpertsMismatchError, match="last.ckpt: trained on data .*, but --data holds data"):
-        cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(ckpt), *args,
-                  "--data.noise_level", "0.5"])
+        cli_main(
+            [
+                "test",
+                "--config",
+                str(CONFIG_DIR / "dual_tower.yaml"),
+                "--ckpt_path",
+                str(ckpt),
+                *args,
+                "--data.noise_level",
+                "0.5",
+            ]
+        )
 
 
 def test_resume_from_last_checkpoint(tmp_path, tiny_dir):
     args = _cli(tmp_path, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", tiny_dir=tiny_dir)
     first = cli_main(["fit", "--config", str(CONFIG_DIR / "logit_add.yaml"), "--trainer.max_epochs", "1", *args])
     last = Path(first.trainer.log_dir, "checkpoints", "last.ckpt")
-    second = cli_main(["fit", "--config", str(CONFIG_DIR / "logit_add.yaml"), "--trainer.max_epochs", "2", "--ckpt_path", str(last), *args])
+    second = cli_main(
+        [
+            "fit",
+            "--config",
+            str(CONFIG_DIR / "logit_add.yaml"),
+            "--trainer.max_epochs",
+            "2",
+            "--ckpt_path",
+            str(last),
+            *args,
+        ]
+    )
     assert second.trainer.current_epoch == 2 and second.trainer.global_step == 4
 
 
@@ -204,6 +284,25 @@ def test_summary_table_lists_bins():
 
 
 def test_all_fusions_listed():
-    assert set(FUSIONS) == {"concat", "logit_add", "product", "temperature", "phys_only", "quality_only", "oracle", "global"}
-    assert {p.stem for p in CONFIGS} >= {"quickstart", "dual_tower", "logit_add", "product", "temperature", "phys_only",
-                                         "quality_only", "oracle", "global", "experts36"}
+    assert set(FUSIONS) == {
+        "concat",
+        "logit_add",
+        "product",
+        "temperature",
+        "phys_only",
+        "quality_only",
+        "oracle",
+        "global",
+    }
+    assert {p.stem for p in CONFIGS} >= {
+        "quickstart",
+        "dual_tower",
+        "logit_add",
+        "product",
+        "temperature",
+        "phys_only",
+        "quality_only",
+        "oracle",
+        "global",
+        "experts36",
+    }

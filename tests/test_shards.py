@@ -8,8 +8,20 @@ import pandas as pd
 import pytest
 
 from moe.data import shards
-from moe.data.shards import (ERROR_KEY, FLUX_KEY, PARAM_COLUMNS, WAVE_KEY, ShardError, fill_nan_nearest,
-                             find_split, inspect_shard, read_block, read_params, validate_shard, write_shard)
+from moe.data.shards import (
+    ERROR_KEY,
+    FLUX_KEY,
+    PARAM_COLUMNS,
+    WAVE_KEY,
+    ShardError,
+    fill_nan_nearest,
+    find_split,
+    inspect_shard,
+    read_block,
+    read_params,
+    validate_shard,
+    write_shard,
+)
 
 N, D = 12, 32
 
@@ -95,22 +107,26 @@ def _drop(key):
     def go(path):
         with h5py.File(path, "a") as f:
             del f[key]
+
     return go
 
 
-@pytest.mark.parametrize("mutate, post, match", [
-    (None, _drop(FLUX_KEY), "missing dataset 'dataset/arrays/flux/value'"),
-    (None, _drop(WAVE_KEY), "missing dataset 'spectrumdataset/wave'"),
-    (lambda w, f, e, p: (w, f, e[:, :-1], p), None, "error/value shape .* disagrees"),
-    (lambda w, f, e, p: (w[:-1], f, e, p), None, "wave has 31 pixels but .* has 32"),
-    (lambda w, f, e, p: (w[::-1].copy(), f, e, p), None, "not strictly increasing"),
-    (lambda w, f, e, p: (w, f, e, p.iloc[:-2]), None, "has 10 rows but .* has 12"),
-    (lambda w, f, e, p: (w, f, e, p.drop(columns=["log_g"])), None, r"missing columns \['log_g'\]"),
-    (lambda w, f, e, p: f.__setitem__((5, 7), np.nan), None, "non-finite flux at row 5, pixel 7"),
-    (lambda w, f, e, p: e.__setitem__((4, 2), 0.0), None, "error <= 0 at row 4, pixel 2"),
-    (lambda w, f, e, p: e.__setitem__((6, slice(None)), np.nan), None, "error row 6 is all NaN"),
-    (lambda w, f, e, p: (w, f[:0], e[:0], p.iloc[:0]), None, "empty shard"),
-])
+@pytest.mark.parametrize(
+    "mutate, post, match",
+    [
+        (None, _drop(FLUX_KEY), "missing dataset 'dataset/arrays/flux/value'"),
+        (None, _drop(WAVE_KEY), "missing dataset 'spectrumdataset/wave'"),
+        (lambda w, f, e, p: (w, f, e[:, :-1], p), None, "error/value shape .* disagrees"),
+        (lambda w, f, e, p: (w[:-1], f, e, p), None, "wave has 31 pixels but .* has 32"),
+        (lambda w, f, e, p: (w[::-1].copy(), f, e, p), None, "not strictly increasing"),
+        (lambda w, f, e, p: (w, f, e, p.iloc[:-2]), None, "has 10 rows but .* has 12"),
+        (lambda w, f, e, p: (w, f, e, p.drop(columns=["log_g"])), None, r"missing columns \['log_g'\]"),
+        (lambda w, f, e, p: f.__setitem__((5, 7), np.nan), None, "non-finite flux at row 5, pixel 7"),
+        (lambda w, f, e, p: e.__setitem__((4, 2), 0.0), None, "error <= 0 at row 4, pixel 2"),
+        (lambda w, f, e, p: e.__setitem__((6, slice(None)), np.nan), None, "error row 6 is all NaN"),
+        (lambda w, f, e, p: (w, f[:0], e[:0], p.iloc[:0]), None, "empty shard"),
+    ],
+)
 def test_validator_names_file_and_problem(tmp_path, mutate, post, match):
     path = _broken(tmp_path, mutate or (lambda *a: None))
     if post is not None:

@@ -24,11 +24,30 @@ def test_realism_at_4096_pixels():
 
 def test_learned_gate_beats_global_end_to_end(tmp_path):
     data = tmp_path / "data"
-    write_dataset(data, SynthConfig(n_train=12_000, n_val=2000, n_test=2000, shard_size=4000, n_pixels=1024, seed=3), progress=False)
-    cli = cli_main(["fit", "--config", str(CONFIGS / "logit_add.yaml"), "--data.data_dir", str(data), "--data.num_workers", "0",
-                    "--trainer.max_epochs", "6", "--trainer.default_root_dir", str(tmp_path),
-                    "--trainer.enable_progress_bar",
-                    "false", "--test_after_fit", "true"])
+    write_dataset(
+        data,
+        SynthConfig(n_train=12_000, n_val=2000, n_test=2000, shard_size=4000, n_pixels=1024, seed=3),
+        progress=False,
+    )
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "logit_add.yaml"),
+            "--data.data_dir",
+            str(data),
+            "--data.num_workers",
+            "0",
+            "--trainer.max_epochs",
+            "6",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--test_after_fit",
+            "true",
+        ]
+    )
     m = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     assert m["test/r2"] > m["test/r2_global"] and m["test/rho"] > 0.3, m
     assert m["test/entropy_snr_X"] > m["test/entropy_snr_H"]  # flatter gates at low SNR

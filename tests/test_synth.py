@@ -30,7 +30,9 @@ def test_deterministic_and_valid(tmp_path, tiny_dir):
             np.testing.assert_array_equal(read_block(pa, 0, 100)[0], read_block(pb, 0, 100)[0])
             pd.testing.assert_frame_equal(read_params(pa), read_params(pb))
     other = write_dataset(tmp_path / "c", SynthConfig(**{**cfg.__dict__, "seed": 4}), progress=False)
-    assert not np.array_equal(read_block(find_split(a, "val")[0], 0, 10)[0], read_block(find_split(other, "val")[0], 0, 10)[0])
+    assert not np.array_equal(
+        read_block(find_split(a, "val")[0], 0, 10)[0], read_block(find_split(other, "val")[0], 0, 10)[0]
+    )
     assert json.loads((a / "synth.json").read_text())["seed"] == 3
     with pytest.raises(ValueError, match="synth.json: dataset was generated with"):
         write_dataset(a, SynthConfig(**{**cfg.__dict__, "n_train": 301}), progress=False)
@@ -63,10 +65,24 @@ def test_interrupted_run_leaves_no_half_shard_and_resumes(tmp_path, monkeypatch)
 
 def _stars(model, **labels):
     n = len(labels["log_g"])
-    base = {"T_eff": 4300.0, "M_H": 0.0, "mag": 21.0, "seeing": 0.8, "airmass": 1.2, "s_sky": 1.0,
-            "s_oh": 1.0, "eta_field": 0.9, "r_tell": 0.1, "a_M": 0.0, "C_M": 0.0, "redshift": 0.0}
-    df = pd.DataFrame({k: np.broadcast_to(np.asarray(labels.get(k, v), float), (n,)) for k, v in base.items()}
-                      | {"log_g": labels["log_g"]})
+    base = {
+        "T_eff": 4300.0,
+        "M_H": 0.0,
+        "mag": 21.0,
+        "seeing": 0.8,
+        "airmass": 1.2,
+        "s_sky": 1.0,
+        "s_oh": 1.0,
+        "eta_field": 0.9,
+        "r_tell": 0.1,
+        "a_M": 0.0,
+        "C_M": 0.0,
+        "redshift": 0.0,
+    }
+    df = pd.DataFrame(
+        {k: np.broadcast_to(np.asarray(labels.get(k, v), float), (n,)) for k, v in base.items()}
+        | {"log_g": labels["log_g"]}
+    )
     return model.flux(df), model.error(model.flux(df), df), df
 
 
@@ -100,9 +116,16 @@ def test_realism_small_n():
     """The realism check's claims, at small N and 512 pixels, with looser bounds."""
     model = SpectrumModel(512)
     mk = lambda s, n: Split(*generate(model, np.random.default_rng(s), n))  # noqa: E731
-    lines = run_checks(mk(1, 4000), mk(2, 1000), mk(3, 1000), noise_level=1.0, seed=0,
-                       bounds=Bounds(min_bin_share=0.02, global_r2=(0.2, 0.85), oracle_gain=0.0,
-                                     error_only_min=0.35, quality_max=0.25))
+    lines = run_checks(
+        mk(1, 4000),
+        mk(2, 1000),
+        mk(3, 1000),
+        noise_level=1.0,
+        seed=0,
+        bounds=Bounds(
+            min_bin_share=0.02, global_r2=(0.2, 0.85), oracle_gain=0.0, error_only_min=0.35, quality_max=0.25
+        ),
+    )
     failed = [line.row() for line in lines if not line.passed]
     assert not failed, failed
 
@@ -112,5 +135,6 @@ def test_spectra_figure(tmp_path):
     split = Split(*generate(model, np.random.default_rng(0), 1500))
     out = spectra_figure(split, model.wave, tmp_path / "spectra_by_logg.png")
     import matplotlib.image as mpimg
+
     img = mpimg.imread(out)
     assert img.shape[0] > 300 and img[..., :3].std() > 0.05

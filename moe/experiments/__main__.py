@@ -27,7 +27,9 @@ ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
 def _runner(name: str):
     from moe.experiments import ceiling, dual_tower, leakage, snr_oracle
 
-    return {"leakage": leakage.run, "snr-oracle": snr_oracle.run, "dual-tower": dual_tower.run, "ceiling": ceiling.run}[name]
+    return {"leakage": leakage.run, "snr-oracle": snr_oracle.run, "dual-tower": dual_tower.run, "ceiling": ceiling.run}[
+        name
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,18 +42,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--noise-level", type=float, default=1.0)
     p.add_argument("--max-memory-rows", type=int, default=50_000, help="cap for models that need rows in memory")
     p.add_argument("--epochs", type=int, default=12, help="gate training epochs (dual-tower)")
-    p.add_argument("--cnn-epochs", type=int, default=None, help="1D-CNN epochs (ceiling; default 50, 'all': 20; 0 skips)")
+    p.add_argument(
+        "--cnn-epochs", type=int, default=None, help="1D-CNN epochs (ceiling; default 50, 'all': 20; 0 skips)"
+    )
     p.add_argument("--lgbm-device", default="cpu", help="LightGBM device_type (cpu, gpu, cuda)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pd.set_option("display.width", 160)
-    base = ExperimentSettings(data=a.data, n_train=a.n_train, seeds=tuple(a.seeds), noise_level=a.noise_level,
-                              max_memory_rows=a.max_memory_rows, epochs=a.epochs,
-                              cnn_epochs=a.cnn_epochs if a.cnn_epochs is not None else 50, lgbm_device=a.lgbm_device)
+    base = ExperimentSettings(
+        data=a.data,
+        n_train=a.n_train,
+        seeds=tuple(a.seeds),
+        noise_level=a.noise_level,
+        max_memory_rows=a.max_memory_rows,
+        epochs=a.epochs,
+        cnn_epochs=a.cnn_epochs if a.cnn_epochs is not None else 50,
+        lgbm_device=a.lgbm_device,
+    )
     names = EXPERIMENTS if a.name == "all" else (a.name,)
     if a.name == "all":
-        base = replace(base, n_train=a.n_train or ALL_DEFAULTS["n_train"],
-                       cnn_epochs=a.cnn_epochs if a.cnn_epochs is not None else ALL_DEFAULTS["cnn_epochs"])
+        base = replace(
+            base,
+            n_train=a.n_train or ALL_DEFAULTS["n_train"],
+            cnn_epochs=a.cnn_epochs if a.cnn_epochs is not None else ALL_DEFAULTS["cnn_epochs"],
+        )
     root = Path(a.out or "reports")
     for name in names:
         out = root / name if (a.name == "all" or a.out is None) else root

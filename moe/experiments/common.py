@@ -41,8 +41,14 @@ class ExperimentSettings:
     progress: bool = True
 
     def datamodule(self, **kw) -> SpectraDataModule:
-        return SpectraDataModule(self.data, noise_level=self.noise_level, max_train_rows=self.n_train, num_workers=0,
-                                 synth=SynthConfig(), **kw)
+        return SpectraDataModule(
+            self.data,
+            noise_level=self.noise_level,
+            max_train_rows=self.n_train,
+            num_workers=0,
+            synth=SynthConfig(),
+            **kw,
+        )
 
     @property
     def memory_train_rows(self) -> int:
@@ -54,15 +60,15 @@ class ExperimentSettings:
 class Arrays:
     """The first rows of one split in memory (N rows, D pixels), as the experiments' in-memory models use them."""
 
-    flux: np.ndarray      # [N, D] noisy (train: one draw; val/test: the pre-noised copy)
-    error: np.ndarray     # [N, D]
+    flux: np.ndarray  # [N, D] noisy (train: one draw; val/test: the pre-noised copy)
+    error: np.ndarray  # [N, D]
     clean: np.ndarray | None  # [N, D] noise-free train flux when asked for, else None
-    log_g: np.ndarray     # [N]
-    teff: np.ndarray      # [N]
-    mh: np.ndarray        # [N]
-    snr: np.ndarray       # [N]
+    log_g: np.ndarray  # [N]
+    teff: np.ndarray  # [N]
+    mh: np.ndarray  # [N]
+    snr: np.ndarray  # [N]
     phys_bin: np.ndarray  # [N]
-    snr_bin: np.ndarray   # [N]
+    snr_bin: np.ndarray  # [N]
 
 
 def load_arrays(dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0, keep_clean: bool = False) -> Arrays:
@@ -79,20 +85,34 @@ def load_arrays(dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0,
     flux = cat["flux"]
     if split == "train":
         flux = add_noise_np(flux, cat["error"], dm.noise_level, np.random.default_rng([seed, 7]))
-    return Arrays(flux, cat["error"], clean, cat["log_g"].astype(np.float64), cat["T_eff"].astype(np.float64),
-                  cat["M_H"].astype(np.float64), cat["snr"].astype(np.float64), cat["phys_bin"], cat["snr_bin"])
+    return Arrays(
+        flux,
+        cat["error"],
+        clean,
+        cat["log_g"].astype(np.float64),
+        cat["T_eff"].astype(np.float64),
+        cat["M_H"].astype(np.float64),
+        cat["snr"].astype(np.float64),
+        cat["phys_bin"],
+        cat["snr_bin"],
+    )
 
 
-def load_splits(dm: SpectraDataModule, settings: ExperimentSettings,
-                keep_clean: bool = False) -> tuple[Arrays, Arrays, Arrays]:
+def load_splits(
+    dm: SpectraDataModule, settings: ExperimentSettings, keep_clean: bool = False
+) -> tuple[Arrays, Arrays, Arrays]:
     """Train, val and test in memory: train capped by ``settings.memory_train_rows`` with one noise
     draw (the first seed), val and test by ``settings.max_memory_rows``."""
-    return (load_arrays(dm, "train", settings.memory_train_rows, seed=settings.seeds[0], keep_clean=keep_clean),
-            load_arrays(dm, "val", settings.max_memory_rows), load_arrays(dm, "test", settings.max_memory_rows))
+    return (
+        load_arrays(dm, "train", settings.memory_train_rows, seed=settings.seeds[0], keep_clean=keep_clean),
+        load_arrays(dm, "val", settings.max_memory_rows),
+        load_arrays(dm, "test", settings.max_memory_rows),
+    )
 
 
-def bootstrap_delta_r2(y: np.ndarray, pred_a: Sequence[np.ndarray], pred_b: Sequence[np.ndarray], n_boot: int = 1000,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_delta_r2(
+    y: np.ndarray, pred_a: Sequence[np.ndarray], pred_b: Sequence[np.ndarray], n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Paired bootstrap (over test spectra) 95% CI of R2(a) - R2(b), each averaged over seeds."""
     rng = np.random.default_rng(seed)
     y = np.asarray(y, float)
@@ -127,8 +147,12 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        ops: dict[str, Callable[[float, float], bool]] = {">=": np.greater_equal, "<": np.less, "<=": np.less_equal,
-                                                          ">": np.greater}
+        ops: dict[str, Callable[[float, float], bool]] = {
+            ">=": np.greater_equal,
+            "<": np.less,
+            "<=": np.less_equal,
+            ">": np.greater,
+        }
         return bool(not self.inconclusive and np.isfinite(self.value) and ops[self.op](self.value, self.threshold))
 
     @property
@@ -142,8 +166,13 @@ class Verdict:
         return self.if_pass if self.passed else self.if_fail
 
     def row(self) -> dict:
-        return {"question": self.question, "value": round(self.value, 4), "rule": f"{self.op} {self.threshold:g}",
-                "result": self.result, "decision": self.decision}
+        return {
+            "question": self.question,
+            "value": round(self.value, 4),
+            "rule": f"{self.op} {self.threshold:g}",
+            "result": self.result,
+            "decision": self.decision,
+        }
 
 
 def _md_table(df: pd.DataFrame, floatfmt: int = 4) -> str:
@@ -151,6 +180,7 @@ def _md_table(df: pd.DataFrame, floatfmt: int = 4) -> str:
         if isinstance(v, (float, np.floating)):
             return "–" if not np.isfinite(v) else f"{v:.{floatfmt}f}"
         return str(v)
+
     cols = list(df.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
@@ -177,8 +207,9 @@ class Report:
 
     def table(self, name: str, df: pd.DataFrame, heading: str, note: str = "", floatfmt: int = 4) -> pd.DataFrame:
         _atomic_write(self.out / f"{name}.csv", df.to_csv(index=False))
-        self.sections.append(f"## {heading}\n\n{_md_table(df, floatfmt)}\n\n{note + chr(10) if note else ''}"
-                             f"(CSV: `{name}.csv`)\n")
+        self.sections.append(
+            f"## {heading}\n\n{_md_table(df, floatfmt)}\n\n{note + chr(10) if note else ''}(CSV: `{name}.csv`)\n"
+        )
         return df
 
     def figure(self, filename: str, fig, caption: str) -> Path:
@@ -194,17 +225,32 @@ class Report:
         return df
 
     def write(self, settings: ExperimentSettings, dm: SpectraDataModule, extra: dict | None = None) -> Path:
-        config = {"experiment": self.experiment_id, "settings": asdict(settings), **(extra or {}),
-                  "data": dm.describe(), "data_fingerprint": dm.fingerprint(), "data_fingerprint_hash": dm.fingerprint_hash(),
-                  "runtime_s": round(time.time() - self.started, 1), "torch": torch.__version__}
+        config = {
+            "experiment": self.experiment_id,
+            "settings": asdict(settings),
+            **(extra or {}),
+            "data": dm.describe(),
+            "data_fingerprint": dm.fingerprint(),
+            "data_fingerprint_hash": dm.fingerprint_hash(),
+            "runtime_s": round(time.time() - self.started, 1),
+            "torch": torch.__version__,
+        }
         _atomic_write(self.out / "config.json", json.dumps(config, indent=2, default=str))
-        head = (f"# {self.title}\n\n**Experiment:** `{self.experiment_id}`  \n**Data:** `{dm.data_dir}` "
-                f"({dm.train_set.n_rows} train / {dm.val_set.n_rows} val / {dm.test_set.n_rows} test, {dm.n_pixels} px, "
-                f"noise_level {dm.noise_level})  \n**Seeds:** {', '.join(map(str, settings.seeds))}  \n"
-                f"**Runtime:** {config['runtime_s']:.0f} s\n\n**Question.** {self.question}\n")
-        tail = ("## Config and data fingerprint\n\n```json\n" + json.dumps(
-            {k: config[k] for k in ("settings", "data", "data_fingerprint_hash")} | (extra or {}), indent=2, default=str)
-            + "\n```\n\nFull fingerprint (shards, sizes, rows): `config.json`.\n")
+        head = (
+            f"# {self.title}\n\n**Experiment:** `{self.experiment_id}`  \n**Data:** `{dm.data_dir}` "
+            f"({dm.train_set.n_rows} train / {dm.val_set.n_rows} val / {dm.test_set.n_rows} test, {dm.n_pixels} px, "
+            f"noise_level {dm.noise_level})  \n**Seeds:** {', '.join(map(str, settings.seeds))}  \n"
+            f"**Runtime:** {config['runtime_s']:.0f} s\n\n**Question.** {self.question}\n"
+        )
+        tail = (
+            "## Config and data fingerprint\n\n```json\n"
+            + json.dumps(
+                {k: config[k] for k in ("settings", "data", "data_fingerprint_hash")} | (extra or {}),
+                indent=2,
+                default=str,
+            )
+            + "\n```\n\nFull fingerprint (shards, sizes, rows): `config.json`.\n"
+        )
         path = self.out / "report.md"
         _atomic_write(path, "\n".join([head, *self.sections, tail]))
         return path

@@ -37,12 +37,12 @@ class GateRun:
     fusion: str
     family: str
     seed: int
-    pred: np.ndarray      # [N]
-    sigma: np.ndarray     # [N] per-star uncertainty
-    weights: np.ndarray   # [N, K]
-    entropy: np.ndarray   # [N] nats
-    val_r2: float         # best validation R^2
-    best_epoch: int       # 1-based epoch of the kept checkpoint (0: nothing to learn)
+    pred: np.ndarray  # [N]
+    sigma: np.ndarray  # [N] per-star uncertainty
+    weights: np.ndarray  # [N, K]
+    entropy: np.ndarray  # [N] nats
+    val_r2: float  # best validation R^2
+    best_epoch: int  # 1-based epoch of the kept checkpoint (0: nothing to learn)
     epochs_run: int
     max_epochs: int
     model: GatedMoE
@@ -53,28 +53,46 @@ class GateRun:
         return self.best_epoch > 0 and self.epochs_run == self.max_epochs and self.best_epoch == self.epochs_run
 
 
-def prepare_families(dm: SpectraDataModule, families: tuple[str, ...], fit: FitConfig,
-                     progress: bool = True) -> dict[str, Prepared]:
+def prepare_families(
+    dm: SpectraDataModule, families: tuple[str, ...], fit: FitConfig, progress: bool = True
+) -> dict[str, Prepared]:
     """One :class:`Prepared` per family, all from the same fit (``fit.families`` must hold them all)."""
-    return {f: prepare(dm, PrepareConfig(f, fit, feature_rows=min(20_000, dm.train_set.n_rows)), progress)
-            for f in families}
+    return {
+        f: prepare(dm, PrepareConfig(f, fit, feature_rows=min(20_000, dm.train_set.n_rows)), progress) for f in families
+    }
 
 
 def test_rows(dm: SpectraDataModule) -> dict[str, np.ndarray]:
     """Labels, SNR and bins of the test split in stream order: ``log_g, T_eff, M_H, snr, snr_bin, phys_bin``."""
-    parts = [{k: b[k].numpy() for k in ("log_g", "T_eff", "M_H", "snr", "snr_bin", "phys_bin", "row")}
-             for b in dm.stream("test", batch_size=4096)]
+    parts = [
+        {k: b[k].numpy() for k in ("log_g", "T_eff", "M_H", "snr", "snr_bin", "phys_bin", "row")}
+        for b in dm.stream("test", batch_size=4096)
+    ]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def train_gate(dm: SpectraDataModule, prepared: Prepared, label: str, fusion: str, seed: int, epochs: int,
-               drop_features: list[str] | None = None) -> GateRun:
+def train_gate(
+    dm: SpectraDataModule,
+    prepared: Prepared,
+    label: str,
+    fusion: str,
+    seed: int,
+    epochs: int,
+    drop_features: list[str] | None = None,
+) -> GateRun:
     """Train one gate over ``prepared.family`` (seeded), keep its best epoch on val R^2, predict the test split."""
-    log.info("gate %-24s %-12s experts %-6s seed %d%s", label, fusion, prepared.family, seed,
-             f", without {', '.join(drop_features)}" if drop_features else "")
+    log.info(
+        "gate %-24s %-12s experts %-6s seed %d%s",
+        label,
+        fusion,
+        prepared.family,
+        seed,
+        f", without {', '.join(drop_features)}" if drop_features else "",
+    )
     pl.seed_everything(seed, verbose=False)
-    model = GatedMoE(fusion, experts=prepared.family, n_pixels=dm.n_pixels, noise_level=dm.noise_level,
-                     drop_features=drop_features)
+    model = GatedMoE(
+        fusion, experts=prepared.family, n_pixels=dm.n_pixels, noise_level=dm.noise_level, drop_features=drop_features
+    )
     model.load_prepared(prepared)
     dm.attach_inputs(prepared.inputs, prepared.input_map()[0][:, prepared.physics.pixels])
     learns = any(p.requires_grad for p in model.parameters())
@@ -83,8 +101,15 @@ def train_gate(dm: SpectraDataModule, prepared: Prepared, label: str, fusion: st
         warnings.filterwarnings("ignore", ".*Couldn't infer the batch indices.*")
         best = ModelCheckpoint(dirpath=tmp, monitor="val/r2", mode="max", save_top_k=1)
         stop = EarlyStopping(monitor="val/r2", mode="max", patience=PATIENCE)
-        trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, callbacks=[best, stop], default_root_dir=tmp)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[best, stop],
+            default_root_dir=tmp,
+        )
         if learns:
             trainer.fit(model, datamodule=dm)
             val_r2, epochs_run = float(best.best_model_score), trainer.current_epoch
@@ -95,7 +120,22 @@ def train_gate(dm: SpectraDataModule, prepared: Prepared, label: str, fusion: st
             best_epoch = epochs_run = 0
             ckpt = None
         out = trainer.predict(model, datamodule=dm, ckpt_path=ckpt)
-    cat = {k: torch.cat([o[k] for o in out]).numpy() for k in ("row", "log_g_pred", "log_g_sigma", "weights", "entropy")}
+    cat = {
+        k: torch.cat([o[k] for o in out]).numpy() for k in ("row", "log_g_pred", "log_g_sigma", "weights", "entropy")
+    }
     order = np.argsort(cat["row"], kind="stable")  # stream order is file order; sort to be sure
-    return GateRun(label, fusion, prepared.family, seed, cat["log_g_pred"][order], cat["log_g_sigma"][order],
-                   cat["weights"][order], cat["entropy"][order], val_r2, best_epoch, epochs_run, epochs, model)
+    return GateRun(
+        label,
+        fusion,
+        prepared.family,
+        seed,
+        cat["log_g_pred"][order],
+        cat["log_g_sigma"][order],
+        cat["weights"][order],
+        cat["entropy"][order],
+        val_r2,
+        best_epoch,
+        epochs_run,
+        epochs,
+        model,
+    )

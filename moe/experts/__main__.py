@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 
@@ -46,10 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pd.set_option("display.width", 160)
-    folder = SpectraFolder(a.data, noise_level=a.noise_level, max_train_rows=a.max_train_rows,
-                           synth=SynthConfig())
-    cfg = FitConfig(families=tuple(a.groups.split(",")), alphas=tuple(a.alphas), noise_mode=a.noise_mode,
-                    products=a.products, min_samples=a.min_samples, fallback=a.fallback)
+    folder = SpectraFolder(a.data, noise_level=a.noise_level, max_train_rows=a.max_train_rows, synth=SynthConfig())
+    cfg = FitConfig(
+        families=tuple(a.groups.split(",")),
+        alphas=tuple(a.alphas),
+        noise_mode=a.noise_mode,
+        products=a.products,
+        min_samples=a.min_samples,
+        fallback=a.fallback,
+    )
     if a.cmd == "compare-noise":
         table = compare_noise_modes(folder, cfg, a.draws)
         wide = table.pivot_table(index=["training"], columns=["split", "experts"], values="r2", sort=False)
@@ -61,12 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"experts: {path}")
         print(bundle.alpha_table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         if bundle.timings:
-            print("timings: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in bundle.timings.items()))
+            print(
+                "timings: "
+                + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in bundle.timings.items())
+            )
         return 0
     res = oracle_predictions(folder, bundle, "test")
     table = oracle_table(res)
-    print(f"oracle-routed experts on the test split ({res.y.size} spectra, noise_level {folder.noise_level}); experts: {path}")
+    print(
+        f"oracle-routed experts on the test split ({res.y.size} spectra, noise_level {folder.noise_level}); experts: {path}"
+    )
     wide = table.pivot_table(index="slice", columns="experts", values="r2", sort=False)
     wide.insert(0, "n", table[table.experts == table.experts.iloc[0]].set_index("slice")["n"])
     print(wide.round(4).to_string())

@@ -43,10 +43,10 @@ class ExpertBundle:
     """Families of experts plus the PCA basis of the same pass."""
 
     families: dict[str, FamilyFit]
-    pca_mean: np.ndarray        # [D]
+    pca_mean: np.ndarray  # [D]
     pca_components: np.ndarray  # [k, D]
-    pca_variance: np.ndarray    # [k]
-    wave: np.ndarray            # [D]
+    pca_variance: np.ndarray  # [k]
+    wave: np.ndarray  # [D]
     fingerprint: dict
     config: FitConfig
     timings: dict = field(default_factory=dict)
@@ -69,26 +69,53 @@ class ExpertBundle:
             for g, name in enumerate(f.names):
                 a = int(np.flatnonzero(alphas == f.alpha[g])[0])
                 r2 = r2_from_sums(f.val_sse[g, a], f.val_sst[g], f.n_val[g])
-                rows.append({"family": fam, "expert": name, "n_train": int(f.n_train[g]), "n_val": int(f.n_val[g]),
-                             "alpha": float(f.alpha[g]), "val_r2": float(r2), "fallback": f.fallback[g] if f.fallback else ""})
+                rows.append(
+                    {
+                        "family": fam,
+                        "expert": name,
+                        "n_train": int(f.n_train[g]),
+                        "n_val": int(f.n_val[g]),
+                        "alpha": float(f.alpha[g]),
+                        "val_r2": float(r2),
+                        "fallback": f.fallback[g] if f.fallback else "",
+                    }
+                )
         return pd.DataFrame(rows)
 
     # ---- persistence --------------------------------------------------------------
     def to_dict(self) -> dict:
         fams = {}
         for name, f in self.families.items():
-            fams[name] = {"names": list(f.names), "weight": torch.from_numpy(f.weight), "bias": torch.from_numpy(f.bias),
-                          "alpha": torch.from_numpy(np.asarray(f.alpha, float)), "n_train": torch.from_numpy(np.asarray(f.n_train, float)),
-                          "n_val": torch.from_numpy(np.asarray(f.n_val, float)), "val_sse": torch.from_numpy(f.val_sse),
-                          "val_sst": torch.from_numpy(np.asarray(f.val_sst, float)), "fallback": list(f.fallback)}
+            fams[name] = {
+                "names": list(f.names),
+                "weight": torch.from_numpy(f.weight),
+                "bias": torch.from_numpy(f.bias),
+                "alpha": torch.from_numpy(np.asarray(f.alpha, float)),
+                "n_train": torch.from_numpy(np.asarray(f.n_train, float)),
+                "n_val": torch.from_numpy(np.asarray(f.n_val, float)),
+                "val_sse": torch.from_numpy(f.val_sse),
+                "val_sst": torch.from_numpy(np.asarray(f.val_sst, float)),
+                "fallback": list(f.fallback),
+            }
             if f.path_weight is not None:
-                fams[name] |= {"path_weight": torch.from_numpy(f.path_weight), "path_bias": torch.from_numpy(f.path_bias)}
-        return {"version": BUNDLE_VERSION, "families": fams, "pca_mean": torch.from_numpy(self.pca_mean),
-                "pca_components": torch.from_numpy(self.pca_components), "pca_variance": torch.from_numpy(self.pca_variance),
-                "wave": torch.from_numpy(np.asarray(self.wave, float)), "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
-                "config": json.dumps(self.config.key_dict() | {"block_rows": self.config.block_rows,
-                                                               "n_draws": self.config.n_draws}, sort_keys=True),
-                "timings": json.dumps(self.timings)}
+                fams[name] |= {
+                    "path_weight": torch.from_numpy(f.path_weight),
+                    "path_bias": torch.from_numpy(f.path_bias),
+                }
+        return {
+            "version": BUNDLE_VERSION,
+            "families": fams,
+            "pca_mean": torch.from_numpy(self.pca_mean),
+            "pca_components": torch.from_numpy(self.pca_components),
+            "pca_variance": torch.from_numpy(self.pca_variance),
+            "wave": torch.from_numpy(np.asarray(self.wave, float)),
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            "config": json.dumps(
+                self.config.key_dict() | {"block_rows": self.config.block_rows, "n_draws": self.config.n_draws},
+                sort_keys=True,
+            ),
+            "timings": json.dumps(self.timings),
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -103,7 +130,9 @@ class ExpertBundle:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, fingerprint: dict | None = None, config: FitConfig | None = None) -> "ExpertBundle":
+    def load(
+        cls, path: str | os.PathLike, fingerprint: dict | None = None, config: FitConfig | None = None
+    ) -> ExpertBundle:
         """Load ``path``; with ``fingerprint``/``config`` given, a mismatch is an error."""
         path = Path(path)
         try:
@@ -111,26 +140,51 @@ class ExpertBundle:
         except Exception as exc:
             raise ExpertsMismatchError(f"{path}: not a readable experts file ({exc})") from exc
         if not isinstance(d, dict) or d.get("version") != BUNDLE_VERSION:
-            raise ExpertsMismatchError(f"{path}: experts file version {d.get('version') if isinstance(d, dict) else '?'}, "
-                                       f"expected {BUNDLE_VERSION}")
+            raise ExpertsMismatchError(
+                f"{path}: experts file version {d.get('version') if isinstance(d, dict) else '?'}, "
+                f"expected {BUNDLE_VERSION}"
+            )
         stored_fp = json.loads(d["fingerprint"])
         cfg_d = json.loads(d["config"])
         stored_cfg = FitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_d.items()})
         if fingerprint is not None and stored_fp != json.loads(json.dumps(fingerprint, sort_keys=True)):
-            diff = sorted(k for k in set(stored_fp) | set(fingerprint) if stored_fp.get(k) != json.loads(json.dumps(fingerprint)).get(k))
-            raise ExpertsMismatchError(f"{path}: experts were fitted on other data (fingerprint differs in {diff}); "
-                                       "refusing to use them -- remove the file or point to the right data")
+            diff = sorted(
+                k
+                for k in set(stored_fp) | set(fingerprint)
+                if stored_fp.get(k) != json.loads(json.dumps(fingerprint)).get(k)
+            )
+            raise ExpertsMismatchError(
+                f"{path}: experts were fitted on other data (fingerprint differs in {diff}); "
+                "refusing to use them -- remove the file or point to the right data"
+            )
         if config is not None and stored_cfg.key_dict() != config.key_dict():
             diff = sorted(k for k, v in config.key_dict().items() if stored_cfg.key_dict().get(k) != v)
             raise ExpertsMismatchError(f"{path}: experts were fitted with another config (differs in {diff})")
         fams = {}
         for name, f in d["families"].items():
-            fams[name] = FamilyFit(list(f["names"]), f["weight"].numpy(), f["bias"].numpy(), f["alpha"].numpy(),
-                                   f["n_train"].numpy(), f["n_val"].numpy(), f["val_sse"].numpy(), f["val_sst"].numpy(),
-                                   list(f["fallback"]), f["path_weight"].numpy() if "path_weight" in f else None,
-                                   f["path_bias"].numpy() if "path_bias" in f else None)
-        return cls(fams, d["pca_mean"].numpy(), d["pca_components"].numpy(), d["pca_variance"].numpy(),
-                   d["wave"].numpy(), stored_fp, stored_cfg, json.loads(d["timings"]))
+            fams[name] = FamilyFit(
+                list(f["names"]),
+                f["weight"].numpy(),
+                f["bias"].numpy(),
+                f["alpha"].numpy(),
+                f["n_train"].numpy(),
+                f["n_val"].numpy(),
+                f["val_sse"].numpy(),
+                f["val_sst"].numpy(),
+                list(f["fallback"]),
+                f["path_weight"].numpy() if "path_weight" in f else None,
+                f["path_bias"].numpy() if "path_bias" in f else None,
+            )
+        return cls(
+            fams,
+            d["pca_mean"].numpy(),
+            d["pca_components"].numpy(),
+            d["pca_variance"].numpy(),
+            d["wave"].numpy(),
+            stored_fp,
+            stored_cfg,
+            json.loads(d["timings"]),
+        )
 
 
 def default_dir(data_dir: str | os.PathLike) -> Path:
@@ -154,8 +208,9 @@ def fit_bundle(folder: SpectraFolder, cfg: FitConfig = FitConfig(), progress: bo
     return ExpertBundle(fits, mean, comps, var, folder.wave, folder.fingerprint(), cfg, timings)
 
 
-def load_or_fit(folder: SpectraFolder, cfg: FitConfig = FitConfig(), path: str | os.PathLike | None = None,
-                progress: bool = True) -> ExpertBundle:
+def load_or_fit(
+    folder: SpectraFolder, cfg: FitConfig = FitConfig(), path: str | os.PathLike | None = None, progress: bool = True
+) -> ExpertBundle:
     """The experts for ``folder`` and ``cfg``: loaded from ``path`` (default: the cache) or fitted and saved there.
 
     An existing file that does not match the data or config raises :class:`ExpertsMismatchError`.

@@ -21,8 +21,14 @@ MIN_ROWS = 20
 FLOOR = 1e-6
 
 
-def model_error_variance(y: np.ndarray, pred: np.ndarray, noise_var: np.ndarray, group: np.ndarray,
-                         snr_bin: np.ndarray, min_rows: int = MIN_ROWS) -> np.ndarray:
+def model_error_variance(
+    y: np.ndarray,
+    pred: np.ndarray,
+    noise_var: np.ndarray,
+    group: np.ndarray,
+    snr_bin: np.ndarray,
+    min_rows: int = MIN_ROWS,
+) -> np.ndarray:
     """Model-error variance [K, S] of K experts from validation stars.
 
     y [N] truth; pred, noise_var [N, K] every expert's prediction and noise variance;

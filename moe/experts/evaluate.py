@@ -27,16 +27,17 @@ from moe.experts.scores import regression_metrics
 class OracleResult:
     """Per-sample oracle predictions of each family on one split."""
 
-    y: np.ndarray                 # [N]
-    snr: np.ndarray               # [N]
-    snr_bin: np.ndarray           # [N]
-    phys_bin: np.ndarray          # [N]
-    pred: dict[str, np.ndarray]   # family -> [N]
-    var: dict[str, np.ndarray]    # family -> [N] predictive variance of the routed expert
+    y: np.ndarray  # [N]
+    snr: np.ndarray  # [N]
+    snr_bin: np.ndarray  # [N]
+    phys_bin: np.ndarray  # [N]
+    pred: dict[str, np.ndarray]  # family -> [N]
+    var: dict[str, np.ndarray]  # family -> [N] predictive variance of the routed expert
 
 
-def oracle_predictions(folder: SpectraFolder, bundle: ExpertBundle, split: str = "test",
-                       families: tuple[str, ...] | None = None) -> OracleResult:
+def oracle_predictions(
+    folder: SpectraFolder, bundle: ExpertBundle, split: str = "test", families: tuple[str, ...] | None = None
+) -> OracleResult:
     """One pass over ``split``: each family's oracle-routed prediction and predictive variance."""
     families = families or tuple(bundle.families)
     experts = {f: bundle.experts(f).double() for f in families}
@@ -54,8 +55,14 @@ def oracle_predictions(folder: SpectraFolder, bundle: ExpertBundle, split: str =
             sb.append(batch["snr_bin"].numpy())
             pb.append(batch["phys_bin"].numpy())
     cat = np.concatenate
-    return OracleResult(cat(ys), cat(snr), cat(sb), cat(pb), {f: cat(v) for f, v in preds.items()},
-                        {f: cat(v) for f, v in vars_.items()})
+    return OracleResult(
+        cat(ys),
+        cat(snr),
+        cat(sb),
+        cat(pb),
+        {f: cat(v) for f, v in preds.items()},
+        {f: cat(v) for f, v in vars_.items()},
+    )
 
 
 def oracle_table(res: OracleResult) -> pd.DataFrame:
@@ -79,9 +86,16 @@ def zscore_table(res: OracleResult) -> pd.DataFrame:
             m = np.ones_like(z, dtype=bool) if i < 0 else res.snr_bin == i
             if not m.any():
                 continue
-            rows.append({"experts": fam, "snr_bin": name, "n": int(m.sum()), "z_std": float(z[m].std()),
-                         "z_68": float(np.percentile(np.abs(z[m]), 68.27)),
-                         "median_sigma": float(np.median(np.sqrt(res.var[fam][m])))})
+            rows.append(
+                {
+                    "experts": fam,
+                    "snr_bin": name,
+                    "n": int(m.sum()),
+                    "z_std": float(z[m].std()),
+                    "z_68": float(np.percentile(np.abs(z[m]), 68.27)),
+                    "median_sigma": float(np.median(np.sqrt(res.var[fam][m]))),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -89,7 +103,11 @@ def compare_noise_modes(folder: SpectraFolder, base, draws: int = 4, progress: b
     """Fit the families three ways -- noise-marginalised, one draw per spectrum, ``draws`` draws --
     and give oracle R^2 on val (where alpha was chosen) and test for each. ``base``: a FitConfig."""
     rows = []
-    for mode, label in (("marginal", "noise-marginalised"), ("single", "1 draw / spectrum"), ("augment", f"{draws} draws / spectrum")):
+    for mode, label in (
+        ("marginal", "noise-marginalised"),
+        ("single", "1 draw / spectrum"),
+        ("augment", f"{draws} draws / spectrum"),
+    ):
         cfg = replace(base, noise_mode=mode, n_draws=draws)
         t = time.perf_counter()
         bundle = fit_bundle(folder, cfg, progress)
@@ -97,6 +115,13 @@ def compare_noise_modes(folder: SpectraFolder, base, draws: int = 4, progress: b
         for split in ("val", "test"):
             res = oracle_predictions(folder, bundle, split)
             for fam, pred in res.pred.items():
-                rows.append({"training": label, "split": split, "experts": fam,
-                             "r2": regression_metrics(res.y, pred)["r2"], "fit_s": seconds})
+                rows.append(
+                    {
+                        "training": label,
+                        "split": split,
+                        "experts": fam,
+                        "r2": regression_metrics(res.y, pred)["r2"],
+                        "fit_s": seconds,
+                    }
+                )
     return pd.DataFrame(rows)

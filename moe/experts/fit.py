@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import numpy as np
 import scipy.linalg as sla
@@ -79,16 +79,16 @@ class FamilyFit:
     """The selected experts of one family and how they were chosen."""
 
     names: list[str]
-    weight: np.ndarray          # [G, D] raw units
-    bias: np.ndarray            # [G]
-    alpha: np.ndarray           # [G] selected alpha
-    n_train: np.ndarray         # [G]
-    n_val: np.ndarray           # [G]
-    val_sse: np.ndarray         # [G, A] validation sum of squared errors per alpha
-    val_sst: np.ndarray         # [G] validation total sum of squares around the group mean
+    weight: np.ndarray  # [G, D] raw units
+    bias: np.ndarray  # [G]
+    alpha: np.ndarray  # [G] selected alpha
+    n_train: np.ndarray  # [G]
+    n_val: np.ndarray  # [G]
+    val_sse: np.ndarray  # [G, A] validation sum of squared errors per alpha
+    val_sst: np.ndarray  # [G] validation total sum of squares around the group mean
     fallback: list[str] = field(default_factory=list)  # per group: '' or what it fell back to
     path_weight: np.ndarray | None = None  # [G, A, D] every alpha of the sweep (raw units)
-    path_bias: np.ndarray | None = None    # [G, A]
+    path_bias: np.ndarray | None = None  # [G, A]
 
 
 class GroupTooSmallError(ValueError):
@@ -113,8 +113,15 @@ def accumulate_stats(folder: SpectraFolder, cfg: FitConfig, progress: bool = Tru
     """Per-cell statistics of the training split (summed over DDP ranks)."""
     partition = groups.partition_for(cfg.families)
     draws = cfg.n_draws if cfg.noise_mode == "augment" else 1
-    stats = accumulate(training_blocks(folder, cfg, partition), groups.n_cells(partition), folder.n_pixels,
-                       cfg.products, total=folder.train_set.n_rows * draws, progress=progress, shift=common_shift(folder, cfg))
+    stats = accumulate(
+        training_blocks(folder, cfg, partition),
+        groups.n_cells(partition),
+        folder.n_pixels,
+        cfg.products,
+        total=folder.train_set.n_rows * draws,
+        progress=progress,
+        shift=common_shift(folder, cfg),
+    )
     return stats.all_reduce(), partition
 
 
@@ -130,8 +137,16 @@ def noise_variance(folder: SpectraFolder, cfg: FitConfig) -> float:
     return folder.noise_level**2 if cfg.noise_mode == "marginal" else 0.0
 
 
-def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_var: float,
-           prior: np.ndarray | None = None, fallback_path: tuple | None = None, solver: dict | None = None):
+def _paths(
+    stats: CellStats,
+    partition: str,
+    family: str,
+    cfg: FitConfig,
+    noise_var: float,
+    prior: np.ndarray | None = None,
+    fallback_path: tuple | None = None,
+    solver: dict | None = None,
+):
     """Every group x alpha of ``family``: weight [G, A, D], bias [G, A], n [G], fallback notes.
 
     ``solver`` (a dict) accumulates ``systems``, ``factorizations`` and ``cg_steps``.
@@ -155,18 +170,27 @@ def _paths(stats: CellStats, partition: str, family: str, cfg: FitConfig, noise_
             if cfg.fallback == "global" and fallback_path is not None:
                 weight[g], bias[g] = fallback_path
                 notes[g] = "global"
-                log.warning("expert %s/%s has %d training samples (< min_samples=%d): using the global expert",
-                            family, names[g], n[g], cfg.min_samples)
+                log.warning(
+                    "expert %s/%s has %d training samples (< min_samples=%d): using the global expert",
+                    family,
+                    names[g],
+                    n[g],
+                    cfg.min_samples,
+                )
                 continue
             raise GroupTooSmallError(
                 f"expert {family}/{names[g]} has {int(n[g])} training samples, fewer than min_samples={cfg.min_samples}; "
-                "use more data, lower min_samples, or fallback='global'")
+                "use more data, lower min_samples, or fallback='global'"
+            )
         else:
             w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, None, cfg.method, info)
         weight[g], bias[g] = w, b
         if solver is not None:
-            for k, v in (("systems", len(cfg.alphas)), ("factorizations", info["factorizations"]),
-                         ("cg_steps", sum(info["iterations"]))):
+            for k, v in (
+                ("systems", len(cfg.alphas)),
+                ("factorizations", info["factorizations"]),
+                ("cg_steps", sum(info["iterations"])),
+            ):
                 solver[k] = solver.get(k, 0) + v
     return weight, bias, n, notes
 
@@ -180,8 +204,15 @@ def validation_sse(folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.
     flat_w = np.concatenate([paths[f][0].reshape(-1, paths[f][0].shape[-1]) for f in fams])
     flat_b = np.concatenate([paths[f][1].reshape(-1) for f in fams])
     offsets = np.cumsum([0] + [paths[f][1].size for f in fams])
-    out = {f: [np.zeros(paths[f][1].shape), np.zeros(paths[f][1].shape[0]), np.zeros(paths[f][1].shape[0]),
-               np.zeros(paths[f][1].shape[0])] for f in fams}
+    out = {
+        f: [
+            np.zeros(paths[f][1].shape),
+            np.zeros(paths[f][1].shape[0]),
+            np.zeros(paths[f][1].shape[0]),
+            np.zeros(paths[f][1].shape[0]),
+        ]
+        for f in fams
+    }
     for tensors in folder.stream("val", batch_size=2048).all_batches():  # every val row on every rank
         batch = {k: v.numpy() for k, v in tensors.items()}
         x = batch["flux"].astype(np.float64)
@@ -189,7 +220,7 @@ def validation_sse(folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.
         pred = x @ flat_w.T + flat_b
         for i, f in enumerate(fams):
             g_count, a_count = paths[f][1].shape
-            p = pred[:, offsets[i]:offsets[i + 1]].reshape(-1, g_count, a_count)
+            p = pred[:, offsets[i] : offsets[i + 1]].reshape(-1, g_count, a_count)
             grp = groups.group_of(f, batch["phys_bin"], batch["snr_bin"])
             own = p[np.arange(len(y)), grp]  # [N, A]
             np.add.at(out[f][0], grp, (own - y[:, None]) ** 2)
@@ -207,7 +238,7 @@ def _select(family: str, sse: np.ndarray, n_val: np.ndarray) -> np.ndarray:
     """Index of the chosen alpha per group: own val samples; cells pooled per SNR bin; no val -> pooled."""
     pooled = int(np.argmin(sse.sum(0)))
     if family == "cells":
-        per_snr = [int(np.argmin(sse[s::bins.N_SNR_BINS].sum(0))) for s in range(bins.N_SNR_BINS)]
+        per_snr = [int(np.argmin(sse[s :: bins.N_SNR_BINS].sum(0))) for s in range(bins.N_SNR_BINS)]
         return np.array([per_snr[g % bins.N_SNR_BINS] for g in range(sse.shape[0])])
     return np.array([int(np.argmin(sse[g])) if n_val[g] > 0 else pooled for g in range(sse.shape[0])])
 
@@ -218,8 +249,19 @@ def _family_fit(family: str, path, n_train, notes, val, alphas) -> FamilyFit:
     idx = _select(family, sse, n_val)
     g = np.arange(weight.shape[0])
     _warn_at_grid_edge(family, idx, alphas, sse, sst)
-    return FamilyFit(groups.group_names(family), weight[g, idx], bias[g, idx], np.asarray(alphas)[idx],
-                     n_train, n_val, sse, sst, notes, weight, bias)
+    return FamilyFit(
+        groups.group_names(family),
+        weight[g, idx],
+        bias[g, idx],
+        np.asarray(alphas)[idx],
+        n_train,
+        n_val,
+        sse,
+        sst,
+        notes,
+        weight,
+        bias,
+    )
 
 
 def _warn_at_grid_edge(family: str, idx: np.ndarray, alphas, sse: np.ndarray, sst: np.ndarray) -> None:
@@ -240,10 +282,17 @@ def _warn_at_grid_edge(family: str, idx: np.ndarray, alphas, sse: np.ndarray, ss
         gain = (sse[g, nb] - sse[g, i]) / sst[g]
         if gain > EDGE_GAIN:
             low = i == order[0]
-            log.warning("expert %s/%s: the validation chose alpha %g, the %s of the sweep, and R^2 still gains %.1e "
-                        "there; the best alpha may lie %s it (widen the sweep: --model.expert_alphas, or --alphas of "
-                        "the experts command)", family, name, alphas[i], "smallest" if low else "largest", gain,
-                        "below" if low else "above")
+            log.warning(
+                "expert %s/%s: the validation chose alpha %g, the %s of the sweep, and R^2 still gains %.1e "
+                "there; the best alpha may lie %s it (widen the sweep: --model.expert_alphas, or --alphas of "
+                "the experts command)",
+                family,
+                name,
+                alphas[i],
+                "smallest" if low else "largest",
+                gain,
+                "below" if low else "above",
+            )
 
 
 def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -281,8 +330,9 @@ def _fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool):
     for fam in ("phys", "snr"):
         if fam in cfg.families:
             g_path = tuple(p[0] for p in paths["global"])
-            paths[fam], counts[fam] = _split(_paths(stats, partition, fam, cfg, noise_var,
-                                                    fallback_path=g_path, solver=solver))
+            paths[fam], counts[fam] = _split(
+                _paths(stats, partition, fam, cfg, noise_var, fallback_path=g_path, solver=solver)
+            )
     t2 = time.perf_counter()
     val = validation_sse(folder, paths)
     fits = {}

@@ -22,7 +22,7 @@ import ctypes
 import ctypes.util
 import logging
 import platform
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,10 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def _set(libc: ctypes.CDLL, mmap_threshold: int, trim_threshold: int) -> bool:
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))
-                and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)))
+    return bool(
+        libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))
+        and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold))
+    )
 
 
 @contextlib.contextmanager

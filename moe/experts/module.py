@@ -7,7 +7,7 @@ checkpoints, but they are not parameters, so no optimiser ever touches them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ class RidgeExperts(nn.Module):
             raise ValueError(f"{len(self.names)} names for {n_experts} experts")
 
     @classmethod
-    def from_arrays(cls, weight, bias, names: Sequence[str] | None = None) -> "RidgeExperts":
+    def from_arrays(cls, weight, bias, names: Sequence[str] | None = None) -> RidgeExperts:
         weight = torch.as_tensor(weight, dtype=torch.float32)
         bias = torch.as_tensor(bias, dtype=torch.float32)
         if weight.ndim != 2 or bias.shape != (weight.shape[0],):
@@ -39,8 +39,10 @@ class RidgeExperts(nn.Module):
         weight = torch.as_tensor(weight, dtype=self.weight.dtype)
         bias = torch.as_tensor(bias, dtype=self.bias.dtype)
         if weight.shape != self.weight.shape or bias.shape != self.bias.shape:
-            raise ValueError(f"expected weight {tuple(self.weight.shape)} and bias {tuple(self.bias.shape)}, "
-                             f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
+            raise ValueError(
+                f"expected weight {tuple(self.weight.shape)} and bias {tuple(self.bias.shape)}, "
+                f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
+            )
         with torch.no_grad():
             self.weight.copy_(weight)
             self.bias.copy_(bias)

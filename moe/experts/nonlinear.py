@@ -16,25 +16,44 @@ import torch
 from torch import nn
 
 # feature_fraction 0.3 is colsample_bytree, bagging 0.7 every iteration is subsample / subsample_freq
-LGBM_PARAMS = {"n_estimators": 500, "max_depth": 5, "learning_rate": 0.05, "num_leaves": 20, "colsample_bytree": 0.3,
-               "subsample": 0.7, "subsample_freq": 1, "min_child_samples": 50, "reg_alpha": 1.0, "reg_lambda": 1.0}
+LGBM_PARAMS = {
+    "n_estimators": 500,
+    "max_depth": 5,
+    "learning_rate": 0.05,
+    "num_leaves": 20,
+    "colsample_bytree": 0.3,
+    "subsample": 0.7,
+    "subsample_freq": 1,
+    "min_child_samples": 50,
+    "reg_alpha": 1.0,
+    "reg_lambda": 1.0,
+}
 
 
-def fit_lgbm(x: np.ndarray, y: np.ndarray, seed: int = 0, device_type: str = "cpu", params: dict | None = None,
-             **options):
+def fit_lgbm(
+    x: np.ndarray, y: np.ndarray, seed: int = 0, device_type: str = "cpu", params: dict | None = None, **options
+):
     """A fitted ``lightgbm.LGBMRegressor``: ``params`` (default :data:`LGBM_PARAMS`) plus ``options``
     (e.g. ``importance_type``), seeded, on ``device_type`` (cpu, gpu, cuda), 2 threads."""
     import lightgbm as lgb
 
-    model = lgb.LGBMRegressor(**(LGBM_PARAMS if params is None else params), **options, random_state=seed, n_jobs=2,
-                              verbose=-1, device_type=device_type)
+    model = lgb.LGBMRegressor(
+        **(LGBM_PARAMS if params is None else params),
+        **options,
+        random_state=seed,
+        n_jobs=2,
+        verbose=-1,
+        device_type=device_type,
+    )
     return model.fit(x, y)
 
 
 class SpectrumCNN(nn.Module):
     """Conv1d(1->32->64->32, kernel 5, ReLU, max-pool 4 each) -> FC 64 -> 1. Input [B, D] -> [B]."""
 
-    def __init__(self, n_pixels: int, channels: tuple[int, ...] = (32, 64, 32), kernel: int = 5, pool: int = 4, fc: int = 64):
+    def __init__(
+        self, n_pixels: int, channels: tuple[int, ...] = (32, 64, 32), kernel: int = 5, pool: int = 4, fc: int = 64
+    ):
         super().__init__()
         layers, c_in, length = [], 1, n_pixels
         for c in channels:
@@ -65,8 +84,9 @@ class CNNExpert:
     device: str = "cpu"
     history: list[float] = field(default_factory=list)
 
-    def fit(self, clean: np.ndarray, error: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-            seed: int = 0) -> CNNExpert:
+    def fit(
+        self, clean: np.ndarray, error: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, seed: int = 0
+    ) -> CNNExpert:
         torch.manual_seed(seed)
         dev = torch.device(self.device)
         clean_t, err_t = torch.from_numpy(clean).float(), torch.from_numpy(error).float()
@@ -101,5 +121,8 @@ class CNNExpert:
     def predict(self, x: np.ndarray) -> np.ndarray:
         self.model.eval()
         dev = next(self.model.parameters()).device
-        out = [self.model(((torch.from_numpy(c).float() - self.mu) / self.sd).to(dev)).cpu() for c in np.array_split(x, max(1, len(x) // 1024))]
+        out = [
+            self.model(((torch.from_numpy(c).float() - self.mu) / self.sd).to(dev)).cpu()
+            for c in np.array_split(x, max(1, len(x) // 1024))
+        ]
         return (torch.cat(out).numpy() * self.y_sd + self.y_mu).astype(np.float64)

@@ -23,8 +23,8 @@ For one group with statistics from :mod:`moe.experts.stats`:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import scipy.linalg as sla
@@ -45,12 +45,12 @@ class Standardized:
     """A group's problem in standardised coordinates."""
 
     n: float
-    mean: np.ndarray   # [D] raw-unit feature mean
+    mean: np.ndarray  # [D] raw-unit feature mean
     scale: np.ndarray  # [D] raw-unit feature std (1 for constant features)
-    gram: np.ndarray   # [D, D] Z^T Z
-    zty: np.ndarray    # [D] Z^T (y - ybar)
+    gram: np.ndarray  # [D, D] Z^T Z
+    zty: np.ndarray  # [D] Z^T (y - ybar)
     ybar: float
-    syy: float         # sum (y - ybar)^2
+    syy: float  # sum (y - ybar)^2
 
 
 def standardize(stats: CellStats, noise_var: float = 0.0) -> Standardized:
@@ -82,8 +82,13 @@ def standardize(stats: CellStats, noise_var: float = 0.0) -> Standardized:
     return Standardized(n, mean, scale, gram, zty, ybar, syy)
 
 
-def solve_path(std: Standardized, alphas: Sequence[float], prior: np.ndarray | None = None,
-               method: str = "auto", info: dict | None = None) -> np.ndarray:
+def solve_path(
+    std: Standardized,
+    alphas: Sequence[float],
+    prior: np.ndarray | None = None,
+    method: str = "auto",
+    info: dict | None = None,
+) -> np.ndarray:
     """Standardised coefficients for every alpha: [A, D].
 
     ``info`` (a dict, optional) receives ``factorizations`` (float32 Cholesky factors made)
@@ -148,7 +153,7 @@ class _Float32Cholesky:
         self.upper = upper  # [D, D] float32, Fortran order (what BLAS reads without a copy)
 
     @classmethod
-    def of(cls, gram: np.ndarray, alpha: float) -> "_Float32Cholesky | None":
+    def of(cls, gram: np.ndarray, alpha: float) -> _Float32Cholesky | None:
         a32 = gram.astype(np.float32)
         a32[np.diag_indices_from(a32)] += np.float32(alpha)
         try:
@@ -162,8 +167,16 @@ class _Float32Cholesky:
         return strsv(self.upper, y, trans=0, lower=0, overwrite_x=1).astype(np.float64)
 
 
-def _pcg(gram: np.ndarray, gram_norm: float, alpha: float, rhs: np.ndarray, precond: _Float32Cholesky,
-         x0: np.ndarray | None, max_steps: int, tol: float = TOL) -> tuple[np.ndarray, int] | None:
+def _pcg(
+    gram: np.ndarray,
+    gram_norm: float,
+    alpha: float,
+    rhs: np.ndarray,
+    precond: _Float32Cholesky,
+    x0: np.ndarray | None,
+    max_steps: int,
+    tol: float = TOL,
+) -> tuple[np.ndarray, int] | None:
     """(gram + alpha I) x = rhs to float64 accuracy by CG preconditioned with a float32 Cholesky.
 
     With the factor of this alpha it converges like iterative refinement (a step or two);
@@ -226,9 +239,14 @@ def to_standardized(weight: np.ndarray, std: Standardized) -> np.ndarray:
     return weight * std.scale
 
 
-def fit_sweep(stats: CellStats, alphas: Sequence[float] = DEFAULT_ALPHAS, noise_var: float = 0.0,
-              prior_weight: np.ndarray | None = None, method: str = "auto",
-              info: dict | None = None) -> tuple[np.ndarray, np.ndarray, Standardized]:
+def fit_sweep(
+    stats: CellStats,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    noise_var: float = 0.0,
+    prior_weight: np.ndarray | None = None,
+    method: str = "auto",
+    info: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray, Standardized]:
     """One group, every alpha: raw (weight [A, D], bias [A]) and its standardised problem.
 
     ``prior_weight`` [D] (raw units) shrinks the solution toward a parent expert; ``info``

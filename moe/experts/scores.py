@@ -30,4 +30,9 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     if y.size == 0:
         return {"n": 0, "r2": float("nan"), "mae": float("nan"), "rmse": float("nan")}
     res = pred - y
-    return {"n": int(y.size), "r2": r2(y, pred), "mae": float(np.abs(res).mean()), "rmse": float(np.sqrt((res**2).mean()))}
+    return {
+        "n": int(y.size),
+        "r2": r2(y, pred),
+        "mae": float(np.abs(res).mean()),
+        "rmse": float(np.sqrt((res**2).mean())),
+    }

@@ -22,8 +22,8 @@ covariance from which the PCA features are taken -- no second pass.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -37,26 +37,34 @@ PRODUCTS = ("float64", "float32")
 class CellStats:
     """Per-cell sums (leading axis: cell) around a common ``shift`` [D]."""
 
-    n: np.ndarray      # [C]
-    sy: np.ndarray     # [C]
-    syy: np.ndarray    # [C]
-    sx: np.ndarray     # [C, D]
-    xtx: np.ndarray    # [C, D (D + 1) / 2] lower triangle, RFP layout (see unpack)
-    xty: np.ndarray    # [C, D]
-    se2: np.ndarray    # [C, D]
+    n: np.ndarray  # [C]
+    sy: np.ndarray  # [C]
+    syy: np.ndarray  # [C]
+    sx: np.ndarray  # [C, D]
+    xtx: np.ndarray  # [C, D (D + 1) / 2] lower triangle, RFP layout (see unpack)
+    xty: np.ndarray  # [C, D]
+    se2: np.ndarray  # [C, D]
     shift: np.ndarray  # [D]
 
     @classmethod
-    def zeros(cls, n_cells: int, n_pixels: int, shift: np.ndarray) -> "CellStats":
+    def zeros(cls, n_cells: int, n_pixels: int, shift: np.ndarray) -> CellStats:
         c, d = n_cells, n_pixels
-        return cls(np.zeros(c), np.zeros(c), np.zeros(c), np.zeros((c, d)), np.zeros((c, d * (d + 1) // 2)),
-                   np.zeros((c, d)), np.zeros((c, d)), np.asarray(shift, dtype=np.float64))
+        return cls(
+            np.zeros(c),
+            np.zeros(c),
+            np.zeros(c),
+            np.zeros((c, d)),
+            np.zeros((c, d * (d + 1) // 2)),
+            np.zeros((c, d)),
+            np.zeros((c, d)),
+            np.asarray(shift, dtype=np.float64),
+        )
 
     @property
     def n_pixels(self) -> int:
         return self.shift.size
 
-    def group(self, cells: np.ndarray) -> "CellStats":
+    def group(self, cells: np.ndarray) -> CellStats:
         """One group: the sum over ``cells`` (leading axis of size 1)."""
         idx = np.atleast_1d(np.asarray(cells))
 
@@ -72,7 +80,7 @@ class CellStats:
         """Full symmetric X^T X [D, D] of one cell (or of a group from :meth:`group`)."""
         return unpack(self.xtx[cell], self.n_pixels)
 
-    def all_reduce(self) -> "CellStats":
+    def all_reduce(self) -> CellStats:
         """Sum over DDP ranks (no-op without an initialised process group)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return self
@@ -135,8 +143,14 @@ class StatsAccumulator:
     and 256 1.5x (more, smaller updates of the cells' 67 MB packed Grams).
     """
 
-    def __init__(self, n_cells: int, n_pixels: int, products: str = "float64", flush_rows: int = 2048,
-                 shift: np.ndarray | None = None):
+    def __init__(
+        self,
+        n_cells: int,
+        n_pixels: int,
+        products: str = "float64",
+        flush_rows: int = 2048,
+        shift: np.ndarray | None = None,
+    ):
         if products not in PRODUCTS:
             raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
         self.n_cells, self.n_pixels, self.products, self.flush_rows = n_cells, n_pixels, products, flush_rows
@@ -174,7 +188,7 @@ class StatsAccumulator:
         onehot = (cell[None, :] == present[:, None]).astype(np.float32)
         s.se2[present] += onehot @ np.square(np.asarray(error, dtype=np.float32))
         for c, a, m in zip(present, starts, counts):
-            xc, yc = xs[a:a + m], ys[a:a + m]
+            xc, yc = xs[a : a + m], ys[a : a + m]
             if m >= self.flush_rows // 2:  # tall enough: update the Gram straight from the segment
                 self._gram(c, xc, yc)
                 continue
@@ -207,9 +221,15 @@ class StatsAccumulator:
         return self.stats
 
 
-def accumulate(blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], n_cells: int, n_pixels: int,
-               products: str = "float64", total: int | None = None, progress: bool = True,
-               shift: np.ndarray | None = None) -> CellStats:
+def accumulate(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    n_cells: int,
+    n_pixels: int,
+    products: str = "float64",
+    total: int | None = None,
+    progress: bool = True,
+    shift: np.ndarray | None = None,
+) -> CellStats:
     """One pass over ``blocks`` -> per-cell statistics (progress bar in spectra).
 
     ``shift`` [D] defaults to the first block's mean; statistics that will be summed
@@ -223,8 +243,9 @@ def accumulate(blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     return acc.finalize()
 
 
-def in_memory_blocks(x: np.ndarray, error: np.ndarray, y: np.ndarray, cell: np.ndarray,
-                     block_rows: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def in_memory_blocks(
+    x: np.ndarray, error: np.ndarray, y: np.ndarray, cell: np.ndarray, block_rows: int = 4096
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Blocks of arrays already in memory (tests, small problems)."""
     for s in range(0, len(y), block_rows):
         sl = slice(s, s + block_rows)

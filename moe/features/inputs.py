@@ -30,8 +30,15 @@ import torch
 from moe.data.noise import NOISE_KEYS, noisy_inputs
 from moe.features.quality import quality_features
 
-__all__ = ["INPUT_KEYS", "NOISE_KEYS", "gate_features", "input_map", "noisy_inputs", "rest_covariance_weights",
-           "row_inputs"]
+__all__ = [
+    "INPUT_KEYS",
+    "NOISE_KEYS",
+    "gate_features",
+    "input_map",
+    "noisy_inputs",
+    "rest_covariance_weights",
+    "row_inputs",
+]
 
 INPUT_KEYS = ("proj", "win", "quality", "var")  # what every gate-input row holds
 
@@ -65,9 +72,15 @@ def _square_root(cov: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def row_inputs(flux: torch.Tensor, error: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-               pixels: torch.Tensor, noise_factor: bool = False,
-               rest_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def row_inputs(
+    flux: torch.Tensor,
+    error: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pixels: torch.Tensor,
+    noise_factor: bool = False,
+    rest_weights: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Gate inputs of flux [B, D] with error [B, D] for the map ``weight [P, D], bias [P]`` and
     window ``pixels [W]``: proj [B, P], win [B, W], quality [B, 10], var [B, P] (float32).
 
@@ -76,8 +89,12 @@ def row_inputs(flux: torch.Tensor, error: torch.Tensor, weight: torch.Tensor, bi
     """
     flux, error = flux.float(), error.float()
     w32 = weight.float()
-    out = {"proj": torch.addmm(bias.float(), flux, w32.T), "win": flux[:, pixels].contiguous(),
-           "quality": quality_features(error), "var": error.square() @ w32.square().T}
+    out = {
+        "proj": torch.addmm(bias.float(), flux, w32.T),
+        "win": flux[:, pixels].contiguous(),
+        "quality": quality_features(error),
+        "var": error.square() @ w32.square().T,
+    }
     if noise_factor:
         p = weight.shape[0]
         outer = rest_weights if rest_weights is not None else rest_covariance_weights(weight.double(), pixels)
@@ -93,12 +110,14 @@ def input_map(experts, global_expert, physics) -> tuple[torch.Tensor, torch.Tens
     ``physics`` is a :class:`~moe.features.PhysicsFeatures` with its PCA basis set."""
     comps = physics.pca_components
     pca_bias = -(comps.double() @ physics.pca_mean.double()).to(comps.dtype)
-    return (torch.cat([experts.weight, global_expert.weight, comps]),
-            torch.cat([experts.bias, global_expert.bias, pca_bias]))
+    return (
+        torch.cat([experts.weight, global_expert.weight, comps]),
+        torch.cat([experts.bias, global_expert.bias, pca_bias]),
+    )
 
 
 def gate_features(physics, inputs: dict[str, torch.Tensor], n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Physics [B, 13] (window depths/EWs, PCA1-4) and quality [B, 10] features of noisy gate inputs,
     before standardisation; ``n_experts`` = K, the leading projections."""
-    phys = torch.cat([physics.window_features(inputs["win"]), inputs["proj"][:, n_experts + 1:]], dim=-1)
+    phys = torch.cat([physics.window_features(inputs["win"]), inputs["proj"][:, n_experts + 1 :]], dim=-1)
     return phys, inputs["quality"]

@@ -28,8 +28,21 @@ import numpy as np
 import torch
 from torch import nn
 
-PHYSICS_NAMES = ("CaT8498_depth", "CaT8498_EW", "CaT8542_depth", "CaT8542_EW", "CaT8662_depth", "CaT8662_EW",
-                 "CaT_EW", "NaI_depth", "NaI_EW", "PCA1", "PCA2", "PCA3", "PCA4")
+PHYSICS_NAMES = (
+    "CaT8498_depth",
+    "CaT8498_EW",
+    "CaT8542_depth",
+    "CaT8542_EW",
+    "CaT8662_depth",
+    "CaT8662_EW",
+    "CaT_EW",
+    "NaI_depth",
+    "NaI_EW",
+    "PCA1",
+    "PCA2",
+    "PCA3",
+    "PCA4",
+)
 N_PCA = 4
 
 
@@ -116,7 +129,13 @@ class PhysicsFeatures(nn.Module):
         """Derive ``pixels [W]`` and the ``[L, W]`` window weights from the ``[L, D]`` buffers."""
         used = (self.blue != 0).any(0) | (self.red != 0).any(0) | (self.core != 0).any(0) | (self.ew_width != 0).any(0)
         self.pixels = torch.nonzero(used).flatten()
-        for dense, name in (("blue", "blue_w"), ("red", "red_w"), ("ew_width", "ew_w"), ("t", "t_w"), ("core", "core_w")):
+        for dense, name in (
+            ("blue", "blue_w"),
+            ("red", "red_w"),
+            ("ew_width", "ew_w"),
+            ("t", "t_w"),
+            ("core", "core_w"),
+        ):
             setattr(self, name, getattr(self, dense)[:, self.pixels].contiguous())
 
     @property
@@ -134,8 +153,8 @@ class PhysicsFeatures(nn.Module):
         if self.pixels.numel() == 0:
             raise RuntimeError("PhysicsFeatures has no wavelength grid yet: call set_wave() first")
         dtype = win.dtype
-        cb = win @ self.blue_w.T.to(dtype)     # [B, L]
-        cr = win @ self.red_w.T.to(dtype)      # [B, L]
+        cb = win @ self.blue_w.T.to(dtype)  # [B, L]
+        cr = win @ self.red_w.T.to(dtype)  # [B, L]
         cores = win @ self.core_w.T.to(dtype)  # [B, L + 1]
         t = self.t_w.to(dtype)
         cont = (cb[:, :, None] + (cr - cb)[:, :, None] * t[None]).clamp_min(self.min_continuum)  # [B, L, W]
@@ -146,8 +165,20 @@ class PhysicsFeatures(nn.Module):
         cont_core = (cb[:, line_of_core] + (cr - cb)[:, line_of_core] * tc).clamp_min(self.min_continuum)
         depth = 1.0 - cores / cont_core  # [B, L + 1]
         na_depth = 0.5 * (depth[:, 3] + depth[:, 4])
-        return torch.stack([depth[:, 0], ew[:, 0], depth[:, 1], ew[:, 1], depth[:, 2], ew[:, 2],
-                            ew[:, :3].sum(-1), na_depth, ew[:, 3]], dim=-1)
+        return torch.stack(
+            [
+                depth[:, 0],
+                ew[:, 0],
+                depth[:, 1],
+                ew[:, 1],
+                depth[:, 2],
+                ew[:, 2],
+                ew[:, :3].sum(-1),
+                na_depth,
+                ew[:, 3],
+            ],
+            dim=-1,
+        )
 
     def pca(self, flux: torch.Tensor) -> torch.Tensor:
         """PCA1-4 [B, 4] of flux [B, D]."""

@@ -38,6 +38,19 @@ def quality_features(error: torch.Tensor) -> torch.Tensor:
     safe = torch.where(ok, m2, torch.ones_like(m2))
     skew = torch.where(ok, m3 / safe.pow(1.5), torch.zeros_like(m2))
     kurt = torch.where(ok, m4 / safe.square() - 3.0, torch.zeros_like(m2))
-    out = torch.stack([mean, m2.sqrt(), s[:, 0], s[:, -1], _quantile_sorted(s, 0.5), e.sum(-1),
-                       _quantile_sorted(s, 0.25), _quantile_sorted(s, 0.75), skew, kurt], dim=-1)
+    out = torch.stack(
+        [
+            mean,
+            m2.sqrt(),
+            s[:, 0],
+            s[:, -1],
+            _quantile_sorted(s, 0.5),
+            e.sum(-1),
+            _quantile_sorted(s, 0.25),
+            _quantile_sorted(s, 0.75),
+            skew,
+            kurt,
+        ],
+        dim=-1,
+    )
     return out.to(error.dtype)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ class Standardizer(nn.Module):
         return (x - self.mean) / self.std
 
     @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor]) -> "Standardizer":
+    def fit(self, batches: Iterable[torch.Tensor]) -> Standardizer:
         """Population mean/std over all rows of ``batches`` ([b, F] each), accumulated in float64."""
         n, s, ss = 0, 0.0, 0.0
         for x in batches:

@@ -37,7 +37,9 @@ class CatalogueWriter(BasePredictionWriter):
         self._labelled: bool | None = None
 
     def _target(self, trainer: pl.Trainer) -> Path:
-        base = Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
+        base = (
+            Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
+        )
         if trainer.world_size > 1:
             base = base.with_name(f"{base.stem}.rank{trainer.global_rank}{base.suffix}")
         return base
@@ -63,8 +65,12 @@ class CatalogueWriter(BasePredictionWriter):
         else:
             cols["row"] = p["row"]
         cols |= {k[3:]: v for k, v in p.items() if k.startswith("id_")}
-        cols |= {"snr": p["snr"], "snr_bin": np.asarray(bins.SNR_BIN_NAMES)[p["snr_bin"]],
-                 "log_g_pred": p["log_g_pred"], "log_g_sigma": p["log_g_sigma"]}
+        cols |= {
+            "snr": p["snr"],
+            "snr_bin": np.asarray(bins.SNR_BIN_NAMES)[p["snr_bin"]],
+            "log_g_pred": p["log_g_pred"],
+            "log_g_sigma": p["log_g_sigma"],
+        }
         cols |= {f"w_{n}": p["weights"][:, i] for i, n in enumerate(self._names)}
         cols |= {f"pred_{n}": p["expert_preds"][:, i] for i, n in enumerate(self._names)}
         if self._labelled is None:
@@ -73,13 +79,20 @@ class CatalogueWriter(BasePredictionWriter):
             cols["log_g_true"] = p["log_g_true"]
         return pd.DataFrame(cols)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         df = self.frame(prediction)
         if self._path.suffix.lower() in HDF5_SUFFIXES:
             longest = max((len(str(p)) for p in self._shards.paths), default=1) if self._shards is not None else 1
             with pd.HDFStore(self._tmp, mode="a") as store:
-                store.append(HDF5_KEY, df, format="table", index=False,
-                             min_itemsize={"shard": longest, "snr_bin": 1} if "shard" in df else {"snr_bin": 1})
+                store.append(
+                    HDF5_KEY,
+                    df,
+                    format="table",
+                    index=False,
+                    min_itemsize={"shard": longest, "snr_bin": 1} if "shard" in df else {"snr_bin": 1},
+                )
         else:
             df.to_csv(self._tmp, mode="a", header=not self._tmp.exists(), index=False, float_format="%.7g")
 

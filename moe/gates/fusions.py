@@ -23,7 +23,8 @@ The seeds' "probability product" ``normalise(softmax(a) * softmax(b))`` equals
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,8 @@ FUSIONS = ("concat", "logit_add", "product", "temperature", "phys_only", "qualit
 
 
 class GateOutput(NamedTuple):
-    weights: torch.Tensor                 # [B, K]
-    tau: torch.Tensor | None = None       # [B] temperature (temperature gate only)
+    weights: torch.Tensor  # [B, K]
+    tau: torch.Tensor | None = None  # [B] temperature (temperature gate only)
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
@@ -67,8 +68,14 @@ class ConcatGate(nn.Module):
 
 
 class LogitAddGate(nn.Module):
-    def __init__(self, phys_dim: int, qual_dim: int, n_experts: int, phys_hidden: Sequence[int] = (32, 16),
-                 qual_hidden: Sequence[int] = (16,)):
+    def __init__(
+        self,
+        phys_dim: int,
+        qual_dim: int,
+        n_experts: int,
+        phys_hidden: Sequence[int] = (32, 16),
+        qual_hidden: Sequence[int] = (16,),
+    ):
         super().__init__()
         self.phys_tower = mlp(phys_dim, phys_hidden, n_experts)
         self.qual_tower = mlp(qual_dim, qual_hidden, n_experts)
@@ -110,8 +117,14 @@ class ProductGate(LogitAddGate):
 class TemperatureGate(nn.Module):
     """Quality sets how sharp the physics gate may be: softmax(a / tau), tau = 1 + softplus(g(qual))."""
 
-    def __init__(self, phys_dim: int, qual_dim: int, n_experts: int, phys_hidden: Sequence[int] = (32, 16),
-                 qual_hidden: Sequence[int] = (16,)):
+    def __init__(
+        self,
+        phys_dim: int,
+        qual_dim: int,
+        n_experts: int,
+        phys_hidden: Sequence[int] = (32, 16),
+        qual_hidden: Sequence[int] = (16,),
+    ):
         super().__init__()
         self.phys_tower = mlp(phys_dim, phys_hidden, n_experts)
         self.tau_tower = mlp(qual_dim, qual_hidden, 1)

@@ -45,15 +45,26 @@ class SplitMetrics(nn.Module):
         self.entropy = MeanMetric()
         self.entropy_snr = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
         # z calibration: mean z, mean z^2, share |z| <= 1, share |z| <= 2; index 0 overall, 1 + i SNR bin i
-        self.z_moments = nn.ModuleList(nn.ModuleList(MeanMetric() for _ in range(4)) for _ in range(1 + len(bins.SNR_BIN_NAMES)))
+        self.z_moments = nn.ModuleList(
+            nn.ModuleList(MeanMetric() for _ in range(4)) for _ in range(1 + len(bins.SNR_BIN_NAMES))
+        )
         self.with_tau = with_tau
         if with_tau:
             self.tau_snr = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, oracle: torch.Tensor, global_pred: torch.Tensor, target: torch.Tensor,
-               entropy: torch.Tensor, snr_bin: torch.Tensor, phys_bin: torch.Tensor, tau: torch.Tensor | None = None,
-               sigma: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        pred: torch.Tensor,
+        oracle: torch.Tensor,
+        global_pred: torch.Tensor,
+        target: torch.Tensor,
+        entropy: torch.Tensor,
+        snr_bin: torch.Tensor,
+        phys_bin: torch.Tensor,
+        tau: torch.Tensor | None = None,
+        sigma: torch.Tensor | None = None,
+    ) -> None:
         pred, oracle, global_pred, target = (t.float() for t in (pred, oracle, global_pred, target))
         if sigma is not None:
             z = (pred - target) / sigma.float().clamp_min(1e-12)
@@ -85,8 +96,13 @@ class SplitMetrics(nn.Module):
         r2, r2_o, r2_g = _r2(self.r2), _r2(self.r2_oracle), _r2(self.r2_global)
         if r2 is None:
             return out
-        out |= {"r2": r2, "r2_oracle": r2_o, "r2_global": r2_g,
-                "mae": float(self.mae.compute()), "rmse": float(self.rmse.compute())}
+        out |= {
+            "r2": r2,
+            "r2_oracle": r2_o,
+            "r2_global": r2_g,
+            "mae": float(self.mae.compute()),
+            "rmse": float(self.rmse.compute()),
+        }
         denom = r2_o - r2_g
         out["rho"] = (r2 - r2_g) / denom if abs(denom) > 1e-9 else math.nan
         out["entropy"] = float(self.entropy.compute())

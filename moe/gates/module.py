@@ -36,9 +36,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
 from torchmetrics import MeanMetric
 
 from moe.data import bins
@@ -61,14 +61,14 @@ MAX_FIGURE_SAMPLES = 20_000
 class MoEOutput(NamedTuple):
     """Everything one forward pass produces (B batch, K experts)."""
 
-    pred: torch.Tensor          # [B] log g
-    sigma: torch.Tensor         # [B] mixture predictive spread
-    weights: torch.Tensor       # [B, K]
+    pred: torch.Tensor  # [B] log g
+    sigma: torch.Tensor  # [B] mixture predictive spread
+    weights: torch.Tensor  # [B, K]
     expert_preds: torch.Tensor  # [B, K]
-    entropy: torch.Tensor       # [B] nats
-    tau: torch.Tensor | None    # [B] (temperature gate)
-    global_pred: torch.Tensor   # [B] the global expert (the baseline of rho)
-    spread: torch.Tensor        # [B] sigma before the per-SNR-bin recalibration factor
+    entropy: torch.Tensor  # [B] nats
+    tau: torch.Tensor | None  # [B] (temperature gate)
+    global_pred: torch.Tensor  # [B] the global expert (the baseline of rho)
+    spread: torch.Tensor  # [B] sigma before the per-SNR-bin recalibration factor
     noise_spread: torch.Tensor  # [B] the mixture's spread under the noise alone
     log_model_var: torch.Tensor | None  # [B] the variance head's output
 
@@ -103,13 +103,26 @@ class GatedMoE(pl.LightningModule):
     monitor = "val/r2"
     mode = "max"
 
-    def __init__(self, fusion: str = "concat", experts: str | None = None, n_pixels: int = 4096,
-                 noise_level: float = 1.0, experts_dir: str | None = None, experts_path: str | None = None,
-                 expert_noise_mode: str = "marginal", expert_alphas: list[float] | None = None,
-                 expert_min_samples: int = 50, expert_fallback: str | None = None, feature_rows: int = 20_000,
-                 entropy_weight: float = 0.0, drop_features: list[str] | None = None,
-                 variance_head: bool = True, nll_weight: float = 1.0,
-                 optimizer: OptimizerCallable = torch.optim.Adam, scheduler: LRSchedulerCallable = LinearWarmup):
+    def __init__(
+        self,
+        fusion: str = "concat",
+        experts: str | None = None,
+        n_pixels: int = 4096,
+        noise_level: float = 1.0,
+        experts_dir: str | None = None,
+        experts_path: str | None = None,
+        expert_noise_mode: str = "marginal",
+        expert_alphas: list[float] | None = None,
+        expert_min_samples: int = 50,
+        expert_fallback: str | None = None,
+        feature_rows: int = 20_000,
+        entropy_weight: float = 0.0,
+        drop_features: list[str] | None = None,
+        variance_head: bool = True,
+        nll_weight: float = 1.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable = LinearWarmup,
+    ):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose from {FUSIONS}")
@@ -120,8 +133,11 @@ class GatedMoE(pl.LightningModule):
         unknown = sorted(set(drop_features or ()) - set(names))
         if unknown:
             raise ValueError(f"unknown gate features {unknown}; choose from {list(names)}")
-        self.register_buffer("feature_mask", torch.tensor([n not in (drop_features or ()) for n in names],
-                                                          dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "feature_mask",
+            torch.tensor([n not in (drop_features or ()) for n in names], dtype=torch.float32),
+            persistent=False,
+        )
         self.family = experts or default_family(fusion)
         if self.family not in groups.FAMILIES:
             raise ValueError(f"unknown expert family {self.family!r}; choose from {groups.FAMILIES}")
@@ -136,10 +152,12 @@ class GatedMoE(pl.LightningModule):
         self.gate = build_gate(fusion, len(PHYSICS_NAMES), len(QUALITY_NAMES), k)
         learned = any(p.requires_grad for p in self.gate.parameters())
         # [phys, qual, log s^2, prediction] -> log model-error variance
-        self.variance_head = mlp(len(PHYSICS_NAMES) + len(QUALITY_NAMES) + 2, [32], 1) if variance_head and learned else None
+        self.variance_head = (
+            mlp(len(PHYSICS_NAMES) + len(QUALITY_NAMES) + 2, [32], 1) if variance_head and learned else None
+        )
         self.register_buffer("prepared", torch.tensor(False))
         self.register_buffer("model_var", torch.zeros(k, bins.N_SNR_BINS))  # [K, 4] model-error variance
-        self.register_buffer("sigma_scale", torch.ones(bins.N_SNR_BINS))    # [4] validation recalibration
+        self.register_buffer("sigma_scale", torch.ones(bins.N_SNR_BINS))  # [4] validation recalibration
         self.val_raw_z2 = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
         self.val_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.test_metrics = SplitMetrics(with_tau=fusion == "temperature")
@@ -151,8 +169,13 @@ class GatedMoE(pl.LightningModule):
         """What the preparation step must build for this gate (:func:`moe.prepare.prepare`)."""
         h = self.hparams
         fams = ("global", "phys", "snr") + (("cells",) if self.family == "cells" else ())
-        fit = FitConfig(families=fams, alphas=tuple(h.expert_alphas or DEFAULT_ALPHAS), noise_mode=h.expert_noise_mode,
-                        min_samples=h.expert_min_samples, fallback=h.expert_fallback)
+        fit = FitConfig(
+            families=fams,
+            alphas=tuple(h.expert_alphas or DEFAULT_ALPHAS),
+            noise_mode=h.expert_noise_mode,
+            min_samples=h.expert_min_samples,
+            fallback=h.expert_fallback,
+        )
         return PrepareConfig(self.family, fit, h.experts_dir, h.experts_path, h.feature_rows)
 
     @torch.no_grad()
@@ -161,8 +184,10 @@ class GatedMoE(pl.LightningModule):
         if prepared.family != self.family:
             raise ValueError(f"prepared for expert family {prepared.family!r}, this gate uses {self.family!r}")
         if prepared.experts.weight.shape[1] != self.experts.weight.shape[1]:
-            raise ValueError(f"model was built for {self.experts.weight.shape[1]} pixels, "
-                             f"the data has {prepared.experts.weight.shape[1]}")
+            raise ValueError(
+                f"model was built for {self.experts.weight.shape[1]} pixels, "
+                f"the data has {prepared.experts.weight.shape[1]}"
+            )
         self.experts.load_arrays(prepared.experts.weight, prepared.experts.bias)
         self.global_expert.load_arrays(prepared.global_expert.weight, prepared.global_expert.bias)
         self.physics.load_state_dict(prepared.physics.state_dict())
@@ -178,8 +203,10 @@ class GatedMoE(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         if not bool(self.prepared):
-            raise RuntimeError("GatedMoE has no prepared experts: call model.load_prepared(moe.prepare.prepare(folder, "
-                               "model.prepare_config())) before training (the CLI does)")
+            raise RuntimeError(
+                "GatedMoE has no prepared experts: call model.load_prepared(moe.prepare.prepare(folder, "
+                "model.prepare_config())) before training (the CLI does)"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["moe_data_fingerprint"] = self.data_fingerprint
@@ -187,8 +214,10 @@ class GatedMoE(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stored = checkpoint.get("moe_data_fingerprint")
         if stored and self.data_fingerprint and stored != self.data_fingerprint:
-            raise ExpertsMismatchError(f"checkpoint was trained on data {stored}, but the datamodule holds data "
-                                       f"{self.data_fingerprint}: its experts do not belong to this data")
+            raise ExpertsMismatchError(
+                f"checkpoint was trained on data {stored}, but the datamodule holds data "
+                f"{self.data_fingerprint}: its experts do not belong to this data"
+            )
         self.data_fingerprint = stored or self.data_fingerprint
 
     # ---- forward ---------------------------------------------------------------------------
@@ -196,7 +225,9 @@ class GatedMoE(pl.LightningModule):
         """The batch's (noisy) gate inputs ``proj, win, quality, var``: cached, or computed from its spectra."""
         if "proj" in batch:
             if any(k in batch for k in NOISE_KEYS):
-                raise ValueError("clean training rows reached the model: noise them first (SpectraDataModule.add_noise)")
+                raise ValueError(
+                    "clean training rows reached the model: noise them first (SpectraDataModule.add_noise)"
+                )
             return batch
         weight, bias = self.input_map()
         return row_inputs(batch["flux"], batch["error"], weight, bias, self.physics.pixels)
@@ -234,8 +265,18 @@ class GatedMoE(pl.LightningModule):
         else:
             var = noise_var + self.model_var.T[snr_bin]
             spread = ((w * (var + mu.square())).sum(-1) - pred.square()).clamp_min(1e-12).sqrt()
-        return MoEOutput(pred, spread * self.sigma_scale[snr_bin], w, mu, gate_entropy(w), gate.tau, x["proj"][:, k],
-                         spread, noise_s2.sqrt(), log_model_var)
+        return MoEOutput(
+            pred,
+            spread * self.sigma_scale[snr_bin],
+            w,
+            mu,
+            gate_entropy(w),
+            gate.tau,
+            x["proj"][:, k],
+            spread,
+            noise_s2.sqrt(),
+            log_model_var,
+        )
 
     # ---- steps -----------------------------------------------------------------------------
     def _loss(self, out: MoEOutput, batch: dict) -> dict[str, torch.Tensor]:
@@ -262,9 +303,20 @@ class GatedMoE(pl.LightningModule):
         out = self(batch)
         route = self.route(batch)
         oracle = out.expert_preds.gather(1, route[:, None]).squeeze(1)
-        metrics.update(out.pred, oracle, out.global_pred, batch["log_g"], out.entropy, batch["snr_bin"], batch["phys_bin"],
-                       out.tau, out.sigma)
-        self.log(f"{prefix}/loss", self._loss(out, batch)["mse"], batch_size=out.pred.shape[0], prog_bar=prefix == "val")
+        metrics.update(
+            out.pred,
+            oracle,
+            out.global_pred,
+            batch["log_g"],
+            out.entropy,
+            batch["snr_bin"],
+            batch["phys_bin"],
+            out.tau,
+            out.sigma,
+        )
+        self.log(
+            f"{prefix}/loss", self._loss(out, batch)["mse"], batch_size=out.pred.shape[0], prog_bar=prefix == "val"
+        )
         return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -275,9 +327,15 @@ class GatedMoE(pl.LightningModule):
             if sel.any():
                 m.update(raw_z2[sel])
         if sum(len(b["snr"]) for b in self._fig_buffer) < MAX_FIGURE_SAMPLES:
-            self._fig_buffer.append({"snr": batch["snr"].detach().cpu(), "entropy": out.entropy.detach().cpu(),
-                                     "weights": out.weights.detach().cpu(), "snr_bin": batch["snr_bin"].detach().cpu(),
-                                     "z": ((out.pred - batch["log_g"]) / out.sigma).detach().cpu()})
+            self._fig_buffer.append(
+                {
+                    "snr": batch["snr"].detach().cpu(),
+                    "entropy": out.entropy.detach().cpu(),
+                    "weights": out.weights.detach().cpu(),
+                    "snr_bin": batch["snr_bin"].detach().cpu(),
+                    "z": ((out.pred - batch["log_g"]) / out.sigma).detach().cpu(),
+                }
+            )
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
@@ -287,10 +345,21 @@ class GatedMoE(pl.LightningModule):
         each expert's prediction, entropy, and the shard's numeric id columns (``id_*``)."""
         out = self(batch)
         ids = {k: v for k, v in batch.items() if k.startswith("id_")}
-        return {"row": batch["row"], "log_g_pred": out.pred, "log_g_sigma": out.sigma, "log_g_true": batch["log_g"],
-                "T_eff": batch["T_eff"], "M_H": batch["M_H"], "snr": batch["snr"], "snr_bin": batch["snr_bin"],
-                "phys_bin": batch["phys_bin"], "weights": out.weights, "expert_preds": out.expert_preds,
-                "entropy": out.entropy, **ids}
+        return {
+            "row": batch["row"],
+            "log_g_pred": out.pred,
+            "log_g_sigma": out.sigma,
+            "log_g_true": batch["log_g"],
+            "T_eff": batch["T_eff"],
+            "M_H": batch["M_H"],
+            "snr": batch["snr"],
+            "snr_bin": batch["snr_bin"],
+            "phys_bin": batch["phys_bin"],
+            "weights": out.weights,
+            "expert_preds": out.expert_preds,
+            "entropy": out.entropy,
+            **ids,
+        }
 
     # ---- epoch ends --------------------------------------------------------------------------
     def _log_split(self, metrics: SplitMetrics, prefix: str) -> dict[str, float]:
@@ -311,12 +380,19 @@ class GatedMoE(pl.LightningModule):
         weights = torch.cat([b["weights"] for b in buf])
         tb = self.logger.experiment
         tb.add_histogram("val/gate_weights", weights.flatten(), global_step=self.global_step)
-        fig = entropy_vs_snr(torch.cat([b["snr"] for b in buf]).numpy(), torch.cat([b["entropy"] for b in buf]).numpy(),
-                             weights.shape[1], title=f"Gate entropy vs SNR ({self.hparams.fusion}, epoch {self.current_epoch})")
+        fig = entropy_vs_snr(
+            torch.cat([b["snr"] for b in buf]).numpy(),
+            torch.cat([b["entropy"] for b in buf]).numpy(),
+            weights.shape[1],
+            title=f"Gate entropy vs SNR ({self.hparams.fusion}, epoch {self.current_epoch})",
+        )
         tb.add_figure("val/entropy_vs_snr", fig, global_step=self.global_step, close=True)
         # z of this epoch's sigma (the factor refitted just now applies from the next epoch on)
-        fig = calibration(torch.cat([b["z"] for b in buf]).numpy(), torch.cat([b["snr_bin"] for b in buf]).numpy(),
-                          title=f"Calibration of sigma on validation ({self.hparams.fusion}, epoch {self.current_epoch})")
+        fig = calibration(
+            torch.cat([b["z"] for b in buf]).numpy(),
+            torch.cat([b["snr_bin"] for b in buf]).numpy(),
+            title=f"Calibration of sigma on validation ({self.hparams.fusion}, epoch {self.current_epoch})",
+        )
         tb.add_figure("val/calibration", fig, global_step=self.global_step, close=True)
 
     @torch.no_grad()
@@ -344,16 +420,23 @@ class GatedMoE(pl.LightningModule):
 
 def summary_table(metrics: dict[str, float], prefix: str = "test") -> str:
     """A text table of overall and per-SNR-bin R^2, rho and mean gate entropy from logged metrics."""
+
     def get(key):
         v = metrics.get(f"{prefix}/{key}")
         return float(v) if v is not None else float("nan")
 
-    lines = [f"{'slice':<8}{'R2':>9}{'entropy':>10}{'tau':>8}",
-             f"{'all':<8}{get('r2'):>9.4f}{get('entropy'):>10.3f}{'':>8}"]
+    lines = [
+        f"{'slice':<8}{'R2':>9}{'entropy':>10}{'tau':>8}",
+        f"{'all':<8}{get('r2'):>9.4f}{get('entropy'):>10.3f}{'':>8}",
+    ]
     for name in reversed(bins.SNR_BIN_NAMES):
         tau = get(f"tau_snr_{name}")
-        lines.append(f"{'SNR ' + name:<8}{get(f'r2_snr_{name}'):>9.4f}{get(f'entropy_snr_{name}'):>10.3f}"
-                     f"{(f'{tau:>8.2f}' if np.isfinite(tau) else ''):>8}")
-    lines.append(f"rho = {get('rho'):.3f}   (R2 oracle {get('r2_oracle'):.4f}, R2 global {get('r2_global'):.4f}, "
-                 f"MAE {get('mae'):.4f}, RMSE {get('rmse'):.4f})")
+        lines.append(
+            f"{'SNR ' + name:<8}{get(f'r2_snr_{name}'):>9.4f}{get(f'entropy_snr_{name}'):>10.3f}"
+            f"{(f'{tau:>8.2f}' if np.isfinite(tau) else ''):>8}"
+        )
+    lines.append(
+        f"rho = {get('rho'):.3f}   (R2 oracle {get('r2_oracle'):.4f}, R2 global {get('r2_global'):.4f}, "
+        f"MAE {get('mae'):.4f}, RMSE {get('rmse'):.4f})"
+    )
     return "\n".join(lines)

@@ -4,5 +4,13 @@ the per-row gate-input caches of a dataset folder, built once and handed to the 
 from moe.prepare.inputs import attach_inputs, ensure_inputs, map_key
 from moe.prepare.step import PrepareConfig, Prepared, experts_file, fit_scalers, prepare
 
-__all__ = ["PrepareConfig", "Prepared", "attach_inputs", "ensure_inputs", "experts_file", "fit_scalers", "map_key",
-           "prepare"]
+__all__ = [
+    "PrepareConfig",
+    "Prepared",
+    "attach_inputs",
+    "ensure_inputs",
+    "experts_file",
+    "fit_scalers",
+    "map_key",
+    "prepare",
+]

@@ -53,8 +53,14 @@ def _snr(stream, block, part: dict[str, np.ndarray]) -> np.ndarray:
 
 
 @torch.no_grad()
-def ensure_inputs(folder: SpectraFolder, split: str, weight: torch.Tensor, bias: torch.Tensor,
-                  pixels: torch.Tensor, progress: bool = True) -> dict[int, Path]:
+def ensure_inputs(
+    folder: SpectraFolder,
+    split: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pixels: torch.Tensor,
+    progress: bool = True,
+) -> dict[int, Path]:
     """Path of a valid gate-input cache per shard index of ``split``, building what is absent or stale."""
     weight, bias, pixels = weight.detach().cpu(), bias.detach().cpu(), pixels.detach().cpu()
     key = map_key(weight, bias, pixels)
@@ -67,20 +73,33 @@ def ensure_inputs(folder: SpectraFolder, split: str, weight: torch.Tensor, bias:
     for k, info in enumerate(shards.infos):
         n = int(shards.counts[k])
         path = inputs_path(folder, split, info.path, n, key)
-        expected = {"version": INPUTS_VERSION, **source_attrs(info.path, n, info.n_pixels), "map": key,
-                    "noise_level": float(folder.noise_level), "clean": clean}
+        expected = {
+            "version": INPUTS_VERSION,
+            **source_attrs(info.path, n, info.n_pixels),
+            "map": key,
+            "noise_level": float(folder.noise_level),
+            "clean": clean,
+        }
         lo = int(shards.offsets[k])
 
         def blocks(k=k, lo=lo, n=n, path=path):
             nonlocal bar
             log.info("caching %s gate inputs of %s -> %s", split, shards.infos[k].path, path.name)
             if bar is None:
-                bar = tqdm(total=shards.n_rows, initial=lo, desc=f"gate inputs ({split})", unit="spec",
-                           disable=not progress)
+                bar = tqdm(
+                    total=shards.n_rows, initial=lo, desc=f"gate inputs ({split})", unit="spec", disable=not progress
+                )
             for block in shards.blocks(lo, lo + n, folder.block_rows):
                 part = stream.read(block)
-                x = row_inputs(torch.from_numpy(part["flux"]), torch.from_numpy(part["error"]), weight, bias, pixels,
-                               noise_factor=clean, rest_weights=rest)
+                x = row_inputs(
+                    torch.from_numpy(part["flux"]),
+                    torch.from_numpy(part["error"]),
+                    weight,
+                    bias,
+                    pixels,
+                    noise_factor=clean,
+                    rest_weights=rest,
+                )
                 arrays = {name: v.numpy() for name, v in x.items()}
                 arrays["snr"] = _snr(stream, block, part)
                 bar.update(block.stop - block.start)
@@ -92,9 +111,14 @@ def ensure_inputs(folder: SpectraFolder, split: str, weight: torch.Tensor, bias:
     return out
 
 
-
-def attach_inputs(folder: SpectraFolder, weight: torch.Tensor, bias: torch.Tensor, pixels: torch.Tensor,
-                  splits=SPLITS, progress: bool = True) -> dict[str, dict[int, Path]]:
+def attach_inputs(
+    folder: SpectraFolder,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pixels: torch.Tensor,
+    splits=SPLITS,
+    progress: bool = True,
+) -> dict[str, dict[int, Path]]:
     """Build (or find) the gate-input caches of ``splits`` for one map and have ``folder`` stream them."""
     inputs = {split: ensure_inputs(folder, split, weight, bias, pixels, progress) for split in splits}
     folder.attach_inputs(inputs, weight[:, pixels])

@@ -43,7 +43,7 @@ class PrepareConfig:
 
     family: str = "phys"
     fit: FitConfig = field(default_factory=FitConfig)
-    experts_dir: str | None = None   # cache folder of expert bundles (default <data_dir>/experts)
+    experts_dir: str | None = None  # cache folder of expert bundles (default <data_dir>/experts)
     experts_path: str | None = None  # an explicit experts file (must match the data and fit settings)
     feature_rows: int = 20_000
 
@@ -60,12 +60,12 @@ class Prepared:
 
     bundle: ExpertBundle
     family: str
-    experts: RidgeExperts        # the gated family [K, D]
+    experts: RidgeExperts  # the gated family [K, D]
     global_expert: RidgeExperts  # [1, D]
-    physics: PhysicsFeatures     # windows of the data's grid, PCA basis
+    physics: PhysicsFeatures  # windows of the data's grid, PCA basis
     phys_scaler: Standardizer
     qual_scaler: Standardizer
-    model_var: np.ndarray        # [K, 4] each expert's model-error variance per SNR bin (validation)
+    model_var: np.ndarray  # [K, 4] each expert's model-error variance per SNR bin (validation)
     inputs: dict[str, dict[int, Path]]
     data_fingerprint: str
 
@@ -99,8 +99,18 @@ def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bo
     inputs = attach_inputs(folder, weight, bias, physics.pixels, SPLITS, progress)
     phys_scaler, qual_scaler = fit_scalers(folder, physics, experts.n_experts, cfg.feature_rows)
     model_var = validation_model_variance(folder, cfg.family, experts.n_experts)
-    return Prepared(bundle, cfg.family, experts, global_expert, physics, phys_scaler, qual_scaler, model_var, inputs,
-                    folder.fingerprint_hash())
+    return Prepared(
+        bundle,
+        cfg.family,
+        experts,
+        global_expert,
+        physics,
+        phys_scaler,
+        qual_scaler,
+        model_var,
+        inputs,
+        folder.fingerprint_hash(),
+    )
 
 
 def validation_model_variance(folder: SpectraFolder, family: str, n_experts: int) -> np.ndarray:
@@ -117,8 +127,9 @@ def validation_model_variance(folder: SpectraFolder, family: str, n_experts: int
     return model_error_variance(cat["y"], cat["pred"], cat["var"], cat["group"], cat["snr_bin"])
 
 
-def fit_scalers(folder: SpectraFolder, physics: PhysicsFeatures, n_experts: int,
-                rows: int) -> tuple[Standardizer, Standardizer]:
+def fit_scalers(
+    folder: SpectraFolder, physics: PhysicsFeatures, n_experts: int, rows: int
+) -> tuple[Standardizer, Standardizer]:
     """Feature standardisation from the first ``rows`` cached training rows with one fixed noise draw
     (the same rows and draw on every DDP rank, so every rank gets the same buffers)."""
     gen = torch.Generator().manual_seed(0)
@@ -136,5 +147,10 @@ def fit_scalers(folder: SpectraFolder, physics: PhysicsFeatures, n_experts: int,
 def describe(prepared: Prepared) -> dict:
     """A short, JSON-able account of what was prepared (for logs and reports)."""
     alphas = {f: sorted(set(np.asarray(v.alpha).tolist())) for f, v in prepared.bundle.families.items()}
-    return {"family": prepared.family, "experts": prepared.experts.n_experts, "data": prepared.data_fingerprint,
-            "window_pixels": prepared.physics.n_window_pixels, "alphas": alphas}
+    return {
+        "family": prepared.family,
+        "experts": prepared.experts.n_experts,
+        "data": prepared.data_fingerprint,
+        "window_pixels": prepared.physics.n_window_pixels,
+        "alphas": alphas,
+    }
