@@ -91,3 +91,20 @@ def test_trained_gate_sigma_is_calibrated_at_small_n(tmp_path, tiny_dir):
     assert 0.55 <= m["test/coverage_1sigma"] <= 0.82, m
     assert 0.88 <= m["test/coverage_2sigma"] <= 0.99, m
     assert cli.model.sigma_scale.min() > 0 and not torch.equal(cli.model.sigma_scale, torch.ones(4))
+
+
+def test_coverage_scale_is_exact_for_gaussian_z_and_balances_heavy_tails():
+    from moe.experts.calibration import GAUSS_1SIGMA, GAUSS_2SIGMA, coverage_scale
+
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 2.5, 200_000)
+    assert abs(coverage_scale(np.abs(z)) - 2.5) < 0.03  # Gaussian: the std itself
+    t = rng.standard_t(6, 200_000)  # heavy tails: RMS-scaling would over-cover 1 sigma
+
+    def miss(scale):
+        cov1, cov2 = (np.abs(t / scale) <= 1).mean(), (np.abs(t / scale) <= 2).mean()
+        return (cov1 - GAUSS_1SIGMA) ** 2 + (cov2 - GAUSS_2SIGMA) ** 2, cov1
+
+    (loss, cov1), (rms_loss, rms_cov1) = miss(coverage_scale(np.abs(t))), miss(np.sqrt(np.mean(t**2)))
+    assert loss < rms_loss and abs(cov1 - GAUSS_1SIGMA) < abs(rms_cov1 - GAUSS_1SIGMA)
+    assert coverage_scale(np.array([1.0, 3.0])) == np.sqrt(5.0)  # too few values: the RMS

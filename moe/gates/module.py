@@ -12,8 +12,8 @@ optional entropy term). Also returns sigma, the per-star uncertainty, in two par
   on the validation split by the preparation step, enters as ``v_k + m_k``;
 
 times a per-SNR-bin factor refitted on the validation split after every validation epoch so
-that z = (pred - true) / sigma has unit RMS there (recalibration; a checkpoint keeps the
-factor of its own epoch).
+that the 1- and 2-sigma coverage of z = (pred - true) / sigma come closest to a Gaussian's
+there (recalibration; a checkpoint keeps the factor of its own epoch).
 
 The module owns loss, metrics, optimiser and logging; the experts (:mod:`moe.experts`),
 features (:mod:`moe.features`) and gates (:mod:`moe.gates.fusions`) are plain modules.
@@ -39,11 +39,13 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric
+from torchmetrics.utilities import dim_zero_cat
 
 from moe.data import bins
 from moe.experts import groups
 from moe.experts.bundle import ExpertsMismatchError
+from moe.experts.calibration import coverage_scale
 from moe.experts.fit import FitConfig
 from moe.experts.module import RidgeExperts
 from moe.experts.ridge import DEFAULT_ALPHAS
@@ -158,7 +160,7 @@ class GatedMoE(pl.LightningModule):
         self.register_buffer("prepared", torch.tensor(False))
         self.register_buffer("model_var", torch.zeros(k, bins.N_SNR_BINS))  # [K, 4] model-error variance
         self.register_buffer("sigma_scale", torch.ones(bins.N_SNR_BINS))  # [4] validation recalibration
-        self.val_raw_z2 = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
+        self.val_raw_abs_z = nn.ModuleList(CatMetric() for _ in bins.SNR_BIN_NAMES)
         self.val_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.test_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.data_fingerprint: str | None = None
@@ -321,11 +323,11 @@ class GatedMoE(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self._eval_step(batch, self.val_metrics, "val")
-        raw_z2 = ((out.pred - batch["log_g"]) / out.spread.clamp_min(1e-12)).square()
-        for i, m in enumerate(self.val_raw_z2):
+        raw_abs_z = ((out.pred - batch["log_g"]) / out.spread.clamp_min(1e-12)).abs()
+        for i, m in enumerate(self.val_raw_abs_z):
             sel = batch["snr_bin"] == i
             if sel.any():
-                m.update(raw_z2[sel])
+                m.update(raw_abs_z[sel])
         if sum(len(b["snr"]) for b in self._fig_buffer) < MAX_FIGURE_SAMPLES:
             self._fig_buffer.append(
                 {
@@ -397,10 +399,13 @@ class GatedMoE(pl.LightningModule):
 
     @torch.no_grad()
     def _recalibrate(self) -> None:
-        """Set each SNR bin's sigma factor to the RMS of this validation epoch's raw z (synced across ranks)."""
-        for i, m in enumerate(self.val_raw_z2):
-            if float(m.weight) > 0 and not (self._trainer is not None and self.trainer.sanity_checking):
-                self.sigma_scale[i] = m.compute().sqrt().to(self.sigma_scale.dtype)
+        """Refit each SNR bin's sigma factor on this validation epoch's raw z (gathered across ranks):
+        :func:`moe.experts.calibration.coverage_scale`."""
+        sanity = self._trainer is not None and self.trainer.sanity_checking
+        for i, m in enumerate(self.val_raw_abs_z):
+            if m.update_count > 0 and not sanity:
+                abs_z = dim_zero_cat(m.compute()).detach().cpu().double().numpy()
+                self.sigma_scale[i] = coverage_scale(abs_z)
             m.reset()
 
     def on_test_epoch_end(self) -> None:
@@ -419,22 +424,23 @@ class GatedMoE(pl.LightningModule):
 
 
 def summary_table(metrics: dict[str, float], prefix: str = "test") -> str:
-    """A text table of overall and per-SNR-bin R^2, rho and mean gate entropy from logged metrics."""
+    """A text table from logged metrics: overall and per-SNR-bin R^2, mean gate entropy, the calibration
+    of sigma (z std, share of |z| <= 1 and <= 2) and tau; then rho, the oracle and global R^2, MAE, RMSE."""
 
     def get(key):
         v = metrics.get(f"{prefix}/{key}")
         return float(v) if v is not None else float("nan")
 
-    lines = [
-        f"{'slice':<8}{'R2':>9}{'entropy':>10}{'tau':>8}",
-        f"{'all':<8}{get('r2'):>9.4f}{get('entropy'):>10.3f}{'':>8}",
-    ]
-    for name in reversed(bins.SNR_BIN_NAMES):
-        tau = get(f"tau_snr_{name}")
-        lines.append(
-            f"{'SNR ' + name:<8}{get(f'r2_snr_{name}'):>9.4f}{get(f'entropy_snr_{name}'):>10.3f}"
+    def row(label: str, suffix: str) -> str:
+        tau = get(f"tau{suffix}") if suffix else float("nan")
+        return (
+            f"{label:<8}{get(f'r2{suffix}'):>9.4f}{get(f'entropy{suffix}'):>10.3f}{get(f'z_std{suffix}'):>8.2f}"
+            f"{get(f'coverage_1sigma{suffix}'):>9.1%}{get(f'coverage_2sigma{suffix}'):>9.1%}"
             f"{(f'{tau:>8.2f}' if np.isfinite(tau) else ''):>8}"
         )
+
+    lines = [f"{'slice':<8}{'R2':>9}{'entropy':>10}{'z std':>8}{'|z|<=1':>9}{'|z|<=2':>9}{'tau':>8}", row("all", "")]
+    lines += [row(f"SNR {name}", f"_snr_{name}") for name in reversed(bins.SNR_BIN_NAMES)]
     lines.append(
         f"rho = {get('rho'):.3f}   (R2 oracle {get('r2_oracle'):.4f}, R2 global {get('r2_global'):.4f}, "
         f"MAE {get('mae'):.4f}, RMSE {get('rmse'):.4f})"
