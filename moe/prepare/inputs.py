@@ -40,7 +40,7 @@ def inputs_path(folder: SpectraFolder, split: str, shard: Path, n_rows: int, key
     """Where the gate-input cache of ``shard`` (its first ``n_rows`` rows) lives."""
     seed = 0 if split == "train" else folder.seeds[split]
     noisy = cache_path(shard, folder.noise_level, seed, folder.cache_dir)
-    kind = "clean" if split == "train" else noisy.stem
+    kind = f"clean_nl{folder.noise_level:g}" if split == "train" else noisy.stem
     return noisy.with_name(f"gate_inputs_{kind}_{key}_rows{n_rows}.h5")
 
 
