@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import warnings
 
@@ -129,6 +130,10 @@ def cli_main(args: list[str] | None = None) -> MoECLI:
     # loading in the training process is the measured-fastest setting for cached gate inputs
     # (SpectraDataModule.num_workers), so Lightning's advice to add workers does not apply
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # Lightning's advertisement of a cloud logger is no advice about this run
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: "Tip:" not in record.getMessage()
+    )
     torch.set_float32_matmul_precision("high")
     return MoECLI(
         GatedMoE,
