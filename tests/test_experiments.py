@@ -97,17 +97,33 @@ def test_degenerate_or_unfinished_gate_runs_are_inconclusive():
 
     y = np.linspace(1, 5, 200)
 
-    def run(pred, best, ran, most=5):
+    def run(pred, best, ran, most=5, history=(0.5, 0.6, 0.62, 0.6205, 0.6207)):
         return GateRun(
-            "x", "concat", "phys", 0, pred, np.ones(200), np.ones((200, 1)), np.zeros(200), 0.5, best, ran, most, None
+            "x",
+            "concat",
+            "phys",
+            0,
+            pred,
+            np.ones(200),
+            np.ones((200, 1)),
+            np.zeros(200),
+            0.5,
+            best,
+            ran,
+            most,
+            None,
+            history,
         )
 
     good = {"Dual-tower concat": [run(y + 0.1, 3, 5)], "Global Ridge": [run(y + 0.5, 0, 0)]}
     assert inconclusive_reason(good, 0.8, y) == ""
     bad = {"Dual-tower concat": [run(y[::-1], 3, 5)]}
     assert "Dual-tower concat below the global expert" in inconclusive_reason(bad, 0.8, y)
-    still = {"Dual-tower concat": [run(y + 0.1, 5, 5)]}
+    assert inconclusive_reason({"Dual-tower concat": [run(y + 0.1, 5, 5)]}, 0.8, y) == ""  # creeping: converged
+    still = {"Dual-tower concat": [run(y + 0.1, 5, 5, history=(0.5, 0.55, 0.58, 0.6, 0.62))]}
     assert "still improving at the last epoch" in inconclusive_reason(still, 0.8, y)
+    stopped = {"Dual-tower concat": [run(y + 0.1, 2, 4, most=8, history=(0.5, 0.62, 0.61, 0.6))]}
+    assert inconclusive_reason(stopped, 0.8, y) == ""  # early stopping ended it
 
 
 def test_bootstrap_ci_brackets_the_difference():

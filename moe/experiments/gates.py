@@ -27,6 +27,7 @@ from moe.prepare import PrepareConfig, Prepared, prepare
 
 log = logging.getLogger(__name__)
 PATIENCE = 3  # epochs without a better val R^2 before a run stops
+IMPROVING = 1e-3  # val R^2 gained by the last epoch of a run cut by its epoch limit that calls it unfinished
 
 
 @dataclass
@@ -46,11 +47,25 @@ class GateRun:
     epochs_run: int
     max_epochs: int
     model: GatedMoE
+    val_history: tuple[float, ...] = ()  # val R^2 after each epoch
 
     @property
     def still_improving(self) -> bool:
-        """The run hit its epoch limit with its best epoch last: more epochs might still help."""
-        return self.best_epoch > 0 and self.epochs_run == self.max_epochs and self.best_epoch == self.epochs_run
+        """The run hit its epoch limit while its last epoch still raised the best val R^2 by more than
+        ``IMPROVING``: more epochs would likely change the result."""
+        h = self.val_history
+        return self.epochs_run == self.max_epochs and len(h) >= 2 and h[-1] - max(h[:-1]) > IMPROVING
+
+
+class ValHistory(pl.Callback):
+    """Records ``val/r2`` after every validation epoch of a fit."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and "val/r2" in trainer.callback_metrics:
+            self.values.append(float(trainer.callback_metrics["val/r2"]))
 
 
 def prepare_families(
@@ -101,13 +116,14 @@ def train_gate(
         warnings.filterwarnings("ignore", ".*Couldn't infer the batch indices.*")
         best = ModelCheckpoint(dirpath=tmp, monitor="val/r2", mode="max", save_top_k=1)
         stop = EarlyStopping(monitor="val/r2", mode="max", patience=PATIENCE)
+        history = ValHistory()
         trainer = pl.Trainer(
             max_epochs=epochs,
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            callbacks=[best, stop],
+            callbacks=[best, stop, history],
             default_root_dir=tmp,
         )
         if learns:
@@ -138,4 +154,5 @@ def train_gate(
         epochs_run,
         epochs,
         model,
+        tuple(history.values),
     )
