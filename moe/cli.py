@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import glob
-import logging
 import os
-import warnings
 
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
@@ -29,6 +27,7 @@ from moe.experts.bundle import ExpertsMismatchError, default_dir
 from moe.gates.callbacks import CatalogueWriter
 from moe.gates.checkpoints import read_checkpoint
 from moe.gates.module import GatedMoE, summary_table
+from moe.gates.quiet import quiet_lightning
 from moe.prepare import attach_inputs, prepare
 
 
@@ -127,13 +126,7 @@ class MoECLI(LightningCLI):
 
 def cli_main(args: list[str] | None = None) -> MoECLI:
     """Entry point of ``train.py`` (``args`` for tests; ``None`` reads sys.argv)."""
-    # loading in the training process is the measured-fastest setting for cached gate inputs
-    # (SpectraDataModule.num_workers), so Lightning's advice to add workers does not apply
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    # Lightning's advertisement of a cloud logger is no advice about this run
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: "Tip:" not in record.getMessage()
-    )
+    quiet_lightning()
     torch.set_float32_matmul_precision("high")
     return MoECLI(
         GatedMoE,

@@ -144,9 +144,9 @@ class SpectraStream(IterableDataset):
         if k not in self._labels:
             info, n = self.shards.infos[k], int(self.shards.counts[k])
             p = read_params(info.path, info.params_key, self.shards.labelled) if info.params_key else None
-            cols = {c: p[c].to_numpy(np.float64)[:n] if p is not None and c in p else np.full(n, np.nan) for c in LABELS}
+            cols = {c: p[c].to_numpy(np.float64, copy=True)[:n] if p is not None and c in p else np.full(n, np.nan) for c in LABELS}
             if self.ids and p is not None:
-                cols |= {f"id_{c}": p[c].to_numpy()[:n] for c in ID_COLUMNS
+                cols |= {f"id_{c}": p[c].to_numpy(copy=True)[:n] for c in ID_COLUMNS
                          if c in p and np.issubdtype(p[c].dtype, np.number)}
             self._labels[k] = cols
         return self._labels[k]

@@ -20,6 +20,7 @@ import pandas as pd
 
 from moe.experiments import EXPERIMENTS
 from moe.experiments.common import ExperimentSettings
+from moe.gates.quiet import quiet_lightning
 
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
 
@@ -41,13 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="report folder (default reports/NAME; for 'all' the parent folder)")
     p.add_argument("--noise-level", type=float, default=1.0)
     p.add_argument("--max-memory-rows", type=int, default=50_000, help="cap for models that need rows in memory")
-    p.add_argument("--epochs", type=int, default=12, help="gate training epochs (dual-tower)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=30,
+        help="most gate training epochs (dual-tower; each run stops early once val R^2 stalls)",
+    )
     p.add_argument(
         "--cnn-epochs", type=int, default=None, help="1D-CNN epochs (ceiling; default 50, 'all': 20; 0 skips)"
     )
     p.add_argument("--lgbm-device", default="cpu", help="LightGBM device_type (cpu, gpu, cuda)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_lightning()
     pd.set_option("display.width", 160)
     base = ExperimentSettings(
         data=a.data,

@@ -35,7 +35,7 @@ class ExperimentSettings:
     out: str | None = None
     noise_level: float = 1.0
     max_memory_rows: int = 50_000
-    epochs: int = 12
+    epochs: int = 30
     cnn_epochs: int = 50
     lgbm_device: str = "cpu"
     progress: bool = True
