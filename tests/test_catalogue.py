@@ -35,6 +35,24 @@ def trained(tmp_path_factory, tiny_dir):
     return root, args, Path(cli.trainer.checkpoint_callback.best_model_path), cli.model.experts.names
 
 
+def _predict(ckpt: Path, args: list[str], predict_path: str, output: str) -> None:
+    """``train.py predict`` of the checkpoint on ``predict_path`` into the catalogue ``output``."""
+    cli_main(
+        [
+            "predict",
+            "--config",
+            CONFIG,
+            "--ckpt_path",
+            str(ckpt),
+            "--data.predict_path",
+            predict_path,
+            "--predict_writer.output",
+            output,
+            *args,
+        ]
+    )
+
+
 def _unlabelled_copy(src: Path, dst: Path, wave: np.ndarray | None = None) -> Path:
     """The shard at ``src`` without labels, with an ``objid`` column (and optionally another grid)."""
     flux, error = read_block(src, 0, read_params(src).shape[0])
@@ -49,20 +67,7 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
     root, args, ckpt, names = trained
     shard = _unlabelled_copy(find_split(tiny_dir, "test")[0], tmp_path / "obs" / "night1.h5")
     out = tmp_path / "catalogue.h5"
-    cli_main(
-        [
-            "predict",
-            "--config",
-            CONFIG,
-            "--ckpt_path",
-            str(ckpt),
-            "--data.predict_path",
-            str(shard.parent),
-            "--predict_writer.output",
-            str(out),
-            *args,
-        ]
-    )
+    _predict(ckpt, args, str(shard.parent), str(out))
     cat = pd.read_hdf(out)
     assert len(cat) == 300 and list(cat["row"]) == list(range(300)) and set(cat["shard"]) == {str(shard)}
     assert list(cat.columns) == [
@@ -87,20 +92,7 @@ def test_catalogue_csv_of_labelled_shard_files(trained, tiny_dir, tmp_path):
     root, args, ckpt, names = trained
     shards = find_split(tiny_dir, "train")[:2]
     out = tmp_path / "cat.csv"
-    cli_main(
-        [
-            "predict",
-            "--config",
-            CONFIG,
-            "--ckpt_path",
-            str(ckpt),
-            "--data.predict_path",
-            f"[{shards[0]}, {shards[1]}]",
-            "--predict_writer.output",
-            str(out),
-            *args,
-        ]
-    )
+    _predict(ckpt, args, f"[{shards[0]}, {shards[1]}]", str(out))
     cat = pd.read_csv(out)
     assert len(cat) == 800 and cat["shard"].nunique() == 2 and "log_g_true" in cat
     truth = read_params(shards[1])["log_g"].to_numpy()
@@ -113,17 +105,4 @@ def test_catalogue_refuses_another_pixel_grid(trained, tiny_dir, tmp_path):
     src = find_split(tiny_dir, "test")[0]
     shifted = _unlabelled_copy(src, tmp_path / "other.h5", read_wave(src) + 5.0)
     with pytest.raises(ShardError, match=r"other\.h5: wavelength grid .* differs from"):
-        cli_main(
-            [
-                "predict",
-                "--config",
-                CONFIG,
-                "--ckpt_path",
-                str(ckpt),
-                "--data.predict_path",
-                str(shifted),
-                "--predict_writer.output",
-                str(tmp_path / "x.csv"),
-                *args,
-            ]
-        )
+        _predict(ckpt, args, str(shifted), str(tmp_path / "x.csv"))
