@@ -1,4 +1,4 @@
 """Data layer: shard format, synthetic generator, noise/SNR/bins, streaming DataModule.
 
-Knows nothing of experts, features or gates (DESIGN §1).
+Knows nothing of experts, features or gates.
 """

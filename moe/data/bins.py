@@ -1,4 +1,4 @@
-"""Physical (T_eff x M_H) and SNR bins of DESIGN §4.
+"""Physical (T_eff x M_H) and SNR bins.
 
 Physical bins: T_eff edges 3750/4500/5250/6000 K, M_H edges -2/-1/0/0.5 dex;
 ``index = 3 * teff_bin + mh_bin`` (0 Cool-Poor ... 8 Hot-Rich). The outermost

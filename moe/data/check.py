@@ -2,7 +2,7 @@
 
 ``python -m moe.data.check DIR [--n-train 50000] [--n-test 5000]`` prints one line per
 check with its value, bound and PASS/FAIL, writes ``spectra_by_logg.png`` and exits
-non-zero if a check fails. At noise_level 1 (DESIGN §4):
+non-zero if a check fails. At noise_level 1:
 
 - every SNR bin (X/L/M/H) holds >= 3% of spectra, and most have SNR <= 7;
 - global Ridge (scikit-learn, standardised, alpha chosen on val) log g R^2 in [0.3, 0.8];

@@ -62,7 +62,7 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
         batch_size: spectra per batch.
         num_workers: DataLoader workers per rank. 0 (read in the training process) is fastest
             once the gate inputs are cached -- a few kB per row, cheaper to read than to ship
-            from a worker (2 cores, 100k rows: 1.7 s vs 4.4 s per epoch); workers pay off for
+            from a worker (`benchmarks/gate_epoch.py`); workers pay off for
             streams of whole spectra.
         block_rows: rows per contiguous read.
         max_train_rows: use only the first N training rows (scaling studies, smoke runs).

@@ -1,4 +1,4 @@
-"""Heteroscedastic noise and the SNR of DESIGN §4, for numpy arrays and torch tensors.
+"""Heteroscedastic noise and the SNR, for numpy arrays and torch tensors.
 
 ``noisy = flux + noise_level * error * N(0, 1)``;
 ``SNR = ||flux||_2 / ||noise_level * error||_2`` (infinite when noise_level is 0).

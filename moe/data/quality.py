@@ -1,6 +1,6 @@
-"""The 10 aggregate statistics of the error vector (DESIGN §5), numpy/scipy reference.
+"""The 10 aggregate statistics of the error vector, numpy/scipy reference.
 
-These are the seeds' frozen ``quality_features``: population skew and excess kurtosis
+The reference definitions of the quality features: population skew and excess kurtosis
 (scipy's defaults), numpy's linear-interpolation percentiles. ``moe.features`` holds the
 torch twin that runs on the batch's device and is tested against this one.
 """

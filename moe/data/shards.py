@@ -1,4 +1,4 @@
-"""Read, validate and write shards in the pfsspec layout of the PFS simulator (DESIGN §2).
+"""Read, validate and write shards in the pfsspec layout of the PFS simulator.
 
 A shard is one ``dataset.h5``:
 

@@ -1,7 +1,7 @@
 r"""Synthetic PFS MR spectra in the pfsspec shard layout: the embedded default dataset.
 
-A stand-in for BOSZ model atmospheres observed through the PFS medium-resolution arm
-(DESIGN §3). It is not a radiative-transfer code; it is a documented, deterministic
+A stand-in for BOSZ model atmospheres observed through the PFS medium-resolution arm.
+It is not a radiative-transfer code; it is a documented, deterministic
 model that carries the physics the experiments probe.
 
 Labels (uniform, independent)

@@ -1,4 +1,4 @@
-"""Frozen Ridge experts: streamed sufficient statistics, exact solver, torch buffers (DESIGN §6).
+"""Frozen Ridge experts: streamed sufficient statistics, exact solver, torch buffers.
 
 Knows nothing of Lightning or gates.
 """

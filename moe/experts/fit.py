@@ -2,7 +2,7 @@
 
 1. One pass accumulates per-cell statistics (:mod:`moe.experts.stats`) of the training
    flux -- clean (``noise_mode='marginal'``, the noise enters in closed form), one noise
-   draw per spectrum (``'single'``, the seeds' way) or ``n_draws`` draws (``'augment'``).
+   draw per spectrum (``'single'``) or ``n_draws`` draws (``'augment'``).
 2. Every group of every family is solved for the whole alpha sweep (:mod:`moe.experts.ridge`).
 3. One pass over the pre-noised validation split scores every (group, alpha) on the
    group's own samples; each group keeps its best alpha. The 36 ``cells`` experts are

@@ -1,4 +1,4 @@
-"""Gate inputs computed in torch on the batch's device (DESIGN §5).
+"""Gate inputs computed in torch on the batch's device.
 
 - :mod:`moe.features.quality`: 10 aggregate statistics of the error vector;
 - :mod:`moe.features.physics`: CaT / Na I depths and equivalent widths, PCA1-4 of the flux;

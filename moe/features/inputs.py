@@ -1,6 +1,6 @@
 """Gate inputs: what a gate reads about a spectrum, split into a per-row part and a per-epoch noise.
 
-A gate over K linear experts reads (DESIGN §5-§7), for the noisy flux ``x + n`` with
+A gate over K linear experts reads, for the noisy flux ``x + n`` with
 ``n = s * e * z`` (s the noise level, e the 1-sigma error, z ~ N(0, I_D)):
 
 - ``proj = A (x + n) + b`` [P]: the K experts, the global expert and PCA1-4 -- rows of one

@@ -1,4 +1,4 @@
-r"""Gates: feature towers and how they fuse into weights over K experts (DESIGN §7).
+r"""Gates: feature towers and how they fuse into weights over K experts.
 
 Every gate maps ``(phys [B, 13], qual [B, 10], route [B])`` to a :class:`GateOutput` with
 weights ``[B, K]`` on the simplex. ``route`` is the true group of each sample; only the
@@ -15,7 +15,7 @@ oracle     w = one_hot(route)                     (nothing learned)
 global     w = 1                                   (K = 1, nothing learned)
 ========== ===============================================================
 
-The seeds' "probability product" ``normalise(softmax(a) * softmax(b))`` equals
+The plain "probability product" ``normalise(softmax(a) * softmax(b))`` equals
 ``softmax(a + b)`` exactly (the normalisers cancel), i.e. it *is* the logit-add gate
 (:func:`normalized_product`); ``product`` here is the distinct weighted product.
 """
@@ -49,7 +49,7 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
 
 
 def normalized_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The seeds' product fusion: softmax(a) * softmax(b), renormalised. Equals softmax(a + b)."""
+    """The plain product fusion: softmax(a) * softmax(b), renormalised. Equals softmax(a + b)."""
     p = F.softmax(a, dim=-1) * F.softmax(b, dim=-1)
     return p / p.sum(-1, keepdim=True)
 

@@ -1,4 +1,4 @@
-"""Per-row gate-input caches of a dataset, built once for one gate's projection map (DESIGN §10).
+"""Per-row gate-input caches of a dataset, built once for one gate's projection map.
 
 For every shard of a split, one HDF5 row cache (:mod:`moe.data.row_cache`) holds what
 :func:`moe.features.inputs.row_inputs` computes from the spectra -- from the clean flux for
