@@ -358,3 +358,29 @@ def test_alpha_at_the_edge_of_the_sweep_is_named_in_a_warning(tiny_dir, caplog):
     fit_families(dm, FitConfig(("global",), alphas=(1e9,), block_rows=256), progress=False)
     assert "of the sweep" not in caplog.text  # a single alpha is no sweep
     assert min(FitConfig().alphas) < 1  # the default sweep reaches below 1
+
+
+def test_in_place_edit_of_a_train_shard_refits_the_experts(tiny_dir, tmp_path, caplog):
+    import shutil
+
+    import h5py
+
+    from moe.data.shards import FLUX_KEY
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dir, data, ignore=shutil.ignore_patterns("noisy_*", "gate_inputs_*", "experts", ".*"))
+    cfg = FitConfig(("global",), min_samples=10, block_rows=256)
+    first = SpectraDataModule(str(data), num_workers=0, synth=None)
+    load_or_fit(first, cfg, progress=False)
+    before = first.fingerprint_hash()
+    shard = first.train_set.paths[0]
+    st = shard.stat()
+    with h5py.File(shard, "r+") as f:  # a re-run of the simulator over the same file: same shape, same size
+        f[FLUX_KEY][:5] = f[FLUX_KEY][:5] * 1.5
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the old mtime (cp -p, rsync -t)
+    assert shard.stat().st_size == st.st_size
+    edited = SpectraDataModule(str(data), num_workers=0, synth=None)
+    assert edited.fingerprint_hash() != before
+    caplog.set_level(logging.INFO, logger="moe")
+    load_or_fit(edited, cfg, progress=False)
+    assert "fitting experts" in caplog.text  # not the cached bundle of the old content

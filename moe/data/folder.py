@@ -23,7 +23,7 @@ import torch
 
 from moe.data.noise import add_noise, noisy_inputs
 from moe.data.noise_cache import ensure_noisy
-from moe.data.shards import ShardError, find_split, read_wave
+from moe.data.shards import ShardError, content_hash, find_split, read_wave
 from moe.data.stream import ShardSet, SpectraStream, rank_world
 from moe.data.synth import MANIFEST, SynthConfig, write_dataset
 
@@ -105,9 +105,15 @@ class SpectraFolder:
 
     # ---- identity ---------------------------------------------------------------
     def fingerprint(self) -> dict:
-        """What the experts depend on: train/val shards (name, size, rows), noise level, val seed."""
+        """What the experts depend on: the train/val shards (name, size, mtime_ns, rows used, content hash),
+        the noise level and the val seed. An in-place edit of a shard changes it, so its caches are not reused."""
+
         def files(s: ShardSet) -> list:
-            return [[str(p.relative_to(self.data_dir)), p.stat().st_size, int(n)] for p, n in zip(s.paths, s.counts)]
+            return [
+                [str(p.relative_to(self.data_dir)), p.stat().st_size, p.stat().st_mtime_ns, int(n), content_hash(p)]
+                for p, n in zip(s.paths, s.counts)
+            ]
+
         return {"train": files(self.train_set), "val": files(self.val_set), "n_pixels": self.n_pixels,
                 "noise_level": self.noise_level, "val_seed": self.seeds["val"]}
 

@@ -20,6 +20,8 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import os
 import re
 import sys
@@ -364,3 +366,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+CONTENT_ROWS = 64  # rows read from each end of a shard for its content hash
+
+
+@functools.lru_cache(maxsize=1024)
+def _content_hash(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    with h5py.File(path, "r") as f:
+        n = f[FLUX_KEY].shape[0]
+        h = hashlib.sha1(np.ascontiguousarray(f[WAVE_KEY][()]).tobytes())
+        for key in (FLUX_KEY, ERROR_KEY):
+            h.update(np.ascontiguousarray(f[key][: min(CONTENT_ROWS, n)]).tobytes())
+            h.update(np.ascontiguousarray(f[key][max(n - CONTENT_ROWS, 0) :]).tobytes())
+    if _has_table(Path(path)):
+        params = read_params(path, labelled=False)
+        h.update(pd.util.hash_pandas_object(params, index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """A cheap hash of a shard's content: its wavelength grid, the flux and error of its first and last
+    ``CONTENT_ROWS`` rows, and its whole parameter table. Cached per path, size, mtime and ctime (any write
+    or ``utime`` changes the ctime, so a file edited in place with its mtime restored is hashed again)."""
+    st = Path(path).stat()
+    return _content_hash(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
