@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
@@ -79,15 +80,17 @@ class MoECLI(LightningCLI):
         with a checkpoint -- from the checkpoint itself, with the gate-input caches built for its experts."""
         cfg = self.config_init[self.subcommand]
         ckpt = cfg.get("ckpt_path")
+        if self.subcommand == "predict":  # the catalogue is written batch by batch: keep nothing in memory
+            cfg["return_predictions"] = False
         if self.subcommand == "fit" or ckpt is None:
             self.model.load_prepared(prepare(self.datamodule, self.model.prepare_config()))
+            if self.subcommand == "fit" and ckpt is not None and Path(ckpt).is_file():
+                self._check_resumed_experts(ckpt)
             return
         if ckpt == "best":
             ckpt = resolve_best_checkpoint(self.trainer.default_root_dir)
             cfg["ckpt_path"] = ckpt
             rank_zero_info(f"--ckpt_path best -> {ckpt}")
-        if self.subcommand == "predict":  # the catalogue is written batch by batch: keep nothing in memory
-            cfg["return_predictions"] = False
         state = read_checkpoint(ckpt)
         stored, here = state.get("moe_data_fingerprint"), self.datamodule.fingerprint_hash()
         if stored and stored != here:
@@ -102,6 +105,17 @@ class MoECLI(LightningCLI):
                 check_grid(path, read_wave(path), self.model.physics.wave.cpu().numpy(), f"the checkpoint's ({ckpt})")
         splits = ("val",) if self.subcommand == "validate" else ("test",)
         attach_inputs(self.datamodule, *self.model.input_map(), self.model.physics.pixels, splits)
+
+    def _check_resumed_experts(self, ckpt: str) -> None:
+        """A run resumed from ``ckpt`` must find the same experts the checkpoint was trained with: the
+        cached gate inputs were built for the prepared ones."""
+        saved = read_checkpoint(ckpt)["state_dict"]
+        for name, buf in (("experts.weight", self.model.experts.weight), ("experts.bias", self.model.experts.bias)):
+            if name in saved and not torch.equal(saved[name], buf.detach().cpu()):
+                raise ExpertsMismatchError(
+                    f"{ckpt}: its experts differ from those prepared for this run (other --model.expert_* "
+                    "settings or a refitted bundle); resume with the settings it was trained with"
+                )
 
     before_fit = before_validate = before_test = before_predict = _prepare
 

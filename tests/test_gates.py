@@ -306,3 +306,25 @@ def test_all_fusions_listed():
         "global",
         "experts36",
     }
+
+
+def test_resume_with_other_experts_is_refused(tmp_path, tiny_dir):
+    args = _cli(tmp_path, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", tiny_dir=tiny_dir)
+    first = cli_main(["fit", "--config", str(CONFIG_DIR / "logit_add.yaml"), "--trainer.max_epochs", "1", *args])
+    state = torch.load(Path(first.trainer.log_dir, "checkpoints", "last.ckpt"), weights_only=False)  # our own file
+    state["state_dict"]["experts.weight"] += 0.01  # trained with other experts than those prepared now
+    other = tmp_path / "other.ckpt"
+    torch.save(state, other)
+    with pytest.raises(ExpertsMismatchError, match="other.ckpt: its experts differ from those prepared for this run"):
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(CONFIG_DIR / "logit_add.yaml"),
+                "--trainer.max_epochs",
+                "2",
+                "--ckpt_path",
+                str(other),
+                *args,
+            ]
+        )

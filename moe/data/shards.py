@@ -391,3 +391,10 @@ def content_hash(path: str | os.PathLike) -> str:
     or ``utime`` changes the ctime, so a file edited in place with its mtime restored is hashed again)."""
     st = Path(path).stat()
     return _content_hash(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def numeric_columns(path: str | os.PathLike, key: str) -> set[str]:
+    """Names of the numeric columns of a shard's parameter table (one row read)."""
+    with pd.HDFStore(path, mode="r") as store:
+        head = store.select(key, start=0, stop=1)
+    return {c for c in head.columns if np.issubdtype(head[c].dtype, np.number)}

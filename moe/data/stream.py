@@ -32,7 +32,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 from moe.data import bins
 from moe.data.noise import snr as snr_of
 from moe.data.row_cache import read_rows
-from moe.data.shards import ID_COLUMNS, LABEL_COLUMNS as LABELS, ShardInfo, inspect_shard, read_block, read_params
+from moe.data.shards import (
+    ID_COLUMNS,
+    LABEL_COLUMNS as LABELS,
+    ShardInfo,
+    inspect_shard,
+    numeric_columns,
+    read_block,
+    read_params,
+)
 
 
 @dataclass(frozen=True)
@@ -134,10 +142,22 @@ class SpectraStream(IterableDataset):
         self.noisy = noisy or {}
         self.inputs = inputs or {}
         self.ids = ids
+        self._ids: list[str] | None = None
         self.equalize_ranks = equalize_ranks
         self.num_workers = int(num_workers)
         self._iterations = 0
         self._labels: dict[int, dict[str, np.ndarray]] = {}
+
+    def _id_columns(self) -> list[str]:
+        """The numeric id columns every shard's parameter table has (one set, so batches and catalogues
+        keep the same columns across shard boundaries)."""
+        if self._ids is None:
+            common = None
+            for info in self.shards.infos:
+                names = numeric_columns(info.path, info.params_key) if info.params_key else set()
+                common = names if common is None else common & names
+            self._ids = [c for c in ID_COLUMNS if c in (common or set())]
+        return self._ids
 
     def _shard_labels(self, k: int) -> dict[str, np.ndarray]:
         """Labels (NaN where the table has none) and, with ``ids``, the numeric id columns (``id_*``) of shard k."""
@@ -146,8 +166,7 @@ class SpectraStream(IterableDataset):
             p = read_params(info.path, info.params_key, self.shards.labelled) if info.params_key else None
             cols = {c: p[c].to_numpy(np.float64, copy=True)[:n] if p is not None and c in p else np.full(n, np.nan) for c in LABELS}
             if self.ids and p is not None:
-                cols |= {f"id_{c}": p[c].to_numpy(copy=True)[:n] for c in ID_COLUMNS
-                         if c in p and np.issubdtype(p[c].dtype, np.number)}
+                cols |= {f"id_{c}": p[c].to_numpy(copy=True)[:n] for c in self._id_columns()}
             self._labels[k] = cols
         return self._labels[k]
 

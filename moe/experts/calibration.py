@@ -35,6 +35,14 @@ def model_error_variance(
     group [N] each star's own expert; snr_bin [N].
     """
     y, pred, noise_var = (np.asarray(a, np.float64) for a in (y, pred, noise_var))
+    keep = np.isfinite(y) & (np.asarray(group) >= 0)  # stars without labels have no residual
+    y, pred, noise_var, group, snr_bin = (
+        y[keep],
+        pred[keep],
+        noise_var[keep],
+        np.asarray(group)[keep],
+        np.asarray(snr_bin)[keep],
+    )
     k_experts = pred.shape[1]
     out = np.full((k_experts, bins.N_SNR_BINS), np.nan)
     rows = np.arange(len(y))

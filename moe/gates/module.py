@@ -196,6 +196,7 @@ class GatedMoE(pl.LightningModule):
         self.phys_scaler.load_state_dict(prepared.phys_scaler.state_dict())
         self.qual_scaler.load_state_dict(prepared.qual_scaler.state_dict())
         self.model_var.copy_(torch.as_tensor(prepared.model_var, dtype=self.model_var.dtype))
+        self.sigma_scale.fill_(1.0)  # refitted on validation during training
         self.data_fingerprint = prepared.data_fingerprint
         self.prepared.fill_(True)
 
@@ -324,10 +325,8 @@ class GatedMoE(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self._eval_step(batch, self.val_metrics, "val")
         raw_abs_z = ((out.pred - batch["log_g"]) / out.spread.clamp_min(1e-12)).abs()
-        for i, m in enumerate(self.val_raw_abs_z):
-            sel = batch["snr_bin"] == i
-            if sel.any():
-                m.update(raw_abs_z[sel])
+        for i, m in enumerate(self.val_raw_abs_z):  # every bin on every batch (also empty), so that all DDP
+            m.update(raw_abs_z[batch["snr_bin"] == i])  # ranks gather the same metrics in _recalibrate
         if sum(len(b["snr"]) for b in self._fig_buffer) < MAX_FIGURE_SAMPLES:
             self._fig_buffer.append(
                 {
@@ -404,8 +403,10 @@ class GatedMoE(pl.LightningModule):
         sanity = self._trainer is not None and self.trainer.sanity_checking
         for i, m in enumerate(self.val_raw_abs_z):
             if m.update_count > 0 and not sanity:
-                abs_z = dim_zero_cat(m.compute()).detach().cpu().double().numpy()
-                self.sigma_scale[i] = coverage_scale(abs_z)
+                gathered = m.compute()
+                abs_z = dim_zero_cat(gathered) if isinstance(gathered, list) else gathered
+                if abs_z.numel() > 0:  # the same on every rank: the values are gathered
+                    self.sigma_scale[i] = coverage_scale(abs_z.detach().cpu().double().numpy())
             m.reset()
 
     def on_test_epoch_end(self) -> None:

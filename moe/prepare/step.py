@@ -117,7 +117,7 @@ def validation_model_variance(folder: SpectraFolder, family: str, n_experts: int
     """Each expert's model-error variance [K, 4] per SNR bin, from the cached validation inputs
     (:func:`moe.experts.calibration.model_error_variance`)."""
     parts = {k: [] for k in ("y", "pred", "var", "group", "snr_bin")}
-    for batch in folder.stream("val", batch_size=4096, cached=True):
+    for batch in folder.stream("val", batch_size=4096, cached=True).all_batches():  # all rows on every rank
         parts["y"].append(batch["log_g"].numpy())
         parts["pred"].append(batch["proj"][:, :n_experts].numpy())
         parts["var"].append(folder.noise_level**2 * batch["var"][:, :n_experts].numpy())
