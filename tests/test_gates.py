@@ -328,3 +328,24 @@ def test_resume_with_other_experts_is_refused(tmp_path, tiny_dir):
                 *args,
             ]
         )
+
+
+class _Payload:
+    """Unpickling this runs code: what a planted checkpoint could do under weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_planted_checkpoint_is_never_executed(tmp_path, tiny_dir):
+    marker = tmp_path / "executed"
+    planted = tmp_path / "lightning_logs" / "version_9" / "checkpoints" / "last.ckpt"
+    planted.parent.mkdir(parents=True)
+    torch.save({"callbacks": {"ModelCheckpoint": {"best_model_path": _Payload(marker)}}}, planted)
+    args = _cli(tmp_path, tiny_dir=tiny_dir)
+    with pytest.raises(ExpertsMismatchError, match=r"version_9/checkpoints/last\.ckpt: not a loadable moe checkpoint"):
+        cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", "best", *args])
+    assert not marker.exists()
