@@ -170,8 +170,9 @@ class SpectraStream(IterableDataset):
             self._labels[k] = cols
         return self._labels[k]
 
-    def read(self, block: Block) -> dict[str, np.ndarray]:
-        """One block as numpy arrays (rows in file order)."""
+    def read(self, block: Block, snr_dtype=np.float32) -> dict[str, np.ndarray]:
+        """One block as numpy arrays (rows in file order); ``snr`` in ``snr_dtype`` (float64 keeps the
+        value the bins were computed from, for caches)."""
         path = self.shards.infos[block.shard].path
         cache = self.noisy.get(block.shard)
         if block.shard in self.inputs:  # cached gate inputs replace flux and error, which are not read
@@ -188,7 +189,7 @@ class SpectraStream(IterableDataset):
             out = {"flux": flux, "error": error}
         lab = self._shard_labels(block.shard)
         sl = slice(block.start, block.stop)
-        out["snr"] = snr.astype(np.float32)
+        out["snr"] = snr.astype(snr_dtype)
         for c in LABELS:
             out[c] = lab[c][sl].astype(np.float32)
         out |= {c: v[sl] for c, v in lab.items() if c.startswith("id_")}

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe.data.folder import SPLITS, SpectraFolder
-from moe.data.noise import snr as snr_of
+from moe.data.folder import SpectraFolder
 from moe.data.noise_cache import cache_path
-from moe.data.row_cache import ensure_row_cache, read_rows, source_attrs
+from moe.data.row_cache import ensure_row_cache, source_attrs
+from moe.data.shards import SPLITS
 from moe.features.inputs import rest_covariance_weights, row_inputs
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,6 @@ def inputs_path(folder: SpectraFolder, split: str, shard: Path, n_rows: int, key
     noisy = cache_path(shard, folder.noise_level, seed, folder.cache_dir)
     kind = f"clean_nl{folder.noise_level:g}" if split == "train" else noisy.stem
     return noisy.with_name(f"gate_inputs_{kind}_{key}_rows{n_rows}.h5")
-
-
-def _snr(stream, block, part: dict[str, np.ndarray]) -> np.ndarray:
-    """The block's SNR in float64, as the stream bins it: from the clean flux, or as the pre-noised copy stored it."""
-    noisy = stream.noisy.get(block.shard)
-    if noisy is None:
-        return snr_of(part["flux"], part["error"], stream.noise_level)
-    return read_rows(noisy, block.start, block.stop, ["snr"])["snr"]
 
 
 @torch.no_grad()
@@ -90,7 +82,7 @@ def ensure_inputs(
                     total=shards.n_rows, initial=lo, desc=f"gate inputs ({split})", unit="spec", disable=not progress
                 )
             for block in shards.blocks(lo, lo + n, folder.block_rows):
-                part = stream.read(block)
+                part = stream.read(block, snr_dtype=np.float64)
                 x = row_inputs(
                     torch.from_numpy(part["flux"]),
                     torch.from_numpy(part["error"]),
@@ -101,7 +93,7 @@ def ensure_inputs(
                     rest_weights=rest,
                 )
                 arrays = {name: v.numpy() for name, v in x.items()}
-                arrays["snr"] = _snr(stream, block, part)
+                arrays["snr"] = part["snr"]
                 bar.update(block.stop - block.start)
                 yield block.start, block.stop, arrays
 
