@@ -22,8 +22,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
-from moe.data.datamodule import SpectraDataModule, check_grid
-from moe.data.shards import read_wave
+from moe.data.datamodule import SpectraDataModule
+from moe.data.shards import check_grid, read_wave
 from moe.experts.bundle import ExpertsMismatchError, default_dir
 from moe.gates.callbacks import CatalogueWriter
 from moe.gates.checkpoints import read_checkpoint

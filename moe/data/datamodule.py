@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from moe.data.folder import SpectraFolder
-from moe.data.shards import ShardError, read_wave
+from moe.data.shards import ShardError, check_grid, read_wave
 from moe.data.stream import ShardSet, SpectraStream
 from moe.data.synth import SynthConfig
 
@@ -44,13 +44,6 @@ def predict_files(paths: list[str]) -> list[Path]:
         else:
             raise ShardError(entry, "--data.predict_path: no such file or folder")
     return files
-
-
-def check_grid(path: Path, wave: np.ndarray, expected: np.ndarray, whose: str) -> None:
-    """A shard's wavelength grid must be ``expected`` (same pixels, within 1e-6 A)."""
-    if wave.shape != expected.shape or not np.allclose(wave, expected, rtol=0, atol=1e-6):
-        raise ShardError(path, f"wavelength grid ({wave.size} px, {wave[0]:.2f}-{wave[-1]:.2f} A) differs from {whose} "
-                               f"({expected.size} px, {expected[0]:.2f}-{expected[-1]:.2f} A)")
 
 
 class SpectraDataModule(SpectraFolder, pl.LightningDataModule):

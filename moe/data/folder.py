@@ -23,7 +23,7 @@ import torch
 
 from moe.data.noise import add_noise, noisy_inputs
 from moe.data.noise_cache import ensure_noisy
-from moe.data.shards import ShardError, content_hash, find_split, read_wave
+from moe.data.shards import SPLITS, ShardError, check_grid, content_hash, find_split, read_wave
 from moe.data.stream import ShardSet, SpectraStream, rank_world
 from moe.data.synth import MANIFEST, SynthConfig, write_dataset
 
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 # Salt of the per-epoch training shuffle; the randomness itself comes from torch's seed
 # (seed_everything) and the epoch count, so runs are reproducible and epochs differ.
 SHUFFLE_SALT = 1234
-SPLITS = ("train", "val", "test")
 
 
 def ensure_dataset(data_dir: str | Path, synth: SynthConfig | None) -> Path:
@@ -50,7 +49,7 @@ def ensure_dataset(data_dir: str | Path, synth: SynthConfig | None) -> Path:
                         "(generate into another folder to use them)", root, found, asdict(synth))
         return root
     complete = True
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         try:
             find_split(root, split)
         except ShardError:
@@ -100,8 +99,7 @@ class SpectraFolder:
         for s in (self.val_set, self.test_set):
             if s.n_pixels != self.n_pixels:
                 raise ShardError(s.paths[0], f"has {s.n_pixels} pixels, the train split has {self.n_pixels}")
-            if not np.allclose(read_wave(s.paths[0]), self.wave, rtol=0, atol=1e-6):
-                raise ShardError(s.paths[0], "wavelength grid differs from the train split's")
+            check_grid(s.paths[0], read_wave(s.paths[0]), self.wave, "the train split's")
 
     # ---- identity ---------------------------------------------------------------
     def fingerprint(self) -> dict:

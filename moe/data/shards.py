@@ -398,3 +398,13 @@ def numeric_columns(path: str | os.PathLike, key: str) -> set[str]:
     with pd.HDFStore(path, mode="r") as store:
         head = store.select(key, start=0, stop=1)
     return {c for c in head.columns if np.issubdtype(head[c].dtype, np.number)}
+
+
+def check_grid(path: str | os.PathLike, wave: np.ndarray, expected: np.ndarray, whose: str) -> None:
+    """A shard's wavelength grid must be ``expected`` (same pixels, within 1e-6 A), else a ShardError naming both."""
+    if wave.shape != expected.shape or not np.allclose(wave, expected, rtol=0, atol=1e-6):
+        raise ShardError(
+            path,
+            f"wavelength grid ({wave.size} px, {wave[0]:.2f}-{wave[-1]:.2f} A) differs from {whose} "
+            f"({expected.size} px, {expected[0]:.2f}-{expected[-1]:.2f} A)",
+        )

@@ -109,7 +109,7 @@ def train_gate(
         fusion, experts=prepared.family, n_pixels=dm.n_pixels, noise_level=dm.noise_level, drop_features=drop_features
     )
     model.load_prepared(prepared)
-    dm.attach_inputs(prepared.inputs, prepared.input_map()[0][:, prepared.physics.pixels])
+    prepared.attach(dm)
     learns = any(p.requires_grad for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from moe.data.folder import SPLITS, SpectraFolder
+from moe.data.folder import SpectraFolder
 from moe.experts import groups
 from moe.experts.bundle import ExpertBundle, bundle_path, load_or_fit
 from moe.experts.calibration import model_error_variance
@@ -72,6 +72,10 @@ class Prepared:
     def input_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         return input_map(self.experts, self.global_expert, self.physics)
 
+    def attach(self, folder: SpectraFolder) -> None:
+        """Have ``folder`` stream these gate-input caches (and noise them with this map)."""
+        folder.attach_inputs(self.inputs, self.input_map()[0][:, self.physics.pixels])
+
 
 def experts_file(folder: SpectraFolder, cfg: PrepareConfig) -> Path:
     """The expert bundle this preparation uses: the explicit file, or the cache entry for the data and settings."""
@@ -96,7 +100,7 @@ def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bo
     physics.set_pca(bundle.pca_mean, bundle.pca_components)
     experts, global_expert = bundle.experts(cfg.family), bundle.experts("global")
     weight, bias = input_map(experts, global_expert, physics)
-    inputs = attach_inputs(folder, weight, bias, physics.pixels, SPLITS, progress)
+    inputs = attach_inputs(folder, weight, bias, physics.pixels, progress=progress)
     phys_scaler, qual_scaler = fit_scalers(folder, physics, experts.n_experts, cfg.feature_rows)
     model_var = validation_model_variance(folder, cfg.family, experts.n_experts)
     return Prepared(
