@@ -1,58 +1,54 @@
-"""The LightningCLI of ``train.py``: fit / validate / test / predict of ``GatedMoE`` on ``SpectraDataModule``.
+"""The LightningCLI behind ``moe fit|validate|test|predict``: ``GatedMoE`` on ``SpectraDataModule``.
 
 - links the datamodule's pixel count, noise level and expert cache folder into the model;
 - before the trainer runs, the preparation step (:func:`moe.prepare.prepare`) builds or loads
   the experts, feature windows, scalers and gate-input caches and hands them to the model
   (validate/test/predict with a checkpoint take them from the checkpoint instead);
+- each gate variant is one run folder, ``<default_root_dir>/lightning_logs/<fusion>-<experts>/version_N``
+  (TensorBoard events with clean hyperparameters and ``hp_metric`` = best ``val/r2``, ``checkpoints/``);
+  ``--ckpt_path best|last`` resolve within the newest version of the command's own run, ``fit --ckpt_path
+  last`` continues that version where it stopped, and evaluation of a run's checkpoint logs into the
+  run's own folder (an evaluation of a file from elsewhere logs nothing);
 - a ModelCheckpoint on ``val/r2`` (max, plus ``last.ckpt``) and the per-star catalogue of ``predict``
   (``--data.predict_path``: any shards, labels optional; CSV or HDF5);
-- ``--test_after_fit true`` tests the best checkpoint right after ``fit``;
-- ``test``/``predict``/``validate`` print or write their results, and ``--ckpt_path best``
-  works in a fresh process (the best checkpoint of the newest run under the log folder).
+- ``--test_after_fit true`` tests the best checkpoint right after ``fit``.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from moe.data.datamodule import SpectraDataModule
 from moe.data.shards import check_grid, read_wave
 from moe.experts.bundle import ExpertsMismatchError, default_dir
-from moe.gates.callbacks import CatalogueWriter
-from moe.gates.checkpoints import read_checkpoint
-from moe.gates.module import GatedMoE, summary_table
+from moe.gates.callbacks import CatalogueWriter, RunSummary
+from moe.gates.checkpoints import RUNS_DIR, CheckpointError, find_checkpoint, read_checkpoint, run_name, version_of
+from moe.gates.module import GatedMoE, default_family, summary_table
 from moe.gates.quiet import quiet_lightning
 from moe.prepare import attach_inputs, prepare
+
+DESCRIPTION = (
+    "Train, evaluate and apply a gated mixture of frozen Ridge experts that estimates log g +- sigma "
+    "from noisy PFS MR spectra. Options come from --config (a shipped config by name, e.g. quickstart, "
+    "dual_tower, or a YAML file) and --model.* / --data.* / --trainer.* flags."
+)
 
 
 def experts_dir(data_dir: str) -> str:
     return str(default_dir(data_dir))
 
 
-def resolve_best_checkpoint(root: str | os.PathLike) -> str:
-    """The best checkpoint (per its ModelCheckpoint state) of the newest run that saved a ``last.ckpt``."""
-    candidates = glob.glob(os.path.join(str(root), "**", "checkpoints", "last.ckpt"), recursive=True)
-    if not candidates:
-        raise FileNotFoundError(f"--ckpt_path best: no run with checkpoints/last.ckpt under {root}")
-    last = max(candidates, key=os.path.getmtime)
-    state = read_checkpoint(last)
-    for key, cb in state.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and cb.get("best_model_path"):
-            return cb["best_model_path"]
-    raise FileNotFoundError(f"{last} records no best checkpoint")
-
-
 class MoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.n_pixels", "model.n_pixels", apply_on="instantiate")
-        parser.link_arguments("data.noise_level", "model.noise_level", apply_on="parse")
+        parser.link_arguments("data.noise_level", "model.noise_level", compute_fn=float, apply_on="parse")
         parser.link_arguments("data.data_dir", "model.experts_dir", compute_fn=experts_dir, apply_on="parse")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -68,11 +64,46 @@ class MoECLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False, help="test the best checkpoint after fit")
 
     def _instantiate_trainer(self, config, callbacks):
+        root = config.get("default_root_dir") or os.getcwd()
+        run = run_name(self.model.hparams.fusion, self.model.family)
+        version = self._resolve_checkpoint(root, run)
+        if config.get("logger") in (None, True):
+            # fit: a new version of the run (or the resumed one); evaluation: the checkpoint's own version
+            keep = self.subcommand == "fit" or version is not None
+            config["logger"] = (
+                TensorBoardLogger(Path(root) / RUNS_DIR, name=run, version=version, default_hp_metric=False)
+                if keep
+                else False
+            )
         if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, RichProgressBar) for c in callbacks
         ):
             callbacks.append(RichProgressBar())
-        return super()._instantiate_trainer(config, callbacks)
+        callbacks.append(RunSummary())
+        save_config = self.save_config_callback
+        if self.subcommand != "fit":  # the run folder keeps the config it was trained with
+            self.save_config_callback = None
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        finally:
+            self.save_config_callback = save_config
+
+    def _resolve_checkpoint(self, root: str, run: str) -> int | None:
+        """Turn ``--ckpt_path best|last`` into the file of this run (said in one line), check that a given
+        file exists, and return the run version the checkpoint belongs to (None: not one of this run's)."""
+        cfg = self.config_init[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt is None:
+            return None
+        if ckpt in ("best", "last"):
+            if self.subcommand == "fit" and ckpt == "best":
+                raise CheckpointError("--ckpt_path best: fit continues a run from 'last' (or a checkpoint file)")
+            path = find_checkpoint(root, run, ckpt)
+            rank_zero_info(f"--ckpt_path {ckpt} -> {path}")
+            cfg["ckpt_path"] = ckpt = str(path)
+        elif not Path(ckpt).is_file():
+            raise CheckpointError(f"--ckpt_path {ckpt}: no such checkpoint file (or use best / last)")
+        return version_of(ckpt, root, run)
 
     # ---- prepared artefacts, before the trainer runs -------------------------------------------
     def _prepare(self) -> None:
@@ -83,15 +114,15 @@ class MoECLI(LightningCLI):
         if self.subcommand == "predict":  # the catalogue is written batch by batch: keep nothing in memory
             cfg["return_predictions"] = False
         if self.subcommand == "fit" or ckpt is None:
+            state = read_checkpoint(ckpt) if ckpt is not None else None
+            if state is not None:  # refused before any preparation work
+                self._check_same_variant(ckpt, state)
             self.model.load_prepared(prepare(self.datamodule, self.model.prepare_config()))
-            if self.subcommand == "fit" and ckpt is not None and Path(ckpt).is_file():
-                self._check_resumed_experts(ckpt)
+            if state is not None:
+                self._check_resumed_experts(ckpt, state)
             return
-        if ckpt == "best":
-            ckpt = resolve_best_checkpoint(self.trainer.default_root_dir)
-            cfg["ckpt_path"] = ckpt
-            rank_zero_info(f"--ckpt_path best -> {ckpt}")
         state = read_checkpoint(ckpt)
+        self._check_same_variant(ckpt, state)
         stored, here = state.get("moe_data_fingerprint"), self.datamodule.fingerprint_hash()
         if stored and stored != here:
             raise ExpertsMismatchError(
@@ -106,10 +137,25 @@ class MoECLI(LightningCLI):
         splits = ("val",) if self.subcommand == "validate" else ("test",)
         attach_inputs(self.datamodule, *self.model.input_map(), self.model.physics.pixels, splits)
 
-    def _check_resumed_experts(self, ckpt: str) -> None:
+    def _check_same_variant(self, ckpt: str, state: dict) -> None:
+        """A checkpoint of another gate variant (fusion or experts family) than the command's is refused."""
+        saved = state.get("hyper_parameters", {})
+        if "fusion" not in saved:
+            return
+        for flag, here, there in (
+            ("--model.fusion", self.model.hparams.fusion, saved["fusion"]),
+            ("--model.experts", self.model.family, saved.get("experts") or default_family(saved["fusion"])),
+        ):
+            if there is not None and there != here:
+                raise CheckpointError(
+                    f"{ckpt}: trained with {flag} {there}, but this command has {flag} {here}; "
+                    f"pass {flag} {there} (or the config it was trained with)"
+                )
+
+    def _check_resumed_experts(self, ckpt: str, state: dict) -> None:
         """A run resumed from ``ckpt`` must find the same experts the checkpoint was trained with: the
         cached gate inputs were built for the prepared ones."""
-        saved = read_checkpoint(ckpt)["state_dict"]
+        saved = state["state_dict"]
         for name, buf in (("experts.weight", self.model.experts.weight), ("experts.bias", self.model.experts.bias)):
             if name in saved and not torch.equal(saved[name], buf.detach().cpu()):
                 raise ExpertsMismatchError(
@@ -139,7 +185,7 @@ class MoECLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None) -> MoECLI:
-    """Entry point of ``train.py`` (``args`` for tests; ``None`` reads sys.argv)."""
+    """The LightningCLI on ``args`` (``None`` reads sys.argv); errors propagate (``moe.main`` prints them)."""
     quiet_lightning()
     torch.set_float32_matmul_precision("high")
     return MoECLI(
@@ -149,4 +195,5 @@ def cli_main(args: list[str] | None = None) -> MoECLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"max_epochs": 8, "log_every_n_steps": 20},
         args=args,
+        parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},
     )

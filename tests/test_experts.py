@@ -17,6 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from moe.data import bins
 from moe.data.datamodule import SpectraDataModule
 from moe.data.synth import SpectrumModel, generate
+from moe.experts import fit as fit_module
 from moe.experts import groups
 from moe.experts.bundle import ExpertBundle, ExpertsMismatchError, load_or_fit
 from moe.experts.fit import FitConfig, GroupTooSmallError, accumulate_stats, fit_families, pca_basis, training_blocks
@@ -110,13 +111,21 @@ def test_noise_marginalised_is_the_augmentation_limit():
     assert errs[1] < errs[0] / 2.5  # and it shrinks ~ 1/sqrt(K)
 
 
-def test_small_group_error_and_fallback(tiny_dir, caplog):
+def test_small_group_error_and_fallback(tiny_dir, caplog, monkeypatch):
     dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None, max_train_rows=400)
     cfg = FitConfig(families=("global", "phys"), min_samples=60, block_rows=128)
-    with pytest.raises(
-        GroupTooSmallError, match=r"expert phys/(\w+-\w+) has \d+ training samples, fewer than min_samples=60"
-    ):
-        fit_families(dm, cfg, progress=False)
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("a solve ran before the group sizes were checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(fit_module, "fit_sweep", no_solve)
+        with pytest.raises(
+            GroupTooSmallError,
+            match=r"expert group\(s\) have fewer than 60 training rows: phys/\w+-\w+ \(\d+\).*"
+            r"--model\.expert_min_samples N / --model\.expert_fallback global.*--min-samples N / --fallback global",
+        ):
+            fit_families(dm, cfg, progress=False)
     with caplog.at_level(logging.WARNING):
         fits, _, _ = fit_families(dm, replace(cfg, fallback="global"), progress=False)
     assert "using the global expert" in caplog.text

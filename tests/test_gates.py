@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moe.cli import cli_main
 from moe.data.datamodule import SpectraDataModule
@@ -180,6 +181,8 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     )
     cli = cli_main(["fit", "--config", str(CONFIG_DIR / "temperature.yaml"), *args])
     assert "rho =" in capsys.readouterr().out
+    run_dir = tmp_path / "lightning_logs" / "temperature-phys"  # runs are named by fusion and experts
+    assert Path(cli.trainer.log_dir) == run_dir / "version_0"
     assert list(Path(cli.trainer.log_dir).glob("events.out.tfevents.*"))
     # the run folder holds the fit's and the test's event files: read them all
     acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"histograms": 0, "images": 0, "scalars": 0}).Reload()
@@ -198,6 +201,12 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     ):
         assert tag in scalars, tag
     assert "val/gate_weights" in acc.Tags()["histograms"]
+    val_r2 = [e.value for e in acc.Scalars("val/r2")]
+    hp = [e.value for e in acc.Scalars("hp_metric") if e.value == e.value]  # the NaN placeholder of the start
+    assert len(val_r2) == 2 and hp[-1] == pytest.approx(max(val_r2), abs=1e-6)
+    hparams = yaml.safe_load((run_dir / "version_0" / "hparams.yaml").read_text())
+    assert hparams["fusion"] == "temperature" and "data/fingerprint" in hparams
+    assert not [k for k in hparams if k.startswith("_")]
     assert "val/entropy_vs_snr" in acc.Tags()["images"] and "val/calibration" in acc.Tags()["images"]
     ckpts = list(Path(cli.trainer.log_dir, "checkpoints").glob("*.ckpt"))
     assert any(p.name == "last.ckpt" for p in ckpts) and any(p.name.startswith("epoch") for p in ckpts)
@@ -207,6 +216,10 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     assert "test/r2" in test.trainer.callback_metrics
     out = capsys.readouterr().out
     assert "SNR X" in out and "rho =" in out
+    # evaluating a run's checkpoint logs into the run's own folder: no new version
+    assert [p.name for p in run_dir.iterdir()] == ["version_0"]
+    acc = EventAccumulator(str(run_dir / "version_0"), size_guidance={"scalars": 0}).Reload()
+    assert "test/r2" in acc.Tags()["scalars"]
 
     pred_csv = tmp_path / "pred.csv"
     cli_main(
@@ -221,6 +234,7 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
             *args[:-2],
         ]
     )
+    assert [p.name for p in run_dir.iterdir()] == ["version_0"]
     rows = list(csv.DictReader(pred_csv.open()))
     assert len(rows) == 300
     names = test.model.experts.names
@@ -262,6 +276,7 @@ def test_checkpoint_from_other_data_is_refused(tmp_path, tiny_dir):
 def test_resume_from_last_checkpoint(tmp_path, tiny_dir):
     args = _cli(tmp_path, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", tiny_dir=tiny_dir)
     first = cli_main(["fit", "--config", str(CONFIG_DIR / "logit_add.yaml"), "--trainer.max_epochs", "1", *args])
+    assert "val/r2" in first.trainer.progress_bar_metrics  # the monitored metric is shown while training
     last = Path(first.trainer.log_dir, "checkpoints", "last.ckpt")
     second = cli_main(
         [
@@ -342,10 +357,18 @@ class _Payload:
 
 def test_planted_checkpoint_is_never_executed(tmp_path, tiny_dir):
     marker = tmp_path / "executed"
-    planted = tmp_path / "lightning_logs" / "version_9" / "checkpoints" / "last.ckpt"
+    args = _cli(tmp_path, tiny_dir=tiny_dir)
+    # another run's folder is never searched: only lightning_logs/concat-phys/ belongs to this command
+    elsewhere = tmp_path / "lightning_logs" / "version_3" / "checkpoints" / "last.ckpt"
+    elsewhere.parent.mkdir(parents=True)
+    torch.save({"callbacks": {"ModelCheckpoint": {"best_model_path": _Payload(marker)}}}, elsewhere)
+    with pytest.raises(ExpertsMismatchError, match=r"--ckpt_path best: no checkpoint of run 'concat-phys' under"):
+        cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", "best", *args])
+    planted = tmp_path / "lightning_logs" / "concat-phys" / "version_9" / "checkpoints" / "last.ckpt"
     planted.parent.mkdir(parents=True)
     torch.save({"callbacks": {"ModelCheckpoint": {"best_model_path": _Payload(marker)}}}, planted)
-    args = _cli(tmp_path, tiny_dir=tiny_dir)
-    with pytest.raises(ExpertsMismatchError, match=r"version_9/checkpoints/last\.ckpt: not a loadable moe checkpoint"):
+    with pytest.raises(
+        ExpertsMismatchError, match=r"concat-phys/version_9/checkpoints/last\.ckpt: not a loadable moe checkpoint"
+    ):
         cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", "best", *args])
     assert not marker.exists()

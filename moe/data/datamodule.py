@@ -17,6 +17,7 @@ at construction so the CLI can link them.
 from __future__ import annotations
 
 import pytorch_lightning as pl
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 import torch
 from torch.utils.data import DataLoader
 
@@ -68,11 +69,13 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
             default: the pre-noised test split. They must share the training data's pixel grid.
     """
 
-    def __init__(self, data_dir: str = "data/synth", noise_level: float = 1.0, batch_size: int = 256,
-                 num_workers: int = 0, block_rows: int = 2048, max_train_rows: int | None = None,
+    def __init__(self, data_dir: str = "data/synth", noise_level: NonNegativeFloat = 1.0, batch_size: PositiveInt = 256,
+                 num_workers: NonNegativeInt = 0, block_rows: PositiveInt = 2048, max_train_rows: int | None = None,
                  val_seed: int = 1234, test_seed: int = 5678, cache_dir: str | None = None,
                  synth: SynthConfig | None = SynthConfig(), predict_path: str | list[str] | None = None):
         pl.LightningDataModule.__init__(self)
+        # plain numbers in the saved hyperparameters (the parser's restricted types are for checking)
+        noise_level, batch_size, num_workers, block_rows = float(noise_level), int(batch_size), int(num_workers), int(block_rows)
         self.save_hyperparameters()
         SpectraFolder.__init__(self, data_dir, noise_level, block_rows, max_train_rows, val_seed, test_seed,
                                cache_dir, synth)

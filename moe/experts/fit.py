@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import scipy.linalg as sla
@@ -32,7 +33,8 @@ from moe.experts.ridge import DEFAULT_ALPHAS, METHODS, fit_sweep
 from moe.experts.stats import PRODUCTS, CellStats, accumulate
 
 log = logging.getLogger(__name__)
-NOISE_MODES = ("marginal", "single", "augment")
+NoiseMode = Literal["marginal", "single", "augment"]
+NOISE_MODES: tuple[str, ...] = get_args(NoiseMode)
 EDGE_GAIN = 1e-4  # validation R^2 an expert must still gain at an end of the alpha sweep to be warned about
 
 
@@ -93,6 +95,32 @@ class FamilyFit:
 
 class GroupTooSmallError(ValueError):
     """A group has fewer training samples than ``min_samples``."""
+
+
+FLAGS_HINT = (
+    "use more training rows, a smaller minimum or the global expert for small groups "
+    "(moe fit: --model.expert_min_samples N / --model.expert_fallback global; "
+    "moe experts and moe experiments: --min-samples N / --fallback global)"
+)
+
+
+def check_group_sizes(stats: CellStats, partition: str, cfg: FitConfig) -> None:
+    """Every group of the requested families has ``min_samples`` training rows, or ``fallback`` is set:
+    checked after the statistics pass and before any solve, naming every group that is short."""
+    if cfg.fallback == "global":
+        return
+    short = []
+    for fam in ("phys", "snr"):
+        if fam in cfg.families:
+            for name, cells in zip(groups.group_names(fam), groups.members(fam, partition)):
+                n = int(stats.n[cells].sum())
+                if n < cfg.min_samples:
+                    short.append(f"{fam}/{name} ({n})")
+    if short:
+        raise GroupTooSmallError(
+            f"{len(short)} expert group(s) have fewer than {cfg.min_samples} training rows: "
+            f"{', '.join(short)}; {FLAGS_HINT}"
+        )
 
 
 def training_blocks(folder: SpectraFolder, cfg: FitConfig, partition: str) -> Iterator[tuple]:
@@ -179,8 +207,7 @@ def _paths(
                 )
                 continue
             raise GroupTooSmallError(
-                f"expert {family}/{names[g]} has {int(n[g])} training samples, fewer than min_samples={cfg.min_samples}; "
-                "use more data, lower min_samples, or fallback='global'"
+                f"expert {family}/{names[g]} has {int(n[g])} training rows, fewer than {cfg.min_samples}; {FLAGS_HINT}"
             )
         else:
             w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, None, cfg.method, info)
@@ -322,6 +349,7 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
 def _fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool):
     t0 = time.perf_counter()
     stats, partition = accumulate_stats(folder, cfg, progress)
+    check_group_sizes(stats, partition, cfg)
     t1 = time.perf_counter()
     noise_var = noise_variance(folder, cfg)
     paths, counts = {}, {}

@@ -16,11 +16,14 @@ cells      36      (phys bin, SNR bin), shrunk toward the phys expert
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
 from moe.data import bins
 
-FAMILIES = ("global", "phys", "snr", "cells")
+Family = Literal["global", "phys", "snr", "cells"]
+FAMILIES: tuple[str, ...] = get_args(Family)
 FAMILY_SIZES = {"global": 1, "phys": bins.N_PHYS_BINS, "snr": bins.N_SNR_BINS, "cells": bins.N_CELLS}
 
 

@@ -1,4 +1,5 @@
-"""Lightning callbacks of the gate module: the per-star catalogue written by ``predict``."""
+"""Lightning callbacks of the gate module: the per-star catalogue written by ``predict`` and the run's
+TensorBoard summary (clean hyperparameters, ``hp_metric`` = best ``val/r2``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from moe.data import bins
 
@@ -105,3 +107,45 @@ class CatalogueWriter(BasePredictionWriter):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
+
+
+def plain_hparams(model: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> dict:
+    """The run's settings as plain values for TensorBoard: the model's arguments (without the CLI's private
+    ``_instantiator`` / ``_class_path``) and the dataset actually used (folder, rows, fingerprint)."""
+    params = {k: v for k, v in model.hparams.items() if not k.startswith("_")}
+    if datamodule is not None and hasattr(datamodule, "describe"):
+        params |= {f"data/{k}": v for k, v in datamodule.describe().items() if k != "synth"}
+        params["data/fingerprint"] = datamodule.fingerprint_hash()
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+
+
+class RunSummary(pl.Callback):
+    """Writes the run's hyperparameters once per fit (instead of Lightning's, which carry private keys) and
+    logs ``hp_metric`` = the best ``val/r2`` so far after every validation (before the ModelCheckpoint
+    updates its own best), so TensorBoard's HPARAMS tab
+    compares runs by their best epoch (a resumed run starts from the best of its checkpoint)."""
+
+    monitor = "val/r2"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module._log_hyperparams = False
+        if trainer.datamodule is not None:
+            trainer.datamodule._log_hyperparams = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.log_hyperparams(
+                plain_hparams(pl_module, trainer.datamodule), {"hp_metric": self._best(trainer) or float("nan")}
+            )
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or not isinstance(trainer.logger, TensorBoardLogger):
+            return
+        best = max(float(value), self._best(trainer) or float("-inf"))
+        trainer.logger.log_metrics({"hp_metric": best}, step=trainer.global_step)
+
+    @staticmethod
+    def _best(trainer: pl.Trainer) -> float | None:
+        score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+        return None if score is None else float(score)

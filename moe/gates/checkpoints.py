@@ -1,13 +1,28 @@
-"""Reading checkpoint files safely: tensors, plain types and the project's settings, nothing else."""
+"""Checkpoint files: read safely (tensors, plain types and the project's settings, nothing else) and
+found by name within one run's own folder.
+
+A run's folder is ``<default_root_dir>/lightning_logs/<fusion>-<experts>/version_N`` (TensorBoard
+events, ``hparams.yaml``, ``checkpoints/``). ``--ckpt_path best`` / ``last`` look only in the newest
+version of the run named by the command's own ``--model.fusion`` / ``--model.experts``.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import torch
 
 from moe.data.synth import SynthConfig
 from moe.experts.bundle import ExpertsMismatchError
+
+RUNS_DIR = "lightning_logs"
+LAST = "last.ckpt"
+
+
+class CheckpointError(ExpertsMismatchError):
+    """A checkpoint that cannot be found or read; the message names the file or folder."""
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -15,5 +30,52 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         with torch.serialization.safe_globals([SynthConfig]):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: no such checkpoint file") from exc
     except Exception as exc:
-        raise ExpertsMismatchError(f"{path}: not a loadable moe checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path}: not a loadable moe checkpoint ({exc})") from exc
+
+
+def run_name(fusion: str, experts: str) -> str:
+    """The run folder name of a gate variant, e.g. ``concat-phys``."""
+    return f"{fusion}-{experts}"
+
+
+def versions(root: str | os.PathLike, name: str) -> list[Path]:
+    """``version_N`` folders of run ``name`` under ``root``, oldest first."""
+    base = Path(root) / RUNS_DIR / name
+    found = [p for p in base.glob("version_*") if p.is_dir() and re.fullmatch(r"version_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def version_of(ckpt: str | os.PathLike, root: str | os.PathLike, name: str) -> int | None:
+    """N when ``ckpt`` lies in ``<root>/lightning_logs/<name>/version_N/checkpoints/``, else None."""
+    path = Path(ckpt).resolve()
+    base = (Path(root) / RUNS_DIR / name).resolve()
+    if path.parent.name == "checkpoints" and path.parent.parent.parent == base:
+        match = re.fullmatch(r"version_(\d+)", path.parent.parent.name)
+        return int(match.group(1)) if match else None
+    return None
+
+
+def find_checkpoint(root: str | os.PathLike, name: str, which: str) -> Path:
+    """The ``best`` or ``last`` checkpoint of the newest version of run ``name`` that saved a ``last.ckpt``.
+
+    ``best`` is the one its ModelCheckpoint recorded (looked up in the same ``checkpoints/`` folder,
+    so a moved run folder still resolves); a run that recorded none (``fast_dev_run``, no validation)
+    gives its ``last.ckpt``.
+    """
+    runs = [v for v in versions(root, name) if (v / "checkpoints" / LAST).is_file()]
+    if not runs:
+        raise CheckpointError(
+            f"--ckpt_path {which}: no checkpoint of run {name!r} under {Path(root) / RUNS_DIR / name} "
+            "(train it first with `moe fit` and the same --model.fusion / --model.experts)"
+        )
+    last = runs[-1] / "checkpoints" / LAST
+    if which == "last":
+        return last
+    for key, cb in read_checkpoint(last).get("callbacks", {}).items():
+        recorded = cb.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+        if recorded and (last.parent / Path(recorded).name).is_file():
+            return last.parent / Path(recorded).name
+    return last

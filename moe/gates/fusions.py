@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSIONS = ("concat", "logit_add", "product", "temperature", "phys_only", "quality_only", "oracle", "global")
+Fusion = Literal["concat", "logit_add", "product", "temperature", "phys_only", "quality_only", "oracle", "global"]
+FUSIONS: tuple[str, ...] = get_args(Fusion)
 
 
 class GateOutput(NamedTuple):

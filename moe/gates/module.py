@@ -30,7 +30,7 @@ already noisy: both give the same numbers.
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -46,12 +46,13 @@ from moe.data import bins
 from moe.experts import groups
 from moe.experts.bundle import ExpertsMismatchError
 from moe.experts.calibration import coverage_scale
-from moe.experts.fit import FitConfig
+from moe.experts.fit import FitConfig, NoiseMode
+from moe.experts.groups import Family
 from moe.experts.module import RidgeExperts
 from moe.experts.ridge import DEFAULT_ALPHAS
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
 from moe.features.inputs import NOISE_KEYS, gate_features, input_map, row_inputs
-from moe.gates.fusions import FUSIONS, ProductGate, build_gate, mlp
+from moe.gates.fusions import FUSIONS, Fusion, ProductGate, build_gate, mlp
 from moe.gates.metrics import SplitMetrics, gate_entropy
 from moe.gates.schedules import LinearWarmup
 from moe.prepare import PrepareConfig, Prepared
@@ -84,13 +85,21 @@ class GatedMoE(pl.LightningModule):
     """A gate over frozen Ridge experts (see module docstring).
 
     Args:
-        fusion: concat | logit_add | product | temperature | phys_only | quality_only | oracle | global.
-        experts: expert family gated over (phys: 9, snr: 4, cells: 36, global: 1); default by fusion.
+        fusion: the gate: concat (dual tower) | logit_add | product | temperature | phys_only |
+            quality_only | oracle (true-bin routing, learns nothing) | global (the global expert alone).
+        experts: expert family gated over (phys: 9 T_eff x [M/H] bins, snr: 4 SNR bins, cells: 36,
+            global: 1); default by fusion (quality_only: snr, global: global, else phys).
         n_pixels: spectrum length D (linked from the datamodule).
         noise_level: noise multiplier of the data (linked; used for the predictive spread).
         experts_dir: where expert files are cached (linked: ``<data_dir>/experts``).
         experts_path: an explicit experts file (must match the data; overrides the cache).
-        expert_noise_mode / expert_alphas / expert_min_samples / expert_fallback: how experts are fitted.
+        expert_noise_mode: how the experts see the noise: marginal (exact expectation over the noise,
+            one pass), single (one noise draw per row) or augment (several draws).
+        expert_alphas: Ridge penalties swept per expert, chosen on the validation split
+            (default: 0.01 ... 1e6, 9 values).
+        expert_min_samples: fewest training rows an expert's group may have; a smaller group is an
+            error before any solve unless ``expert_fallback`` is set.
+        expert_fallback: global: a too-small group uses the global expert instead of failing.
         feature_rows: training rows used to fit the feature standardisation.
         entropy_weight: coefficient of the mean gate entropy added to the loss (0: pure MSE).
         drop_features: gate features (names of ``PHYSICS_NAMES`` / ``QUALITY_NAMES``) held at their
@@ -107,16 +116,16 @@ class GatedMoE(pl.LightningModule):
 
     def __init__(
         self,
-        fusion: str = "concat",
-        experts: str | None = None,
+        fusion: Fusion = "concat",
+        experts: Family | None = None,
         n_pixels: int = 4096,
         noise_level: float = 1.0,
         experts_dir: str | None = None,
         experts_path: str | None = None,
-        expert_noise_mode: str = "marginal",
+        expert_noise_mode: NoiseMode = "marginal",
         expert_alphas: list[float] | None = None,
         expert_min_samples: int = 50,
-        expert_fallback: str | None = None,
+        expert_fallback: Literal["global"] | None = None,
         feature_rows: int = 20_000,
         entropy_weight: float = 0.0,
         drop_features: list[str] | None = None,
@@ -128,6 +137,7 @@ class GatedMoE(pl.LightningModule):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose from {FUSIONS}")
+        noise_level = float(noise_level)  # a plain float in the saved hyperparameters (linked from the parser)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -367,7 +377,9 @@ class GatedMoE(pl.LightningModule):
         values = metrics.compute()
         metrics.reset()
         if values:
-            self.log_dict({f"{prefix}/{k}": v for k, v in values.items()})
+            self.log_dict({f"{prefix}/{k}": v for k, v in values.items() if k != "r2"})
+            if "r2" in values:  # the monitored metric, shown in the progress bar
+                self.log(f"{prefix}/r2", values["r2"], prog_bar=prefix == "val")
         return values
 
     def on_validation_epoch_end(self) -> None:

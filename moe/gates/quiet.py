@@ -11,10 +11,20 @@ def quiet_lightning() -> None:
     its advice to add DataLoader workers (reading the cached gate inputs in the training process is
     the measured-fastest setting, ``SpectraDataModule.num_workers``), its caution about an
     IterableDataset's ``__len__`` (``SpectraStream.__len__`` counts this rank's slots exactly, workers
-    included) and a deprecation inside Lightning's own code (``LeafSpec``)."""
+    included), a deprecation inside Lightning's own code (``LeafSpec``), LightningCLI's caution when
+    ``args`` are passed (the ``moe`` command always passes them) and the notes below, each with the
+    reason it does not apply."""
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*`IterableDataset` has `__len__` defined.*")
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended.*")
+    # the oracle and global gates learn nothing: fitting them only validates and checkpoints
+    warnings.filterwarnings("ignore", ".*`configure_optimizers` returned `None`.*")
+    warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+    # the catalogue writer takes each star's shard and row from the batch, not the loader's indices
+    warnings.filterwarnings("ignore", ".*Couldn't infer the batch indices.*")
+    # `fit --ckpt_path last` continues a run in its own folder, which holds its earlier checkpoints
+    warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
         lambda record: "Tip:" not in record.getMessage()
     )

@@ -1,0 +1,181 @@
+"""The ``moe`` command: one entry point for training, experts, experiments and data tools.
+
+``moe fit|validate|test|predict`` is the LightningCLI (:mod:`moe.cli`); ``moe experts``,
+``moe experiments`` and ``moe data synth|validate|check`` are the project's other tools. A
+mistake a user can make (a bad value, a missing file, a too-small group) prints one line
+naming the flag or file and exits with status 2; ``--debug`` (or ``MOE_DEBUG=1``) shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+
+from moe.data.shards import ShardError
+from moe.experts.bundle import ExpertsMismatchError
+from moe.experts.fit import GroupTooSmallError
+
+TRAINING = ("fit", "validate", "test", "predict")
+USAGE = """\
+usage: moe COMMAND [options]        (moe COMMAND --help: the command's options)
+
+moe estimates stellar surface gravity, log g +- sigma per star, from noisy Subaru PFS
+medium-resolution spectra with a learned gate over frozen Ridge experts.
+
+training (options: --config NAME|FILE, --model.*, --data.*, --trainer.*):
+  fit          prepare the experts and caches (once per dataset), train a gate, save checkpoints;
+               --ckpt_path last continues the newest run of the same gate where it stopped
+  validate     validation metrics of a checkpoint
+  test         the test table of a checkpoint (--ckpt_path best|last|FILE)
+  predict      a catalogue, log g +- sigma per star, of any shards (--data.predict_path, labels optional)
+
+experts and experiments:
+  experts      fit | report | compare-noise: the frozen Ridge experts alone
+  experiments  leakage | snr-oracle | dual-tower | ceiling | all: the research series as report folders
+
+data:
+  data synth     write a synthetic dataset in the pfsspec layout
+  data validate  check shards against the data contract, one line per shard
+  data check     realism check of a dataset folder (figures and a table)
+
+shipped configs (moe fit --config NAME): {configs}
+--debug (or MOE_DEBUG=1) shows the traceback of an error instead of its one-line message.
+"""
+# errors a user can cause and fix: printed as one line without a traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ShardError,
+    ExpertsMismatchError,
+    GroupTooSmallError,
+    FileNotFoundError,
+)
+
+
+class ConfigError(ValueError):
+    """A ``--config`` that is neither a file nor a shipped config name."""
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs packaged with ``moe``, by name (``quickstart``, ``dual_tower``, ...)."""
+    folder = resources.files("moe") / "configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def resolve_configs(args: Sequence[str]) -> list[str]:
+    """``--config NAME`` (or ``configs/NAME.yaml`` from another directory) -> the shipped file; files as given."""
+    out, shipped = list(args), shipped_configs()
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = _config_path(out[i + 1], shipped)
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + _config_path(arg.split("=", 1)[1], shipped)
+    return out
+
+
+def _config_path(value: str, shipped: dict[str, Path]) -> str:
+    if Path(value).is_file():
+        return value
+    name = Path(value).name.removesuffix(".yaml")
+    if name in shipped:
+        return str(shipped[name])
+    raise ConfigError(
+        f"--config {value}: no such file and no shipped config of that name (shipped: {', '.join(sorted(shipped))})"
+    )
+
+
+def argument_error_line(exc: argparse.ArgumentError) -> str:
+    """jsonargparse's multi-line parse error as one line naming the flag, the value and what it takes."""
+    text = str(exc)
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
+    if not match:
+        return " ".join(text.split())
+    key, rest = match.groups()
+    restriction = re.search(r"(\S+) does not conform to restriction (\S+)", rest)
+    if restriction:  # jsonargparse.typing restricted numbers, e.g. v>=0
+        return f"--{key} {restriction.group(1)}: must satisfy {restriction.group(2).replace('v', 'value')}"
+    given = re.search(r"(?:Given|Got) value: (.*)", rest)
+    choices = re.search(r"Literal\[(.*?)\]", rest)
+    types = re.findall(r"Expected a (?:<class ')?([\w.]+)", rest)
+    if choices:
+        wanted = "one of " + choices.group(1).replace("'", "")
+    elif types:
+        wanted = " or ".join(dict.fromkeys("null" if t == "NoneType" else t.split(".")[-1] for t in types))
+    else:
+        wanted = rest.strip().splitlines()[0]
+    value = given.group(1).strip() if given else "?"
+    return f"--{key} {value}: expected {wanted}"
+
+
+def _tools() -> dict[str, Callable[[list[str]], int]]:
+    from moe.data import check, shards, synth
+    from moe.experiments.__main__ import main as experiments
+    from moe.experts.__main__ import main as experts
+
+    return {
+        "experts": experts,
+        "experiments": experiments,
+        "data synth": synth.main,
+        "data validate": lambda argv: shards.main(["validate", *argv]),
+        "data check": check.main,
+    }
+
+
+def show_project_log() -> None:
+    """The project's INFO lines (what a long step is doing) on stderr, once."""
+    log = logging.getLogger("moe")
+    if not any(getattr(h, "moe_handler", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.moe_handler = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run one ``moe`` command line (without the program name); errors propagate."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(configs=", ".join(sorted(shipped_configs()))))
+        return 0
+    show_project_log()
+    command, rest = argv[0], list(argv[1:])
+    if command in TRAINING:
+        from moe.cli import cli_main
+
+        cli_main([command, *resolve_configs(rest)])
+        return 0
+    if command == "data":
+        sub = rest[0] if rest else ""
+        command, rest = f"data {sub}", rest[1:]
+    tools = _tools()
+    if command not in tools:
+        raise ConfigError(
+            f"unknown command {' '.join(argv[:2]) if command.startswith('data') else argv[0]!r}; see `moe --help`"
+        )
+    return int(tools[command](rest) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: ``moe ...`` (``argv`` without the program name; default sys.argv)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("MOE_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    try:
+        return run(args)
+    except (*USER_ERRORS, ConfigError, argparse.ArgumentError) as exc:
+        if debug:
+            raise
+        line = argument_error_line(exc) if isinstance(exc, argparse.ArgumentError) else str(exc)
+        hint = f" (moe {args[0]} --help lists the options)" if isinstance(exc, argparse.ArgumentError) else ""
+        print(f"moe: error: {line}{hint}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The ``moe`` command: help, shipped configs by name, one-line errors without traceback."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe.main import main, resolve_configs, shipped_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_commands_and_configs(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for word in ("fit", "predict", "experiments", "data synth", "quickstart", "dual_tower", "--debug"):
+        assert word in out
+
+
+def test_shipped_configs_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = shipped_configs()
+    assert {"quickstart", "dual_tower", "logit_add", "global"} <= set(shipped)
+    assert resolve_configs(["--config", "quickstart"]) == ["--config", str(shipped["quickstart"])]
+    assert resolve_configs(["--config=configs/dual_tower.yaml"]) == [f"--config={shipped['dual_tower']}"]
+    own = tmp_path / "mine.yaml"
+    own.write_text("model:\n  fusion: product\n")
+    assert resolve_configs(["--config", str(own)]) == ["--config", str(own)]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "--config", "nope"], r"--config nope: no such file and no shipped config of that name"),
+        (["fit", "--model.fusion", "nonsense"], r"--model.fusion nonsense: expected one of concat, logit_add"),
+        (["fit", "--data.noise_level", "-1"], r"--data.noise_level -1: must satisfy value>=0"),
+        (["fit", "--data.batch_size", "0"], r"--data.batch_size 0: must satisfy value>0"),
+        (["fit", "--model.expert_fallback", "phys"], r"--model.expert_fallback phys: expected one of global"),
+        (["frobnicate"], r"unknown command 'frobnicate'"),
+    ],
+)
+def test_user_errors_are_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moe: error: ")
+    assert re.search(message, err[0]), err[0]
+
+
+def test_missing_data_names_the_folder_and_debug_shows_the_traceback(tmp_path, capsys):
+    args = ["test", "--data.data_dir", str(tmp_path / "absent"), "--data.synth", "null"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "absent") in err[0]
+    with pytest.raises(Exception, match="absent"):
+        main([*args, "--debug"])
+
+
+def test_console_script_and_train_py_alias_run(tmp_path):
+    """The installed ``moe`` entry point and ``python train.py`` both reach the same command."""
+    for cmd in ([sys.executable, "-m", "moe.main", "--help"], [sys.executable, str(ROOT / "train.py"), "--help"]):
+        out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "usage: moe COMMAND" in out.stdout
