@@ -119,8 +119,10 @@ def test_construction_exposes_pixels_and_wave(dm):
 
 
 def test_real_folder_without_synth_config(tmp_path):
-    with pytest.raises(ShardError, match="empty split 'train'"):
+    with pytest.raises(ShardError, match=r"no train split \(train_\*/dataset.h5\), no val split"):
         SpectraDataModule(str(tmp_path), synth=None)
+    with pytest.raises(ShardError, match="no such dataset folder"):
+        SpectraDataModule(str(tmp_path / "absent"), synth=None)
 
 
 def test_max_train_rows(tiny_dir):

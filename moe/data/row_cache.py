@@ -4,18 +4,20 @@ A cache records what it was built from as attributes (the source shard's name, s
 ``mtime_ns``, rows, pixels, a format version and whatever key the builder adds). It is
 valid when every expected attribute matches and every dataset has the shard's row count;
 otherwise it is rebuilt -- written block by block to a temporary name, then renamed
-(atomic), with a log line saying why. Datasets are contiguous, so a block of rows is one read.
+(atomic, :mod:`moe.data.atomic`: a failure leaves no file and is one error naming the cache), with a
+log line saying why. Datasets are contiguous, so a block of rows is one read.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 import h5py
 import numpy as np
+
+from moe.data.atomic import atomic_h5
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +71,15 @@ def ensure_row_cache(path: Path, expected: dict, blocks: Callable[[], Blocks], w
         return path
     if reason != "absent":
         log.info("rebuilding %s %s: %s", what, path, reason)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = int(expected["n_rows"])
-    try:
-        with h5py.File(tmp, "w") as f:
-            for start, stop, arrays in blocks():
-                for name, arr in arrays.items():
-                    if name not in f:
-                        f.create_dataset(name, shape=(n,) + arr.shape[1:], dtype=arr.dtype)
-                    f[name][start:stop] = arr
-            for k, v in expected.items():
-                f.attrs[k] = v
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_h5(path, what) as f:
+        for start, stop, arrays in blocks():
+            for name, arr in arrays.items():
+                if name not in f:
+                    f.create_dataset(name, shape=(n,) + arr.shape[1:], dtype=arr.dtype)
+                f[name][start:stop] = arr
+        for k, v in expected.items():
+            f.attrs[k] = v
     return path
 
 

@@ -34,6 +34,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from moe.data.atomic import AtomicFile, close_quietly, ensure_space, is_write_failure
+from moe.data.errors import ShardError, WriteError, reason
+
 WAVE_KEY = "spectrumdataset/wave"
 FLUX_KEY = "dataset/arrays/flux/value"
 ERROR_KEY = "dataset/arrays/error/value"
@@ -44,15 +47,6 @@ LABEL_COLUMNS = ("log_g", "T_eff", "M_H")
 ID_COLUMNS = ("objid", "catid", "fiberid", "ra", "dec", "mag")
 SHARD_FILE = "dataset.h5"
 SPLITS = ("train", "val", "test")
-
-
-class ShardError(ValueError):
-    """A shard or dataset folder that breaks the data contract; the message names the file."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -69,15 +63,23 @@ def _natural_key(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
-def find_split(data_dir: str | os.PathLike, split: str) -> list[Path]:
-    """Shard files of one split (``train_*``, ``val*`` or ``test*``), in natural order."""
+def split_pattern(split: str) -> str:
+    """The glob of a split's shard files inside a dataset folder: ``train_*/dataset.h5``, ``val*/...``, ``test*/...``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    root = Path(data_dir)
-    pattern = f"{split}_*/{SHARD_FILE}" if split == "train" else f"{split}*/{SHARD_FILE}"
-    files = sorted(root.glob(pattern), key=_natural_key)
+    return f"{split}_*/{SHARD_FILE}" if split == "train" else f"{split}*/{SHARD_FILE}"
+
+
+def split_files(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """Shard files of one split, in natural order (empty when there are none)."""
+    return sorted(Path(data_dir).glob(split_pattern(split)), key=_natural_key)
+
+
+def find_split(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """Shard files of one split (``train_*``, ``val*`` or ``test*``), in natural order; none is a ShardError."""
+    files = split_files(data_dir, split)
     if not files:
-        raise ShardError(root, f"empty split {split!r}: no files match {pattern}")
+        raise ShardError(data_dir, f"empty split {split!r}: no files match {split_pattern(split)}")
     return files
 
 
@@ -280,23 +282,39 @@ class ShardWriter:
             w.write(start, flux_block, error_block)
             w.set_params(df)
 
-    An exception inside the block removes the temp file, so an interrupted run never
-    leaves a half-written ``dataset.h5``.
+    An exception inside the block removes the temp file, so an interrupted run never leaves a
+    half-written ``dataset.h5``; a failed write (disk full) is one :class:`WriteError` naming
+    ``path`` (:mod:`moe.data.atomic`). The arrays are stored contiguous, as the simulator writes them.
     """
 
-    def __init__(self, path: str | os.PathLike, wave: np.ndarray, n_rows: int, chunk_rows: int = 64):
+    def __init__(self, path: str | os.PathLike, wave: np.ndarray, n_rows: int):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.n_rows = int(n_rows)
         self.wave = np.asarray(wave, dtype=np.float64)
         self._params: pd.DataFrame | None = None
-        self._f = h5py.File(self.tmp, "w")
+        self._f: h5py.File | None = None
+        self._target = AtomicFile(self.path, "the shard")
+        self.tmp = self._target.tmp
         d = self.wave.size
-        self._f.create_dataset(WAVE_KEY, data=self.wave)
-        chunks = (min(chunk_rows, max(self.n_rows, 1)), d)
-        for key in (FLUX_KEY, ERROR_KEY):
-            self._f.create_dataset(key, shape=(self.n_rows, d), dtype=np.float32, chunks=chunks)
+        try:
+            ensure_space(self.path, 2 * self.n_rows * d * 4 + self.n_rows * 8 * 16 + 2**20, "the shard")
+            self._f = h5py.File(self.tmp, "w")
+            self._f.create_dataset(WAVE_KEY, data=self.wave)
+            for key in (FLUX_KEY, ERROR_KEY):
+                self._f.create_dataset(key, shape=(self.n_rows, d), dtype=np.float32)
+        except BaseException as exc:
+            self._fail(exc, always=True)
+            raise
+
+    def _fail(self, exc: BaseException, always: bool = False) -> None:
+        """Close and remove the temp file; raise a WriteError for a failed write (any OS/HDF5 error when ``always``)."""
+        close_quietly(self._f)
+        self._f = None
+        self._target.abort()
+        if isinstance(exc, WriteError):
+            return
+        if is_write_failure(exc) or (always and isinstance(exc, (OSError, RuntimeError))):
+            raise self._target.error(exc) from exc
 
     def write(self, start: int, flux: np.ndarray, error: np.ndarray) -> None:
         stop = start + flux.shape[0]
@@ -312,20 +330,46 @@ class ShardWriter:
             raise ValueError(f"{self.path}: parameter table has {len(params)} rows, expected {self.n_rows}")
         self._params = params.reset_index(drop=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def _read_back(self) -> None:
+        """The temp file opens and holds the parameter table as given: PyTables can lose a failed write
+        (disk full) without raising, leaving a truncated file."""
+        try:
+            h5py.File(self.tmp, "r").close()  # a truncated file does not open
+        except OSError as exc:
+            raise ShardError(self.tmp, f"not a readable HDF5 file ({reason(exc)})") from exc
+        if self.n_rows == 0:  # pandas writes no table for an empty frame
+            return
+        try:
+            pd.testing.assert_frame_equal(read_params(self.tmp, labelled=False), self._params,
+                                          check_dtype=False, check_index_type=False)
+        except AssertionError as exc:
+            raise ShardError(self.tmp, "the parameter table read back differs from the one written") from exc
+
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._f.close()
-        if exc_type is not None or self._params is None:
-            self.tmp.unlink(missing_ok=True)
-            if exc_type is None:
-                raise ValueError(f"{self.path}: set_params() was never called; shard not written")
+        if exc_type is not None:
+            self._fail(exc)
             return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PyTables' NaturalNameWarning etc.
-            self._params.to_hdf(self.tmp, key=PARAMS_KEY, mode="a", format="table")
-        os.replace(self.tmp, self.path)
+        if self._params is None:
+            self._fail(ValueError())
+            raise ValueError(f"{self.path}: set_params() was never called; shard not written")
+        try:
+            self._f.close()
+            self._f = None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PyTables' NaturalNameWarning etc.
+                self._params.to_hdf(self.tmp, key=PARAMS_KEY, mode="a", format="table")
+            self._read_back()
+        except ShardError as exc:
+            self._fail(exc)
+            raise WriteError(self.path, f"cannot write the shard: it does not read back ({exc.problem}); "
+                                        "is the disk full?") from exc
+        except BaseException as exc:
+            self._fail(exc, always=True)
+            raise
+        self._target.commit()
 
 
 def write_shard(path: str | os.PathLike, wave: np.ndarray, flux: np.ndarray, error: np.ndarray,

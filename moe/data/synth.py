@@ -80,6 +80,13 @@ Error (1 sigma, in units of the median-normalised flux)
     the error vector carries the spectrum's shape; the nuisances make its aggregate
     statistics nearly blind to log g.
 
+Where it is written
+    :func:`create_dataset` makes a *new* folder, whole: it generates into a sibling
+    ``.<name>.partial`` folder under a file lock (an interrupted run resumes there, keeping the
+    shards already written), writes the ``synth.json`` manifest last and renames the folder into
+    place. A folder that exists is never generated into. :func:`write_dataset` is the
+    low-level writer of the shards and manifest into a given folder.
+
 Command line::
 
     python -m moe.data.synth --out DIR --train N --val N --test N --shard-size N --seed S
@@ -89,7 +96,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -98,9 +107,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from filelock import FileLock
 from tqdm.auto import tqdm
 
+from moe.data.atomic import ensure_space, write_text
+from moe.data.errors import ShardError, WriteError, reason
 from moe.data.shards import SHARD_FILE, ShardWriter
+
+log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 WAVE_MIN, WAVE_MAX = 7100.0, 8850.0
@@ -414,7 +428,9 @@ def shard_plan(cfg: SynthConfig) -> list[tuple[str, int, int]]:
 
 def write_dataset(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), chunk: int = 1000,
                   progress: bool = True) -> Path:
-    """Generate (or complete) a dataset folder; every shard is written atomically.
+    """Generate (or complete) the dataset in the folder ``out``; every shard is written atomically.
+
+    Low-level: it writes into ``out`` whatever that folder is; the commands use :func:`create_dataset`.
 
     Deterministic per ``cfg.seed``: shard k of split s uses ``default_rng([seed, s, k])``.
     Existing shards are kept, so an interrupted run resumes where it stopped. A manifest
@@ -422,7 +438,7 @@ def write_dataset(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), chun
     """
     out = Path(out)
     manifest = out / MANIFEST
-    expected = {"generator_version": GENERATOR_VERSION, **asdict(cfg)}
+    expected = manifest_of(cfg)
     if manifest.is_file():
         found = json.loads(manifest.read_text())
         if found != expected:
@@ -451,10 +467,85 @@ def write_dataset(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), chun
             params.insert(7, "snr", snr)
             w.set_params(params)
     bar.close()
-    tmp = manifest.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(expected, indent=2))
-    os.replace(tmp, manifest)
+    write_text(manifest, json.dumps(expected, indent=2), "the synthetic dataset's manifest")
     return out
+
+
+def manifest_of(cfg: SynthConfig) -> dict:
+    """The ``synth.json`` content of a dataset generated with ``cfg``."""
+    return {"generator_version": GENERATOR_VERSION, **asdict(cfg)}
+
+
+def read_manifest(root: str | os.PathLike) -> dict | None:
+    """The manifest of a generated dataset folder, or None when the folder has none (not made by this project)."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ShardError(path, f"unreadable synthetic-dataset manifest ({reason(exc)})") from exc
+
+
+def dataset_bytes(cfg: SynthConfig) -> int:
+    """Disk space of a generated dataset (flux and error in float32, plus the parameter tables), roughly."""
+    rows = cfg.n_train + cfg.n_val + cfg.n_test
+    return rows * (8 * cfg.n_pixels + 8 * 16) + len(shard_plan(cfg)) * 2**20
+
+
+def create_dataset(root: str | os.PathLike, cfg: SynthConfig = SynthConfig(), chunk: int = 1000,
+                   progress: bool = True) -> Path:
+    """Generate a synthetic dataset as the new folder ``root``, whole and atomically (see module docstring).
+
+    Returns ``root`` at once when it already exists with a manifest (made by this function, here or by
+    a concurrent process; its settings may differ from ``cfg`` -- compare :func:`read_manifest`). A
+    folder ``root`` without a manifest is not this project's: a :class:`ShardError`, nothing written.
+    """
+    root = Path(root)
+    if not root.exists():
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WriteError(root.parent, f"cannot create the folder for the synthetic dataset ({reason(exc)})") from exc
+        with FileLock(str(root.parent / f".{root.name}.lock")):
+            if not root.exists():  # a concurrent process may have made it while this one waited
+                _generate_into_place(root, cfg, chunk, progress)
+    if not root.is_dir():
+        raise ShardError(root, "exists and is not a folder")
+    if read_manifest(root) is None:
+        raise ShardError(root, f"exists and holds no {MANIFEST}: not a generated dataset, so nothing is generated "
+                               "into it (choose a folder that does not exist yet)")
+    return root
+
+
+def _generate_into_place(root: Path, cfg: SynthConfig, chunk: int, progress: bool) -> None:
+    partial = root.with_name(f".{root.name}.partial")
+    request = partial / ".request.json"
+    expected = manifest_of(cfg)
+    if partial.is_dir():
+        try:
+            found = json.loads(request.read_text())
+        except (OSError, ValueError):
+            found = None
+        if found == expected:
+            log.info("resuming the interrupted generation in %s", partial)
+        else:
+            log.info("discarding %s: an interrupted generation with other settings (%s)", partial, found)
+            shutil.rmtree(partial)
+    if not partial.is_dir():
+        ensure_space(root, dataset_bytes(cfg), "the synthetic dataset")
+        try:
+            partial.mkdir()
+        except OSError as exc:
+            raise WriteError(partial, f"cannot create the folder ({reason(exc)})") from exc
+        write_text(request, json.dumps(expected), "the generation request")
+    write_dataset(partial, cfg, chunk, progress)  # the manifest is written last
+    request.unlink(missing_ok=True)
+    try:
+        os.rename(partial, root)
+    except OSError as exc:
+        raise WriteError(root, f"cannot move the generated dataset into place from {partial} ({reason(exc)})") from exc
+    log.info("generated the synthetic dataset %s", root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -469,8 +560,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
     cfg = SynthConfig(a.train, a.val, a.test, a.shard_size, a.pixels, a.seed)
-    write_dataset(a.out, cfg)
-    print(f"wrote {a.out} ({a.train} train / {a.val} val / {a.test} test, {a.pixels} px)")
+    existed = Path(a.out).exists()
+    create_dataset(a.out, cfg)
+    found = read_manifest(a.out)
+    if found != manifest_of(cfg):
+        raise ShardError(a.out, f"already holds a synthetic dataset generated with {found}; choose another --out")
+    verb = "already holds" if existed else "wrote"
+    print(f"{verb} {a.out} ({a.train} train / {a.val} val / {a.test} test, {a.pixels} px)")
     return 0
 
 

@@ -27,7 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("fit", "report", "compare-noise"):
         s = sub.add_parser(name)
-        s.add_argument("--data", default="data/synth", help="dataset folder (generated there if empty)")
+        s.add_argument(
+            "--data",
+            default="data/synth",
+            help="dataset folder; a synthetic dataset is generated only where no folder exists yet "
+            "(an existing folder is read, never written into except for caches)",
+        )
         s.add_argument("--groups", default="global,phys,snr", help="families: global,phys,snr,cells")
         s.add_argument("--noise-level", type=float, default=1.0)
         s.add_argument("--noise-mode", choices=NOISE_MODES, default="marginal")

@@ -4,7 +4,7 @@
 ``<data_dir>/experts/experts-<key>.pt`` where ``key`` hashes the data fingerprint (train
 and val shards with sizes and rows, noise level, val seed) and the fit config. Loading a
 file made from other data or another config is an :class:`ExpertsMismatchError`, never
-a silent refit. Files are written atomically and read with ``torch.load(weights_only=True)``.
+a silent refit. Files are written atomically (:mod:`moe.data.atomic`) and read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from moe.data.atomic import AtomicFile, write_text
 from moe.data.folder import SpectraFolder
 from moe.experts.fit import FamilyFit, FitConfig, fit_families
 from moe.experts.module import RidgeExperts
@@ -118,15 +119,12 @@ class ExpertBundle:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the bundle (and its alpha table as CSV) atomically; a failed write is one WriteError naming the file."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        # torch.save reports a full disk as a RuntimeError of its zip writer: every error here is a write error
+        with AtomicFile(path, "the experts file", body_failures=(OSError, RuntimeError)) as tmp:
             torch.save(self.to_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self.alpha_table().to_csv(path.with_suffix(".alphas.csv"), index=False)
+        write_text(path.with_suffix(".alphas.csv"), self.alpha_table().to_csv(index=False), "the alpha table")
         return path
 
     @classmethod

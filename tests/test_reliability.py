@@ -1,0 +1,319 @@
+"""Reliability: generated data only in new folders, writes that are whole or absent, preparation once
+under concurrent first use."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from moe.data import shards
+from moe.data.atomic import HOST, remove_stale_temps
+from moe.data.datamodule import SpectraDataModule
+from moe.data.errors import ShardError, WriteError
+from moe.data.folder import SpectraFolder, ensure_dataset
+from moe.data.noise_cache import ensure_noisy
+from moe.data.shards import ERROR_KEY, FLUX_KEY, WAVE_KEY, read_block, read_params, write_shard
+from moe.data.synth import MANIFEST, SpectrumModel, SynthConfig, create_dataset, write_dataset
+from moe.experts.bundle import ExpertBundle
+from moe.experts.fit import FitConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = SynthConfig(n_train=200, n_val=60, n_test=60, shard_size=100, n_pixels=64, seed=7)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (hidden ones included) -> sha1 of its bytes."""
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _temps(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+def _copy(src: str | Path, dst: Path, edit=None) -> Path:
+    """A user-style copy of a dataset's shards (no synth.json, no caches); ``edit(name, flux, error, params)``
+    may change a shard's arrays in place before it is written."""
+    for shard in sorted(Path(src).glob("*/dataset.h5")):
+        with h5py.File(shard, "r") as f:
+            wave, flux, error = f[WAVE_KEY][()], f[FLUX_KEY][()], f[ERROR_KEY][()]
+        params = read_params(shard)
+        if edit is not None:
+            edit(shard.parent.name, flux, error, params)
+        write_shard(dst / shard.parent.name / "dataset.h5", wave, flux, error, params)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("small") / "data", SMALL, progress=False)
+
+
+# ---- 1. data safety: generated data only in a folder the project creates ---------------------------------------
+
+
+def test_user_folder_missing_test_split_is_left_byte_identical(small, tmp_path):
+    user = _copy(small, tmp_path / "mine")
+    shutil.rmtree(user / "test_000")
+    before, around = _tree(user), sorted(p.name for p in tmp_path.iterdir())
+    match = r"mine: no test split \(test\*/dataset.h5\); the folder has no synth.json marker"
+    with pytest.raises(ShardError, match=match):
+        SpectraFolder(str(user))  # default synth settings: still nothing generated into it
+    with pytest.raises(ShardError, match=match):
+        SpectraDataModule(str(user), synth=SynthConfig(n_train=10, n_val=10, n_test=10, shard_size=10, n_pixels=64))
+    from moe.experts.__main__ import main as experts_main
+
+    with pytest.raises(ShardError, match=match):
+        experts_main(["fit", "--data", str(user)])
+    assert _tree(user) == before  # same files, same bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == around  # no lock or partial folder next to it
+
+
+def test_missing_folder_is_generated_whole_and_reused_with_an_info_line(tmp_path, caplog):
+    root = tmp_path / "gen" / "synth"  # parents created too
+    assert ensure_dataset(root, SMALL) == root
+    assert json.loads((root / MANIFEST).read_text())["seed"] == SMALL.seed
+    assert not (tmp_path / "gen" / ".synth.partial").exists() and not _temps(tmp_path)
+    caplog.set_level(logging.INFO, logger="moe")
+    other = SynthConfig(**{**SMALL.__dict__, "seed": 8})
+    SpectraFolder(str(root), synth=other)
+    assert "using it as it is, not the synth settings" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert json.loads((root / MANIFEST).read_text())["seed"] == SMALL.seed  # the manifest's settings are used
+
+
+def test_interrupted_generation_resumes_in_its_partial_folder(tmp_path, monkeypatch):
+    real_flux, calls = SpectrumModel.flux, {"n": 0}
+
+    def flaky(self, labels):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_flux(self, labels)
+
+    monkeypatch.setattr(SpectrumModel, "flux", flaky)
+    root = tmp_path / "synth"
+    with pytest.raises(KeyboardInterrupt):
+        create_dataset(root, SMALL, chunk=50, progress=False)
+    partial = tmp_path / ".synth.partial"
+    assert not root.exists() and (partial / "train_000" / "dataset.h5").is_file() and not _temps(tmp_path)
+    first = (partial / "train_000" / "dataset.h5").stat().st_mtime_ns
+    monkeypatch.setattr(SpectrumModel, "flux", real_flux)
+    create_dataset(root, SMALL, chunk=50, progress=False)
+    assert (root / "train_000" / "dataset.h5").stat().st_mtime_ns == first  # kept, not written again
+    assert not partial.exists() and (root / MANIFEST).is_file()
+    ref = write_dataset(tmp_path / "ref", SMALL, chunk=50, progress=False)
+    for name in ("train_001", "val_000", "test_000"):
+        np.testing.assert_array_equal(
+            read_block(root / name / "dataset.h5", 0, 50)[0], read_block(ref / name / "dataset.h5", 0, 50)[0]
+        )
+
+
+def test_synth_command_refuses_an_existing_folder(small, tmp_path):
+    from moe.data import synth
+
+    user = _copy(small, tmp_path / "mine")
+    before = _tree(user)
+    with pytest.raises(ShardError, match="holds no synth.json: not a generated dataset"):
+        synth.main(["--out", str(user), "--train", "10", "--val", "10", "--test", "10", "--pixels", "64"])
+    with pytest.raises(ShardError, match="already holds a synthetic dataset generated with"):
+        synth.main(["--out", str(small), "--train", "10", "--val", "10", "--test", "10", "--pixels", "64"])
+    assert _tree(user) == before
+
+
+GENERATE = textwrap.dedent("""
+    import logging, sys
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from moe.data.synth import SynthConfig, create_dataset
+    create_dataset(sys.argv[1], SynthConfig(n_train=200, n_val=60, n_test=60, shard_size=100, n_pixels=64, seed=7),
+                   progress=False)
+""")
+
+
+def test_two_processes_generate_a_missing_folder_once(tmp_path):
+    root = tmp_path / "synth"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", GENERATE, str(root)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "".join(logs).count("generated the synthetic dataset") == 1, logs
+    assert (root / MANIFEST).is_file() and len(list(root.glob("*/dataset.h5"))) == 4 and not _temps(tmp_path)
+
+
+# ---- 6. writes that clean up --------------------------------------------------------------------------------------
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_writing_a_shard_is_one_error_and_no_temp(tmp_path, monkeypatch):
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", _no_space)
+    path = tmp_path / "train_000" / "dataset.h5"
+    with pytest.raises(WriteError, match=rf"^{path}: cannot write the shard \(No space left on device \[errno 28\]\)"):
+        write_shard(
+            path, np.linspace(7100, 8850, 8), np.ones((3, 8)), np.ones((3, 8)), pd.DataFrame({"x": [1, 2, 3]}), False
+        )
+    assert not path.exists() and not _temps(tmp_path)
+
+
+def test_disk_full_while_generating_leaves_no_folder_and_no_temp(tmp_path, monkeypatch):
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", _no_space)
+    root = tmp_path / "synth"
+    with pytest.raises(WriteError, match=r"\.synth\.partial/train_000/dataset\.h5: cannot write the shard \(No space"):
+        SpectraFolder(str(root), synth=SMALL)
+    assert not root.exists() and not _temps(tmp_path)
+
+
+def test_failed_rename_of_a_cache_or_bundle_is_one_error_and_no_temp(tiny_dir, tmp_path, monkeypatch):
+    shard = shards.find_split(tiny_dir, "val")[0]
+    bundle = ExpertBundle({}, np.zeros(4), np.zeros((1, 4)), np.zeros(1), np.arange(4.0), {}, FitConfig())
+    monkeypatch.setattr(os, "replace", _no_space)
+    with pytest.raises(WriteError, match=r"noisy_nl1_seed3.h5: cannot write pre-noised copy \(No space left"):
+        ensure_noisy(shard, 300, 256, 1.0, 3, tmp_path / "cache")
+    with pytest.raises(WriteError, match=r"experts-x.pt: cannot write the experts file \(No space left"):
+        bundle.save(tmp_path / "experts" / "experts-x.pt")
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("unexpected pos 64")))
+    with pytest.raises(WriteError, match=r"experts-y.pt: cannot write the experts file \(unexpected pos 64\)"):
+        bundle.save(tmp_path / "experts" / "experts-y.pt")
+    assert not _temps(tmp_path) and not list((tmp_path / "experts").iterdir())
+
+
+def test_interrupted_cache_build_leaves_no_temp(tiny_dir, tmp_path, monkeypatch):
+    from moe.data import noise_cache
+
+    real = noise_cache.add_noise_np
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(noise_cache, "add_noise_np", flaky)
+    shard = shards.find_split(tiny_dir, "val")[0]
+    with pytest.raises(KeyboardInterrupt):
+        ensure_noisy(shard, 300, 256, 1.0, 3, tmp_path)
+    assert not _temps(tmp_path) and not list(tmp_path.rglob("*.h5"))
+
+
+DISK_FULL = textwrap.dedent("""
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit: write() fails with EFBIG, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+    from moe.data.errors import WriteError
+    from moe.data.synth import SynthConfig, create_dataset
+    try:
+        create_dataset(sys.argv[1], SynthConfig(n_train=400, n_val=100, n_test=100, shard_size=400, n_pixels=512, seed=1),
+                       progress=False)
+    except WriteError as exc:
+        print(exc)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE stands in for a full disk on Linux")
+@pytest.mark.parametrize("limit", [300_000, 1_700_000])  # while writing the arrays; while PyTables writes the table
+def test_a_real_failed_write_is_one_error_not_a_segfault(tmp_path, limit):
+    root = tmp_path / "synth"
+    run = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, str(root), str(limit)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 3, (run.returncode, run.stderr[-2000:])  # a segfault was -11 (exit 139)
+    line = run.stdout.strip()
+    assert "\n" not in line and ".synth.partial/train_000/dataset.h5: cannot write the shard" in line, line
+    assert not root.exists() and not _temps(tmp_path)
+
+
+def test_stale_temps_are_removed_before_a_write_live_ones_kept(tmp_path):
+    target = tmp_path / "train_000" / "dataset.h5"
+    target.parent.mkdir()
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    live = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        names = {
+            "dead": f".dataset.h5.tmp-{HOST}-{dead}",
+            "dead_old_style": f".dataset.h5.tmp-{dead}",
+            "live": f".dataset.h5.tmp-{HOST}-{live[0].pid}",
+            "live_pid_reused": f".dataset.h5.tmp-{HOST}-{live[1].pid}",  # written before that process started
+            "other_host_recent": f".dataset.h5.tmp-elsewhere-{dead}",
+            "other_host_old": f".dataset.h5.tmp-elsewhere-{live[0].pid}",
+        }
+        for name in names.values():
+            (target.parent / name).write_text("partial")
+        for key, age in (("live_pid_reused", 3600), ("other_host_old", 2 * 86400)):
+            os.utime(target.parent / names[key], (time.time() - age, time.time() - age))
+        write_shard(
+            target, np.linspace(7100, 8850, 8), np.ones((3, 8)), np.ones((3, 8)), pd.DataFrame({"x": [1, 2, 3]}), False
+        )
+        left = sorted(p.name for p in target.parent.iterdir())
+        assert left == sorted(["dataset.h5", names["live"], names["other_host_recent"]])
+        assert remove_stale_temps(target) == []
+    finally:
+        for proc in live:
+            proc.kill()
+            proc.wait()
+
+
+PREPARE = textwrap.dedent("""
+    import logging, sys
+    import numpy as np
+    import torch
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    torch.set_num_threads(1)
+    from moe.data.folder import SpectraFolder
+    from moe.experts.fit import FitConfig
+    from moe.prepare import PrepareConfig, prepare
+    folder = SpectraFolder(sys.argv[1], synth=None)
+    fit = FitConfig(min_samples=5, fallback="global", block_rows=64)
+    p = prepare(folder, PrepareConfig(fit=fit, feature_rows=150), progress=False)
+    np.savez(sys.argv[2], weight=p.experts.weight.numpy(), mean=p.phys_scaler.mean.numpy(), var=p.model_var,
+             inputs=np.array(sorted(str(v) for d in p.inputs.values() for v in d.values())))
+""")
+
+
+def test_two_processes_on_a_fresh_folder_prepare_once(small, tmp_path):
+    data = _copy(small, tmp_path / "data")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PREPARE, str(data), str(tmp_path / f"out{i}.npz")],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [log[-2000:] for log in logs]
+    text = "".join(logs)
+    assert text.count("fitting experts") == 1, text[-3000:]  # the other process waited and loaded
+    assert text.count("caching train gate inputs of") == 2  # two train shards, cached once each
+    a, b = (np.load(tmp_path / f"out{i}.npz") for i in range(2))
+    for key in ("weight", "mean", "var", "inputs"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert len(list((data / "experts").glob("experts-*.pt"))) == 1 and not _temps(data)
