@@ -1,5 +1,5 @@
-"""Reliability: generated data only in new folders, writes that are whole or absent, preparation once
-under concurrent first use."""
+"""Reliability: generated data only in new folders, bad rows named (or dropped) before any work, writes
+that are whole or absent, preparation once under concurrent first use."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
-from moe.data import shards
+from moe.data import row_check, shards
 from moe.data.atomic import HOST, remove_stale_temps
 from moe.data.datamodule import SpectraDataModule
 from moe.data.errors import ShardError, WriteError
@@ -158,6 +158,160 @@ def test_two_processes_generate_a_missing_folder_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], logs
     assert "".join(logs).count("generated the synthetic dataset") == 1, logs
     assert (root / MANIFEST).is_file() and len(list(root.glob("*/dataset.h5"))) == 4 and not _temps(tmp_path)
+
+
+# ---- 5. bad rows: named before any work, or dropped -------------------------------------------------------------
+
+
+def _plant(where: str, row: int, what: str):
+    def edit(name, flux, error, params):
+        if name != where:
+            return
+        if what == "flux NaN":
+            flux[row, 5] = np.nan
+        elif what == "flux Inf":
+            flux[row, 0] = np.inf
+        elif what == "error 0":
+            error[row, 9] = 0.0
+        elif what == "error NaN inside":
+            error[row, 20:22] = np.nan
+        elif what == "log_g NaN":
+            params.loc[row, "log_g"] = np.nan
+        elif what == "T_eff 7000":
+            params.loc[row, "T_eff"] = 7000.0
+        elif what == "M_H -3":
+            params.loc[row, "M_H"] = -3.0
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "where, what, match",
+    [
+        ("train_001", "flux NaN", r"train_001/dataset.h5: flux NaN or Inf in 1 row \(7; first at row 7, pixel 5\)"),
+        ("train_000", "flux Inf", r"train_000/dataset.h5: flux NaN or Inf in 1 row \(7; first at row 7, pixel 0\)"),
+        ("train_000", "error 0", r"train_000/dataset.h5: error <= 0 in 1 row \(7; first at row 7, pixel 9, value 0\)"),
+        (
+            "val_000",
+            "error NaN inside",
+            r"val_000/dataset.h5: error NaN inside the spectrum \(not at its edges\) in 1 row \(7;",
+        ),
+        ("train_000", "log_g NaN", r"train_000/dataset.h5: log_g NaN or Inf in 1 row \(7\)"),
+        (
+            "test_000",
+            "T_eff 7000",
+            r"test_000/dataset.h5: T_eff outside \[3750, 6000\] in 1 row \(7; first at row 7, value 7000\)",
+        ),
+        (
+            "train_001",
+            "M_H -3",
+            r"train_001/dataset.h5: M_H outside \[-2, 0.5\] in 1 row \(7; first at row 7, value -3\)",
+        ),
+    ],
+)
+def test_bad_rows_are_named_before_any_work(small, tmp_path, where, what, match):
+    data = _copy(small, tmp_path / "bad", _plant(where, 7, what))
+    with pytest.raises(ShardError, match=match) as info:
+        SpectraDataModule(str(data), synth=None)  # construction: before any expert, cache or epoch
+    assert "\n" not in str(info.value) and "--data.bad_rows drop" in str(info.value)
+    assert not list(data.rglob("noisy_*")) and not (data / "experts").exists()  # no work was done
+
+
+def test_bad_rows_dropped_stay_out_and_caches_stay_aligned(small, tmp_path, caplog):
+    from moe.data.row_cache import read_rows
+    from moe.prepare import PrepareConfig, prepare
+
+    def edit(name, flux, error, params):
+        if name == "train_000":
+            flux[5, 3] = np.nan
+            error[9, :] = np.nan  # no finite pixel at all
+        if name == "train_001":
+            params.loc[10, "T_eff"] = 7000.0
+        if name == "val_000":
+            params.loc[3, "log_g"] = np.nan
+            error[4, 30] = -1.0
+        if name == "test_000":
+            params.loc[7, "M_H"] = -3.0
+
+    data = _copy(small, tmp_path / "bad", edit)
+    with pytest.raises(ShardError, match=r"train_000/dataset.h5: .*; 3 more shard\(s\) have bad rows"):
+        SpectraFolder(str(data), synth=None)
+    caplog.set_level(logging.INFO, logger="moe")
+    folder = SpectraDataModule(str(data), synth=None, bad_rows="drop", block_rows=40)
+    assert caplog.text.count("bad row(s)") == 4
+    dropped = {"train": [5, 9, 110], "val": [3, 4], "test": [7]}
+    for split, rows in dropped.items():
+        seen = torch.cat([b["row"] for b in folder.stream(split, shuffle=False)]).numpy()
+        expect = np.setdiff1d(np.arange(folder.split_set(split).n_rows), rows)
+        np.testing.assert_array_equal(seen, expect)
+    shuffled = torch.cat([b["row"] for b in folder.stream("train")]).numpy()
+    np.testing.assert_array_equal(np.sort(shuffled), np.setdiff1d(np.arange(200), dropped["train"]))
+    assert folder.describe()["n_train"] == 197 and folder.fingerprint()["dropped"] == {"train": 3, "val": 2}
+    fit = FitConfig(min_samples=5, fallback="global", block_rows=64)
+    prepared = prepare(folder, PrepareConfig(fit=fit, feature_rows=150), progress=False)
+    assert np.isfinite(prepared.model_var).all() and torch.isfinite(prepared.phys_scaler.mean).all()
+    for split, paths in prepared.inputs.items():
+        s = folder.split_set(split)
+        for k, path in paths.items():
+            with h5py.File(path, "r") as f:
+                assert all(f[name].shape[0] == s.counts[k] for name in f)  # one cache row per shard row
+    batch = next(iter(folder.stream("train", shuffle=False, cached=True)))
+    assert torch.equal(batch["row"][:8], torch.tensor([0, 1, 2, 3, 4, 6, 7, 8]))
+    cached = read_rows(prepared.inputs["train"][0], 0, 10)["proj"]
+    np.testing.assert_array_equal(batch["proj"][5].numpy(), cached[6])  # row 6 is the sixth row streamed
+    assert all(torch.isfinite(b["proj"]).all() for b in folder.stream("train", cached=True))
+
+
+def test_equalised_ranks_get_the_same_number_of_kept_rows(tiny_dir):
+    from moe.data.stream import ShardSet, SpectraStream
+
+    shards_ = ShardSet(shards.find_split(tiny_dir, "train"))
+    shards_.drop(0, np.arange(0, 150))  # slot 0 of 2 loses many rows
+    shards_.drop(2, np.array([1, 5, 399]))
+    stream = SpectraStream(shards_, batch_size=50, noise_level=1.0, block_rows=97, equalize_ranks=True)
+    for n_slots in (2, 3, 4):
+        kept = []
+        for s in range(n_slots):
+            rows = np.concatenate([stream.read(b)["row"] for b in stream.plan(s, n_slots)])
+            assert not np.isin(rows, shards_.dropped).any()
+            kept.append(rows)
+        assert len({len(r) for r in kept}) == 1  # DDP needs the same number of batches on every rank
+        assert len(np.unique(np.concatenate(kept))) == sum(map(len, kept))
+        assert n_slots * len(kept[0]) > shards_.n_kept - n_slots * 160
+
+
+def test_row_check_is_remembered_and_redone_after_an_edit(small, tmp_path, monkeypatch):
+    data = _copy(small, tmp_path / "d")
+    calls = []
+    real = row_check.check_rows
+    monkeypatch.setattr(row_check, "check_rows", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    SpectraFolder(str(data), synth=None)
+    assert len(calls) == 4 and len(list(data.glob("*/row_check_dataset.json"))) == 4
+    row_check._memo.clear()  # a new process
+    SpectraFolder(str(data), synth=None, max_train_rows=150)
+    assert len(calls) == 4  # read from the markers
+    shard = data / "val_000" / "dataset.h5"
+    with h5py.File(shard, "a") as f:
+        f[FLUX_KEY][0, 0] = np.nan  # an in-place edit
+    with pytest.raises(ShardError, match=r"val_000/dataset.h5: flux NaN or Inf in 1 row \(0;"):
+        SpectraFolder(str(data), synth=None)
+    assert calls[-1] == shard
+
+
+def test_predict_spectra_are_checked_too(tiny_dir, tmp_path):
+    src = shards.find_split(tiny_dir, "test")[0]
+    flux, error = read_block(src, 0, 20)
+    flux[4, 2] = np.nan
+    obs = tmp_path / "obs" / "night1.h5"
+    with h5py.File(src, "r") as f:
+        wave = f[WAVE_KEY][()]
+    write_shard(obs, wave, flux, error, pd.DataFrame({"objid": np.arange(20)}), labelled=False)
+    dm = SpectraDataModule(tiny_dir, synth=None, predict_path=str(obs))
+    with pytest.raises(ShardError, match=r"night1.h5: flux NaN or Inf in 1 row \(4;"):
+        dm.predict_set()
+    dm = SpectraDataModule(tiny_dir, synth=None, predict_path=str(obs), bad_rows="drop")
+    rows = torch.cat([b["row"] for b in dm.stream("predict")]).numpy()
+    np.testing.assert_array_equal(rows, np.setdiff1d(np.arange(20), [4]))
 
 
 # ---- 6. writes that clean up --------------------------------------------------------------------------------------

@@ -31,6 +31,11 @@ def _arrays(rng=np.random.default_rng(0)):
     flux = rng.uniform(0.5, 1.5, (N, D)).astype(np.float32)
     error = rng.uniform(0.05, 0.2, (N, D)).astype(np.float32)
     params = pd.DataFrame({c: rng.uniform(0, 1, N) for c in PARAM_COLUMNS})
+    params["T_eff"], params["log_g"], params["M_H"] = (
+        rng.uniform(3750, 6000, N),
+        rng.uniform(1, 5, N),
+        rng.uniform(-2, 0.5, N),
+    )
     return wave, flux, error, params
 
 
@@ -121,9 +126,72 @@ def _drop(key):
         (lambda w, f, e, p: (w[::-1].copy(), f, e, p), None, "not strictly increasing"),
         (lambda w, f, e, p: (w, f, e, p.iloc[:-2]), None, "has 10 rows but .* has 12"),
         (lambda w, f, e, p: (w, f, e, p.drop(columns=["log_g"])), None, r"missing columns \['log_g'\]"),
-        (lambda w, f, e, p: f.__setitem__((5, 7), np.nan), None, "non-finite flux at row 5, pixel 7"),
-        (lambda w, f, e, p: e.__setitem__((4, 2), 0.0), None, "error <= 0 at row 4, pixel 2"),
-        (lambda w, f, e, p: e.__setitem__((6, slice(None)), np.nan), None, "error row 6 is all NaN"),
+        (
+            lambda w, f, e, p: f.__setitem__((5, 7), np.nan),
+            None,
+            r"flux NaN or Inf in 1 row \(5; first at row 5, pixel 7\)",
+        ),
+        (
+            lambda w, f, e, p: f.__setitem__((2, 0), np.inf),
+            None,
+            r"flux NaN or Inf in 1 row \(2; first at row 2, pixel 0\)",
+        ),
+        (
+            lambda w, f, e, p: e.__setitem__((4, 2), 0.0),
+            None,
+            r"error <= 0 in 1 row \(4; first at row 4, pixel 2, value 0\)",
+        ),
+        (
+            lambda w, f, e, p: e.__setitem__((4, 2), -1.0),
+            None,
+            r"error <= 0 in 1 row \(4; first at row 4, pixel 2, value -1\)",
+        ),
+        (
+            lambda w, f, e, p: e.__setitem__((6, slice(None)), np.nan),
+            None,
+            r"error NaN or Inf at every pixel in 1 row \(6\)",
+        ),
+        (
+            lambda w, f, e, p: e.__setitem__((3, 10), np.nan),
+            None,
+            r"error NaN inside the spectrum \(not at its edges\) in 1 row \(3; first at row 3, pixel 10\)",
+        ),
+        (
+            lambda w, f, e, p: e.__setitem__((8, 0), np.inf),
+            None,
+            r"error infinite in 1 row \(8; first at row 8, pixel 0\)",
+        ),
+        (
+            lambda w, f, e, p: p.__setitem__("log_g", p["log_g"].where(p.index != 3)),
+            None,
+            r"log_g NaN or Inf in 1 row \(3\)",
+        ),
+        (
+            lambda w, f, e, p: p.__setitem__("T_eff", p["T_eff"].mask(p.index == 2, 7000.0)),
+            None,
+            r"T_eff outside \[3750, 6000\] in 1 row \(2; first at row 2, value 7000\)",
+        ),
+        (
+            lambda w, f, e, p: p.__setitem__("M_H", p["M_H"].mask(p.index >= 5, -3.0)),
+            None,
+            r"M_H outside \[-2, 0.5\] in 7 rows \(5, 6, 7, 8, 9, ...; first at row 5, value -3\)",
+        ),
+        (
+            lambda w, f, e, p: p.__setitem__("log_g", p["log_g"].mask(p.index == 0, 5.5)),
+            None,
+            r"log_g outside \[1, 5\] in 1 row \(0; first at row 0, value 5.5\)",
+        ),
+        (
+            lambda w, f, e, p: p.__setitem__("log_g", "giant"),
+            None,
+            r"parameter column 'log_g' has dtype \w+, expected numbers",
+        ),
+        (
+            lambda w, f, e, p: (w, f.astype(np.complex64), e, p),
+            None,
+            "flux/value has dtype complex64, expected real numbers",
+        ),
+        (lambda w, f, e, p: (w[:0], f[:, :0], e[:, :0], p), None, "has no pixels"),
         (lambda w, f, e, p: (w, f[:0], e[:0], p.iloc[:0]), None, "empty shard"),
     ],
 )
@@ -174,7 +242,36 @@ def test_validate_command(tmp_path, capsys):
     bad = _broken(tmp_path / "b", lambda w, f, e, p: e.__setitem__((1, 1), -1.0))
     assert shards.main(["validate", str(good), str(bad)]) == 1
     err = capsys.readouterr().err
-    assert str(bad) in err and "error <= 0 at row 1, pixel 1" in err
+    assert str(bad) in err and "error <= 0 in 1 row (1; first at row 1, pixel 1, value -1)" in err
+
+
+def test_validator_reports_every_kind_of_bad_value_in_one_line(tmp_path):
+    def mutate(w, f, e, p):
+        f[1, 3] = np.nan
+        e[2, 5] = 0.0
+        p.loc[4, "log_g"] = np.nan
+
+    path = _broken(tmp_path, mutate)
+    with pytest.raises(ShardError) as info:
+        validate_shard(path)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(str(path))
+    assert (
+        "log_g NaN or Inf in 1 row (4)" in msg
+        and "flux NaN or Inf in 1 row (1;" in msg
+        and "error <= 0 in 1 row (2;" in msg
+    )
+
+
+def test_edge_nan_in_error_is_accepted_interior_nan_is_not(tmp_path):
+    def edges(w, f, e, p):
+        e[0, :3] = np.nan
+        e[0, -1] = np.nan
+        e[5, -4:] = np.nan
+
+    validate_shard(_broken(tmp_path / "a", edges))
+    check = shards.check_rows(_broken(tmp_path / "b", lambda w, f, e, p: e.__setitem__((7, slice(10, 12)), np.nan)))
+    assert [(p.field, p.rows.tolist()) for p in check.problems] == [("error", [7])]
 
 
 def test_writer_is_atomic(tmp_path):

@@ -3,7 +3,9 @@
 Physical bins: T_eff edges 3750/4500/5250/6000 K, M_H edges -2/-1/0/0.5 dex;
 ``index = 3 * teff_bin + mh_bin`` (0 Cool-Poor ... 8 Hot-Rich). The outermost
 edges are closed and values beyond them fall into the outer bins, so every
-sample has a bin.
+sample has a bin. Data rows whose labels lie outside ``LABEL_BOUNDS`` (the outer bin
+edges, and log g in [1, 5]) are rejected or dropped before any work
+(:mod:`moe.data.row_check`), so no row is mis-binned.
 
 SNR bins (index in increasing SNR): X (<= 2), L (2, 4], M (4, 7], H (> 7).
 A *cell* is the pair (physical bin, SNR bin): ``cell = 4 * phys_bin + snr_bin``.
@@ -17,6 +19,9 @@ import numpy as np
 
 TEFF_EDGES = (3750.0, 4500.0, 5250.0, 6000.0)
 MH_EDGES = (-2.0, -1.0, 0.0, 0.5)
+LOG_G_RANGE = (1.0, 5.0)
+# closed label ranges a row must lie in: the outer physical-bin edges, and the log g range of the experts
+LABEL_BOUNDS = {"log_g": LOG_G_RANGE, "T_eff": (TEFF_EDGES[0], TEFF_EDGES[-1]), "M_H": (MH_EDGES[0], MH_EDGES[-1])}
 TEFF_NAMES = ("Cool", "Mid", "Hot")
 MH_NAMES = ("Poor", "Solar", "Rich")
 PHYS_BIN_NAMES = tuple(f"{t}-{m}" for t in TEFF_NAMES for m in MH_NAMES)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from moe.data.folder import SpectraFolder
+from moe.data.row_check import BadRows, screen
 from moe.data.shards import ShardError, check_grid, read_wave
 from moe.data.stream import ShardSet, SpectraStream
 from moe.data.synth import SynthConfig
@@ -62,8 +63,11 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
         max_train_rows: use only the first N training rows (scaling studies, smoke runs).
         val_seed / test_seed: seeds of the pre-noised val/test copies.
         cache_dir: where pre-noised copies and gate-input caches go (default: next to the shards).
-        synth: generate this synthetic dataset in ``data_dir`` when it holds none; ``None``
-            never generates (real data).
+        synth: generate this synthetic dataset as ``data_dir`` when that folder does not exist yet; ``None``
+            never generates. An existing folder is only read (a missing split is an error).
+        bad_rows: rows with NaN/Inf flux, error <= 0 or NaN inside the spectrum, NaN or out-of-range labels
+            (checked before any work, cached per shard): ``error`` stops naming the file, field and rows;
+            ``drop`` leaves them out (of the predicted spectra too).
         predict_path: spectra to predict: a folder (searched for ``*.h5`` shards), a shard file, or a list
             of them (``[a.h5, b.h5]``);
             default: the pre-noised test split. They must share the training data's pixel grid.
@@ -72,13 +76,14 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
     def __init__(self, data_dir: str = "data/synth", noise_level: NonNegativeFloat = 1.0, batch_size: PositiveInt = 256,
                  num_workers: NonNegativeInt = 0, block_rows: PositiveInt = 2048, max_train_rows: int | None = None,
                  val_seed: int = 1234, test_seed: int = 5678, cache_dir: str | None = None,
-                 synth: SynthConfig | None = SynthConfig(), predict_path: str | list[str] | None = None):
+                 synth: SynthConfig | None = SynthConfig(), predict_path: str | list[str] | None = None,
+                 bad_rows: BadRows = "error"):
         pl.LightningDataModule.__init__(self)
         # plain numbers in the saved hyperparameters (the parser's restricted types are for checking)
         noise_level, batch_size, num_workers, block_rows = float(noise_level), int(batch_size), int(num_workers), int(block_rows)
         self.save_hyperparameters()
         SpectraFolder.__init__(self, data_dir, noise_level, block_rows, max_train_rows, val_seed, test_seed,
-                               cache_dir, synth)
+                               cache_dir, synth, bad_rows)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.predict_path = [predict_path] if isinstance(predict_path, str) else predict_path
@@ -89,9 +94,11 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
         if not self.predict_path:
             return self.test_set
         if self._predict_set is None:
-            self._predict_set = ShardSet(predict_files(self.predict_path), labelled=False)
-            for path in self._predict_set.paths:
+            predict_set = ShardSet(predict_files(self.predict_path), labelled=False)
+            for path in predict_set.paths:
                 check_grid(path, read_wave(path), self.wave, "the training data's")
+            screen([predict_set], self.bad_rows, self.cache_dir)  # flux and error; labels are optional here
+            self._predict_set = predict_set
         return self._predict_set
 
     def prepare_data(self) -> None:

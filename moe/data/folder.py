@@ -24,6 +24,7 @@ import torch
 
 from moe.data.noise import add_noise, noisy_inputs
 from moe.data.noise_cache import ensure_noisy
+from moe.data.row_check import BAD_ROWS, BadRows, screen
 from moe.data.shards import (
     SPLITS,
     ShardError,
@@ -90,13 +91,19 @@ class SpectraFolder:
         cache_dir: where pre-noised copies and gate-input caches go (default: next to the shards).
         synth: generate this synthetic dataset as ``data_dir`` when that folder does not exist; ``None``
             never generates. An existing folder is never generated into.
+        bad_rows: rows with NaN/Inf flux, error <= 0 or NaN inside the spectrum, NaN or out-of-range
+            labels: ``"error"`` stops with an error naming the file, field and first rows; ``"drop"``
+            leaves them out (:mod:`moe.data.row_check`). Checked at construction, before any work.
     """
 
     def __init__(self, data_dir: str = "data/synth", noise_level: float = 1.0, block_rows: int = 2048,
                  max_train_rows: int | None = None, val_seed: int = 1234, test_seed: int = 5678,
-                 cache_dir: str | None = None, synth: SynthConfig | None = SynthConfig()):
+                 cache_dir: str | None = None, synth: SynthConfig | None = SynthConfig(),
+                 bad_rows: BadRows = "error"):
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+        if bad_rows not in BAD_ROWS:
+            raise ValueError(f"bad_rows must be one of {BAD_ROWS}, got {bad_rows!r}")
         self.data_dir = ensure_dataset(data_dir, synth)
         self.synth = synth
         self.noise_level = float(noise_level)
@@ -114,6 +121,8 @@ class SpectraFolder:
             if s.n_pixels != self.n_pixels:
                 raise ShardError(s.paths[0], f"has {s.n_pixels} pixels, the train split has {self.n_pixels}")
             check_grid(s.paths[0], read_wave(s.paths[0]), self.wave, "the train split's")
+        self.bad_rows = bad_rows
+        screen([self.train_set, self.val_set, self.test_set], bad_rows, cache_dir)
 
     # ---- identity ---------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -126,8 +135,12 @@ class SpectraFolder:
                 for p, n in zip(s.paths, s.counts)
             ]
 
-        return {"train": files(self.train_set), "val": files(self.val_set), "n_pixels": self.n_pixels,
-                "noise_level": self.noise_level, "val_seed": self.seeds["val"]}
+        fp = {"train": files(self.train_set), "val": files(self.val_set), "n_pixels": self.n_pixels,
+              "noise_level": self.noise_level, "val_seed": self.seeds["val"]}
+        dropped = {name: len(s.dropped) for name, s in (("train", self.train_set), ("val", self.val_set))}
+        if any(dropped.values()):  # bad rows left out (bad_rows="drop"): the experts saw fewer rows
+            fp["dropped"] = dropped
+        return fp
 
     def fingerprint_hash(self) -> str:
         return hashlib.sha1(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
@@ -136,7 +149,8 @@ class SpectraFolder:
     def noisy_caches(self, split: str) -> dict[int, Path]:
         """Pre-noised cache path per shard of ``split`` ('val' or 'test'), built if needed."""
         s = self.val_set if split == "val" else self.test_set
-        return {k: ensure_noisy(info.path, info.n_rows, info.n_pixels, self.noise_level, self.seeds[split], self.cache_dir)
+        return {k: ensure_noisy(info.path, info.n_rows, info.n_pixels, self.noise_level, self.seeds[split], self.cache_dir,
+                                dead_ok=s.dropped_in(k) > 0)
                 for k, info in enumerate(s.infos)}
 
     def split_set(self, split: str) -> ShardSet:
@@ -176,6 +190,9 @@ class SpectraFolder:
         return noisy_inputs(batch, self.window_weight.to(batch["proj"].device), self.noise_level, generator)
 
     def describe(self) -> dict:
-        return {"data_dir": str(self.data_dir), "n_train": self.train_set.n_rows, "n_val": self.val_set.n_rows,
-                "n_test": self.test_set.n_rows, "n_pixels": self.n_pixels, "noise_level": self.noise_level,
+        return {"data_dir": str(self.data_dir), "n_train": self.train_set.n_kept, "n_val": self.val_set.n_kept,
+                "n_test": self.test_set.n_kept, "n_pixels": self.n_pixels, "noise_level": self.noise_level,
+                **({"bad_rows_dropped": {n: len(s.dropped) for n, s in (("train", self.train_set), ("val", self.val_set),
+                                                                        ("test", self.test_set)) if len(s.dropped)}}
+                   if self.bad_rows == "drop" else {}),
                 **({"synth": asdict(self.synth)} if self.synth is not None else {})}

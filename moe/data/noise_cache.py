@@ -31,8 +31,9 @@ def cache_path(shard: Path, noise_level: float, seed: int, cache_dir: str | os.P
 
 
 def ensure_noisy(shard: Path, n_rows: int, n_pixels: int, noise_level: float, seed: int,
-                 cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of a valid pre-noised cache of ``shard``, building it if absent or stale."""
+                 cache_dir: str | os.PathLike | None = None, dead_ok: bool = False) -> Path:
+    """Path of a valid pre-noised cache of ``shard``, building it if absent or stale (``dead_ok``: the
+    shard has dropped rows whose error may have no finite pixel; they are copied as NaN)."""
     shard = Path(shard)
     expected = {"version": CACHE_VERSION, **source_attrs(shard, n_rows, n_pixels),
                 "noise_level": float(noise_level), "seed": int(seed)}
@@ -41,9 +42,10 @@ def ensure_noisy(shard: Path, n_rows: int, n_pixels: int, noise_level: float, se
     def blocks():
         for i, start in enumerate(range(0, n_rows, NOISE_BLOCK)):
             stop = min(start + NOISE_BLOCK, n_rows)
-            flux, error = read_block(shard, start, stop)
+            flux, error = read_block(shard, start, stop, dead_ok=dead_ok)
             rng = np.random.default_rng([seed, tag, i])
-            yield start, stop, {"flux": add_noise_np(flux, error, noise_level, rng),
-                                "snr": snr_of(flux, error, noise_level).astype(np.float64)}
+            with np.errstate(invalid="ignore", divide="ignore"):
+                yield start, stop, {"flux": add_noise_np(flux, error, noise_level, rng),
+                                    "snr": snr_of(flux, error, noise_level).astype(np.float64)}
 
     return ensure_row_cache(cache_path(shard, noise_level, seed, cache_dir), expected, blocks, "pre-noised copy")

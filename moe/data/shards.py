@@ -123,8 +123,13 @@ def inspect_shard(path: str | os.PathLike, labelled: bool = True) -> ShardInfo:
             raise ShardError(path, f"{ERROR_KEY} shape {error.shape} disagrees with {FLUX_KEY} shape {flux.shape}")
         if wave.shape[0] != flux.shape[1]:
             raise ShardError(path, f"{WAVE_KEY} has {wave.shape[0]} pixels but {FLUX_KEY} has {flux.shape[1]}")
+        for key, ds in ((WAVE_KEY, wave), (FLUX_KEY, flux), (ERROR_KEY, error)):
+            if ds.dtype.kind not in "fiu":
+                raise ShardError(path, f"{key} has dtype {ds.dtype}, expected real numbers (float32 / float64)")
         n_rows, n_pixels = flux.shape
         _check_wave(path, wave[()])
+    if n_pixels == 0:
+        raise ShardError(path, f"{FLUX_KEY} has no pixels (shape {flux.shape})")
     if n_rows == 0:
         raise ShardError(path, "empty shard (0 rows)")
     if not labelled and not _has_table(path):
@@ -207,19 +212,21 @@ def fill_nan_nearest(error: np.ndarray) -> np.ndarray:
 
 
 def read_block(path: str | os.PathLike, start: int, stop: int,
-               flux: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+               flux: bool = True, dead_ok: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
     """Rows [start, stop) as (flux, error), float32 [n, D]: flux clipped at 0, error NaN-filled.
 
-    ``flux=False`` reads the error only (flux is returned as None).
+    ``flux=False`` reads the error only (flux is returned as None). A row whose error has no finite
+    pixel is a ShardError, unless ``dead_ok`` (rows a stream leaves out): it stays NaN.
     """
     with h5py.File(path, "r") as f:
         values = np.asarray(f[FLUX_KEY][start:stop], dtype=np.float32) if flux else None
         error = np.asarray(f[ERROR_KEY][start:stop], dtype=np.float32)
     dead = ~np.isfinite(error).any(axis=1)
-    if dead.any():
+    if dead.any() and not dead_ok:
         raise ShardError(path, f"error row {start + int(np.argmax(dead))} is all NaN")
     if values is not None:
-        np.maximum(values, 0.0, out=values)
+        with np.errstate(invalid="ignore"):
+            np.maximum(values, 0.0, out=values)
     return values, fill_nan_nearest(error).astype(np.float32, copy=False)
 
 
@@ -240,37 +247,150 @@ class ShardSummary:
                 f"wave {self.wave_min:.1f}-{self.wave_max:.1f} A  {labels}")
 
 
+@dataclass(frozen=True)
+class RowProblem:
+    """One kind of bad value in a shard: the field, what is wrong, every row (in the shard) that has it."""
+
+    field: str  # "flux", "error" or a label column
+    what: str  # "NaN or Inf", "<= 0", "outside [3750, 6000]", ...
+    rows: np.ndarray  # [M] int64, sorted
+    example: str = ""  # the first occurrence, e.g. "row 4, pixel 2, value 0"
+
+    def line(self) -> str:
+        n = len(self.rows)
+        first = ", ".join(map(str, self.rows[:5].tolist())) + (", ..." if n > 5 else "")
+        return f"{self.field} {self.what} in {n} row{'s' if n != 1 else ''} ({first}{'; first at ' + self.example if self.example else ''})"
+
+    def head(self, n_rows: int) -> RowProblem | None:
+        """The same problem in rows [0, n_rows) (the example is the first bad row, so it stays), or None."""
+        rows = self.rows[self.rows < n_rows]
+        return RowProblem(self.field, self.what, rows, self.example) if len(rows) else None
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """The bad rows among the first ``n_rows`` of a shard (no problems: every row is usable)."""
+
+    path: Path
+    n_rows: int
+    problems: tuple[RowProblem, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def bad_rows(self) -> np.ndarray:
+        """Every row (in the shard) with at least one problem, sorted [M]."""
+        if not self.problems:
+            return np.zeros(0, np.int64)
+        return np.unique(np.concatenate([p.rows for p in self.problems])).astype(np.int64)
+
+    def summary(self) -> str:
+        """The problems in one line (without the path)."""
+        return "; ".join(p.line() for p in self.problems)
+
+    def head(self, n_rows: int) -> RowCheck:
+        """The same check restricted to rows [0, n_rows)."""
+        if n_rows >= self.n_rows:
+            return self
+        return RowCheck(self.path, n_rows, tuple(q for p in self.problems if (q := p.head(n_rows)) is not None))
+
+
+def _numeric_labels(path: Path, params: pd.DataFrame, col: str) -> np.ndarray:
+    series = params[col]
+    if not pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
+        raise ShardError(path, f"parameter column {col!r} has dtype {series.dtype}, expected numbers")
+    return series.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def check_rows(path: str | os.PathLike, info: ShardInfo | None = None, block_rows: int = 4096,
+               stop: int | None = None, labelled: bool = True) -> RowCheck:
+    """Every bad value in rows [0, stop) of a shard, read in blocks (one pass, bounded memory).
+
+    Bad: flux NaN or Inf; error with no finite pixel, infinite, <= 0, or NaN inside the spectrum
+    (NaN is allowed only in runs that touch the first or last pixel: real files have NaN edges,
+    filled on load); with ``labelled``, labels NaN or outside :data:`moe.data.bins.LABEL_BOUNDS`.
+    The layout must be valid (:func:`inspect_shard`; a broken layout raises ShardError).
+    """
+    from moe.data.bins import LABEL_BOUNDS
+
+    info = info if info is not None else inspect_shard(path, labelled)
+    path = info.path
+    n = info.n_rows if stop is None else max(0, min(int(stop), info.n_rows))
+    found: dict[tuple[str, str], list] = {}
+
+    def add(field: str, what: str, rows: np.ndarray, example: str = "") -> None:
+        if len(rows):
+            entry = found.setdefault((field, what), [[], example])
+            entry[0].append(rows.astype(np.int64))
+
+    if labelled and info.params_key is not None:
+        params = read_params(path, info.params_key, labelled=False).iloc[:n]
+        for col, (lo, hi) in LABEL_BOUNDS.items():
+            if col not in params.columns:
+                continue
+            v = _numeric_labels(path, params, col)
+            bad = np.flatnonzero(~np.isfinite(v))
+            add(col, "NaN or Inf", bad)
+            with np.errstate(invalid="ignore"):
+                out = np.flatnonzero(np.isfinite(v) & ((v < lo) | (v > hi)))
+            if len(out):
+                add(col, f"outside [{lo:g}, {hi:g}]", out, f"row {out[0]}, value {v[out[0]]:g}")
+    with h5py.File(path, "r") as f:
+        flux_ds, error_ds = f[FLUX_KEY], f[ERROR_KEY]
+        d = info.n_pixels
+        idx = np.arange(d)
+        for start in range(0, n, max(1, int(block_rows))):
+            stop_b = min(start + max(1, int(block_rows)), n)
+            flux = np.asarray(flux_ds[start:stop_b])
+            error = np.asarray(error_ds[start:stop_b])
+            with np.errstate(invalid="ignore"):
+                _pixel_problem(add, "flux", "NaN or Inf", ~np.isfinite(flux), flux, start)
+                finite = np.isfinite(error)
+                dead = ~finite.any(axis=1)
+                add("error", "NaN or Inf at every pixel", start + np.flatnonzero(dead))
+                _pixel_problem(add, "error", "infinite", np.isinf(error), error, start)
+                _pixel_problem(add, "error", "<= 0", finite & (error <= 0), error, start)
+                first = np.argmax(finite, axis=1)[:, None]
+                last = d - 1 - np.argmax(finite[:, ::-1], axis=1)[:, None]
+                inside = np.isnan(error) & (idx > first) & (idx < last) & ~dead[:, None]
+                _pixel_problem(add, "error", "NaN inside the spectrum (not at its edges)", inside, error, start)
+    problems = []
+    for (field, what), (parts, example) in found.items():
+        problems.append(RowProblem(field, what, np.unique(np.concatenate(parts)), example))
+    return RowCheck(path, n, tuple(problems))
+
+
+def _pixel_problem(add, field: str, what: str, mask: np.ndarray, values: np.ndarray, start: int) -> None:
+    """Report the rows of ``mask`` [n, D] (example: its first pixel, with the value unless it is NaN/Inf)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return
+    r, c = np.argwhere(mask[rows[0] : rows[0] + 1])[0]
+    value = values[rows[0], c]
+    example = f"row {start + rows[0]}, pixel {c}" + (f", value {value:g}" if np.isfinite(value) else "")
+    add(field, what, start + rows, example)
+
+
 def validate_shard(path: str | os.PathLike, block_rows: int = 4096) -> ShardSummary:
-    """Full check of one shard (layout, then every row in blocks); raises :class:`ShardError`."""
+    """Full check of one shard (layout, then every row in blocks, :func:`check_rows`); raises :class:`ShardError`
+    naming the file, each kind of bad value and its first rows."""
     info = inspect_shard(path)
     path = info.path
+    check = check_rows(path, info, block_rows)
+    if not check.ok:
+        raise ShardError(path, check.summary())
     params = read_params(path, info.params_key)
-    for col in ("T_eff", "log_g", "M_H"):
-        if not np.all(np.isfinite(params[col].to_numpy(dtype=np.float64))):
-            raise ShardError(path, f"parameter column {col!r} contains non-finite values")
     with h5py.File(path, "r") as f:
         wave = f[WAVE_KEY][()]
-        for start in range(0, info.n_rows, block_rows):
-            stop = min(start + block_rows, info.n_rows)
-            flux = f[FLUX_KEY][start:stop]
-            error = f[ERROR_KEY][start:stop]
-            bad = ~np.isfinite(flux)
-            if bad.any():
-                row, col = np.argwhere(bad)[0]
-                raise ShardError(path, f"non-finite flux at row {start + row}, pixel {col}")
-            finite = np.isfinite(error)
-            dead = ~finite.any(axis=1)
-            if dead.any():
-                raise ShardError(path, f"error row {start + int(np.argmax(dead))} is all NaN")
-            if np.isinf(error).any():
-                row, col = np.argwhere(np.isinf(error))[0]
-                raise ShardError(path, f"infinite error at row {start + row}, pixel {col}")
-            nonpos = finite & (error <= 0)
-            if nonpos.any():
-                row, col = np.argwhere(nonpos)[0]
-                raise ShardError(path, f"error <= 0 at row {start + row}, pixel {col} (value {error[row, col]})")
-    ranges = {c: (float(params[c].min()), float(params[c].max())) for c in ("T_eff", "log_g", "M_H", "mag", "snr")}
+    ranges = {c: _range(params[c]) for c in ("T_eff", "log_g", "M_H", "mag", "snr")}
     return ShardSummary(path, info.n_rows, info.n_pixels, float(wave[0]), float(wave[-1]), ranges)
+
+
+def _range(series: pd.Series) -> tuple[float, float]:
+    values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.size else (float("nan"), float("nan"))
 
 
 class ShardWriter:

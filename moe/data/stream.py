@@ -7,7 +7,9 @@ reads its range in blocks of at most ``block_rows`` contiguous rows (never acros
 boundary); when shuffling, the block order and the row order inside each block are
 redrawn every epoch. With several ranks the training slots are truncated to the shortest
 slot length so every rank yields the same number of batches (DDP would hang otherwise);
-this drops fewer than ``S`` rows per epoch, different ones each epoch.
+this drops fewer than ``S`` rows per epoch, different ones each epoch. Rows the split's
+:class:`ShardSet` leaves out (bad rows, :mod:`moe.data.row_check`) are skipped as blocks are
+read; slots are then truncated to the smallest number of kept rows.
 
 Batches are assembled here (use ``DataLoader(batch_size=None)``): dicts of tensors
 ``flux [B, D], error [B, D], log_g, T_eff, M_H, snr [B] (float32), phys_bin, snr_bin,
@@ -57,6 +59,9 @@ class ShardSet:
     """The shards of one split, their row counts and offsets; optionally capped at ``max_rows``.
 
     ``labelled=False`` (spectra to predict) accepts shards without labels or parameter table.
+    Rows left out (:meth:`drop`, bad rows) keep their place: split row ``r`` is always row
+    ``r - offsets[k]`` of shard ``k``, so per-row caches stay aligned with the shards; streams
+    skip the dropped rows when they read.
     """
 
     def __init__(self, files: Sequence[str | os.PathLike], max_rows: int | None = None, labelled: bool = True):
@@ -79,6 +84,43 @@ class ShardSet:
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.n_rows = int(self.offsets[-1])
         self.n_pixels = infos[0].n_pixels
+        self.dropped = np.zeros(0, dtype=np.int64)  # split rows left out, sorted
+
+    def drop(self, shard: int, rows: np.ndarray) -> None:
+        """Leave out ``rows`` (indices within shard ``shard``; those beyond its used rows are ignored)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[(rows >= 0) & (rows < self.counts[shard])]
+        self.dropped = np.union1d(self.dropped, self.offsets[shard] + rows).astype(np.int64)
+
+    @property
+    def n_kept(self) -> int:
+        """Rows a stream yields: ``n_rows`` less the dropped ones."""
+        return self.n_rows - len(self.dropped)
+
+    def dropped_in(self, shard: int) -> int:
+        """How many rows of shard ``shard`` are left out."""
+        lo, hi = self.offsets[shard], self.offsets[shard + 1]
+        return int(np.searchsorted(self.dropped, hi) - np.searchsorted(self.dropped, lo))
+
+    def kept(self, lo: int, hi: int) -> int:
+        """Rows of the split range [lo, hi) that are not dropped."""
+        return (hi - lo) - int(np.searchsorted(self.dropped, hi) - np.searchsorted(self.dropped, lo))
+
+    def keep_mask(self, lo: int, hi: int) -> np.ndarray | None:
+        """Boolean mask [hi - lo] of the kept rows of split range [lo, hi); None when none is dropped there."""
+        a, b = np.searchsorted(self.dropped, lo), np.searchsorted(self.dropped, hi)
+        if a == b:
+            return None
+        mask = np.ones(hi - lo, dtype=bool)
+        mask[self.dropped[a:b] - lo] = False
+        return mask
+
+    def end_after(self, lo: int, n_kept: int) -> int:
+        """The smallest ``hi`` such that [lo, hi) holds ``n_kept`` kept rows."""
+        hi = lo + n_kept
+        while (short := n_kept - self.kept(lo, hi)) > 0:
+            hi += short
+        return hi
 
     @property
     def paths(self) -> list[Path]:
@@ -170,22 +212,25 @@ class SpectraStream(IterableDataset):
             self._labels[k] = cols
         return self._labels[k]
 
-    def read(self, block: Block, snr_dtype=np.float32) -> dict[str, np.ndarray]:
-        """One block as numpy arrays (rows in file order); ``snr`` in ``snr_dtype`` (float64 keeps the
-        value the bins were computed from, for caches)."""
+    def read(self, block: Block, snr_dtype=np.float32, keep_all: bool = False) -> dict[str, np.ndarray]:
+        """One block as numpy arrays (rows in file order, dropped rows left out unless ``keep_all`` -- per-row
+        caches are built with every row); ``snr`` in ``snr_dtype`` (float64 keeps the value the bins were
+        computed from, for caches)."""
         path = self.shards.infos[block.shard].path
         cache = self.noisy.get(block.shard)
         if block.shard in self.inputs:  # cached gate inputs replace flux and error, which are not read
             out = read_rows(self.inputs[block.shard], block.start, block.stop)
             snr = out.pop("snr")
         else:
-            flux, error = read_block(path, block.start, block.stop, flux=cache is None)
+            dead_ok = len(self.shards.dropped) > 0  # a dropped row may have no finite error
+            flux, error = read_block(path, block.start, block.stop, flux=cache is None, dead_ok=dead_ok)
             if cache is not None:  # the pre-noised copy replaces the clean flux, which is not read
                 with h5py.File(cache, "r") as f:
                     flux = np.asarray(f["flux"][block.start:block.stop], dtype=np.float32)
                     snr = np.asarray(f["snr"][block.start:block.stop], dtype=np.float64)
             else:
-                snr = snr_of(flux, error, self.noise_level)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    snr = snr_of(flux, error, self.noise_level)
             out = {"flux": flux, "error": error}
         lab = self._shard_labels(block.shard)
         sl = slice(block.start, block.stop)
@@ -197,16 +242,23 @@ class SpectraStream(IterableDataset):
         out["phys_bin"] = np.where(known, bins.phys_bin(lab["T_eff"][sl], lab["M_H"][sl]), -1)  # -1: no labels
         out["snr_bin"] = bins.snr_bin(snr)
         out["row"] = np.arange(block.offset, block.offset + (block.stop - block.start), dtype=np.int64)
-        return out
+        keep = None if keep_all else self.shards.keep_mask(block.offset, block.offset + (block.stop - block.start))
+        return out if keep is None else {k: v[keep] for k, v in out.items()}
 
     def plan(self, slot: int, n_slots: int) -> list[Block]:
         """Blocks of ``slot`` in file order (before any shuffling or truncation)."""
         return self.shards.blocks(*self._slot_rows(slot, n_slots), self.block_rows)
 
     def _slot_rows(self, slot: int, n_slots: int) -> tuple[int, int]:
-        """Split rows [lo, hi) that ``slot`` yields (truncated to the common length when equalising ranks)."""
+        """Split rows [lo, hi) that ``slot`` reads (truncated to the common number of kept rows when
+        equalising ranks)."""
         lo, hi = self.shards.slot_range(slot, n_slots)
-        return (lo, lo + self.shards.n_rows // n_slots) if self.equalize_ranks else (lo, hi)
+        if not self.equalize_ranks:
+            return lo, hi
+        if not len(self.shards.dropped):
+            return lo, lo + self.shards.n_rows // n_slots
+        common = min(self.shards.kept(*self.shards.slot_range(s, n_slots)) for s in range(n_slots))
+        return lo, self.shards.end_after(lo, common)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         slot, n_slots, wid = _slot()
@@ -236,14 +288,15 @@ class SpectraStream(IterableDataset):
         slot, n_slots, _ = _slot()
         blocks = self.plan(slot, n_slots)
         if not prefetch:
-            yield from map(self.read, blocks)
+            yield from (part for part in map(self.read, blocks) if len(part["row"]))
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-read") as pool:
             pending = pool.submit(self.read, blocks[0]) if blocks else None
             for nxt in blocks[1:] + [None]:
                 part = pending.result()
                 pending = pool.submit(self.read, nxt) if nxt is not None else None
-                yield part
+                if len(part["row"]):  # a block whose rows were all dropped yields nothing
+                    yield part
 
     def _batches(self, blocks: list[Block], rng: np.random.Generator | None) -> Iterator[dict[str, torch.Tensor]]:
         """Read ``blocks`` in order (rows permuted inside each when ``rng``), cut into full batches
@@ -252,7 +305,7 @@ class SpectraStream(IterableDataset):
         for block in blocks:
             part = self.read(block)
             if rng is not None:
-                order = rng.permutation(block.stop - block.start)
+                order = rng.permutation(len(part["row"]))
                 part = {k: v[order] for k, v in part.items()}
             if carry is not None:
                 part = {k: np.concatenate([carry[k], part[k]]) for k in part}
@@ -266,7 +319,7 @@ class SpectraStream(IterableDataset):
 
     def _slot_batches(self, slot: int, n_slots: int) -> int:
         lo, hi = self._slot_rows(slot, n_slots)
-        return -(-(hi - lo) // self.batch_size)
+        return -(-self.shards.kept(lo, hi) // self.batch_size)
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (over its ``num_workers`` slots)."""

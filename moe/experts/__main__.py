@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from moe.data.folder import SpectraFolder
+from moe.data.folder import BAD_ROWS, SpectraFolder
 from moe.data.synth import SynthConfig
 from moe.experts.bundle import default_path, load_or_fit
 from moe.experts.evaluate import compare_noise_modes, oracle_predictions, oracle_table, zscore_table
@@ -32,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
             default="data/synth",
             help="dataset folder; a synthetic dataset is generated only where no folder exists yet "
             "(an existing folder is read, never written into except for caches)",
+        )
+        s.add_argument(
+            "--bad-rows",
+            choices=BAD_ROWS,
+            default="error",
+            help="rows with NaN/Inf flux, error <= 0 or NaN inside the spectrum, NaN or out-of-range labels: "
+            "stop with an error naming them (error) or leave them out (drop)",
         )
         s.add_argument("--groups", default="global,phys,snr", help="families: global,phys,snr,cells")
         s.add_argument("--noise-level", type=float, default=1.0)
@@ -51,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pd.set_option("display.width", 160)
-    folder = SpectraFolder(a.data, noise_level=a.noise_level, max_train_rows=a.max_train_rows, synth=SynthConfig())
+    folder = SpectraFolder(
+        a.data, noise_level=a.noise_level, max_train_rows=a.max_train_rows, synth=SynthConfig(), bad_rows=a.bad_rows
+    )
     cfg = FitConfig(
         families=tuple(a.groups.split(",")),
         alphas=tuple(a.alphas),

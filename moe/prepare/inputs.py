@@ -5,7 +5,8 @@ For every shard of a split, one HDF5 row cache (:mod:`moe.data.row_cache`) holds
 the training split (plus what its per-epoch noise needs), from the pre-noised copies for
 val/test -- and the SNR. It lives next to the pre-noised copies, is named by a hash of the
 map (experts, global expert, PCA basis, window pixels), the noise level and the seed, and
-records its source shard, so new experts or an edited shard give a rebuilt cache.
+records its source shard, so new experts or an edited shard give a rebuilt cache. A cache has one row
+per shard row, dropped (bad) rows included, so it stays aligned with the shard; streams skip those rows.
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ def ensure_inputs(
                     total=shards.n_rows, initial=lo, desc=f"gate inputs ({split})", unit="spec", disable=not progress
                 )
             for block in shards.blocks(lo, lo + n, folder.block_rows):
-                part = stream.read(block, snr_dtype=np.float64)
+                part = stream.read(block, snr_dtype=np.float64, keep_all=True)  # one cache row per shard row
+                keep = shards.keep_mask(block.offset, block.offset + block.stop - block.start)
+                if keep is not None:  # bad rows, never streamed: harmless stand-ins keep the maths finite
+                    part["flux"][~keep], part["error"][~keep] = 0.0, 1.0
                 x = row_inputs(
                     torch.from_numpy(part["flux"]),
                     torch.from_numpy(part["error"]),

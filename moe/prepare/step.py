@@ -9,6 +9,10 @@ model-error variance per SNR bin on the validation split (:mod:`moe.experts.cali
 Lightning: the CLI and the experiments call it before a trainer runs and hand the result
 to :meth:`moe.gates.GatedMoE.load_prepared`.
 
+The data it gets have been checked row by row already: a ``SpectraFolder`` checks every row it
+uses when it is built (:mod:`moe.data.row_check`), so bad values stop here before any expert
+solve, or are left out with ``bad_rows="drop"``.
+
 Concurrent callers -- two processes on a fresh folder, or the ranks of a DDP run, which
 each execute the CLI -- take a file lock next to the experts cache: the first one fits and
 writes, the others wait and then load what it wrote.
