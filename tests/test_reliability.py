@@ -1,5 +1,5 @@
 """Reliability: generated data only in new folders, bad rows named (or dropped) before any work, writes
-that are whole or absent, preparation once under concurrent first use."""
+that are whole or absent, preparation once under concurrent first use, and a property test of the validator."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -20,6 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from moe.data import row_check, shards
 from moe.data.atomic import HOST, remove_stale_temps
@@ -27,7 +30,7 @@ from moe.data.datamodule import SpectraDataModule
 from moe.data.errors import ShardError, WriteError
 from moe.data.folder import SpectraFolder, ensure_dataset
 from moe.data.noise_cache import ensure_noisy
-from moe.data.shards import ERROR_KEY, FLUX_KEY, WAVE_KEY, read_block, read_params, write_shard
+from moe.data.shards import ERROR_KEY, FLUX_KEY, PARAMS_KEY, WAVE_KEY, read_block, read_params, write_shard
 from moe.data.synth import MANIFEST, SpectrumModel, SynthConfig, create_dataset, write_dataset
 from moe.experts.bundle import ExpertBundle
 from moe.experts.fit import FitConfig
@@ -471,3 +474,97 @@ def test_two_processes_on_a_fresh_folder_prepare_once(small, tmp_path):
     for key in ("weight", "mean", "var", "inputs"):
         np.testing.assert_array_equal(a[key], b[key])
     assert len(list((data / "experts").glob("experts-*.pt"))) == 1 and not _temps(data)
+
+
+# ---- 7. the validator over random shards: accepts, or raises ShardError ------------------------------------------
+
+KINDS = ["valid", "valid", "layout", "dtype", "values", "table"]  # what is wrong with a drawn shard
+LAYOUT_FAULTS = [
+    "no wave",
+    "no flux",
+    "no error",
+    "1-D flux",
+    "error shape",
+    "wave length",
+    "wave NaN",
+    "wave order",
+    "empty",
+]
+TABLE_FAULTS = ["none", "short", "strings", "no log_g", "no snr", "NaN T_eff", "M_H 2", "key other", "fixed"]
+GOOD_DTYPES, BAD_DTYPES = ["float32", "float64", "float16"], ["int16", "uint8", "bool", "complex64", "S4"]
+SPECIALS = st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -1.0])
+
+
+@st.composite
+def shard_files(draw, root: Path):
+    """A shard file, valid or with one kind of fault: layout, dtype, values (NaN/Inf/0/negative) or table."""
+    kind = draw(st.sampled_from(KINDS))
+    layout = draw(st.sampled_from(LAYOUT_FAULTS)) if kind == "layout" else "ok"
+    table = draw(st.sampled_from(TABLE_FAULTS)) if kind == "table" else "fixed" if draw(st.booleans()) else "ok"
+    n, d = (0, draw(st.integers(0, 6))) if layout == "empty" else (draw(st.integers(1, 5)), draw(st.integers(1, 6)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    arrays = {}
+    for key, lo in ((FLUX_KEY, 0.5), (ERROR_KEY, 0.05)):
+        shape = {
+            "1-D flux": (n,) if key == FLUX_KEY else (n, d),
+            "error shape": (n, d + 1) if key == ERROR_KEY else (n, d),
+        }
+        a = rng.uniform(lo, 2 * lo, shape.get(layout, (n, d)))
+        for _ in range(draw(st.integers(1, 3)) if kind == "values" else 0):  # NaN / Inf / 0 / negative anywhere
+            a.flat[draw(st.integers(0, a.size - 1))] = draw(SPECIALS)
+        if key == ERROR_KEY and a.ndim == 2 and a.size and draw(st.booleans()):  # NaN runs at the edges (real files)
+            row, width = (
+                draw(st.integers(0, a.shape[0] - 1)),
+                a.shape[1] if kind == "values" else max(a.shape[1] - 1, 0),
+            )
+            a[row, : draw(st.integers(0, width))] = np.nan
+            a[row, a.shape[1] - draw(st.integers(0, max(a.shape[1] - 1, 0))) :] = np.nan
+        dtypes = BAD_DTYPES if kind == "dtype" and draw(st.booleans()) else GOOD_DTYPES
+        with np.errstate(invalid="ignore"):
+            arrays[key] = a.astype(draw(st.sampled_from(dtypes)))
+    wave = np.linspace(7100.0, 8850.0, d + 1 if layout == "wave length" else d)
+    if wave.size and layout in ("wave NaN", "wave order"):
+        wave[draw(st.integers(0, wave.size - 1))] = np.nan if layout == "wave NaN" else 9000.0
+    path = root / f"s{draw(st.integers(0, 10**9))}" / "dataset.h5"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    faults = {WAVE_KEY: "no wave", FLUX_KEY: "no flux", ERROR_KEY: "no error"}
+    with h5py.File(path, "w") as f:
+        for key, a in ((WAVE_KEY, wave), *arrays.items()):
+            if layout != faults[key]:
+                f.create_dataset(key, data=a)
+    if table == "none":
+        return path
+    rows = n + (table == "short")
+    params = pd.DataFrame({c: rng.uniform(0, 1, rows) for c in shards.PARAM_COLUMNS})
+    params["T_eff"], params["log_g"], params["M_H"] = rng.uniform(3750, 6000, rows), 3.0, -0.5
+    if table == "strings":
+        params["log_g"] = "giant"
+    elif table.startswith("no "):
+        params = params.drop(columns=[table[3:]])
+    elif table == "NaN T_eff" and rows:
+        params.loc[0, "T_eff"] = np.nan
+    elif table == "M_H 2" and rows:
+        params.loc[rows - 1, "M_H"] = 2.0
+    key = "other" if table == "key other" else PARAMS_KEY
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an empty table is not written: one more fault
+        params.to_hdf(path, key=key, mode="a", format="fixed" if table == "fixed" else "table")
+    return path
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(data=st.data())
+def test_validator_accepts_or_raises_shard_error_only(tmp_path, data):
+    path = data.draw(shard_files(tmp_path))
+    try:
+        summary = shards.validate_shard(path, block_rows=data.draw(st.integers(1, 4)))
+    except ShardError as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc)
+        event("rejected: " + exc.problem.split(" (")[0].split(" in ")[0][:40])
+        return
+    event("accepted")
+    assert summary.n_rows > 0 and summary.n_pixels > 0
+    flux, error = read_block(path, 0, summary.n_rows)  # what it accepts, the loader reads finite
+    assert np.isfinite(flux).all() and np.isfinite(error).all() and (error > 0).all()
