@@ -517,6 +517,107 @@ def spectra_regions(
     return fig
 
 
+def leakage_checks(
+    best_r2: float,
+    best_model: str,
+    checks: Sequence[str],
+    targets: Sequence[str],
+    r2: Sequence[float],
+    threshold: float,
+) -> Figure:
+    """Test R^2 of the best error-only model (``best_model``'s colour) next to each sanity check
+    (coloured by its target, ``log g`` or ``log10 SNR``), with the leakage line at ``threshold``."""
+    target_colour = {"log g": PALETTE["Ridge"], "log10 SNR": SAND}
+    return bar(
+        ["error vector (best model)", *checks],
+        [best_r2, *r2],
+        "test R²",
+        "Leakage sanity checks",
+        colors=[method_colour(best_model)] + [target_colour[t] for t in targets],
+        hline=threshold,
+        hline_label=f"leakage line R² = {threshold}",
+        legend={
+            f"best error-only model ({best_model}; R² floored at 0)": method_colour(best_model),
+            "Ridge -> log g": target_colour["log g"],
+            "Ridge -> log10 SNR": target_colour["log10 SNR"],
+        },
+        wrap=14,
+        figsize=(10, 5.2),
+    )
+
+
+def delta_r2_column(
+    rows: Sequence[str],
+    delta: Sequence[float],
+    r2_base: Sequence[float],
+    r2_new: Sequence[float],
+    counts: Sequence[int],
+    column: str,
+    title: str,
+) -> Figure:
+    """One-column heatmap of Delta R^2 (``column``: new − base) per row, on a scale centred at 0; each cell
+    names its Delta R^2, the R^2 base → new and its count."""
+    cell_text = np.array(
+        [[f"ΔR² {d:+.3f}\n{b:.3f} → {a:.3f}\nn = {n}"] for d, b, a, n in zip(delta, r2_base, r2_new, counts)],
+        dtype=object,
+    )
+    return heatmap(
+        np.asarray(delta, float)[:, None],
+        list(rows),
+        [column],
+        title,
+        f"ΔR² ({column})",
+        annotations=cell_text,
+        cmap="RdBu",
+        center=0.0,
+    )
+
+
+def expert_selection(r2: np.ndarray, bins: Sequence[str], types: Sequence[str], chosen: Sequence[str]) -> Figure:
+    """Heatmap of test R^2 per bin (rows) and expert type (columns); ★ marks each bin's ``chosen`` type,
+    – a type not trained there (NaN)."""
+    cell_text = np.array(
+        [
+            [
+                ("–" if not np.isfinite(v) else f"{v:.3f}") + (" ★" if types[j] == chosen[i] else "")
+                for j, v in enumerate(row)
+            ]
+            for i, row in enumerate(np.asarray(r2, float))
+        ]
+    )
+    return heatmap(
+        r2,
+        list(bins),
+        list(types),
+        "Expert selection per bin",
+        "test R²",
+        annotations=cell_text,
+        xlabel="expert type (★ chosen on validation; – not trained)",
+        ylabel="physical bin",
+    )
+
+
+def gain_per_bin(
+    bins: Sequence[str], gains: Sequence[float], chosen: Sequence[str], target: float, xlabel: str
+) -> Figure:
+    """Delta R^2 of each bin's chosen expert over its Ridge expert, coloured by sign and annotated with
+    the chosen type, with the verdict line at ``target``."""
+    gains = np.asarray(gains, float)
+    return bar(
+        list(bins),
+        gains,
+        "ΔR² best expert vs Ridge",
+        "Per-bin gain over Ridge",
+        colors=[GAIN if v > 0 else LOSS if v < 0 else GREY for v in gains],
+        hline=target,
+        hline_label=f"+{target} (verdict line)",
+        annotate=[f"{v:+.3f}\n{t}" for v, t in zip(gains, chosen)],
+        legend={"gain": GAIN, "loss": LOSS, "no change (Ridge chosen)": GREY},
+        xlabel=xlabel,
+        figsize=(7.5, 5.2),
+    )
+
+
 def save(fig: Figure, path) -> Path:
     """Write ``fig`` as PNG atomically."""
     path = Path(path)

@@ -1,7 +1,9 @@
-"""Experiments: each runs on tiny data and writes every named file; verdicts at their thresholds."""
+"""Experiments: each computes its results on tiny data, judges them and writes every named file; verdicts at
+their thresholds."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import matplotlib.image as mpimg
@@ -11,7 +13,8 @@ import pytest
 from moe.data.synth import SynthConfig, write_dataset
 from moe.experiments import EXPERIMENTS
 from moe.experiments.__main__ import main as experiments_main
-from moe.experiments.common import ExperimentSettings, Verdict, bootstrap_delta_r2
+from moe.experiments.common import ExperimentSettings, Results, Verdict, bootstrap_delta_r2
+from moe.gates.quiet import quiet_lightning
 
 FIGURES = {
     "leakage": [
@@ -145,27 +148,52 @@ def _assert_png_has_data(path):
     assert (np.abs(rgb - rgb[0, 0]).sum(-1) > 0.1).mean() > 0.02, f"{path} has almost nothing drawn"
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_writes_every_file(exp_dir, tmp_path, name):
-    out = tmp_path / name
-    rc = experiments_main(
-        [
-            name,
-            "--data",
-            exp_dir,
-            "--out",
-            str(out),
-            "--seeds",
-            "1",
-            "2",
-            "--epochs",
-            "3",
-            "--cnn-epochs",
-            "2",
-            "--max-memory-rows",
-            "2400",
-        ]
+def _module(name: str):
+    return importlib.import_module(f"moe.experiments.{name.replace('-', '_')}")
+
+
+SEEDS = (1, 2)
+
+
+def _settings(data: str, out) -> ExperimentSettings:
+    """The settings the CLI arguments of ``test_experiment_writes_every_file`` make."""
+    return ExperimentSettings(
+        data=data, seeds=SEEDS, out=str(out), epochs=3, cnn_epochs=2, max_memory_rows=2400, progress=False
     )
+
+
+@pytest.fixture(scope="module")
+def computed(exp_dir, tmp_path_factory):
+    """``computed(name)``: the experiment's results on the tiny data, computed once per module."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            quiet_lightning()  # pytest resets warning filters around each test
+            out = tmp_path_factory.mktemp("unwritten") / name
+            cache[name] = _module(name).compute(_settings(exp_dir, out))
+            assert not out.exists(), "compute wrote the report folder"
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_compute_returns_results_and_verdicts(computed, name):
+    results = computed(name)
+    assert isinstance(results, Results) and type(results).__module__ == _module(name).__name__
+    assert results.data.fingerprint["train"] and results.compute_s > 0
+    judged = _module(name).verdicts(results)
+    assert judged and all(isinstance(v, Verdict) for v in judged)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_writes_every_file(computed, exp_dir, tmp_path, monkeypatch, name):
+    results = computed(name)
+    monkeypatch.setattr(_module(name), "compute", lambda settings: results)
+    out = tmp_path / name
+    args = [name, "--data", exp_dir, "--out", str(out), "--seeds", *map(str, SEEDS), "--epochs", "3"]
+    rc = experiments_main([*args, "--cnn-epochs", "2", "--max-memory-rows", "2400"])
     assert rc == 0
     report = (out / "report.md").read_text()
     for fig in FIGURES[name]:
@@ -180,6 +208,11 @@ def test_experiment_writes_every_file(exp_dir, tmp_path, name):
     config = json.loads((out / "config.json").read_text())
     assert config["data_fingerprint"]["train"] and config["settings"]["seeds"] == [1, 2]
     assert "data_fingerprint_hash" in report
+    again = tmp_path / "again"
+    returned = _module(name).write_report(results, _settings(exp_dir, again))
+    assert returned["report"] == again and {"headline", "verdicts"} <= set(returned)
+    for table in TABLES[name] + ["verdicts.csv"]:
+        assert (again / table).read_text() == (out / table).read_text(), f"{table} differs when written again"
 
 
 def test_settings_defaults():

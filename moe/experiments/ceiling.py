@@ -12,32 +12,32 @@ Ridge oracle and the global Ridge.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
 from moe.data import bins
 from moe.experiments.common import (
+    Arrays,
+    DataSummary,
     ExperimentSettings,
     Report,
+    Results,
     Verdict,
     bootstrap_delta_r2,
     load_splits,
     seed_mean_std,
 )
-from moe.experts.bundle import load_or_fit
+from moe.experts.bundle import ExpertBundle, load_or_fit
 from moe.experts.fit import FitConfig
 from moe.experts.nonlinear import LGBM_PARAMS, CNNExpert, fit_lgbm
 from moe.experts.scores import r2
-from moe.plots import (
-    GAIN,
-    GREY,
-    LOSS,
-    bar,
-    grouped_bar,
-    heatmap,
-    method_colour,
-    pred_vs_true,
-)
+from moe.plots import bar, expert_selection, gain_per_bin, grouped_bar, method_colour, pred_vs_true
 
 EXPERIMENT_ID = "MOE-CEILING-C1-01"
 CNN_BINS = (3, 6)
@@ -51,84 +51,167 @@ FIT = FitConfig(families=("global", "phys", "snr"))
 BIN_AXIS = (
     f"physical bin (0 {bins.PHYS_BIN_NAMES[0]} … {bins.N_PHYS_BINS - 1} {bins.PHYS_BIN_NAMES[-1]}; T_eff × [M/H])"
 )
+TITLE = "Per-bin best expert: the oracle ceiling"
+QUESTION = (
+    f"With oracle routing over the {bins.N_PHYS_BINS} T_eff x [M/H] bins, does choosing the best expert type "
+    f"per bin (Ridge with a per-bin alpha, LightGBM, 1D-CNN) lift R^2 to >= {HYBRID_TARGET:.2f} and by >= "
+    f"{GAIN_TARGET} over the Ridge oracle, and do the metal-poor bins {' and '.join(map(str, CNN_BINS))} improve?"
+)
 
 
-def run(settings: ExperimentSettings) -> dict:
-    dm = settings.datamodule()
-    rep = Report(
-        settings.out or "reports/ceiling",
-        EXPERIMENT_ID,
-        "Per-bin best expert: the oracle ceiling",
-        f"With oracle routing over the {bins.N_PHYS_BINS} T_eff x [M/H] bins, does choosing the best expert type "
-        f"per bin (Ridge with a per-bin alpha, LightGBM, 1D-CNN) lift R^2 to >= {HYBRID_TARGET:.2f} and by >= "
-        f"{GAIN_TARGET} over the Ridge oracle, and do the metal-poor bins {' and '.join(map(str, CNN_BINS))} improve?",
-    )
-    bundle = load_or_fit(dm, FIT, progress=settings.progress)
-    phys = bundle.families["phys"]
-    alphas = np.asarray(bundle.config.alphas)
-    train, val, test = load_splits(dm, settings, keep_clean=True)
-    y = test.log_g
-    glob = bundle.families["global"]
-    pred_global = test.flux.astype(np.float64) @ glob.weight[0] + glob.bias[0]
+@dataclass
+class CeilingResults(Results):
+    """Every number of the ceiling report (N test spectra)."""
 
-    # ---- Ridge per bin: every alpha (val from the fit, test here) ------------------------------------
-    ridge_rows, preds, val_r2 = [], {t: np.full(y.shape, np.nan) for t in TYPES}, {}
-    for k in range(bins.N_PHYS_BINS):
-        in_test, in_val = test.phys_bin == k, val.phys_bin == k
-        test_path = test.flux[in_test].astype(np.float64) @ phys.path_weight[k].T + phys.path_bias[k]
-        val_path = val.flux[in_val].astype(np.float64) @ phys.path_weight[k].T + phys.path_bias[k]
+    per_bin: pd.DataFrame  # test R^2 per bin and expert type, the type chosen on val
+    overall: pd.DataFrame  # global Ridge, Ridge oracle and Oracle-Hybrid over the whole test split
+    ridge_sweep: pd.DataFrame  # test R^2 per bin and Ridge alpha
+    chosen: list[str]  # expert type per bin, chosen on val R^2
+    r2_global: float
+    r2_ridge_oracle: float
+    r2_hybrid: float
+    hybrid_ci: tuple[float, float]  # paired bootstrap 95% CI of R^2(hybrid) - R^2(Ridge oracle)
+    log_g: np.ndarray  # [N] true test log g
+    hybrid_pred: np.ndarray  # [N]
+    phys_bin: np.ndarray  # [N]
+    n_train_in_memory: int  # training rows of the in-memory models
+
+
+@dataclass
+class _SeedFits:
+    """One model per seed on one bin."""
+
+    test_pred: np.ndarray  # [n] the bin's test rows, mean over seeds
+    val_r2: float  # R^2 of the mean val prediction
+    seed_r2: list[float]  # test R^2 per seed
+    models: list
+
+
+@dataclass
+class _PerBin:
+    """One expert type fitted in each physical bin it covers."""
+
+    test_pred: np.ndarray  # [N] NaN in bins without this type
+    val_r2: dict[int, float] = field(default_factory=dict)  # bin -> val R^2
+    seed_r2: dict[int, list[float]] = field(default_factory=dict)  # bin -> test R^2 per seed
+    epochs: dict[int, list[int]] = field(default_factory=dict)  # bin -> epochs run per seed (CNN)
+
+    def add(self, k: int, in_test: np.ndarray, fits: _SeedFits) -> None:
+        self.test_pred[in_test] = fits.test_pred
+        self.val_r2[k] = fits.val_r2
+        self.seed_r2[k] = fits.seed_r2
+
+
+@dataclass
+class _BinRows:
+    """Row masks of one physical bin in each split."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def _bin_rows(train: Arrays, val: Arrays, test: Arrays) -> list[_BinRows]:
+    return [_BinRows(train.phys_bin == k, val.phys_bin == k, test.phys_bin == k) for k in range(bins.N_PHYS_BINS)]
+
+
+def _ridge_per_bin(
+    bundle: ExpertBundle, val: Arrays, test: Arrays, bin_rows: list[_BinRows]
+) -> tuple[_PerBin, pd.DataFrame]:
+    """Each bin's Ridge expert at its chosen alpha, and the alpha sweep (test R^2 at every alpha of the fit)."""
+    phys, alphas = bundle.families["phys"], np.asarray(bundle.config.alphas)
+    ridge, sweep = _PerBin(np.full(test.log_g.shape, np.nan)), []
+    for k, in_bin in enumerate(bin_rows):
+        test_pred = test.flux[in_bin.test].astype(np.float64) @ phys.path_weight[k].T + phys.path_bias[k]  # [n, A]
+        val_pred = val.flux[in_bin.val].astype(np.float64) @ phys.path_weight[k].T + phys.path_bias[k]
         chosen = int(np.flatnonzero(alphas == phys.alpha[k])[0])
-        preds["Ridge"][in_test] = test_path[:, chosen]
-        val_r2[(k, "Ridge")] = r2(val.log_g[in_val], val_path[:, chosen])
-        ridge_rows.append(
+        ridge.test_pred[in_bin.test] = test_pred[:, chosen]
+        ridge.val_r2[k] = r2(val.log_g[in_bin.val], val_pred[:, chosen])
+        sweep.append(
             {
                 "bin": k,
                 "name": bins.PHYS_BIN_NAMES[k],
                 "best_alpha": float(phys.alpha[k]),
-                **{f"test_r2_a={alpha:g}": r2(y[in_test], test_path[:, i]) for i, alpha in enumerate(alphas)},
+                **{
+                    f"test_r2_a={alpha:g}": r2(test.log_g[in_bin.test], test_pred[:, i])
+                    for i, alpha in enumerate(alphas)
+                },
             }
         )
-    ridge_table = pd.DataFrame(ridge_rows)
+    return ridge, pd.DataFrame(sweep)
 
-    # ---- LightGBM per bin, CNN on the metal-poor bins ------------------------------------------------------
-    lgbm_seed_r2, cnn_seed_r2, cnn_epochs = {}, {}, {}
-    for k in range(bins.N_PHYS_BINS):
-        in_train, in_val, in_test = train.phys_bin == k, val.phys_bin == k, test.phys_bin == k
-        pred_test, pred_val = [], []
-        for seed in settings.seeds:
-            model = fit_lgbm(train.flux[in_train], train.log_g[in_train], seed, settings.lgbm_device)
-            pred_test.append(model.predict(test.flux[in_test]))
-            pred_val.append(model.predict(val.flux[in_val]))
-        lgbm_seed_r2[k] = [r2(y[in_test], p) for p in pred_test]
-        preds["LightGBM"][in_test] = np.mean(pred_test, 0)
-        val_r2[(k, "LightGBM")] = r2(val.log_g[in_val], np.mean(pred_val, 0))
-        if k in CNN_BINS and settings.cnn_epochs > 0:
-            pred_test, pred_val, epochs = [], [], []
-            for seed in settings.seeds:
-                cnn = CNNExpert(epochs=settings.cnn_epochs, noise_level=dm.noise_level).fit(
-                    train.clean[in_train],
-                    train.error[in_train],
-                    train.log_g[in_train],
-                    val.flux[in_val],
-                    val.log_g[in_val],
-                    seed,
-                )
-                pred_test.append(cnn.predict(test.flux[in_test]))
-                pred_val.append(cnn.predict(val.flux[in_val]))
-                epochs.append(len(cnn.history))
-            cnn_seed_r2[k], cnn_epochs[k] = [r2(y[in_test], p) for p in pred_test], epochs
-            preds["1D-CNN"][in_test] = np.mean(pred_test, 0)
-            val_r2[(k, "1D-CNN")] = r2(val.log_g[in_val], np.mean(pred_val, 0))
 
-    # ---- per-bin table and the hybrid -----------------------------------------------------------------
-    n_train = np.bincount(train.phys_bin, minlength=bins.N_PHYS_BINS)
-    rows, hybrid, choice = [], np.empty_like(y), []
+def _fit_over_seeds(fit: Callable[[int], Any], seeds, val: Arrays, test: Arrays, in_bin: _BinRows) -> _SeedFits:
+    """``fit(seed)`` for every seed, each model predicting the bin's val and test rows."""
+    models, test_pred, val_pred = [], [], []
+    for seed in seeds:
+        model = fit(seed)
+        test_pred.append(model.predict(test.flux[in_bin.test]))
+        val_pred.append(model.predict(val.flux[in_bin.val]))
+        models.append(model)
+    return _SeedFits(
+        np.mean(test_pred, 0),
+        r2(val.log_g[in_bin.val], np.mean(val_pred, 0)),
+        [r2(test.log_g[in_bin.test], p) for p in test_pred],
+        models,
+    )
+
+
+def _lgbm_per_bin(
+    settings: ExperimentSettings, train: Arrays, val: Arrays, test: Arrays, bin_rows: list[_BinRows]
+) -> _PerBin:
+    """LightGBM in every bin, one per seed."""
+    lgbm = _PerBin(np.full(test.log_g.shape, np.nan))
+    for k, in_bin in enumerate(bin_rows):
+        fit = partial(fit_lgbm, train.flux[in_bin.train], train.log_g[in_bin.train], device_type=settings.lgbm_device)
+        lgbm.add(k, in_bin.test, _fit_over_seeds(fit, settings.seeds, val, test, in_bin))
+    return lgbm
+
+
+def _fit_cnn(clean, error, y, val_flux, val_y, seed: int, epochs: int, noise_level: float) -> CNNExpert:
+    return CNNExpert(epochs=epochs, noise_level=noise_level).fit(clean, error, y, val_flux, val_y, seed)
+
+
+def _cnn_per_bin(
+    settings: ExperimentSettings, noise_level: float, train: Arrays, val: Arrays, test: Arrays, bin_rows: list[_BinRows]
+) -> _PerBin:
+    """The 1D-CNN in the bins of ``CNN_BINS`` (none when ``settings.cnn_epochs`` is 0), one per seed."""
+    cnn = _PerBin(np.full(test.log_g.shape, np.nan))
+    for k in CNN_BINS if settings.cnn_epochs > 0 else ():
+        in_bin = bin_rows[k]
+        fit = partial(
+            _fit_cnn,
+            train.clean[in_bin.train],
+            train.error[in_bin.train],
+            train.log_g[in_bin.train],
+            val.flux[in_bin.val],
+            val.log_g[in_bin.val],
+            epochs=settings.cnn_epochs,
+            noise_level=noise_level,
+        )
+        fits = _fit_over_seeds(fit, settings.seeds, val, test, in_bin)
+        cnn.add(k, in_bin.test, fits)
+        cnn.epochs[k] = [len(model.history) for model in fits.models]
+    return cnn
+
+
+def _per_bin_table(
+    fitted: dict[str, _PerBin], test: Arrays, n_train: np.ndarray, ridge_alpha: np.ndarray
+) -> tuple[pd.DataFrame, list[str], np.ndarray]:
+    """Test R^2 of every expert type per bin, the type with the best val R^2 per bin, and the
+    Oracle-Hybrid's test predictions [N] (each spectrum from its bin's chosen type)."""
+    rows, chosen, hybrid = [], [], np.empty_like(test.log_g)
+    lgbm, cnn = fitted["LightGBM"], fitted["1D-CNN"]
     for k in range(bins.N_PHYS_BINS):
         in_test = test.phys_bin == k
-        scores = {t: r2(y[in_test], preds[t][in_test]) for t in TYPES if np.isfinite(preds[t][in_test]).all()}
-        best = max(scores, key=lambda t: val_r2[(k, t)])
-        choice.append(best)
-        hybrid[in_test] = preds[best][in_test]
+        scores = {
+            t: r2(test.log_g[in_test], fitted[t].test_pred[in_test])
+            for t in TYPES
+            if np.isfinite(fitted[t].test_pred[in_test]).all()
+        }
+        best = max(scores, key=lambda t: fitted[t].val_r2[k])
+        chosen.append(best)
+        hybrid[in_test] = fitted[best].test_pred[in_test]
         rows.append(
             {
                 "bin": k,
@@ -136,38 +219,76 @@ def run(settings: ExperimentSettings) -> dict:
                 "n_train": int(n_train[k]),
                 "n_test": int(in_test.sum()),
                 "flag": f"< {SMALL_BIN} train" if n_train[k] < SMALL_BIN else "",
-                "ridge_alpha": float(phys.alpha[k]),
+                "ridge_alpha": float(ridge_alpha[k]),
                 "r2_ridge": scores["Ridge"],
                 "r2_lgbm": scores["LightGBM"],
                 "r2_cnn": scores.get("1D-CNN", np.nan),
                 "best (val)": best,
                 "r2_best": scores[best],
                 "delta_r2_vs_ridge": scores[best] - scores["Ridge"],
-                "lgbm_seeds": seed_mean_std(lgbm_seed_r2[k]),
-                "cnn_seeds": seed_mean_std(cnn_seed_r2[k]) if k in cnn_seed_r2 else "",
-                "cnn_epochs": str(cnn_epochs.get(k, "")),
+                "lgbm_seeds": seed_mean_std(lgbm.seed_r2[k]),
+                "cnn_seeds": seed_mean_std(cnn.seed_r2[k]) if k in cnn.seed_r2 else "",
+                "cnn_epochs": str(cnn.epochs.get(k, "")),
             }
         )
-    per_bin = pd.DataFrame(rows)
-    r2_global, r2_ridge_oracle, r2_hybrid = r2(y, pred_global), r2(y, preds["Ridge"]), r2(y, hybrid)
+    return pd.DataFrame(rows), chosen, hybrid
+
+
+def compute(settings: ExperimentSettings) -> CeilingResults:
+    """Fit every expert type per physical bin and route the test split by the oracle; no file is written."""
+    started = time.time()
+    dm = settings.datamodule()
+    bundle = load_or_fit(dm, FIT, progress=settings.progress)
+    train, val, test = load_splits(dm, settings, keep_clean=True)
+    bin_rows = _bin_rows(train, val, test)
+    ridge, ridge_sweep = _ridge_per_bin(bundle, val, test, bin_rows)
+    fitted = {
+        "Ridge": ridge,
+        "LightGBM": _lgbm_per_bin(settings, train, val, test, bin_rows),
+        "1D-CNN": _cnn_per_bin(settings, dm.noise_level, train, val, test, bin_rows),
+    }
+    n_train = np.bincount(train.phys_bin, minlength=bins.N_PHYS_BINS)
+    per_bin, chosen, hybrid = _per_bin_table(fitted, test, n_train, bundle.families["phys"].alpha)
+    log_g = test.log_g
+    global_family = bundle.families["global"]
+    global_pred = test.flux.astype(np.float64) @ global_family.weight[0] + global_family.bias[0]
+    r2_global, r2_ridge_oracle, r2_hybrid = r2(log_g, global_pred), r2(log_g, ridge.test_pred), r2(log_g, hybrid)
     overall = pd.DataFrame(
         [
-            {"method": GLOBAL, "r2": r2_global, "delta_vs_global": 0.0, "note": f"alpha {glob.alpha[0]:g}"},
+            {"method": GLOBAL, "r2": r2_global, "delta_vs_global": 0.0, "note": f"alpha {global_family.alpha[0]:g}"},
             {
                 "method": RIDGE_ORACLE,
                 "r2": r2_ridge_oracle,
                 "delta_vs_global": r2_ridge_oracle - r2_global,
                 "note": "per-bin alpha",
             },
-            {"method": HYBRID, "r2": r2_hybrid, "delta_vs_global": r2_hybrid - r2_global, "note": " / ".join(choice)},
+            {"method": HYBRID, "r2": r2_hybrid, "delta_vs_global": r2_hybrid - r2_global, "note": " / ".join(chosen)},
         ]
     )
-    ci = bootstrap_delta_r2(y, [hybrid], [preds["Ridge"]])
-    metal_poor_gain = per_bin.set_index("bin").loc[list(CNN_BINS), "delta_r2_vs_ridge"]
-    verdicts = [
+    return CeilingResults(
+        per_bin=per_bin,
+        overall=overall,
+        ridge_sweep=ridge_sweep,
+        chosen=chosen,
+        r2_global=r2_global,
+        r2_ridge_oracle=r2_ridge_oracle,
+        r2_hybrid=r2_hybrid,
+        hybrid_ci=bootstrap_delta_r2(log_g, [hybrid], [ridge.test_pred]),
+        log_g=log_g,
+        hybrid_pred=hybrid,
+        phys_bin=test.phys_bin,
+        n_train_in_memory=len(train.log_g),
+        data=DataSummary.of(dm),
+        compute_s=time.time() - started,
+    )
+
+
+def verdicts(results: CeilingResults) -> list[Verdict]:
+    metal_poor_gain = results.per_bin.set_index("bin").loc[list(CNN_BINS), "delta_r2_vs_ridge"]
+    return [
         Verdict(
             f"Oracle-Hybrid R2 >= {HYBRID_TARGET:.2f}?",
-            r2_hybrid,
+            results.r2_hybrid,
             ">=",
             HYBRID_TARGET,
             f"the per-bin ceiling reaches R^2 {HYBRID_TARGET:.2f}",
@@ -175,7 +296,7 @@ def run(settings: ExperimentSettings) -> dict:
         ),
         Verdict(
             f"Hybrid beats the Ridge oracle by >= {GAIN_TARGET}?",
-            r2_hybrid - r2_ridge_oracle,
+            results.r2_hybrid - results.r2_ridge_oracle,
             ">=",
             GAIN_TARGET,
             "per-bin expert choice is worth it",
@@ -190,46 +311,53 @@ def run(settings: ExperimentSettings) -> dict:
             f"bins {'/'.join(map(str, CNN_BINS))} remain the bottleneck",
         ),
     ]
-    rep.verdicts(verdicts)
+
+
+def write_report(results: CeilingResults, settings: ExperimentSettings) -> dict:
+    """Write the report folder (verdicts, tables, figures, config); return what ``run`` returns."""
+    rep = Report(settings.out or "reports/ceiling", EXPERIMENT_ID, TITLE, QUESTION, compute_s=results.compute_s)
+    judged = verdicts(results)
+    rep.verdicts(judged)
+    ci = results.hybrid_ci
     rep.text(
         "Headline",
-        f"Oracle-Hybrid R^2 {r2_hybrid:.4f} vs Ridge-Oracle {r2_ridge_oracle:.4f} (Delta "
-        f"{r2_hybrid - r2_ridge_oracle:+.4f}, paired bootstrap 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]) vs "
-        f"global {r2_global:.4f}. Best type per bin chosen on validation R^2. LightGBM: "
+        f"Oracle-Hybrid R^2 {results.r2_hybrid:.4f} vs Ridge-Oracle {results.r2_ridge_oracle:.4f} (Delta "
+        f"{results.r2_hybrid - results.r2_ridge_oracle:+.4f}, paired bootstrap 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]) "
+        f"vs global {results.r2_global:.4f}. Best type per bin chosen on validation R^2. LightGBM: "
         + ", ".join(f"{k}={v}" for k, v in LGBM_PARAMS.items())
         + ".",
     )
     rep.table(
         "per_bin",
-        per_bin,
+        results.per_bin,
         "Table 1: per-bin test R^2 by expert type",
         f"Bins with fewer than {SMALL_BIN} training spectra are flagged.",
     )
-    rep.table("overall", overall, "Table 2: overall test R^2 (oracle routing)")
-    rep.table("ridge_alpha_sweep", ridge_table, "Ridge alpha sweep per bin (test R^2; alpha chosen on validation)")
-    _figures(rep, per_bin, choice, overall, y, hybrid, test.phys_bin)
+    rep.table("overall", results.overall, "Table 2: overall test R^2 (oracle routing)")
+    rep.table(
+        "ridge_alpha_sweep", results.ridge_sweep, "Ridge alpha sweep per bin (test R^2; alpha chosen on validation)"
+    )
+    _figures(rep, results)
     rep.write(
         settings,
-        dm,
+        results.data,
         {
             "lgbm": LGBM_PARAMS,
             "cnn_bins": list(CNN_BINS),
             "cnn_epochs_max": settings.cnn_epochs,
-            "n_train_rows_in_memory": len(train.log_g),
+            "n_train_rows_in_memory": results.n_train_in_memory,
         },
     )
-    return {"report": rep.out, "headline": overall[["method", "r2"]], "verdicts": verdicts, "hybrid_r2": r2_hybrid}
+    return {
+        "report": rep.out,
+        "headline": results.overall[["method", "r2"]],
+        "verdicts": judged,
+        "hybrid_r2": results.r2_hybrid,
+    }
 
 
-def _figures(
-    rep: Report,
-    per_bin: pd.DataFrame,
-    choice: list[str],
-    overall: pd.DataFrame,
-    y: np.ndarray,
-    hybrid: np.ndarray,
-    phys_bin: np.ndarray,
-) -> None:
+def _figures(rep: Report, results: CeilingResults) -> None:
+    per_bin, chosen, overall = results.per_bin, results.chosen, results.overall
     metal_poor = f"metal-poor bins {' and '.join(map(str, CNN_BINS))} (1D-CNN trained only there)"
     rep.figure(
         "ceiling_perbin_expert_comparison.png",
@@ -239,7 +367,7 @@ def _figures(
             "test R² within the bin",
             "Per-bin expert comparison",
             xlabel=BIN_AXIS,
-            star=choice,
+            star=chosen,
             star_label="expert type chosen on validation",
             shade=CNN_BINS,
             shade_label=metal_poor,
@@ -247,27 +375,13 @@ def _figures(
         ),
         f"Test R² per bin and expert type; ★ marks the type chosen on validation R²; shaded: {metal_poor}.",
     )
-    matrix = per_bin[[R2_COLUMN[t] for t in TYPES]].to_numpy()
-    cell_text = np.array(
-        [
-            [
-                ("–" if not np.isfinite(v) else f"{v:.3f}") + (" ★" if TYPES[j] == choice[i] else "")
-                for j, v in enumerate(row)
-            ]
-            for i, row in enumerate(matrix)
-        ]
-    )
     rep.figure(
         "ceiling_expert_selection_heatmap.png",
-        heatmap(
-            matrix,
+        expert_selection(
+            per_bin[[R2_COLUMN[t] for t in TYPES]].to_numpy(),
             [f"{k} {name}" for k, name in zip(per_bin.bin, per_bin.name)],
-            list(TYPES),
-            "Expert selection per bin",
-            "test R²",
-            annotations=cell_text,
-            xlabel="expert type (★ chosen on validation; – not trained)",
-            ylabel="physical bin",
+            TYPES,
+            chosen,
         ),
         "Test R² for every bin and expert type; ★ marks the type chosen on validation.",
     )
@@ -285,35 +399,33 @@ def _figures(
         ),
         "Overall test R² with oracle routing.",
     )
-    order = per_bin.sort_values("r2_ridge")
-    gains = order.delta_r2_vs_ridge.to_numpy()
+    hardest_first = per_bin.sort_values("r2_ridge")
     rep.figure(
         "ceiling_perbin_delta_r2.png",
-        bar(
-            [f"{b}\n{name}" for b, name in zip(order.bin, order.name)],
-            gains,
-            "ΔR² best expert vs Ridge",
-            "Per-bin gain over Ridge",
-            colors=[GAIN if v > 0 else LOSS if v < 0 else GREY for v in gains],
-            hline=GAIN_TARGET,
-            hline_label=f"+{GAIN_TARGET} (verdict line)",
-            annotate=[f"{v:+.3f}\n{t}" for v, t in zip(gains, np.asarray(choice)[order.index])],
-            legend={"gain": GAIN, "loss": LOSS, "no change (Ridge chosen)": GREY},
-            xlabel="physical bin, from hardest to easiest for Ridge",
-            figsize=(7.5, 5.2),
+        gain_per_bin(
+            [f"{b}\n{name}" for b, name in zip(hardest_first.bin, hardest_first.name)],
+            hardest_first.delta_r2_vs_ridge.to_numpy(),
+            list(np.asarray(chosen)[hardest_first.index]),
+            GAIN_TARGET,
+            "physical bin, from hardest to easiest for Ridge",
         ),
         "ΔR² of each bin's chosen expert (named above the bar) over its Ridge expert, hardest bins first.",
     )
     rep.figure(
         "ceiling_hybrid_pred_vs_true.png",
         pred_vs_true(
-            y,
-            hybrid,
-            r2(y, hybrid),
-            phys_bin,
+            results.log_g,
+            results.hybrid_pred,
+            results.r2_hybrid,
+            results.phys_bin,
             "physical bin",
             "Oracle-Hybrid: predicted vs true",
             categories=[f"{k} {name}" for k, name in enumerate(bins.PHYS_BIN_NAMES)],
         ),
         "Oracle-Hybrid predictions against true log g, coloured by physical bin.",
     )
+
+
+def run(settings: ExperimentSettings) -> dict:
+    """Fit the per-bin experts, route by the oracle and write the report."""
+    return write_report(compute(settings), settings)

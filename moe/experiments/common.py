@@ -1,4 +1,4 @@
-"""What every experiment shares: its settings, data access, verdicts, statistics and the report.
+"""What every experiment shares: its settings, data access, results, verdicts, statistics and the report.
 
 A report folder holds ``report.md`` (question, verdicts computed from the numbers, tables,
 embedded figures, config and data fingerprint), every table as CSV, and the PNG figures.
@@ -130,6 +130,27 @@ def bootstrap_delta_r2(
 
 
 @dataclass(frozen=True)
+class DataSummary:
+    """What a report states about its dataset: folder, split sizes, pixels, noise level and fingerprint."""
+
+    description: dict
+    fingerprint: dict
+    fingerprint_hash: str
+
+    @classmethod
+    def of(cls, dm: SpectraDataModule) -> DataSummary:
+        return cls(dm.describe(), dm.fingerprint(), dm.fingerprint_hash())
+
+
+@dataclass(kw_only=True)
+class Results:
+    """What every experiment's results hold next to its numbers: the data summary and the compute time [s]."""
+
+    data: DataSummary
+    compute_s: float
+
+
+@dataclass(frozen=True)
 class Verdict:
     """An experiment's decision rule evaluated on a measured value.
 
@@ -195,6 +216,7 @@ class Report:
     experiment_id: str
     title: str
     question: str
+    compute_s: float = 0.0  # time spent computing the results, counted in the runtime
     sections: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
@@ -224,22 +246,23 @@ class Report:
         self.sections.insert(0, "## Verdicts (computed from the numbers below)\n\n" + _md_table(df) + "\n")
         return df
 
-    def write(self, settings: ExperimentSettings, dm: SpectraDataModule, extra: dict | None = None) -> Path:
+    def write(self, settings: ExperimentSettings, data: DataSummary, extra: dict | None = None) -> Path:
         config = {
             "experiment": self.experiment_id,
             "settings": asdict(settings),
             **(extra or {}),
-            "data": dm.describe(),
-            "data_fingerprint": dm.fingerprint(),
-            "data_fingerprint_hash": dm.fingerprint_hash(),
-            "runtime_s": round(time.time() - self.started, 1),
+            "data": data.description,
+            "data_fingerprint": data.fingerprint,
+            "data_fingerprint_hash": data.fingerprint_hash,
+            "runtime_s": round(self.compute_s + time.time() - self.started, 1),
             "torch": torch.__version__,
         }
         _atomic_write(self.out / "config.json", json.dumps(config, indent=2, default=str))
+        about = data.description
         head = (
-            f"# {self.title}\n\n**Experiment:** `{self.experiment_id}`  \n**Data:** `{dm.data_dir}` "
-            f"({dm.train_set.n_rows} train / {dm.val_set.n_rows} val / {dm.test_set.n_rows} test, {dm.n_pixels} px, "
-            f"noise_level {dm.noise_level})  \n**Seeds:** {', '.join(map(str, settings.seeds))}  \n"
+            f"# {self.title}\n\n**Experiment:** `{self.experiment_id}`  \n**Data:** `{about['data_dir']}` "
+            f"({about['n_train']} train / {about['n_val']} val / {about['n_test']} test, {about['n_pixels']} px, "
+            f"noise_level {about['noise_level']})  \n**Seeds:** {', '.join(map(str, settings.seeds))}  \n"
             f"**Runtime:** {config['runtime_s']:.0f} s\n\n**Question.** {self.question}\n"
         )
         tail = (

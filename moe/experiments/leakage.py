@@ -15,6 +15,9 @@ the shuffle test's groups and the SNR that the statistics predict. Both are repo
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import scipy.linalg as sla
@@ -25,8 +28,11 @@ from moe.data import bins
 from moe.data.check import ridge_sweep
 from moe.data.quality import QUALITY_NAMES, quality_stats
 from moe.experiments.common import (
+    Arrays,
+    DataSummary,
     ExperimentSettings,
     Report,
+    Results,
     Verdict,
     load_splits,
     seed_mean_std,
@@ -34,7 +40,7 @@ from moe.experiments.common import (
 from moe.experts.nonlinear import fit_lgbm
 from moe.experts.scores import r2, regression_metrics
 from moe.features.physics import LINES
-from moe.plots import PALETTE, SAND, bar, importance_hist, importance_spectrum
+from moe.plots import bar, importance_hist, importance_spectrum, leakage_checks, method_colour
 
 EXPERIMENT_ID = "LOGG-ERR-BASE-01"
 RIDGE_ALPHAS = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
@@ -46,12 +52,39 @@ N_STATS = len(QUALITY_NAMES)
 AGGREGATES = f"{N_STATS} aggregate statistics"
 TELLURIC_BANDS = ((7160.0, 7340.0), (7594.0, 7700.0), (8130.0, 8350.0))  # H2O, O2 A band, H2O [Å]
 SPLITS = ("train", "val", "test")
+TITLE = "Error-vector leakage audit"
+QUESTION = (
+    "Does the per-pixel error vector alone predict log g (leakage), and do its "
+    f"{AGGREGATES} (the gate's quality features) stay blind to log g while keeping the SNR?"
+)
+
+
+@dataclass
+class LeakageResults(Results):
+    """Every number of the leakage report (D pixels)."""
+
+    models: pd.DataFrame  # error-only models: R^2 per split, test MAE and RMSE
+    sanity: pd.DataFrame  # sanity checks: test R^2 of each variant
+    importance_top: pd.DataFrame  # share of the top-K pixels in each model's importance
+    importance: dict[str, np.ndarray]  # "Ridge" |coef| / "LightGBM" gain -> value per pixel [D]
+    top_share: dict[str, float]  # model -> share of its importance in the top-K pixels
+    wave: np.ndarray  # [D] Å
+    best_alpha: float  # Ridge alpha picked on val
+    n_rows: dict[str, int]  # spectra per split
+    error_only_r2: float  # best test R^2 of an error-only model, floored at 0
+    aggregate_r2: float  # test R^2 of log g from the aggregate statistics
+    shuffle_r2: float  # test R^2 after shuffling within SNR bins at noise level 1
 
 
 def _ridge_sweep(z_train, y_train, z_by_split: dict[str, np.ndarray], alphas=RIDGE_ALPHAS) -> tuple[dict, np.ndarray]:
     """Standardised Ridge for every alpha from one X^T X: predictions per split [N, A] and coefs [A, D]."""
     model = ridge_sweep(z_train, y_train, alphas)
     return {k: model.predict(z) for k, z in z_by_split.items()}, model.coef_
+
+
+def _best_alpha_index(y_val: np.ndarray, pred_val: np.ndarray) -> int:
+    """The column of ``pred_val`` [N, A] with the highest validation R^2."""
+    return int(np.argmax([r2(y_val, pred_val[:, i]) for i in range(pred_val.shape[1])]))
 
 
 def _ols(z_train, y_train, z_by_split: dict[str, np.ndarray]) -> dict:
@@ -64,10 +97,69 @@ def _ols(z_train, y_train, z_by_split: dict[str, np.ndarray]) -> dict:
     return {k: z @ coef + intercept for k, z in z_by_split.items()}
 
 
-def _errors_only(y_test: np.ndarray, pred_test: np.ndarray) -> dict:
-    """MAE and RMSE on the test split (the R^2 columns are per split)."""
-    m = regression_metrics(y_test, pred_test)
-    return {"mae": m["mae"], "rmse": m["rmse"]}
+def _model_row(model: str, log_g: dict[str, np.ndarray], pred: dict[str, np.ndarray]) -> dict:
+    """A row of the models table: R^2 per split, MAE and RMSE on the test split."""
+    test = regression_metrics(log_g["test"], pred["test"])
+    return {
+        "model": model,
+        **{f"r2_{k}": r2(log_g[k], pred[k]) for k in log_g},
+        "mae": test["mae"],
+        "rmse": test["rmse"],
+    }
+
+
+def _lgbm_on_errors(splits: dict[str, Arrays], settings: ExperimentSettings) -> tuple[dict, list[float], np.ndarray]:
+    """LightGBM on the error vector, one per seed: the first seed's predictions per split, the test
+    R^2 per seed and the gain per pixel [D] (mean over seeds)."""
+    train, test = splits["train"], splits["test"]
+    first_pred, test_r2, gains = None, [], []
+    for seed in settings.seeds:
+        model = fit_lgbm(
+            train.error, train.log_g, seed, settings.lgbm_device, params=LGBM_PARAMS, importance_type="gain"
+        )
+        test_pred = model.predict(test.error)
+        test_r2.append(r2(test.log_g, test_pred))
+        gains.append(model.feature_importances_.astype(float))
+        if first_pred is None:
+            first_pred = {
+                "train": model.predict(train.error),
+                "val": model.predict(splits["val"].error),
+                "test": test_pred,
+            }
+    return first_pred, test_r2, np.mean(gains, 0)
+
+
+def _error_only_models(
+    splits: dict[str, Arrays], settings: ExperimentSettings
+) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray]:
+    """OLS, standardised Ridge at every alpha and LightGBM on the error vector: the models table, the Ridge
+    coefficients [A, D], the index of the alpha best on val and the LightGBM gain per pixel [D]."""
+    log_g = {k: a.log_g for k, a in splits.items()}
+    scaler = StandardScaler().fit(splits["train"].error.astype(np.float64))
+    z = {k: scaler.transform(a.error.astype(np.float64)) for k, a in splits.items()}
+    rows = [_model_row("OLS", log_g, _ols(z["train"], log_g["train"], z))]
+    ridge_pred, ridge_coefs = _ridge_sweep(z["train"], log_g["train"], z)
+    for i, alpha in enumerate(RIDGE_ALPHAS):
+        rows.append(_model_row(f"Ridge a={alpha:g}", log_g, {k: p[:, i] for k, p in ridge_pred.items()}))
+    lgbm_pred, lgbm_test_r2, lgbm_gain = _lgbm_on_errors(splits, settings)
+    rows.append(
+        _model_row("LightGBM", log_g, lgbm_pred) | {"note": f"test R2 over seeds {seed_mean_std(lgbm_test_r2)}"}
+    )
+    best = _best_alpha_index(log_g["val"], ridge_pred["val"])
+    return pd.DataFrame(rows).fillna(""), ridge_coefs, best, lgbm_gain
+
+
+def _check_row(
+    check: str, r2_test: float, noise_level: float = np.nan, target: str = "log g", seeds="", groups=""
+) -> dict:
+    return {
+        "check": check,
+        "noise_level": noise_level,
+        "target": target,
+        "r2_test": r2_test,
+        "seeds": seeds,
+        "groups": groups,
+    }
 
 
 def _shuffled_within(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -79,152 +171,124 @@ def _shuffled_within(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return perm
 
 
-def run(settings: ExperimentSettings) -> dict:
-    dm = settings.datamodule()
-    rep = Report(
-        settings.out or "reports/leakage",
-        EXPERIMENT_ID,
-        "Error-vector leakage audit",
-        "Does the per-pixel error vector alone predict log g (leakage), and do its "
-        f"{AGGREGATES} (the gate's quality features) stay blind to log g while keeping the SNR?",
-    )
-    train, val, test = load_splits(dm, settings)
-    data = dict(zip(SPLITS, (train, val, test)))
-    wave = dm.wave
-    scaler = StandardScaler().fit(train.error.astype(np.float64))
-    z = {k: scaler.transform(a.error.astype(np.float64)) for k, a in data.items()}
-    y = {k: a.log_g for k, a in data.items()}
+def _snr_at_level(snr: np.ndarray, noise_level: float, level: float) -> np.ndarray:
+    """The SNR the spectra would have at noise ``level`` (``snr`` was measured at ``noise_level``)."""
+    return snr * noise_level / level if level > 0 else np.full_like(snr, np.inf)
 
+
+def _shuffle_check(train: Arrays, test: Arrays, snr_groups: np.ndarray, level: float, alpha: float, seeds) -> dict:
+    """Ridge on error vectors permuted among the training stars of the same SNR bin, labels kept."""
+    shuffled_r2 = []
+    for seed in seeds:
+        shuffled = train.error[_shuffled_within(snr_groups, np.random.default_rng(seed))].astype(np.float64)
+        scaler = StandardScaler().fit(shuffled)
+        model = Ridge(alpha=alpha, solver="cholesky").fit(scaler.transform(shuffled), train.log_g)
+        shuffled_r2.append(r2(test.log_g, model.predict(scaler.transform(test.error.astype(np.float64)))))
+    groups = " / ".join(f"{bins.SNR_BIN_NAMES[g]}:{int((snr_groups == g).sum())}" for g in np.unique(snr_groups))
+    return _check_row(
+        f"shuffle within SNR bins (noise {level:g})",
+        float(np.mean(shuffled_r2)),
+        level,
+        seeds=seed_mean_std(shuffled_r2),
+        groups=groups,
+    )
+
+
+def _snr_from_aggregates_check(stats: dict[str, np.ndarray], snr_train, snr_test, level: float) -> dict:
+    """Ridge from the aggregate statistics to log10 SNR."""
+    scaler = StandardScaler().fit(stats["train"])
+    model = Ridge(alpha=1.0).fit(scaler.transform(stats["train"]), np.log10(snr_train))
+    r2_test = r2(np.log10(snr_test), model.predict(scaler.transform(stats["test"])))
+    return _check_row(f"{AGGREGATES} -> log10 SNR (noise {level:g})", r2_test, level, target="log10 SNR")
+
+
+def _flagged(error: np.ndarray) -> np.ndarray:
+    """1.0 where a pixel's error exceeds 3x its row's median, else 0.0."""
+    return (error > 3 * np.median(error, 1, keepdims=True)).astype(np.float64)
+
+
+def _mask_only_check(train: Arrays, test: Arrays, alpha: float) -> dict:
+    """Ridge on the binary mask of flagged pixels."""
+    mask_train, mask_test = _flagged(train.error), _flagged(test.error)
+    scaler = StandardScaler().fit(mask_train)
+    model = Ridge(alpha=alpha).fit(scaler.transform(mask_train), train.log_g)
+    return _check_row(
+        "mask-only (flagged pixels: error > 3x row median)",
+        r2(test.log_g, model.predict(scaler.transform(mask_test))),
+        groups=f"{mask_train.mean() * 100:.1f}% of pixels flagged",
+    )
+
+
+def _aggregates_check(stats: dict[str, np.ndarray], log_g: dict[str, np.ndarray]) -> dict:
+    """Standardised Ridge from the aggregate statistics to log g, alpha picked on val."""
+    scaler = StandardScaler().fit(stats["train"])
+    pred, _ = _ridge_sweep(
+        scaler.transform(stats["train"]), log_g["train"], {k: scaler.transform(v) for k, v in stats.items()}
+    )
+    best = _best_alpha_index(log_g["val"], pred["val"])
+    return _check_row(f"{AGGREGATES} -> log g", r2(log_g["test"], pred["test"][:, best]))
+
+
+def _sanity_checks(splits: dict[str, Arrays], noise_level: float, alpha: float, seeds) -> pd.DataFrame:
+    """Per noise level the shuffle test and the aggregates' R^2 for log10 SNR, then the mask-only and
+    aggregates-to-log-g tests."""
+    train, test = splits["train"], splits["test"]
+    stats = {k: quality_stats(a.error) for k, a in splits.items()}
     rows = []
-    ols = _ols(z["train"], y["train"], z)
-    rows.append({"model": "OLS", **{f"r2_{k}": r2(y[k], ols[k]) for k in y}, **_errors_only(y["test"], ols["test"])})
-    ridge_preds, ridge_coefs = _ridge_sweep(z["train"], y["train"], z)
-    for i, a in enumerate(RIDGE_ALPHAS):
-        rows.append(
-            {
-                "model": f"Ridge a={a:g}",
-                **{f"r2_{k}": r2(y[k], ridge_preds[k][:, i]) for k in y},
-                **_errors_only(y["test"], ridge_preds["test"][:, i]),
-            }
-        )
-    best = int(np.argmax([r2(y["val"], ridge_preds["val"][:, i]) for i in range(len(RIDGE_ALPHAS))]))
-    best_alpha = RIDGE_ALPHAS[best]
-    lgbm_r2, lgbm_importance, lgbm_pred = [], [], None
-    for seed in settings.seeds:
-        model = fit_lgbm(
-            train.error, y["train"], seed, settings.lgbm_device, params=LGBM_PARAMS, importance_type="gain"
-        )
-        pred_test = model.predict(test.error)
-        lgbm_r2.append(r2(y["test"], pred_test))
-        lgbm_importance.append(model.feature_importances_.astype(float))
-        if lgbm_pred is None:
-            lgbm_pred = {"train": model.predict(train.error), "val": model.predict(val.error), "test": pred_test}
-    rows.append(
-        {
-            "model": "LightGBM",
-            **{f"r2_{k}": r2(y[k], lgbm_pred[k]) for k in y},
-            **_errors_only(y["test"], lgbm_pred["test"]),
-            "note": f"test R2 over seeds {seed_mean_std(lgbm_r2)}",
-        }
-    )
-    models = pd.DataFrame(rows).fillna("")
-    best_error_r2 = max(float(models["r2_test"].max()), 0.0)
-
-    # ---- sanity checks --------------------------------------------------------------------------
-    sanity = []
-    ridge_best = Ridge(alpha=best_alpha, solver="cholesky")
     for level in NOISE_LEVELS:
-        snr_train = train.snr * dm.noise_level / level if level > 0 else np.full_like(train.snr, np.inf)
-        snr_test = test.snr * dm.noise_level / level if level > 0 else np.full_like(test.snr, np.inf)
-        snr_groups = bins.snr_bin(snr_train)
-        shuffled_r2 = []
-        for seed in settings.seeds:
-            shuffled = train.error[_shuffled_within(snr_groups, np.random.default_rng(seed))].astype(np.float64)
-            shuffled_scaler = StandardScaler().fit(shuffled)
-            ridge_best.fit(shuffled_scaler.transform(shuffled), y["train"])
-            shuffled_r2.append(
-                r2(y["test"], ridge_best.predict(shuffled_scaler.transform(test.error.astype(np.float64))))
-            )
-        sanity.append(
-            {
-                "check": f"shuffle within SNR bins (noise {level:g})",
-                "noise_level": level,
-                "target": "log g",
-                "r2_test": float(np.mean(shuffled_r2)),
-                "seeds": seed_mean_std(shuffled_r2),
-                "groups": " / ".join(
-                    f"{bins.SNR_BIN_NAMES[g]}:{int((snr_groups == g).sum())}" for g in np.unique(snr_groups)
-                ),
-            }
-        )
+        snr_train, snr_test = _snr_at_level(train.snr, noise_level, level), _snr_at_level(test.snr, noise_level, level)
+        rows.append(_shuffle_check(train, test, bins.snr_bin(snr_train), level, alpha, seeds))
         if level > 0:
-            stats_train, stats_test = quality_stats(train.error), quality_stats(test.error)
-            stats_scaler = StandardScaler().fit(stats_train)
-            snr_model = Ridge(alpha=1.0).fit(stats_scaler.transform(stats_train), np.log10(snr_train))
-            sanity.append(
-                {
-                    "check": f"{AGGREGATES} -> log10 SNR (noise {level:g})",
-                    "noise_level": level,
-                    "target": "log10 SNR",
-                    "r2_test": r2(np.log10(snr_test), snr_model.predict(stats_scaler.transform(stats_test))),
-                    "seeds": "",
-                    "groups": "",
-                }
-            )
-    mask_train = (train.error > 3 * np.median(train.error, 1, keepdims=True)).astype(np.float64)
-    mask_test = (test.error > 3 * np.median(test.error, 1, keepdims=True)).astype(np.float64)
-    mask_scaler = StandardScaler().fit(mask_train)
-    mask_model = Ridge(alpha=best_alpha).fit(mask_scaler.transform(mask_train), y["train"])
-    r2_mask = r2(y["test"], mask_model.predict(mask_scaler.transform(mask_test)))
-    sanity.append(
-        {
-            "check": "mask-only (flagged pixels: error > 3x row median)",
-            "noise_level": np.nan,
-            "target": "log g",
-            "r2_test": r2_mask,
-            "seeds": "",
-            "groups": f"{mask_train.mean() * 100:.1f}% of pixels flagged",
-        }
-    )
-    stats = {k: quality_stats(a.error) for k, a in data.items()}
-    stats_scaler = StandardScaler().fit(stats["train"])
-    stats_preds, _ = _ridge_sweep(
-        stats_scaler.transform(stats["train"]), y["train"], {k: stats_scaler.transform(v) for k, v in stats.items()}
-    )
-    stats_alpha = int(np.argmax([r2(y["val"], stats_preds["val"][:, i]) for i in range(len(RIDGE_ALPHAS))]))
-    r2_aggregates = r2(y["test"], stats_preds["test"][:, stats_alpha])
-    sanity.append(
-        {
-            "check": f"{AGGREGATES} -> log g",
-            "noise_level": np.nan,
-            "target": "log g",
-            "r2_test": r2_aggregates,
-            "seeds": "",
-            "groups": "",
-        }
-    )
-    sanity_df = pd.DataFrame(sanity)
+            rows.append(_snr_from_aggregates_check(stats, snr_train, snr_test, level))
+    rows.append(_mask_only_check(train, test, alpha))
+    rows.append(_aggregates_check(stats, {k: a.log_g for k, a in splits.items()}))
+    return pd.DataFrame(rows)
 
-    # ---- importance -------------------------------------------------------------------------------
-    importance = {"Ridge": np.abs(ridge_coefs[best]), "LightGBM": np.mean(lgbm_importance, 0)}
-    top_share = {
-        name: float(np.sort(v)[::-1][:TOP_K].sum() / v.sum()) if v.sum() > 0 else float("nan")
-        for name, v in importance.items()
-    }
-    top = pd.DataFrame(
+
+def _top_share(importance: np.ndarray) -> float:
+    """The share of the total importance held by the ``TOP_K`` highest pixels."""
+    return float(np.sort(importance)[::-1][:TOP_K].sum() / importance.sum()) if importance.sum() > 0 else float("nan")
+
+
+def compute(settings: ExperimentSettings) -> LeakageResults:
+    """Fit the error-only models and the sanity checks; no file is written."""
+    started = time.time()
+    dm = settings.datamodule()
+    splits = dict(zip(SPLITS, load_splits(dm, settings)))
+    models, ridge_coefs, best, lgbm_gain = _error_only_models(splits, settings)
+    best_alpha = RIDGE_ALPHAS[best]
+    sanity = _sanity_checks(splits, dm.noise_level, best_alpha, settings.seeds)
+    importance = {"Ridge": np.abs(ridge_coefs[best]), "LightGBM": lgbm_gain}
+    top_share = {name: _top_share(values) for name, values in importance.items()}
+    importance_top = pd.DataFrame(
         [
-            {"model": label, f"top{TOP_K}_share": top_share[name], "uniform_share": TOP_K / len(wave)}
+            {"model": label, f"top{TOP_K}_share": top_share[name], "uniform_share": TOP_K / len(dm.wave)}
             for name, label in (("Ridge", "Ridge |coef|"), ("LightGBM", "LightGBM gain"))
         ]
     )
-
-    shuffle_r2_at_1 = float(
-        sanity_df.loc[sanity_df.check.str.startswith("shuffle") & (sanity_df.noise_level == 1.0), "r2_test"].iloc[0]
+    r2_of_check = sanity.set_index("check")["r2_test"]
+    return LeakageResults(
+        models=models,
+        sanity=sanity,
+        importance_top=importance_top,
+        importance=importance,
+        top_share=top_share,
+        wave=dm.wave,
+        best_alpha=best_alpha,
+        n_rows={k: len(a.log_g) for k, a in splits.items()},
+        error_only_r2=max(float(models["r2_test"].max()), 0.0),
+        aggregate_r2=float(r2_of_check[f"{AGGREGATES} -> log g"]),
+        shuffle_r2=float(r2_of_check["shuffle within SNR bins (noise 1)"]),
+        data=DataSummary.of(dm),
+        compute_s=time.time() - started,
     )
-    verdicts = [
+
+
+def verdicts(results: LeakageResults) -> list[Verdict]:
+    return [
         Verdict(
             "Error-only R2 below the leakage line?",
-            best_error_r2,
+            results.error_only_r2,
             "<",
             LEAK_THRESHOLD,
             "no leakage: the error vector may feed the gate as it is",
@@ -232,7 +296,7 @@ def run(settings: ExperimentSettings) -> dict:
         ),
         Verdict(
             "Aggregate statistics blind to log g?",
-            r2_aggregates,
+            results.aggregate_r2,
             "<",
             LEAK_THRESHOLD,
             f"the {AGGREGATES} are safe quality features",
@@ -240,25 +304,52 @@ def run(settings: ExperimentSettings) -> dict:
         ),
         Verdict(
             "Shuffle within SNR bins destroys the signal? (R2 at noise 1)",
-            shuffle_r2_at_1,
+            results.shuffle_r2,
             "<",
             LEAK_THRESHOLD,
             "the leak rides on wavelength-aligned, star-specific detail, not on the SNR level",
             "the SNR level itself carries log g",
         ),
     ]
-    rep.verdicts(verdicts)
+
+
+def write_report(results: LeakageResults, settings: ExperimentSettings) -> dict:
+    """Write the report folder (verdicts, tables, figures, config); return what ``run`` returns."""
+    rep = Report(settings.out or "reports/leakage", EXPERIMENT_ID, TITLE, QUESTION, compute_s=results.compute_s)
+    judged = verdicts(results)
+    rep.verdicts(judged)
+    models, n_rows = results.models, results.n_rows
     rep.table(
         "models",
         models,
-        f"Error-only models (input: the {len(wave)}-pixel error vector)",
-        f"Train {len(train.log_g)} / val {len(val.log_g)} / test {len(test.log_g)} spectra. "
-        f"Best Ridge alpha on val: {best_alpha:g}. "
+        f"Error-only models (input: the {len(results.wave)}-pixel error vector)",
+        f"Train {n_rows['train']} / val {n_rows['val']} / test {n_rows['test']} spectra. "
+        f"Best Ridge alpha on val: {results.best_alpha:g}. "
         "The error vector does not depend on the noise level (see the module docstring).",
     )
-    rep.table("sanity_checks", sanity_df, "Sanity checks")
-    rep.table("importance_top40", top, f"How concentrated is the importance? (share of the top-{TOP_K} pixels)")
+    rep.table("sanity_checks", results.sanity, "Sanity checks")
+    rep.table(
+        "importance_top40",
+        results.importance_top,
+        f"How concentrated is the importance? (share of the top-{TOP_K} pixels)",
+    )
+    _figures(rep, results)
+    rep.write(
+        settings,
+        results.data,
+        {"best_ridge_alpha": results.best_alpha, "lgbm": LGBM_PARAMS, "n_train_rows": n_rows["train"]},
+    )
+    return {
+        "report": rep.out,
+        "headline": models[["model", "r2_train", "r2_val", "r2_test"]],
+        "verdicts": judged,
+        "error_only_r2": results.error_only_r2,
+        "aggregate_r2": results.aggregate_r2,
+    }
 
+
+def _figures(rep: Report, results: LeakageResults) -> None:
+    models, sanity = results.models, results.sanity
     model_type = ["Ridge" if m.startswith("Ridge") else m for m in models["model"]]
     rep.figure(
         "logg_err_base_01_r2_models.png",
@@ -267,65 +358,46 @@ def run(settings: ExperimentSettings) -> dict:
             list(models["r2_test"]),
             "test R² (log g from the error vector)",
             "Error-only models",
-            colors=[PALETTE[t] for t in model_type],
+            colors=[method_colour(t) for t in model_type],
             hline=LEAK_THRESHOLD,
             hline_label=f"leakage line R² = {LEAK_THRESHOLD}",
-            legend={t: PALETTE[t] for t in dict.fromkeys(model_type)},
+            legend={t: method_colour(t) for t in dict.fromkeys(model_type)},
         ),
         "Test R² of log g predicted from the error vector alone, per model.",
     )
     rep.figure(
         "logg_err_base_01_importance_spectrum.png",
         importance_spectrum(
-            wave,
-            importance,
-            {"Ridge": f"|coef| (alpha {best_alpha:g})", "LightGBM": "gain"},
+            results.wave,
+            results.importance,
+            {"Ridge": f"|coef| (alpha {results.best_alpha:g})", "LightGBM": "gain"},
             [c for line in LINES for c in line.centres],
             TELLURIC_BANDS,
             "Which pixels of the error vector predict log g",
         ),
-        f"Feature importance against wavelength: |standardised Ridge coefficient| (alpha {best_alpha:g}) "
+        f"Feature importance against wavelength: |standardised Ridge coefficient| (alpha {results.best_alpha:g}) "
         "and LightGBM gain.",
     )
     rep.figure(
         "logg_err_base_01_importance_hist.png",
-        importance_hist(importance, top_share, TOP_K),
+        importance_hist(results.importance, results.top_share, TOP_K),
         f"Distribution of per-pixel importance (Ridge |coefficient|, LightGBM gain) and the share held by the "
         f"top-{TOP_K} pixels.",
     )
-    best_type = model_type[int(np.argmax(models["r2_test"].to_numpy(float)))]
     rep.figure(
         "logg_err_base_01_sanity_checks.png",
-        _sanity_figure(best_error_r2, best_type, sanity_df),
+        leakage_checks(
+            results.error_only_r2,
+            model_type[int(np.argmax(models["r2_test"].to_numpy(float)))],
+            [c.replace(AGGREGATES, "aggregates") for c in sanity["check"]],
+            list(sanity["target"]),
+            list(sanity["r2_test"]),
+            LEAK_THRESHOLD,
+        ),
         "Sanity checks: test R² of each variant (log g, or log10 SNR where the bar says so).",
     )
-    rep.write(settings, dm, {"best_ridge_alpha": best_alpha, "lgbm": LGBM_PARAMS, "n_train_rows": len(train.log_g)})
-    return {
-        "report": rep.out,
-        "headline": models[["model", "r2_train", "r2_val", "r2_test"]],
-        "verdicts": verdicts,
-        "error_only_r2": best_error_r2,
-        "aggregate_r2": r2_aggregates,
-    }
 
 
-def _sanity_figure(best_error_r2: float, best_type: str, sanity: pd.DataFrame):
-    labels = ["error vector (best model)"] + [c.replace(AGGREGATES, "aggregates") for c in sanity["check"]]
-    target_colour = {"log g": PALETTE["Ridge"], "log10 SNR": SAND}
-    colours = [PALETTE[best_type]] + [target_colour[t] for t in sanity["target"]]
-    return bar(
-        labels,
-        [best_error_r2, *sanity["r2_test"]],
-        "test R²",
-        "Leakage sanity checks",
-        colors=colours,
-        hline=LEAK_THRESHOLD,
-        hline_label=f"leakage line R² = {LEAK_THRESHOLD}",
-        legend={
-            f"best error-only model ({best_type}; R² floored at 0)": PALETTE[best_type],
-            "Ridge -> log g": target_colour["log g"],
-            "Ridge -> log10 SNR": target_colour["log10 SNR"],
-        },
-        wrap=14,
-        figsize=(10, 5.2),
-    )
+def run(settings: ExperimentSettings) -> dict:
+    """Compute the audit and write its report."""
+    return write_report(compute(settings), settings)

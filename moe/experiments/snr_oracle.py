@@ -8,13 +8,18 @@ Delta R^2 gets mean +- std and a paired bootstrap 95% CI.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
 from moe.data import bins
 from moe.experiments.common import (
+    DataSummary,
     ExperimentSettings,
     Report,
+    Results,
     Verdict,
     bootstrap_delta_r2,
     seed_mean_std,
@@ -23,100 +28,153 @@ from moe.experts.bundle import load_or_fit
 from moe.experts.evaluate import oracle_predictions, regression_metrics
 from moe.experts.fit import FitConfig
 from moe.experts.groups import FAMILY_SIZES
-from moe.plots import bar, grouped_bar, heatmap, method_colour, pred_vs_true
+from moe.plots import bar, delta_r2_column, grouped_bar, method_colour, pred_vs_true
 
 EXPERIMENT_ID = "LOGG-SNR-ORACLE-01"
 GAIN_THRESHOLD = 0.02
 GLOBAL = "Global Ridge"
 ORACLE = f"Oracle SNR-MoE ({FAMILY_SIZES['snr']} experts)"
 FIT = FitConfig(families=("global", "phys", "snr"))
+TITLE = "Oracle SNR-binned Ridge experts vs global Ridge"
+QUESTION = (
+    f"Does splitting the Ridge experts by SNR ({bins.SNR_BIN_RULE}) leave headroom: "
+    f"is the oracle-routed R^2 at least {GAIN_THRESHOLD} above one global Ridge?"
+)
 
 
-def run(settings: ExperimentSettings) -> dict:
-    rep = Report(
-        settings.out or "reports/snr-oracle",
-        EXPERIMENT_ID,
-        "Oracle SNR-binned Ridge experts vs global Ridge",
-        f"Does splitting the Ridge experts by SNR ({bins.SNR_BIN_RULE}) leave headroom: "
-        f"is the oracle-routed R^2 at least {GAIN_THRESHOLD} above one global Ridge?",
-    )
+@dataclass
+class SnrOracleResults(Results):
+    """Every number of the SNR-oracle report (N test spectra)."""
+
+    headline: pd.DataFrame  # global, oracle and their Delta R^2 over the whole test split
+    slices: pd.DataFrame  # global vs oracle overall ("all") and per SNR bin
+    alphas: pd.DataFrame  # Ridge alpha and training rows per expert
+    delta_r2: list[float]  # oracle - global per seed
+    delta_ci: tuple[float, float]  # paired bootstrap 95% CI of the Delta R^2
+    log_g: np.ndarray  # [N] true test log g
+    snr: np.ndarray  # [N] test SNR (first seed)
+    oracle_pred: np.ndarray  # [N] oracle prediction, first seed's test noise
+    oracle_r2: float  # R^2 of ``oracle_pred``
+
+
+def _slice_row(name: str, n_train: int, log_g: np.ndarray, pred_global: np.ndarray, pred_oracle: np.ndarray) -> dict:
+    """Global vs oracle metrics on one slice of the test split."""
+    on_global, on_oracle = regression_metrics(log_g, pred_global), regression_metrics(log_g, pred_oracle)
+    return {
+        "slice": name,
+        "n_train": n_train,
+        "n_test": on_global["n"],
+        "r2_global": on_global["r2"],
+        "r2_oracle": on_oracle["r2"],
+        "delta_r2": on_oracle["r2"] - on_global["r2"],
+        "mae_global": on_global["mae"],
+        "mae_oracle": on_oracle["mae"],
+        "rmse_global": on_global["rmse"],
+        "rmse_oracle": on_oracle["rmse"],
+    }
+
+
+def compute(settings: ExperimentSettings) -> SnrOracleResults:
+    """Route every test spectrum to its SNR bin's expert, once per seed's test noise; no file is written."""
+    started = time.time()
     runs = []
     for seed in settings.seeds:
         dm = settings.datamodule(test_seed=seed)
         bundle = load_or_fit(dm, FIT, progress=settings.progress)
         runs.append(oracle_predictions(dm, bundle, "test", ("global", "snr")))
     first = runs[0]
-    y = first.y
-    deltas = [regression_metrics(y, r.pred["snr"])["r2"] - regression_metrics(y, r.pred["global"])["r2"] for r in runs]
-    lo, hi = bootstrap_delta_r2(y, [r.pred["snr"] for r in runs], [r.pred["global"] for r in runs])
-    n_train = bundle.families["snr"].n_train
+    log_g = first.y
+    delta_r2 = [
+        regression_metrics(log_g, r.pred["snr"])["r2"] - regression_metrics(log_g, r.pred["global"])["r2"] for r in runs
+    ]
+    delta_ci = bootstrap_delta_r2(log_g, [r.pred["snr"] for r in runs], [r.pred["global"] for r in runs])
     pred_global = np.mean([r.pred["global"] for r in runs], 0)
     pred_oracle = np.mean([r.pred["snr"] for r in runs], 0)
-
-    rows = []
-    slices = [("all", None, np.ones_like(y, dtype=bool))]
-    slices += [(f"SNR {name}", i, first.snr_bin == i) for i, name in enumerate(bins.SNR_BIN_NAMES)]
-    for name, index, mask in slices:
-        on_global = regression_metrics(y[mask], pred_global[mask])
-        on_oracle = regression_metrics(y[mask], pred_oracle[mask])
-        rows.append(
-            {
-                "slice": name,
-                "n_train": int(n_train.sum() if index is None else n_train[index]),
-                "n_test": on_global["n"],
-                "r2_global": on_global["r2"],
-                "r2_oracle": on_oracle["r2"],
-                "delta_r2": on_oracle["r2"] - on_global["r2"],
-                "mae_global": on_global["mae"],
-                "mae_oracle": on_oracle["mae"],
-                "rmse_global": on_global["rmse"],
-                "rmse_oracle": on_oracle["rmse"],
-            }
+    snr_family, global_family = bundle.families["snr"], bundle.families["global"]
+    n_train = snr_family.n_train
+    slices = [_slice_row("all", int(n_train.sum()), log_g, pred_global, pred_oracle)]
+    for i, name in enumerate(bins.SNR_BIN_NAMES):
+        in_bin = first.snr_bin == i
+        slices.append(
+            _slice_row(f"SNR {name}", int(n_train[i]), log_g[in_bin], pred_global[in_bin], pred_oracle[in_bin])
         )
-    table = pd.DataFrame(rows)
-    overall = table.iloc[0]
+    overall = slices[0]
     headline = pd.DataFrame(
         [
-            {"model": GLOBAL, "r2": overall.r2_global, "mae": overall.mae_global, "rmse": overall.rmse_global},
-            {"model": ORACLE, "r2": overall.r2_oracle, "mae": overall.mae_oracle, "rmse": overall.rmse_oracle},
-            {"model": "Delta R2", "r2": float(np.mean(deltas)), "mae": np.nan, "rmse": np.nan},
+            {"model": GLOBAL, "r2": overall["r2_global"], "mae": overall["mae_global"], "rmse": overall["rmse_global"]},
+            {"model": ORACLE, "r2": overall["r2_oracle"], "mae": overall["mae_oracle"], "rmse": overall["rmse_oracle"]},
+            {"model": "Delta R2", "r2": float(np.mean(delta_r2)), "mae": np.nan, "rmse": np.nan},
         ]
     )
     alphas = pd.DataFrame(
         {
-            "expert": ["global"] + bundle.families["snr"].names,
-            "alpha": [bundle.families["global"].alpha[0], *bundle.families["snr"].alpha],
-            "n_train": [int(bundle.families["global"].n_train[0]), *map(int, n_train)],
+            "expert": ["global"] + snr_family.names,
+            "alpha": [global_family.alpha[0], *snr_family.alpha],
+            "n_train": [int(global_family.n_train[0]), *map(int, n_train)],
         }
     )
-    verdicts = [
+    return SnrOracleResults(
+        headline=headline,
+        slices=pd.DataFrame(slices),
+        alphas=alphas,
+        delta_r2=delta_r2,
+        delta_ci=delta_ci,
+        log_g=log_g,
+        snr=first.snr,
+        oracle_pred=first.pred["snr"],
+        oracle_r2=regression_metrics(log_g, first.pred["snr"])["r2"],
+        data=DataSummary.of(dm),
+        compute_s=time.time() - started,
+    )
+
+
+def verdicts(results: SnrOracleResults) -> list[Verdict]:
+    return [
         Verdict(
             f"Oracle SNR split gains Delta R2 >= {GAIN_THRESHOLD} over global?",
-            float(np.mean(deltas)),
+            float(np.mean(results.delta_r2)),
             ">=",
             GAIN_THRESHOLD,
             "headroom: continue to a deployable SNR gate",
             "no headroom: SNR-binned experts are not worth it; try whitening or SNR-conditional models",
         )
     ]
-    rep.verdicts(verdicts)
+
+
+def write_report(results: SnrOracleResults, settings: ExperimentSettings) -> dict:
+    """Write the report folder (verdicts, tables, figures, config); return what ``run`` returns."""
+    rep = Report(settings.out or "reports/snr-oracle", EXPERIMENT_ID, TITLE, QUESTION, compute_s=results.compute_s)
+    judged = verdicts(results)
+    rep.verdicts(judged)
+    lo, hi = results.delta_ci
     rep.text(
         "Headline",
-        f"Delta R^2 (oracle - global) = {seed_mean_std(deltas)} over {len(deltas)} seed(s); "
+        f"Delta R^2 (oracle - global) = {seed_mean_std(results.delta_r2)} over {len(results.delta_r2)} seed(s); "
         f"paired bootstrap 95% CI [{lo:+.4f}, {hi:+.4f}].",
     )
-    rep.table("headline", headline, "Global vs oracle SNR-MoE on the test split")
-    rep.table("per_bin", table, "Per SNR bin (oracle routing: each spectrum to its own bin's expert)")
-    rep.table("alphas", alphas, "Ridge alpha per expert (picked on the pre-noised validation split)")
+    rep.table("headline", results.headline, "Global vs oracle SNR-MoE on the test split")
+    rep.table("per_bin", results.slices, "Per SNR bin (oracle routing: each spectrum to its own bin's expert)")
+    rep.table("alphas", results.alphas, "Ridge alpha per expert (picked on the pre-noised validation split)")
+    _figures(rep, results, settings.seeds[0])
+    rep.write(settings, results.data, {"fit": FIT.key_dict()})
+    return {
+        "report": rep.out,
+        "headline": results.headline,
+        "verdicts": judged,
+        "delta_r2": float(np.mean(results.delta_r2)),
+        "ci": results.delta_ci,
+    }
 
-    per_bin = table.iloc[1:]
+
+def _figures(rep: Report, results: SnrOracleResults, first_seed: int) -> None:
+    overall, per_bin = results.slices.iloc[0], results.slices.iloc[1:]
     rep.figure(
         "snr_oracle_moe_comparison.png",
         bar(
             [GLOBAL, ORACLE],
             [overall.r2_global, overall.r2_oracle],
             "test R²",
-            f"Oracle vs global (ΔR² = {np.mean(deltas):+.4f})",
+            f"Oracle vs global (ΔR² = {np.mean(results.delta_r2):+.4f})",
             colors=[method_colour(GLOBAL), method_colour(ORACLE)],
             hline=overall.r2_global + GAIN_THRESHOLD,
             hline_label=f"decision line: global + {GAIN_THRESHOLD}",
@@ -138,42 +196,31 @@ def run(settings: ExperimentSettings) -> dict:
     rep.figure(
         "snr_oracle_moe_pred_vs_true.png",
         pred_vs_true(
-            y,
-            first.pred["snr"],
-            regression_metrics(y, first.pred["snr"])["r2"],
-            first.snr,
+            results.log_g,
+            results.oracle_pred,
+            results.oracle_r2,
+            results.snr,
             "SNR",
             f"{ORACLE}: predicted vs true",
             log_color=True,
         ),
-        f"Predicted against true log g (seed {settings.seeds[0]}), coloured by SNR (log scale).",
-    )
-    cell_text = np.array(
-        [
-            [f"ΔR² {d:+.3f}\n{g:.3f} → {o:.3f}\nn = {n}"]
-            for d, g, o, n in zip(per_bin.delta_r2, per_bin.r2_global, per_bin.r2_oracle, per_bin.n_test)
-        ],
-        dtype=object,
+        f"Predicted against true log g (seed {first_seed}), coloured by SNR (log scale).",
     )
     rep.figure(
         "snr_oracle_moe_delta_heatmap.png",
-        heatmap(
-            per_bin[["delta_r2"]].to_numpy(),
+        delta_r2_column(
             list(per_bin.slice),
-            ["oracle − global"],
+            per_bin.delta_r2,
+            per_bin.r2_global,
+            per_bin.r2_oracle,
+            per_bin.n_test,
+            "oracle − global",
             "ΔR² of the SNR oracle by bin",
-            "ΔR² (oracle − global)",
-            annotations=cell_text,
-            cmap="RdBu",
-            center=0.0,
         ),
         "ΔR² of the oracle SNR experts over the global Ridge in each SNR bin (R² global → oracle, test count).",
     )
-    rep.write(settings, dm, {"fit": FIT.key_dict()})
-    return {
-        "report": rep.out,
-        "headline": headline,
-        "verdicts": verdicts,
-        "delta_r2": float(np.mean(deltas)),
-        "ci": (lo, hi),
-    }
+
+
+def run(settings: ExperimentSettings) -> dict:
+    """Compute the oracle comparison and write its report."""
+    return write_report(compute(settings), settings)
