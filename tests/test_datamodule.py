@@ -74,13 +74,19 @@ def test_train_noise_added_after_transfer_only_when_training(dm):
 
     class T:  # the bits of a Trainer the hook reads
         training = True
+        current_epoch = 0
+        global_rank = 0
 
     dm.trainer = T()
     noisy1 = dm.on_after_batch_transfer(dict(batch, flux=clean.clone()), 0)["flux"]
     noisy2 = dm.on_after_batch_transfer(dict(batch, flux=clean.clone()), 0)["flux"]
     z = ((noisy1 - clean) / batch["error"]).flatten()
     assert abs(z.mean()) < 0.02 and abs(z.std() - 1.0) < 0.02
-    assert not torch.equal(noisy1, noisy2)
+    assert not torch.equal(noisy1, noisy2)  # the next batch of the epoch: other noise
+    dm.position.load_state_dict({"epoch": 0, "batches": 0})  # back to the start of the epoch (a resume)
+    dm.position.start(0)
+    again = dm.on_after_batch_transfer(dict(batch, flux=clean.clone()), 0)["flux"]
+    assert torch.equal(again, noisy1)  # the noise of a batch depends on its place, not on what ran before
     T.training = False
     assert torch.equal(dm.on_after_batch_transfer(dict(batch, flux=clean.clone()), 0)["flux"], clean)
     dm.trainer = None

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from moe.data.folder import SpectraFolder
+from moe.data.resume import EpochPosition, TrainLoader, batch_seed
 from moe.data.row_check import BadRows, screen
 from moe.data.shards import ShardError, check_grid, read_wave
 from moe.data.stream import ShardSet, SpectraStream
@@ -85,6 +86,8 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
         SpectraFolder.__init__(self, data_dir, noise_level, block_rows, max_train_rows, val_seed, test_seed,
                                cache_dir, synth, bad_rows)
         self.batch_size = int(batch_size)
+        self.position = EpochPosition()  # where training stands in its epoch (saved with checkpoints)
+        self._noise_seed = 0
         self.num_workers = int(num_workers)
         self.predict_path = [predict_path] if isinstance(predict_path, str) else predict_path
         self._predict_set: ShardSet | None = None
@@ -119,7 +122,14 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
                           persistent_workers=False, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        """Resumable mid-epoch (:mod:`moe.data.resume`): Lightning saves its position with each checkpoint."""
+        self._noise_seed = torch.initial_seed()
+        return TrainLoader(self.stream("train", cached=True), self.position, self._current_epoch,
+                           num_workers=self.num_workers, persistent_workers=False,
+                           pin_memory=torch.cuda.is_available())
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else self.position.epoch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -131,7 +141,11 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
         return self._loader("predict")
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Fresh heteroscedastic noise on training batches, on the batch's device."""
+        """Fresh heteroscedastic noise on training batches, on the batch's device, seeded by the batch's place
+        (seed, epoch, batch, rank), so a run resumed mid-epoch draws what the uninterrupted run drew."""
         if self.trainer is not None and self.trainer.training:
-            batch = self.add_noise(batch)
+            index = self.position.advance(self.trainer.current_epoch)
+            device = next(iter(batch.values())).device
+            seed = batch_seed(self._noise_seed, self.trainer.current_epoch, index, self.trainer.global_rank)
+            batch = self.add_noise(batch, torch.Generator(device=device).manual_seed(seed))
         return batch

@@ -188,6 +188,9 @@ class SpectraStream(IterableDataset):
         self.equalize_ranks = equalize_ranks
         self.num_workers = int(num_workers)
         self._iterations = 0
+        self._epoch: int | None = None  # set by set_epoch (the training loader): order seeded by the epoch
+        self._skip = 0
+        self._base = 0
         self._labels: dict[int, dict[str, np.ndarray]] = {}
 
     def _id_columns(self) -> list[str]:
@@ -260,16 +263,28 @@ class SpectraStream(IterableDataset):
         common = min(self.shards.kept(*self.shards.slot_range(s, n_slots)) for s in range(n_slots))
         return lo, self.shards.end_after(lo, common)
 
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Shuffle for ``epoch`` (seeded by it and by torch's seed in this process, so a resumed run draws
+        the same order) and leave out the first ``skip_batches`` batches this rank yields (already trained
+        on before a resume; with workers, batches alternate between them)."""
+        self._epoch, self._skip, self._base = int(epoch), int(skip_batches), torch.initial_seed()
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         slot, n_slots, wid = _slot()
         self._iterations += 1
         blocks = self.plan(slot, n_slots)
-        rng = None
+        rng, skip = None, 0
+        if self._epoch is not None:
+            nw = max(self.num_workers, 1)
+            skip = len(range(wid, self._skip, nw))  # this worker's share of the batches to leave out
         if self.shuffle:
-            base = torch.initial_seed() - wid  # differs per epoch in workers, same for all of them
-            rng = np.random.default_rng([self.seed, self._iterations, base % (2**63), slot])
+            if self._epoch is not None:
+                rng = np.random.default_rng([self.seed, self._epoch, self._base % (2**63), slot])
+            else:
+                base = torch.initial_seed() - wid  # differs per epoch in workers, same for all of them
+                rng = np.random.default_rng([self.seed, self._iterations, base % (2**63), slot])
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-        return self._batches(blocks, rng)
+        return self._batches(blocks, rng, skip * self.batch_size)
 
     def all_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Every row of the split in file order, in batches, whatever the rank or worker.
@@ -298,15 +313,27 @@ class SpectraStream(IterableDataset):
                 if len(part["row"]):  # a block whose rows were all dropped yields nothing
                     yield part
 
-    def _batches(self, blocks: list[Block], rng: np.random.Generator | None) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(
+        self, blocks: list[Block], rng: np.random.Generator | None, skip_rows: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Read ``blocks`` in order (rows permuted inside each when ``rng``), cut into full batches
-        carried across block boundaries; the last batch may be short."""
+        carried across block boundaries; the last batch may be short. The first ``skip_rows`` rows (whole
+        batches) are left out; blocks wholly inside them are not read, their permutation still drawn."""
         carry: dict[str, np.ndarray] | None = None
         for block in blocks:
+            if skip_rows:
+                kept = self.shards.kept(block.offset, block.offset + (block.stop - block.start))
+                if kept <= skip_rows:
+                    if rng is not None:
+                        rng.permutation(kept)
+                    skip_rows -= kept
+                    continue
             part = self.read(block)
             if rng is not None:
                 order = rng.permutation(len(part["row"]))
                 part = {k: v[order] for k, v in part.items()}
+            if skip_rows:
+                part, skip_rows = {k: v[skip_rows:] for k, v in part.items()}, 0
             if carry is not None:
                 part = {k: np.concatenate([carry[k], part[k]]) for k in part}
             n = len(part["row"])

@@ -431,9 +431,15 @@ class GatedMoE(pl.LightningModule):
             return None  # oracle / global: nothing to learn
         opt = self.optimizer_factory(params)
         sched = self.scheduler_factory(opt)
-        if isinstance(sched, LinearWarmup):
-            sched.set_total_steps(self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Size the warm-up to the run once the trainer knows its length. Done here, not in
+        ``configure_optimizers``: asking for ``estimated_stepping_batches`` there would open the training
+        loader before a resumed run has restored its position (:mod:`moe.data.resume`)."""
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, LinearWarmup):
+                config.scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
 
 
 def summary_table(metrics: dict[str, float], prefix: str = "test") -> str:
