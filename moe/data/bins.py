@@ -31,9 +31,13 @@ SNR_EDGES = (2.0, 4.0, 7.0)
 SNR_BIN_NAMES = ("X", "L", "M", "H")
 N_SNR_BINS = 4
 # for figure labels: "X: ≤ 2", "L: 2–4", "M: 4–7", "H: > 7" and "X ≤ 2 < L ≤ 4 < M ≤ 7 < H"
-SNR_BIN_LABELS = tuple(f"{name}: {span}" for name, span in zip(
-    SNR_BIN_NAMES, (f"≤ {SNR_EDGES[0]:g}", *(f"{a:g}–{b:g}" for a, b in pairwise(SNR_EDGES)),
-                    f"> {SNR_EDGES[-1]:g}")))
+SNR_BIN_LABELS = tuple(
+    f"{name}: {span}"
+    for name, span in zip(
+        SNR_BIN_NAMES,
+        (f"≤ {SNR_EDGES[0]:g}", *(f"{a:g}–{b:g}" for a, b in pairwise(SNR_EDGES)), f"> {SNR_EDGES[-1]:g}"),
+    )
+)
 SNR_BIN_RULE = "".join(f"{name} ≤ {edge:g} < " for name, edge in zip(SNR_BIN_NAMES, SNR_EDGES)) + SNR_BIN_NAMES[-1]
 N_CELLS = N_PHYS_BINS * N_SNR_BINS
 

@@ -89,11 +89,14 @@ def ridge_sweep(z_train: np.ndarray, y_train: np.ndarray, alphas: Sequence[float
     ``predict`` gives [N, A]; ``coef_`` is [A, D]. Inputs are expected standardised.
     """
     alphas = np.asarray(alphas, dtype=np.float64)
-    return Ridge(alpha=alphas, solver="cholesky").fit(z_train, np.repeat(np.asarray(y_train)[:, None], alphas.size, axis=1))
+    return Ridge(alpha=alphas, solver="cholesky").fit(
+        z_train, np.repeat(np.asarray(y_train)[:, None], alphas.size, axis=1)
+    )
 
 
-def fit_ridge(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-              alphas: Sequence[float] = ALPHAS) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+def fit_ridge(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, alphas: Sequence[float] = ALPHAS
+) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
     """Standardised Ridge with alpha picked on val: (predict(x) -> [N], chosen alpha)."""
     scaler = StandardScaler().fit(x_train)
     sweep = ridge_sweep(scaler.transform(x_train), y_train, alphas)
@@ -101,8 +104,9 @@ def fit_ridge(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     return (lambda x: sweep.predict(scaler.transform(x))[:, best]), float(alphas[best])
 
 
-def run_checks(train: Split, val: Split, test: Split, noise_level: float = 1.0, seed: int = 0,
-               bounds: Bounds = Bounds()) -> list[CheckLine]:
+def run_checks(
+    train: Split, val: Split, test: Split, noise_level: float = 1.0, seed: int = 0, bounds: Bounds = Bounds()
+) -> list[CheckLine]:
     """All realism checks on in-memory splits (train noised once, val/test with fixed seeds)."""
     rng = np.random.default_rng(seed)
     x_tr = add_noise_np(train.flux, train.error, noise_level, rng)
@@ -114,7 +118,9 @@ def run_checks(train: Split, val: Split, test: Split, noise_level: float = 1.0, 
     snr_all = snr_of(np.concatenate([train.flux, test.flux]), np.concatenate([train.error, test.error]), noise_level)
     share = np.bincount(bins.snr_bin(snr_all), minlength=bins.N_SNR_BINS) / snr_all.size
     for name, s in zip(bins.SNR_BIN_NAMES, share):
-        lines.append(CheckLine(f"share of SNR bin {name}", s, f">= {bounds.min_bin_share:.2f}", s >= bounds.min_bin_share))
+        lines.append(
+            CheckLine(f"share of SNR bin {name}", s, f">= {bounds.min_bin_share:.2f}", s >= bounds.min_bin_share)
+        )
     low = float(np.mean(snr_all <= 7))
     lines.append(CheckLine("share with SNR <= 7", low, "> 0.50", low > 0.5))
 
@@ -130,7 +136,9 @@ def run_checks(train: Split, val: Split, test: Split, noise_level: float = 1.0, 
         if not m_te.any():
             continue
         if m_tr.sum() < 2 or m_va.sum() < 2:
-            raise ValueError(f"physical bin {k} ({bins.PHYS_BIN_NAMES[k]}) has {m_tr.sum()} train / {m_va.sum()} val rows")
+            raise ValueError(
+                f"physical bin {k} ({bins.PHYS_BIN_NAMES[k]}) has {m_tr.sum()} train / {m_va.sum()} val rows"
+            )
         predict_k, _ = fit_ridge(x_tr[m_tr], y_tr[m_tr], x_va[m_va], y_va[m_va])
         pred[m_te] = predict_k(x_te[m_te])
     r2_oracle = r2_score(y_te, pred)
@@ -139,17 +147,29 @@ def run_checks(train: Split, val: Split, test: Split, noise_level: float = 1.0, 
 
     predict, _ = fit_ridge(train.error, y_tr, val.error, y_va)
     r2_err = r2_score(y_te, predict(test.error))
-    lines.append(CheckLine("error-only Ridge R2", r2_err, f">= {bounds.error_only_min}", r2_err >= bounds.error_only_min))
+    lines.append(
+        CheckLine("error-only Ridge R2", r2_err, f">= {bounds.error_only_min}", r2_err >= bounds.error_only_min)
+    )
 
     q_tr, q_va, q_te = (quality_stats(s.error) for s in (train, val, test))
     predict, _ = fit_ridge(q_tr, y_tr, q_va, y_va)
     r2_q = r2_score(y_te, predict(q_te))
-    lines.append(CheckLine("10 aggregate error statistics Ridge R2", r2_q, f"<= {bounds.quality_max}", r2_q <= bounds.quality_max))
+    lines.append(
+        CheckLine(
+            "10 aggregate error statistics Ridge R2", r2_q, f"<= {bounds.quality_max}", r2_q <= bounds.quality_max
+        )
+    )
     return lines
 
 
-def spectra_figure(split: Split, wave: np.ndarray, path: str | os.PathLike,
-                   teff: float = 4300.0, mh: float = 0.0, loggs: Sequence[float] = (1.5, 3.0, 4.5)) -> Path:
+def spectra_figure(
+    split: Split,
+    wave: np.ndarray,
+    path: str | os.PathLike,
+    teff: float = 4300.0,
+    mh: float = 0.0,
+    loggs: Sequence[float] = (1.5, 3.0, 4.5),
+) -> Path:
     """CaT and Na I regions of three stars near (teff, mh) with log g near each of ``loggs``."""
     from moe.plots import save, spectra_regions
 
@@ -160,8 +180,12 @@ def spectra_figure(split: Split, wave: np.ndarray, path: str | os.PathLike,
         i = int(np.argmin(dist.to_numpy()))
         rows.append(split.flux[i])
         labels.append(f"log g {p['log_g'][i]:.2f} (T_eff {p['T_eff'][i]:.0f} K, [M/H] {p['M_H'][i]:+.2f})")
-    fig = spectra_regions(wave, np.asarray(rows), labels,
-                          [(8170.0, 8210.0, "Na I 8183/8195"), (8480.0, 8680.0, "Ca II triplet 8498/8542/8662")])
+    fig = spectra_regions(
+        wave,
+        np.asarray(rows),
+        labels,
+        [(8170.0, 8210.0, "Na I 8183/8195"), (8480.0, 8680.0, "Ca II triplet 8498/8542/8662")],
+    )
     return save(fig, path)
 
 
@@ -179,13 +203,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = load_rows(a.data_dir, "train", a.n_train)
     val = load_rows(a.data_dir, "val", a.n_test)
     test = load_rows(a.data_dir, "test", a.n_test)
-    print(f"{a.data_dir}: {len(train.params)} train / {len(val.params)} val / {len(test.params)} test, "
-          f"{train.flux.shape[1]} px, noise_level {a.noise_level}")
+    print(
+        f"{a.data_dir}: {len(train.params)} train / {len(val.params)} val / {len(test.params)} test, "
+        f"{train.flux.shape[1]} px, noise_level {a.noise_level}"
+    )
     lines = run_checks(train, val, test, a.noise_level, a.seed)
     print(f"{'check':<42} {'value':>9}   {'bound':<16} result")
     for line in lines:
         print(line.row())
-    fig = spectra_figure(test, read_wave(find_split(a.data_dir, "test")[0]), a.figure or Path(a.data_dir) / "spectra_by_logg.png")
+    fig = spectra_figure(
+        test, read_wave(find_split(a.data_dir, "test")[0]), a.figure or Path(a.data_dir) / "spectra_by_logg.png"
+    )
     print(f"figure: {fig}")
     ok = all(line.passed for line in lines)
     print("all checks pass" if ok else "some checks FAIL")

@@ -16,14 +16,12 @@ at construction so the CLI can link them.
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
-import torch
-from torch.utils.data import DataLoader
-
 from pathlib import Path
 
-import numpy as np
+import pytorch_lightning as pl
+import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
+from torch.utils.data import DataLoader
 
 from moe.data.folder import SpectraFolder
 from moe.data.resume import EpochPosition, TrainLoader, batch_seed
@@ -74,17 +72,33 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
             default: the pre-noised test split. They must share the training data's pixel grid.
     """
 
-    def __init__(self, data_dir: str = "data/synth", noise_level: NonNegativeFloat = 1.0, batch_size: PositiveInt = 256,
-                 num_workers: NonNegativeInt = 0, block_rows: PositiveInt = 2048, max_train_rows: int | None = None,
-                 val_seed: int = 1234, test_seed: int = 5678, cache_dir: str | None = None,
-                 synth: SynthConfig | None = SynthConfig(), predict_path: str | list[str] | None = None,
-                 bad_rows: BadRows = "error"):
+    def __init__(
+        self,
+        data_dir: str = "data/synth",
+        noise_level: NonNegativeFloat = 1.0,
+        batch_size: PositiveInt = 256,
+        num_workers: NonNegativeInt = 0,
+        block_rows: PositiveInt = 2048,
+        max_train_rows: int | None = None,
+        val_seed: int = 1234,
+        test_seed: int = 5678,
+        cache_dir: str | None = None,
+        synth: SynthConfig | None = SynthConfig(),
+        predict_path: str | list[str] | None = None,
+        bad_rows: BadRows = "error",
+    ):
         pl.LightningDataModule.__init__(self)
         # plain numbers in the saved hyperparameters (the parser's restricted types are for checking)
-        noise_level, batch_size, num_workers, block_rows = float(noise_level), int(batch_size), int(num_workers), int(block_rows)
+        noise_level, batch_size, num_workers, block_rows = (
+            float(noise_level),
+            int(batch_size),
+            int(num_workers),
+            int(block_rows),
+        )
         self.save_hyperparameters()
-        SpectraFolder.__init__(self, data_dir, noise_level, block_rows, max_train_rows, val_seed, test_seed,
-                               cache_dir, synth, bad_rows)
+        SpectraFolder.__init__(
+            self, data_dir, noise_level, block_rows, max_train_rows, val_seed, test_seed, cache_dir, synth, bad_rows
+        )
         self.batch_size = int(batch_size)
         self.position = EpochPosition()  # where training stands in its epoch (saved with checkpoints)
         self._noise_seed = 0
@@ -108,8 +122,14 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
         for split in ("val", "test"):
             self.noisy_caches(split)
 
-    def stream(self, split: str, shuffle: bool | None = None, batch_size: int | None = None,
-               cached: bool = False, num_workers: int | None = None) -> SpectraStream:
+    def stream(
+        self,
+        split: str,
+        shuffle: bool | None = None,
+        batch_size: int | None = None,
+        cached: bool = False,
+        num_workers: int | None = None,
+    ) -> SpectraStream:
         """:meth:`SpectraFolder.stream` with this module's batch size and workers as defaults
         (``predict`` with a ``predict_path``: those spectra as they are)."""
         bs, nw = batch_size or self.batch_size, self.num_workers if num_workers is None else num_workers
@@ -118,15 +138,25 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
         return super().stream(split, shuffle, bs, cached, nw)
 
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(self.stream(split, cached=True), batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            self.stream(split, cached=True),
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Resumable mid-epoch (:mod:`moe.data.resume`): Lightning saves its position with each checkpoint."""
         self._noise_seed = torch.initial_seed()
-        return TrainLoader(self.stream("train", cached=True), self.position, self._current_epoch,
-                           num_workers=self.num_workers, persistent_workers=False,
-                           pin_memory=torch.cuda.is_available())
+        return TrainLoader(
+            self.stream("train", cached=True),
+            self.position,
+            self._current_epoch,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else self.position.epoch

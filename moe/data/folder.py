@@ -19,7 +19,6 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from moe.data.noise import add_noise, noisy_inputs
@@ -66,15 +65,23 @@ def ensure_dataset(data_dir: str | Path, synth: SynthConfig | None) -> Path:
         raise ShardError(root, "not a folder: data_dir must be a dataset folder (train_*/, val*/, test*/)")
     found = read_manifest(root)
     if found is not None and synth is not None and found != manifest_of(synth):
-        log.info("%s holds a synthetic dataset generated with %s; using it as it is, not the synth settings %s "
-                 "(a data_dir that does not exist yet gets a new dataset)", root, found, asdict(synth))
+        log.info(
+            "%s holds a synthetic dataset generated with %s; using it as it is, not the synth settings %s "
+            "(a data_dir that does not exist yet gets a new dataset)",
+            root,
+            found,
+            asdict(synth),
+        )
     missing = [split for split in SPLITS if not split_files(root, split)]
     if missing:
         what = ", ".join(f"no {split} split ({split_pattern(split)})" for split in missing)
-        why = ("the synthetic dataset is incomplete: remove the folder to have it generated again" if found is not None
-               else f"the folder has no {MANIFEST} marker, so it holds your data and nothing is generated into it: add "
-                    f"the split{'s' if len(missing) > 1 else ''}, or give a data_dir that does not exist yet to have a "
-                    "synthetic dataset generated there")
+        why = (
+            "the synthetic dataset is incomplete: remove the folder to have it generated again"
+            if found is not None
+            else f"the folder has no {MANIFEST} marker, so it holds your data and nothing is generated into it: add "
+            f"the split{'s' if len(missing) > 1 else ''}, or give a data_dir that does not exist yet to have a "
+            "synthetic dataset generated there"
+        )
         raise ShardError(root, f"{what}; {why}")
     return root
 
@@ -96,10 +103,18 @@ class SpectraFolder:
             leaves them out (:mod:`moe.data.row_check`). Checked at construction, before any work.
     """
 
-    def __init__(self, data_dir: str = "data/synth", noise_level: float = 1.0, block_rows: int = 2048,
-                 max_train_rows: int | None = None, val_seed: int = 1234, test_seed: int = 5678,
-                 cache_dir: str | None = None, synth: SynthConfig | None = SynthConfig(),
-                 bad_rows: BadRows = "error"):
+    def __init__(
+        self,
+        data_dir: str = "data/synth",
+        noise_level: float = 1.0,
+        block_rows: int = 2048,
+        max_train_rows: int | None = None,
+        val_seed: int = 1234,
+        test_seed: int = 5678,
+        cache_dir: str | None = None,
+        synth: SynthConfig | None = SynthConfig(),
+        bad_rows: BadRows = "error",
+    ):
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
         if bad_rows not in BAD_ROWS:
@@ -135,8 +150,13 @@ class SpectraFolder:
                 for p, n in zip(s.paths, s.counts)
             ]
 
-        fp = {"train": files(self.train_set), "val": files(self.val_set), "n_pixels": self.n_pixels,
-              "noise_level": self.noise_level, "val_seed": self.seeds["val"]}
+        fp = {
+            "train": files(self.train_set),
+            "val": files(self.val_set),
+            "n_pixels": self.n_pixels,
+            "noise_level": self.noise_level,
+            "val_seed": self.seeds["val"],
+        }
         dropped = {name: len(s.dropped) for name, s in (("train", self.train_set), ("val", self.val_set))}
         if any(dropped.values()):  # bad rows left out (bad_rows="drop"): the experts saw fewer rows
             fp["dropped"] = dropped
@@ -149,9 +169,18 @@ class SpectraFolder:
     def noisy_caches(self, split: str) -> dict[int, Path]:
         """Pre-noised cache path per shard of ``split`` ('val' or 'test'), built if needed."""
         s = self.val_set if split == "val" else self.test_set
-        return {k: ensure_noisy(info.path, info.n_rows, info.n_pixels, self.noise_level, self.seeds[split], self.cache_dir,
-                                dead_ok=s.dropped_in(k) > 0)
-                for k, info in enumerate(s.infos)}
+        return {
+            k: ensure_noisy(
+                info.path,
+                info.n_rows,
+                info.n_pixels,
+                self.noise_level,
+                self.seeds[split],
+                self.cache_dir,
+                dead_ok=s.dropped_in(k) > 0,
+            )
+            for k, info in enumerate(s.infos)
+        }
 
     def split_set(self, split: str) -> ShardSet:
         """The shards of ``split`` ('train', 'val', 'test'; 'predict' is the test split)."""
@@ -168,20 +197,42 @@ class SpectraFolder:
         self.window_weight = window_weight.detach().cpu()
 
     # ---- streams -------------------------------------------------------------------
-    def stream(self, split: str, shuffle: bool | None = None, batch_size: int = 2048, cached: bool = False,
-               num_workers: int = 0) -> SpectraStream:
+    def stream(
+        self,
+        split: str,
+        shuffle: bool | None = None,
+        batch_size: int = 2048,
+        cached: bool = False,
+        num_workers: int = 0,
+    ) -> SpectraStream:
         """The batch stream of ``split`` (train: clean; val/test/predict: pre-noised): of the spectra,
         or with ``cached`` of the attached gate-input caches when there are some (the loaders do)."""
         bs = batch_size
         name = "test" if split == "predict" else split
         inputs = self.inputs.get(name) if cached else None
         if split == "train":
-            return SpectraStream(self.train_set, bs, self.noise_level, self.block_rows,
-                                 shuffle=True if shuffle is None else shuffle, seed=SHUFFLE_SALT,
-                                 equalize_ranks=rank_world()[1] > 1, num_workers=num_workers, inputs=inputs)
-        return SpectraStream(self.split_set(name), bs, self.noise_level, self.block_rows, shuffle=bool(shuffle),
-                             noisy=self.noisy_caches(name) if inputs is None else None,
-                             num_workers=num_workers, inputs=inputs, ids=split == "predict")
+            return SpectraStream(
+                self.train_set,
+                bs,
+                self.noise_level,
+                self.block_rows,
+                shuffle=True if shuffle is None else shuffle,
+                seed=SHUFFLE_SALT,
+                equalize_ranks=rank_world()[1] > 1,
+                num_workers=num_workers,
+                inputs=inputs,
+            )
+        return SpectraStream(
+            self.split_set(name),
+            bs,
+            self.noise_level,
+            self.block_rows,
+            shuffle=bool(shuffle),
+            noisy=self.noisy_caches(name) if inputs is None else None,
+            num_workers=num_workers,
+            inputs=inputs,
+            ids=split == "predict",
+        )
 
     def add_noise(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """A clean batch made noisy: ``flux + noise_level * error * z``, or the same on its cached gate inputs."""
@@ -190,9 +241,23 @@ class SpectraFolder:
         return noisy_inputs(batch, self.window_weight.to(batch["proj"].device), self.noise_level, generator)
 
     def describe(self) -> dict:
-        return {"data_dir": str(self.data_dir), "n_train": self.train_set.n_kept, "n_val": self.val_set.n_kept,
-                "n_test": self.test_set.n_kept, "n_pixels": self.n_pixels, "noise_level": self.noise_level,
-                **({"bad_rows_dropped": {n: len(s.dropped) for n, s in (("train", self.train_set), ("val", self.val_set),
-                                                                        ("test", self.test_set)) if len(s.dropped)}}
-                   if self.bad_rows == "drop" else {}),
-                **({"synth": asdict(self.synth)} if self.synth is not None else {})}
+        return {
+            "data_dir": str(self.data_dir),
+            "n_train": self.train_set.n_kept,
+            "n_val": self.val_set.n_kept,
+            "n_test": self.test_set.n_kept,
+            "n_pixels": self.n_pixels,
+            "noise_level": self.noise_level,
+            **(
+                {
+                    "bad_rows_dropped": {
+                        n: len(s.dropped)
+                        for n, s in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set))
+                        if len(s.dropped)
+                    }
+                }
+                if self.bad_rows == "drop"
+                else {}
+            ),
+            **({"synth": asdict(self.synth)} if self.synth is not None else {}),
+        }

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 
-def add_noise(flux: torch.Tensor, error: torch.Tensor, noise_level: float,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def add_noise(
+    flux: torch.Tensor, error: torch.Tensor, noise_level: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Fresh heteroscedastic Gaussian noise on the tensors' device. flux, error: [B, D]."""
     if noise_level == 0:
         return flux
@@ -24,8 +25,7 @@ def add_noise(flux: torch.Tensor, error: torch.Tensor, noise_level: float,
     return flux + noise_level * error * eps
 
 
-def add_noise_np(flux: np.ndarray, error: np.ndarray, noise_level: float,
-                 rng: np.random.Generator) -> np.ndarray:
+def add_noise_np(flux: np.ndarray, error: np.ndarray, noise_level: float, rng: np.random.Generator) -> np.ndarray:
     """numpy twin of :func:`add_noise` (float32 out), for caches and the experts' pass."""
     if noise_level == 0:
         return flux.astype(np.float32, copy=True)
@@ -45,8 +45,9 @@ def snr(flux: np.ndarray, error: np.ndarray, noise_level: float) -> np.ndarray:
 NOISE_KEYS = ("win_error", "chol")  # what a clean gate-input row holds for its noise
 
 
-def draw_input_noise(inputs: dict[str, torch.Tensor],
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_input_noise(
+    inputs: dict[str, torch.Tensor], generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One epoch's unit normals for a clean batch: ``z_w`` [B, W] and ``u = C xi`` [B, P]."""
     chol = inputs["chol"]
     z_w = torch.randn(inputs["win_error"].shape, dtype=chol.dtype, device=chol.device, generator=generator)
@@ -54,8 +55,9 @@ def draw_input_noise(inputs: dict[str, torch.Tensor],
     return z_w, (chol @ xi[:, :, None]).squeeze(-1)
 
 
-def add_input_noise(inputs: dict[str, torch.Tensor], window_weight: torch.Tensor, noise_level: float,
-                    z_w: torch.Tensor, u: torch.Tensor) -> dict[str, torch.Tensor]:
+def add_input_noise(
+    inputs: dict[str, torch.Tensor], window_weight: torch.Tensor, noise_level: float, z_w: torch.Tensor, u: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The gate inputs of ``x + s e z`` from a clean batch: ``win + s e_w z_w`` and
     ``proj + s (A_w (e_w z_w) + u)``; ``window_weight = A[:, pixels]`` [P, W]. Other keys pass through."""
     n_w = inputs["win_error"] * z_w
@@ -65,8 +67,12 @@ def add_input_noise(inputs: dict[str, torch.Tensor], window_weight: torch.Tensor
     return out
 
 
-def noisy_inputs(inputs: dict[str, torch.Tensor], window_weight: torch.Tensor, noise_level: float,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def noisy_inputs(
+    inputs: dict[str, torch.Tensor],
+    window_weight: torch.Tensor,
+    noise_level: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """Fresh noise on a clean batch of gate inputs (:func:`draw_input_noise` then :func:`add_input_noise`)."""
     if noise_level == 0:
         return {k: v for k, v in inputs.items() if k not in NOISE_KEYS}

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moe.data.noise import add_noise_np, snr as snr_of
+from moe.data.noise import add_noise_np
+from moe.data.noise import snr as snr_of
 from moe.data.row_cache import ensure_row_cache, source_attrs
 from moe.data.shards import read_block
 
@@ -30,13 +31,24 @@ def cache_path(shard: Path, noise_level: float, seed: int, cache_dir: str | os.P
     return folder / f"noisy_nl{noise_level:g}_seed{seed}.h5"
 
 
-def ensure_noisy(shard: Path, n_rows: int, n_pixels: int, noise_level: float, seed: int,
-                 cache_dir: str | os.PathLike | None = None, dead_ok: bool = False) -> Path:
+def ensure_noisy(
+    shard: Path,
+    n_rows: int,
+    n_pixels: int,
+    noise_level: float,
+    seed: int,
+    cache_dir: str | os.PathLike | None = None,
+    dead_ok: bool = False,
+) -> Path:
     """Path of a valid pre-noised cache of ``shard``, building it if absent or stale (``dead_ok``: the
     shard has dropped rows whose error may have no finite pixel; they are copied as NaN)."""
     shard = Path(shard)
-    expected = {"version": CACHE_VERSION, **source_attrs(shard, n_rows, n_pixels),
-                "noise_level": float(noise_level), "seed": int(seed)}
+    expected = {
+        "version": CACHE_VERSION,
+        **source_attrs(shard, n_rows, n_pixels),
+        "noise_level": float(noise_level),
+        "seed": int(seed),
+    }
     tag = zlib.crc32(shard.parent.name.encode())
 
     def blocks():
@@ -45,7 +57,13 @@ def ensure_noisy(shard: Path, n_rows: int, n_pixels: int, noise_level: float, se
             flux, error = read_block(shard, start, stop, dead_ok=dead_ok)
             rng = np.random.default_rng([seed, tag, i])
             with np.errstate(invalid="ignore", divide="ignore"):
-                yield start, stop, {"flux": add_noise_np(flux, error, noise_level, rng),
-                                    "snr": snr_of(flux, error, noise_level).astype(np.float64)}
+                yield (
+                    start,
+                    stop,
+                    {
+                        "flux": add_noise_np(flux, error, noise_level, rng),
+                        "snr": snr_of(flux, error, noise_level).astype(np.float64),
+                    },
+                )
 
     return ensure_row_cache(cache_path(shard, noise_level, seed, cache_dir), expected, blocks, "pre-noised copy")

@@ -11,8 +11,8 @@ log line saying why. Datasets are contiguous, so a block of rows is one read.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import h5py
 import numpy as np
@@ -27,8 +27,13 @@ Blocks = Iterable[tuple[int, int, dict[str, np.ndarray]]]
 def source_attrs(shard: Path, n_rows: int, n_pixels: int) -> dict:
     """What identifies the shard a cache was built from."""
     st = Path(shard).stat()
-    return {"source": Path(shard).name, "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns,
-            "n_rows": int(n_rows), "n_pixels": int(n_pixels)}
+    return {
+        "source": Path(shard).name,
+        "source_size": st.st_size,
+        "source_mtime_ns": st.st_mtime_ns,
+        "n_rows": int(n_rows),
+        "n_pixels": int(n_pixels),
+    }
 
 
 def _same(a, b) -> bool:

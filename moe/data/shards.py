@@ -26,9 +26,9 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -211,8 +211,9 @@ def fill_nan_nearest(error: np.ndarray) -> np.ndarray:
     return np.where(bad, error[rows, src], error)
 
 
-def read_block(path: str | os.PathLike, start: int, stop: int,
-               flux: bool = True, dead_ok: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+def read_block(
+    path: str | os.PathLike, start: int, stop: int, flux: bool = True, dead_ok: bool = False
+) -> tuple[np.ndarray | None, np.ndarray]:
     """Rows [start, stop) as (flux, error), float32 [n, D]: flux clipped at 0, error NaN-filled.
 
     ``flux=False`` reads the error only (flux is returned as None). A row whose error has no finite
@@ -243,8 +244,10 @@ class ShardSummary:
 
     def line(self) -> str:
         labels = "  ".join(f"{k} [{lo:.4g}, {hi:.4g}]" for k, (lo, hi) in self.label_ranges.items())
-        return (f"{self.path}: {self.n_rows} rows x {self.n_pixels} px, "
-                f"wave {self.wave_min:.1f}-{self.wave_max:.1f} A  {labels}")
+        return (
+            f"{self.path}: {self.n_rows} rows x {self.n_pixels} px, "
+            f"wave {self.wave_min:.1f}-{self.wave_max:.1f} A  {labels}"
+        )
 
 
 @dataclass(frozen=True)
@@ -303,8 +306,13 @@ def _numeric_labels(path: Path, params: pd.DataFrame, col: str) -> np.ndarray:
     return series.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def check_rows(path: str | os.PathLike, info: ShardInfo | None = None, block_rows: int = 4096,
-               stop: int | None = None, labelled: bool = True) -> RowCheck:
+def check_rows(
+    path: str | os.PathLike,
+    info: ShardInfo | None = None,
+    block_rows: int = 4096,
+    stop: int | None = None,
+    labelled: bool = True,
+) -> RowCheck:
     """Every bad value in rows [0, stop) of a shard, read in blocks (one pass, bounded memory).
 
     Bad: flux NaN or Inf; error with no finite pixel, infinite, <= 0, or NaN inside the spectrum
@@ -460,8 +468,9 @@ class ShardWriter:
         if self.n_rows == 0:  # pandas writes no table for an empty frame
             return
         try:
-            pd.testing.assert_frame_equal(read_params(self.tmp, labelled=False), self._params,
-                                          check_dtype=False, check_index_type=False)
+            pd.testing.assert_frame_equal(
+                read_params(self.tmp, labelled=False), self._params, check_dtype=False, check_index_type=False
+            )
         except AssertionError as exc:
             raise ShardError(self.tmp, "the parameter table read back differs from the one written") from exc
 
@@ -484,16 +493,23 @@ class ShardWriter:
             self._read_back()
         except ShardError as exc:
             self._fail(exc)
-            raise WriteError(self.path, f"cannot write the shard: it does not read back ({exc.problem}); "
-                                        "is the disk full?") from exc
+            raise WriteError(
+                self.path, f"cannot write the shard: it does not read back ({exc.problem}); is the disk full?"
+            ) from exc
         except BaseException as exc:
             self._fail(exc, always=True)
             raise
         self._target.commit()
 
 
-def write_shard(path: str | os.PathLike, wave: np.ndarray, flux: np.ndarray, error: np.ndarray,
-                params: pd.DataFrame, labelled: bool = True) -> None:
+def write_shard(
+    path: str | os.PathLike,
+    wave: np.ndarray,
+    flux: np.ndarray,
+    error: np.ndarray,
+    params: pd.DataFrame,
+    labelled: bool = True,
+) -> None:
     """Write a whole in-memory shard atomically (tests, small files; ``labelled=False``: no labels needed)."""
     with ShardWriter(path, wave, flux.shape[0]) as w:
         w.write(0, np.asarray(flux, np.float32), np.asarray(error, np.float32))

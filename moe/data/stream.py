@@ -21,10 +21,10 @@ row [B] (int64)``. A stream over per-row gate-input caches (``inputs``) yields t
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -36,12 +36,14 @@ from moe.data.noise import snr as snr_of
 from moe.data.row_cache import read_rows
 from moe.data.shards import (
     ID_COLUMNS,
-    LABEL_COLUMNS as LABELS,
     ShardInfo,
     inspect_shard,
     numeric_columns,
     read_block,
     read_params,
+)
+from moe.data.shards import (
+    LABEL_COLUMNS as LABELS,
 )
 
 
@@ -171,10 +173,20 @@ class SpectraStream(IterableDataset):
     Train batches are clean; the DataModule adds fresh noise after the transfer to the device.
     """
 
-    def __init__(self, shards: ShardSet, batch_size: int, noise_level: float, block_rows: int = 2048,
-                 shuffle: bool = False, seed: int = 0, noisy: dict[int, Path] | None = None,
-                 equalize_ranks: bool = False, num_workers: int = 0, inputs: dict[int, Path] | None = None,
-                 ids: bool = False):
+    def __init__(
+        self,
+        shards: ShardSet,
+        batch_size: int,
+        noise_level: float,
+        block_rows: int = 2048,
+        shuffle: bool = False,
+        seed: int = 0,
+        noisy: dict[int, Path] | None = None,
+        equalize_ranks: bool = False,
+        num_workers: int = 0,
+        inputs: dict[int, Path] | None = None,
+        ids: bool = False,
+    ):
         self.shards = shards
         self.batch_size = int(batch_size)
         self.noise_level = float(noise_level)
@@ -209,7 +221,10 @@ class SpectraStream(IterableDataset):
         if k not in self._labels:
             info, n = self.shards.infos[k], int(self.shards.counts[k])
             p = read_params(info.path, info.params_key, self.shards.labelled) if info.params_key else None
-            cols = {c: p[c].to_numpy(np.float64, copy=True)[:n] if p is not None and c in p else np.full(n, np.nan) for c in LABELS}
+            cols = {
+                c: p[c].to_numpy(np.float64, copy=True)[:n] if p is not None and c in p else np.full(n, np.nan)
+                for c in LABELS
+            }
             if self.ids and p is not None:
                 cols |= {f"id_{c}": p[c].to_numpy(copy=True)[:n] for c in self._id_columns()}
             self._labels[k] = cols
@@ -229,8 +244,8 @@ class SpectraStream(IterableDataset):
             flux, error = read_block(path, block.start, block.stop, flux=cache is None, dead_ok=dead_ok)
             if cache is not None:  # the pre-noised copy replaces the clean flux, which is not read
                 with h5py.File(cache, "r") as f:
-                    flux = np.asarray(f["flux"][block.start:block.stop], dtype=np.float32)
-                    snr = np.asarray(f["snr"][block.start:block.stop], dtype=np.float64)
+                    flux = np.asarray(f["flux"][block.start : block.stop], dtype=np.float32)
+                    snr = np.asarray(f["snr"][block.start : block.stop], dtype=np.float64)
             else:
                 with np.errstate(invalid="ignore", divide="ignore"):
                     snr = snr_of(flux, error, self.noise_level)
@@ -339,7 +354,7 @@ class SpectraStream(IterableDataset):
             n = len(part["row"])
             full = n - n % self.batch_size
             for s in range(0, full, self.batch_size):
-                yield {k: torch.from_numpy(np.ascontiguousarray(v[s:s + self.batch_size])) for k, v in part.items()}
+                yield {k: torch.from_numpy(np.ascontiguousarray(v[s : s + self.batch_size])) for k, v in part.items()}
             carry = {k: v[full:] for k, v in part.items()} if full < n else None
         if carry is not None:
             yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in carry.items()}

@@ -99,10 +99,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -149,8 +149,24 @@ TIO_HEADS = (7053.0, 7589.0, 7666.0, 8432.0, 8442.0, 8859.0)
 PASCHEN = (8502.5, 8545.4, 8598.4, 8665.0, 8750.5, 8862.8)
 
 BASIS = (
-    "cat_core", "cat_wing", "na_core", "na_wing", "k_core", "k_wing", "mg_core", "mg_wing",
-    "fe_low", "fe_high", "ti", "ion", "tio", "cn", "pa_core", "pa_wing", "tell_o2", "tell_h2o",
+    "cat_core",
+    "cat_wing",
+    "na_core",
+    "na_wing",
+    "k_core",
+    "k_wing",
+    "mg_core",
+    "mg_wing",
+    "fe_low",
+    "fe_high",
+    "ti",
+    "ion",
+    "tio",
+    "cn",
+    "pa_core",
+    "pa_wing",
+    "tell_o2",
+    "tell_h2o",
 )
 
 
@@ -169,8 +185,9 @@ def _gauss(x: np.ndarray, centres: Sequence[float], weights: Sequence[float], si
     return out
 
 
-def _lorentz(x: np.ndarray, centres: Sequence[float], weights: Sequence[float], gamma: float,
-             cut: float = 60.0) -> np.ndarray:
+def _lorentz(
+    x: np.ndarray, centres: Sequence[float], weights: Sequence[float], gamma: float, cut: float = 60.0
+) -> np.ndarray:
     out = np.zeros_like(x)
     floor = gamma**2 / (cut**2 + gamma**2)
     for c, w in zip(centres, weights):
@@ -194,7 +211,7 @@ class FixedLists:
     oh: np.ndarray
 
     @staticmethod
-    def draw() -> "FixedLists":
+    def draw() -> FixedLists:
         rng = np.random.default_rng(LINE_LIST_SEED)
 
         def lines(n, lo=WAVE_MIN, hi=WAVE_MAX, decades=2.0):
@@ -204,9 +221,15 @@ class FixedLists:
         o2 = lines(90, 7594, 7700, 1.0)
         o2[:, 1] *= np.exp(-(o2[:, 0] - 7594) / 60.0)  # A band: strongest near the head
         return FixedLists(
-            fe_low=lines(40), fe_high=lines(30), ti=lines(25), ion=lines(25),
-            cn=lines(60, 7875, 8100, 1.0), tio_comb=lines(400, 7053, 8900, 1.0),
-            o2=o2, h2o=h2o, oh=lines(160, 7200, 8850, 2.2),
+            fe_low=lines(40),
+            fe_high=lines(30),
+            ti=lines(25),
+            ion=lines(25),
+            cn=lines(60, 7875, 8100, 1.0),
+            tio_comb=lines(400, 7053, 8900, 1.0),
+            o2=o2,
+            h2o=h2o,
+            oh=lines(160, 7200, 8850, 2.2),
         )
 
 
@@ -384,13 +407,23 @@ class SpectrumModel:
 def sample_labels(rng: np.random.Generator, n: int) -> pd.DataFrame:
     """Labels and observing conditions of ``n`` stars (columns of the parameter table)."""
     u = lambda k: rng.uniform(*LABEL_RANGES[k], n)  # noqa: E731
-    df = pd.DataFrame({
-        "T_eff": u("T_eff"), "log_g": u("log_g"), "M_H": u("M_H"),
-        "a_M": np.zeros(n), "C_M": np.zeros(n), "mag": u("mag"), "redshift": np.zeros(n),
-        "seeing": u("seeing"), "airmass": u("airmass"),
-        "s_sky": np.exp(rng.normal(0.0, 0.25, n)), "s_oh": np.exp(rng.normal(0.0, 0.3, n)),
-        "eta_field": rng.uniform(0.75, 1.0, n), "r_tell": rng.uniform(0.03, 0.20, n),
-    })
+    df = pd.DataFrame(
+        {
+            "T_eff": u("T_eff"),
+            "log_g": u("log_g"),
+            "M_H": u("M_H"),
+            "a_M": np.zeros(n),
+            "C_M": np.zeros(n),
+            "mag": u("mag"),
+            "redshift": np.zeros(n),
+            "seeing": u("seeing"),
+            "airmass": u("airmass"),
+            "s_sky": np.exp(rng.normal(0.0, 0.25, n)),
+            "s_oh": np.exp(rng.normal(0.0, 0.3, n)),
+            "eta_field": rng.uniform(0.75, 1.0, n),
+            "r_tell": rng.uniform(0.03, 0.20, n),
+        }
+    )
     return df
 
 
@@ -426,8 +459,9 @@ def shard_plan(cfg: SynthConfig) -> list[tuple[str, int, int]]:
     return plan
 
 
-def write_dataset(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), chunk: int = 1000,
-                  progress: bool = True) -> Path:
+def write_dataset(
+    out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), chunk: int = 1000, progress: bool = True
+) -> Path:
     """Generate (or complete) the dataset in the folder ``out``; every shard is written atomically.
 
     Low-level: it writes into ``out`` whatever that folder is; the commands use :func:`create_dataset`.
@@ -442,8 +476,9 @@ def write_dataset(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), chun
     if manifest.is_file():
         found = json.loads(manifest.read_text())
         if found != expected:
-            raise ValueError(f"{manifest}: dataset was generated with {found}, requested {expected}; "
-                             "use another --out folder")
+            raise ValueError(
+                f"{manifest}: dataset was generated with {found}, requested {expected}; use another --out folder"
+            )
         return out
     model = SpectrumModel(cfg.n_pixels)
     plan = shard_plan(cfg)
@@ -457,10 +492,10 @@ def write_dataset(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), chun
         snr = np.empty(rows)
         with ShardWriter(out / name / SHARD_FILE, model.wave, rows) as w:
             for start in range(0, rows, chunk):
-                part = labels.iloc[start:start + chunk]
+                part = labels.iloc[start : start + chunk]
                 flux = model.flux(part)
                 error = model.error(flux, part)
-                snr[start:start + len(part)] = np.linalg.norm(flux, axis=1) / np.linalg.norm(error, axis=1)
+                snr[start : start + len(part)] = np.linalg.norm(flux, axis=1) / np.linalg.norm(error, axis=1)
                 w.write(start, flux, error)
                 bar.update(len(part))
             params = labels.copy()
@@ -493,8 +528,9 @@ def dataset_bytes(cfg: SynthConfig) -> int:
     return rows * (8 * cfg.n_pixels + 8 * 16) + len(shard_plan(cfg)) * 2**20
 
 
-def create_dataset(root: str | os.PathLike, cfg: SynthConfig = SynthConfig(), chunk: int = 1000,
-                   progress: bool = True) -> Path:
+def create_dataset(
+    root: str | os.PathLike, cfg: SynthConfig = SynthConfig(), chunk: int = 1000, progress: bool = True
+) -> Path:
     """Generate a synthetic dataset as the new folder ``root``, whole and atomically (see module docstring).
 
     Returns ``root`` at once when it already exists with a manifest (made by this function, here or by
@@ -506,15 +542,20 @@ def create_dataset(root: str | os.PathLike, cfg: SynthConfig = SynthConfig(), ch
         try:
             root.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise WriteError(root.parent, f"cannot create the folder for the synthetic dataset ({reason(exc)})") from exc
+            raise WriteError(
+                root.parent, f"cannot create the folder for the synthetic dataset ({reason(exc)})"
+            ) from exc
         with FileLock(str(root.parent / f".{root.name}.lock")):
             if not root.exists():  # a concurrent process may have made it while this one waited
                 _generate_into_place(root, cfg, chunk, progress)
     if not root.is_dir():
         raise ShardError(root, "exists and is not a folder")
     if read_manifest(root) is None:
-        raise ShardError(root, f"exists and holds no {MANIFEST}: not a generated dataset, so nothing is generated "
-                               "into it (choose a folder that does not exist yet)")
+        raise ShardError(
+            root,
+            f"exists and holds no {MANIFEST}: not a generated dataset, so nothing is generated "
+            "into it (choose a folder that does not exist yet)",
+        )
     return root
 
 
