@@ -63,6 +63,16 @@ class MoECLI(LightningCLI):
         parser.add_lightning_class_args(CatalogueWriter, "predict_writer")
         parser.add_argument("--test_after_fit", type=bool, default=False, help="test the best checkpoint after fit")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model settings with a checkpoint's own; a checkpoint of another gate variant
+        than the command asks for is refused first, naming both (it would otherwise silently win)."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and Path(ckpt).is_file():
+            model = self.config[sub]["model"]
+            self._check_same_variant(ckpt, read_checkpoint(ckpt), model["fusion"], model.get("experts"))
+        super()._parse_ckpt_path()
+
     def _instantiate_trainer(self, config, callbacks):
         root = config.get("default_root_dir") or os.getcwd()
         run = run_name(self.model.hparams.fusion, self.model.family)
@@ -137,16 +147,25 @@ class MoECLI(LightningCLI):
         splits = ("val",) if self.subcommand == "validate" else ("test",)
         attach_inputs(self.datamodule, *self.model.input_map(), self.model.physics.pixels, splits)
 
-    def _check_same_variant(self, ckpt: str, state: dict) -> None:
-        """A checkpoint of another gate variant (fusion or experts family) than the command's is refused."""
+    def _check_same_variant(
+        self, ckpt: str, state: dict, fusion: str | None = None, experts: str | None = None
+    ) -> None:
+        """A checkpoint of another gate variant (fusion or experts family) than the command's (by default the
+        instantiated model's) is refused, naming both."""
         saved = state.get("hyper_parameters", {})
         if "fusion" not in saved:
             return
+        if fusion is None:
+            fusion, experts = self.model.hparams.fusion, self.model.family
         for flag, here, there in (
-            ("--model.fusion", self.model.hparams.fusion, saved["fusion"]),
-            ("--model.experts", self.model.family, saved.get("experts") or default_family(saved["fusion"])),
+            ("--model.fusion", fusion, saved["fusion"]),
+            (
+                "--model.experts",
+                experts or default_family(fusion),
+                saved.get("experts") or default_family(saved["fusion"]),
+            ),
         ):
-            if there is not None and there != here:
+            if there != here:
                 raise CheckpointError(
                     f"{ckpt}: trained with {flag} {there}, but this command has {flag} {here}; "
                     f"pass {flag} {there} (or the config it was trained with)"

@@ -254,10 +254,25 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     assert {r["snr_bin"] for r in rows} <= {"X", "L", "M", "H"}
 
 
-def test_checkpoint_from_other_data_is_refused(tmp_path, tiny_dir):
-    args = _cli(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", tiny_dir=tiny_dir)
+@pytest.fixture(scope="module")
+def concat_checkpoint(tmp_path_factory, tiny_dir):
+    """A one-epoch concat run: (its last.ckpt, the CLI arguments it was trained with)."""
+    root = tmp_path_factory.mktemp("concat_run")
+    args = _cli(root, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", tiny_dir=tiny_dir)
     cli = cli_main(["fit", "--config", str(CONFIG_DIR / "dual_tower.yaml"), *args])
-    ckpt = Path(cli.trainer.log_dir, "checkpoints", "last.ckpt")
+    return Path(cli.trainer.log_dir, "checkpoints", "last.ckpt"), args
+
+
+def test_checkpoint_of_another_fusion_is_refused(concat_checkpoint):
+    ckpt, args = concat_checkpoint
+    message = r"last\.ckpt: trained with --model\.fusion concat, but this command has --model\.fusion logit_add"
+    for command in ("test", "fit"):  # evaluated or resumed: refused before any work
+        with pytest.raises(ExpertsMismatchError, match=message):
+            cli_main([command, "--config", str(CONFIG_DIR / "logit_add.yaml"), "--ckpt_path", str(ckpt), *args])
+
+
+def test_checkpoint_from_other_data_is_refused(concat_checkpoint):
+    ckpt, args = concat_checkpoint
     with pytest.raises(ExpertsMismatchError, match="last.ckpt: trained on data .*, but --data holds data"):
         cli_main(
             [
