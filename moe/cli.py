@@ -40,6 +40,24 @@ DESCRIPTION = (
     "dual_tower, or a YAML file) and --model.* / --data.* / --trainer.* flags."
 )
 
+SUBCOMMANDS = {
+    "fit": (
+        "Prepare (experts, feature windows and scalers, per-row gate-input caches; once per dataset and settings) "
+        "and train a gate over the frozen experts; checkpoints and TensorBoard events go to "
+        "lightning_logs/<fusion>-<experts>/version_N. --ckpt_path last continues that run where it stopped; "
+        "--test_after_fit true prints the test table of the best epoch."
+    ),
+    "validate": "Validation metrics of a checkpoint (--ckpt_path best|last|FILE) on the pre-noised validation split.",
+    "test": (
+        "The test table of a checkpoint (--ckpt_path best|last|FILE): R2, gate entropy and sigma calibration "
+        "per SNR bin, rho against the oracle."
+    ),
+    "predict": (
+        "A catalogue, log g +- sigma per star with gate weights and each expert's prediction, of the test split "
+        "or of any shards (--data.predict_path, labels optional); CSV or HDF5 (--predict_writer.output)."
+    ),
+}
+
 
 def experts_dir(data_dir: str) -> str:
     return str(default_dir(data_dir))
@@ -214,5 +232,9 @@ def cli_main(args: list[str] | None = None) -> MoECLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"max_epochs": 8, "log_every_n_steps": 20},
         args=args,
-        parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},
+        parser_kwargs={
+            "description": DESCRIPTION,
+            "exit_on_error": False,
+            **{name: {"description": text, "exit_on_error": False} for name, text in SUBCOMMANDS.items()},
+        },
     )

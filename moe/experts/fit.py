@@ -354,14 +354,23 @@ def _fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool):
     noise_var = noise_variance(folder, cfg)
     paths, counts = {}, {}
     solver: dict = {}
+    _say(progress, "solving the global expert for %d alpha values", len(cfg.alphas))
     paths["global"], counts["global"] = _split(_paths(stats, partition, "global", cfg, noise_var, solver=solver))
     for fam in ("phys", "snr"):
         if fam in cfg.families:
+            _say(
+                progress,
+                "solving the %d %s experts for %d alpha values each",
+                groups.FAMILY_SIZES[fam],
+                fam,
+                len(cfg.alphas),
+            )
             g_path = tuple(p[0] for p in paths["global"])
             paths[fam], counts[fam] = _split(
                 _paths(stats, partition, fam, cfg, noise_var, fallback_path=g_path, solver=solver)
             )
     t2 = time.perf_counter()
+    _say(progress, "choosing each expert's alpha on the validation split")
     val = validation_sse(folder, paths)
     fits = {}
     for fam in paths:
@@ -369,6 +378,9 @@ def _fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool):
     t3 = time.perf_counter()
     if "cells" in cfg.families:
         prior = [(fits["phys"].weight[k], fits["phys"].bias[k]) for k in range(bins.N_PHYS_BINS)]
+        _say(
+            progress, "solving the %d cell experts (shrunk toward their physical expert)", groups.FAMILY_SIZES["cells"]
+        )
         cpath, ccount = _split(_paths(stats, partition, "cells", cfg, noise_var, prior=prior, solver=solver))
         cval = validation_sse(folder, {"cells": cpath})["cells"]
         fits["cells"] = _family_fit("cells", cpath, *ccount, cval, cfg.alphas)
@@ -377,6 +389,11 @@ def _fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool):
     t5 = time.perf_counter()
     timings = {"stats_s": t1 - t0, "solve_s": (t2 - t1) + (t4 - t3), "validate_s": t3 - t2, "pca_s": t5 - t4, **solver}
     return fits, pca, timings
+
+
+def _say(progress: bool, message: str, *args) -> None:
+    """A line saying what a long step of the fit is doing (INFO when progress is shown, else DEBUG)."""
+    log.log(logging.INFO if progress else logging.DEBUG, message, *args)
 
 
 def _split(result):
