@@ -9,7 +9,6 @@ Every marker and line is named in a legend or an axis label.
 
 from __future__ import annotations
 
-import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from moe.data.atomic import AtomicFile
 from moe.data.bins import SNR_BIN_NAMES, SNR_BIN_RULE, SNR_EDGES, snr_bin
 
 # Paul Tol "muted" and Okabe-Ito: distinguishable under the common colour-vision deficiencies.
@@ -619,10 +619,9 @@ def gain_per_bin(
 
 
 def save(fig: Figure, path) -> Path:
-    """Write ``fig`` as PNG atomically."""
+    """Write ``fig`` as PNG atomically (:class:`moe.data.atomic.AtomicFile`: a failed write is one
+    :class:`~moe.data.errors.WriteError` naming ``path``, and no temporary file is left)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=DPI)
-    os.replace(tmp, path)
+    with AtomicFile(path, "the figure", body_failures=(OSError,)) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     return path

@@ -106,3 +106,63 @@ def test_catalogue_refuses_another_pixel_grid(trained, tiny_dir, tmp_path):
     shifted = _unlabelled_copy(src, tmp_path / "other.h5", read_wave(src) + 5.0)
     with pytest.raises(ShardError, match=r"other\.h5: wavelength grid .* differs from"):
         _predict(ckpt, args, str(shifted), str(tmp_path / "x.csv"))
+
+
+def _writer_batch(n: int, start: int = 0) -> dict:
+    import torch
+
+    rows = torch.arange(start, start + n)
+    return {
+        "row": rows,
+        "snr": torch.full((n,), 5.0),
+        "snr_bin": torch.zeros(n, dtype=torch.long),
+        "log_g_pred": torch.full((n,), 3.0),
+        "log_g_sigma": torch.full((n,), 0.2),
+        "weights": torch.full((n, 2), 0.5),
+        "expert_preds": torch.full((n, 2), 3.0),
+        "log_g_true": torch.full((n,), float("nan")),
+    }
+
+
+def test_catalogue_temp_is_atomic_stale_ones_removed_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
+    """The catalogue is appended batch by batch to a temporary file of moe.data.atomic's naming, renamed at
+    the end; a temporary file an interrupted predict left is removed first; a write that fails is one
+    WriteError naming the catalogue, and neither the catalogue nor a temporary file is left."""
+    import errno
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from moe.data.atomic import HOST
+    from moe.data.errors import WriteError
+    from moe.gates.callbacks import CatalogueWriter
+
+    out = tmp_path / "cat.csv"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".cat.csv.tmp-{HOST}-{int(gone.stdout)}"
+    stale.write_text("half a catalogue of a killed run\n")
+    trainer = SimpleNamespace(
+        world_size=1, global_rank=0, log_dir=None, default_root_dir=str(tmp_path), datamodule=None
+    )
+    module = SimpleNamespace(experts=SimpleNamespace(names=["a", "b"]))
+    writer = CatalogueWriter(str(out))
+    writer.on_predict_start(trainer, module)
+    assert not stale.exists()
+    for start in (0, 4):
+        writer.write_on_batch_end(trainer, module, _writer_batch(4, start), None, None, 0)
+    assert not out.exists() and writer._file.tmp.name.startswith(".cat.csv.tmp-")
+    writer.on_predict_end(trainer, module)
+    assert list(pd.read_csv(out)["row"]) == list(range(8)) and not list(tmp_path.glob(".*tmp*"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    failing = tmp_path / "full.csv"
+    writer = CatalogueWriter(str(failing))
+    writer.on_predict_start(trainer, module)
+    writer.write_on_batch_end(trainer, module, _writer_batch(4), None, None, 0)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    with pytest.raises(WriteError, match=r"full\.csv: cannot write the catalogue \(No space left on device") as info:
+        writer.write_on_batch_end(trainer, module, _writer_batch(4, 4), None, None, 0)
+    writer.on_exception(trainer, module, info.value)  # what Lightning calls next
+    assert "\n" not in str(info.value) and not failing.exists() and not list(tmp_path.glob(".*tmp*"))

@@ -3,7 +3,6 @@ TensorBoard summary (clean hyperparameters, ``hp_metric`` = best ``val/r2``)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,10 @@ import pandas as pd
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.loggers import TensorBoardLogger
+from tables import HDF5ExtError
 
 from moe.data import bins
+from moe.data.atomic import AtomicFile
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 HDF5_KEY = "catalogue"
@@ -25,7 +26,9 @@ class CatalogueWriter(BasePredictionWriter):
     (``objid``, ``mag``, ... when present), ``snr``, ``snr_bin``, ``log_g_pred``, ``log_g_sigma``,
     ``w_<expert>`` (gate weights), ``pred_<expert>`` (each expert's prediction) and ``log_g_true``
     when the shards carry labels. CSV, or an HDF5 table readable with ``pandas.read_hdf(path)``
-    when ``output`` ends in ``.h5``. Written to a temporary name and renamed when prediction ends.
+    when ``output`` ends in ``.h5``. Written to a temporary name (:class:`moe.data.atomic.AtomicFile`: stale
+    ones of interrupted runs removed first) and renamed when prediction ends; a write that fails (disk full,
+    quota, read-only) is one :class:`~moe.data.errors.WriteError` naming the catalogue, and nothing is left.
 
     Args:
         output: catalogue path; default ``<log_dir>/predictions.csv`` (``.rank{r}`` added under DDP).
@@ -35,7 +38,7 @@ class CatalogueWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output = output
         self._path: Path | None = None
-        self._tmp: Path | None = None
+        self._file: AtomicFile | None = None  # the catalogue being written (its temporary file)
         self._labelled: bool | None = None
 
     def _target(self, trainer: pl.Trainer) -> Path:
@@ -48,9 +51,8 @@ class CatalogueWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._path = self._target(trainer)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}")
-        self._tmp.unlink(missing_ok=True)
+        # removes the temporary files of this target that earlier, interrupted runs (or this process) left
+        self._file = AtomicFile(self._path, "the catalogue", body_failures=(OSError, HDF5ExtError))
         dm = trainer.datamodule
         self._shards = dm.predict_set() if hasattr(dm, "predict_set") else None
         self._names = list(pl_module.experts.names)
@@ -85,28 +87,34 @@ class CatalogueWriter(BasePredictionWriter):
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:
         df = self.frame(prediction)
-        if self._path.suffix.lower() in HDF5_SUFFIXES:
-            longest = max((len(str(p)) for p in self._shards.paths), default=1) if self._shards is not None else 1
-            with pd.HDFStore(self._tmp, mode="a") as store:
-                store.append(
-                    HDF5_KEY,
-                    df,
-                    format="table",
-                    index=False,
-                    min_itemsize={"shard": longest, "snr_bin": 1} if "shard" in df else {"snr_bin": 1},
-                )
-        else:
-            df.to_csv(self._tmp, mode="a", header=not self._tmp.exists(), index=False, float_format="%.7g")
+        tmp = self._file.tmp
+        try:
+            if self._path.suffix.lower() in HDF5_SUFFIXES:
+                longest = max((len(str(p)) for p in self._shards.paths), default=1) if self._shards is not None else 1
+                with pd.HDFStore(tmp, mode="a") as store:
+                    store.append(
+                        HDF5_KEY,
+                        df,
+                        format="table",
+                        index=False,
+                        min_itemsize={"shard": longest, "snr_bin": 1} if "shard" in df else {"snr_bin": 1},
+                    )
+            else:
+                df.to_csv(tmp, mode="a", header=not tmp.exists(), index=False, float_format="%.7g")
+        except self._file.body_failures as exc:
+            self._file.abort()
+            raise self._file.error(exc) from exc
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._tmp is not None and self._tmp.exists():
-            os.replace(self._tmp, self._path)
+        if self._file is not None and self._file.tmp.exists():
+            self._file.commit()
             print(f"catalogue written to {self._path}")
-        self._tmp = None
+        self._file = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
+        if self._file is not None:
+            self._file.abort()
+        self._file = None
 
 
 def plain_hparams(model: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> dict:
