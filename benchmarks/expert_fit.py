@@ -38,6 +38,8 @@ OURS = r"""
 import json, resource, sys, time
 from moe.data.datamodule import SpectraDataModule
 from moe.experts.fit import FitConfig, fit_families
+from moe.experts.heap import retain_freed_blocks
+retain_freed_blocks()  # as the child process of load_or_fit does (moe.experts.isolated)
 dm = SpectraDataModule(sys.argv[1], max_train_rows=int(sys.argv[2]), num_workers=0, synth=None)
 dm.noisy_caches("val")
 fits, pca, t = fit_families(dm, FitConfig(products=sys.argv[3]), progress=False)

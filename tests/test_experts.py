@@ -335,21 +335,34 @@ def test_float32_unusable_falls_back_to_float64():
     assert _rel(coef[0], sla.solve(a, b, assume_a="pos")) < 1e-3
 
 
-def test_retained_heap_is_scoped(monkeypatch):
+def test_heap_setting_is_made_only_in_the_child_that_fits(tiny_dir, tmp_path, monkeypatch):
+    """load_or_fit fits in a child process: the same experts as an in-process fit, and the calling process's
+    malloc settings are never touched (glibc cannot undo them)."""
     from moe.experts import heap
+    from moe.experts.bundle import ExpertBundle, load_or_fit
 
     calls = []
-    real_set = heap._set
-    monkeypatch.setattr(heap, "_set", lambda libc, m, t: calls.append((m, t)) or real_set(libc, m, t))
-    with heap.retained_heap() as active:
-        x = np.ones((2048, 2048))  # 32 MiB, served from the heap while active
-        assert x.sum() == 2048 * 2048
-    assert active == (heap._glibc() is not None)
-    if active:  # raised inside, then left at glibc's dynamic-rule values, not pinned at the fit's
-        assert calls == [(heap.RETAIN_BYTES, heap.RETAIN_TRIM), (heap.DYNAMIC_MMAP_MAX, heap.DYNAMIC_TRIM)]
-    monkeypatch.setattr(heap.platform, "libc_ver", lambda: ("", ""))
-    with heap.retained_heap() as active:
-        assert active is False
+    monkeypatch.setattr(heap, "_glibc", lambda: calls.append("mallopt") or None)
+    dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None)
+    cfg = FitConfig(("global", "phys"), min_samples=10, block_rows=256)
+    bundle = load_or_fit(dm, cfg, path=tmp_path / "experts.pt", progress=False)
+    assert calls == []  # the parent process never set the heap thresholds
+    here, _, _ = fit_families(dm, cfg, progress=False)
+    for fam in ("global", "phys"):
+        np.testing.assert_allclose(bundle.families[fam].weight, here[fam].weight, rtol=1e-10, atol=1e-12)
+    assert isinstance(ExpertBundle.load(tmp_path / "experts.pt", dm.fingerprint(), cfg), ExpertBundle)
+    assert heap.retain_freed_blocks() is False  # (patched: not glibc) a no-op elsewhere
+
+
+def test_an_error_in_the_child_fit_is_raised_by_the_caller(tiny_dir, tmp_path):
+    from moe.experts.bundle import load_or_fit
+
+    dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None, max_train_rows=400)
+    with pytest.raises(GroupTooSmallError, match=r"fewer than 60 training rows"):
+        load_or_fit(
+            dm, FitConfig(("global", "phys"), min_samples=60, block_rows=128), tmp_path / "e.pt", progress=False
+        )
+    assert not (tmp_path / "e.pt").exists()
 
 
 def test_alpha_at_the_edge_of_the_sweep_is_named_in_a_warning(tiny_dir, caplog):

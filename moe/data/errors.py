@@ -18,6 +18,9 @@ class ShardError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # pickled with its two arguments (raised in a child process, re-raised by the parent)
+        return type(self), (self.path, self.problem)
+
 
 class WriteError(ShardError):
     """A file the project writes (shard, cache, manifest, experts) could not be written; nothing is left behind."""

@@ -23,6 +23,7 @@ import torch
 from moe.data.atomic import AtomicFile, write_text
 from moe.data.folder import SpectraFolder
 from moe.experts.fit import FamilyFit, FitConfig, fit_families
+from moe.experts.isolated import fit_in_child
 from moe.experts.module import RidgeExperts
 from moe.experts.scores import r2_from_sums
 
@@ -217,7 +218,7 @@ def load_or_fit(
     if target.is_file():
         return ExpertBundle.load(target, folder.fingerprint(), cfg)
     log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
-    bundle = fit_bundle(folder, cfg, progress)
-    bundle.save(target)
+    fit_in_child(folder, cfg, target, progress)
+    bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
     log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
     return bundle

@@ -28,7 +28,6 @@ from moe.data.folder import SpectraFolder
 from moe.data.noise import add_noise_np
 from moe.data.stream import SpectraStream
 from moe.experts import groups
-from moe.experts.heap import retained_heap
 from moe.experts.ridge import DEFAULT_ALPHAS, METHODS, fit_sweep
 from moe.experts.stats import PRODUCTS, CellStats, accumulate
 
@@ -341,12 +340,10 @@ def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, n
 
 
 def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
-    """Run the whole fit: (families {name: FamilyFit}, (pca mean, components, variances), timings)."""
-    with retained_heap():
-        return _fit_families(folder, cfg, progress)
+    """Run the whole fit: (families {name: FamilyFit}, (pca mean, components, variances), timings).
 
-
-def _fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool):
+    In this process; the cached path (:func:`moe.experts.bundle.load_or_fit`) runs it in a child process
+    with the heap setting of :mod:`moe.experts.heap`."""
     t0 = time.perf_counter()
     stats, partition = accumulate_stats(folder, cfg, progress)
     check_group_sizes(stats, partition, cfg)
