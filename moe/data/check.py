@@ -190,13 +190,17 @@ def spectra_figure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moe.data.check", description="Realism check of a dataset folder.")
-    ap.add_argument("data_dir")
-    ap.add_argument("--n-train", type=int, default=50_000)
-    ap.add_argument("--n-test", type=int, default=5_000)
-    ap.add_argument("--noise-level", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--figure", default=None, help="default: DIR/spectra_by_logg.png")
+    ap = argparse.ArgumentParser(prog="moe data check", description="Realism check of a dataset folder.")
+    ap.add_argument("data_dir", help="dataset folder (train_*/, val*/, test*/ shards)")
+    ap.add_argument(
+        "--n-train", type=int, default=50_000, help="training spectra the Ridge checks use (default %(default)s)"
+    )
+    ap.add_argument("--n-test", type=int, default=5_000, help="test spectra the checks score (default %(default)s)")
+    ap.add_argument(
+        "--noise-level", type=float, default=1.0, help="multiplier of the 1-sigma error for the noise (default 1)"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
+    ap.add_argument("--figure", default=None, help="spectra-by-log-g figure path (default: DIR/spectra_by_logg.png)")
     a = ap.parse_args(argv)
     from moe.data.shards import read_wave
 

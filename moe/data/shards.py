@@ -529,11 +529,11 @@ def iter_paths(paths: Sequence[str]) -> Iterator[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe.data.shards", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="moe data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     val = sub.add_parser("validate", help="check shards and print a one-line summary per shard")
     val.add_argument("paths", nargs="+", help="dataset.h5 files or dataset folders")
-    val.add_argument("--block-rows", type=int, default=4096)
+    val.add_argument("--block-rows", type=int, default=4096, help="rows read at a time (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         for path in iter_paths(args.paths):

@@ -590,15 +590,20 @@ def _generate_into_place(root: Path, cfg: SynthConfig, chunk: int, progress: boo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moe.data.synth", description="Write a synthetic PFS MR dataset.")
+    p = argparse.ArgumentParser(
+        prog="moe data synth",
+        description="Write a synthetic PFS MR dataset (pfsspec shards, train/val/test) into a new folder.",
+    )
     d = SynthConfig()
-    p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=d.n_train)
-    p.add_argument("--val", type=int, default=d.n_val)
-    p.add_argument("--test", type=int, default=d.n_test)
-    p.add_argument("--shard-size", type=int, default=d.shard_size)
-    p.add_argument("--pixels", type=int, default=d.n_pixels)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", required=True, help="the dataset folder to create (must not exist yet)")
+    p.add_argument("--train", type=int, default=d.n_train, help="training spectra (default %(default)s)")
+    p.add_argument("--val", type=int, default=d.n_val, help="validation spectra (default %(default)s)")
+    p.add_argument("--test", type=int, default=d.n_test, help="test spectra (default %(default)s)")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="spectra per shard file (default %(default)s)")
+    p.add_argument("--pixels", type=int, default=d.n_pixels, help="pixels over 7100-8850 A (default %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="random seed of labels, spectra and errors (default %(default)s)"
+    )
     a = p.parse_args(argv)
     cfg = SynthConfig(a.train, a.val, a.test, a.shard_size, a.pixels, a.seed)
     existed = Path(a.out).exists()
