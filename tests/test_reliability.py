@@ -265,6 +265,46 @@ def test_bad_rows_dropped_stay_out_and_caches_stay_aligned(small, tmp_path, capl
     assert all(torch.isfinite(b["proj"]).all() for b in folder.stream("train", cached=True))
 
 
+def test_expert_fit_when_the_first_block_keeps_no_row(small, tmp_path, monkeypatch):
+    """With ``bad_rows="drop"`` the first block of the training split may keep no row: the statistics' shift
+    comes from the first block that keeps one (not a NaN mean of nothing), the fit equals one on the same
+    data without those rows, and the progress total counts the kept rows."""
+    from moe.experts import fit as fit_module
+
+    first = 8  # FitConfig.block_rows: the whole first block is bad
+
+    def plant(name, flux, error, params):
+        if name == "train_000":
+            flux[:first, 3] = np.nan
+
+    dropped = SpectraFolder(str(_copy(small, tmp_path / "bad", plant)), synth=None, bad_rows="drop")
+    assert dropped.train_set.n_kept == SMALL.n_train - first
+    without = tmp_path / "without"  # the same data with those rows removed from the shard
+    _copy(small, without)
+    shard = without / "train_000" / "dataset.h5"
+    with h5py.File(shard, "r") as f:
+        wave, flux, error = f[WAVE_KEY][()], f[FLUX_KEY][()], f[ERROR_KEY][()]
+    params = read_params(shard).iloc[first:].reset_index(drop=True)
+    shard.unlink()
+    write_shard(shard, wave, flux[first:], error[first:], params)
+    clean = SpectraFolder(str(without), synth=None)
+
+    cfg = FitConfig(("global", "phys"), min_samples=5, fallback="global", block_rows=first)
+    shift = fit_module.common_shift(dropped, cfg)
+    np.testing.assert_allclose(shift, flux[first : 2 * first].mean(0, dtype=np.float64), rtol=1e-6)
+    totals = []
+    real = fit_module.accumulate
+    monkeypatch.setattr(fit_module, "accumulate", lambda *a, **kw: totals.append(kw["total"]) or real(*a, **kw))
+    fits, pca, _ = fit_module.fit_families(dropped, cfg, progress=False)
+    assert totals == [SMALL.n_train - first]
+    reference, reference_pca, _ = fit_module.fit_families(clean, cfg, progress=False)
+    for family in ("global", "phys"):
+        assert np.isfinite(fits[family].weight).all()
+        np.testing.assert_array_equal(fits[family].alpha, reference[family].alpha)
+        np.testing.assert_allclose(fits[family].weight, reference[family].weight, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(pca[0], reference_pca[0], rtol=1e-6)
+
+
 def test_equalised_ranks_get_the_same_number_of_kept_rows(tiny_dir):
     from moe.data.stream import ShardSet, SpectraStream
 

@@ -104,8 +104,16 @@ FLAGS_HINT = (
 
 
 def check_group_sizes(stats: CellStats, partition: str, cfg: FitConfig) -> None:
-    """Every group of the requested families has ``min_samples`` training rows, or ``fallback`` is set:
-    checked after the statistics pass and before any solve, naming every group that is short."""
+    """The global expert and every group of the requested families have ``min_samples`` training rows
+    (the groups may fall back to the global expert instead, with ``fallback``): checked after the
+    statistics pass and before any solve, naming every group that is short."""
+    n_all = int(stats.n.sum())
+    if n_all < cfg.min_samples:  # nothing to fall back to
+        raise GroupTooSmallError(
+            f"the global expert has {n_all} training rows, fewer than {cfg.min_samples}; use more training rows "
+            "or a smaller minimum (moe fit: --model.expert_min_samples N; moe experts and moe experiments: "
+            "--min-samples N)"
+        )
     if cfg.fallback == "global":
         return
     short = []
@@ -145,7 +153,7 @@ def accumulate_stats(folder: SpectraFolder, cfg: FitConfig, progress: bool = Tru
         groups.n_cells(partition),
         folder.n_pixels,
         cfg.products,
-        total=folder.train_set.n_rows * draws,
+        total=folder.train_set.n_kept * draws,
         progress=progress,
         shift=common_shift(folder, cfg),
     )
@@ -153,10 +161,14 @@ def accumulate_stats(folder: SpectraFolder, cfg: FitConfig, progress: bool = Tru
 
 
 def common_shift(folder: SpectraFolder, cfg: FitConfig) -> np.ndarray:
-    """Mean clean flux of the split's first block: the same on every rank."""
-    stream = SpectraStream(folder.train_set, cfg.block_rows, folder.noise_level, cfg.block_rows)
-    first = stream.shards.blocks(0, min(cfg.block_rows, folder.train_set.n_rows), cfg.block_rows)[0]
-    return stream.read(first)["flux"].mean(0, dtype=np.float64)
+    """Mean clean flux of the split's first block that keeps a row (with ``bad_rows="drop"`` a block may
+    keep none): the same on every rank; zeros when no training row is kept at all."""
+    train = folder.train_set
+    stream = SpectraStream(train, cfg.block_rows, folder.noise_level, cfg.block_rows)
+    for block in train.blocks(0, train.n_rows, cfg.block_rows):
+        if train.kept(block.offset, block.offset + (block.stop - block.start)) > 0:
+            return stream.read(block)["flux"].mean(0, dtype=np.float64)
+    return np.zeros(folder.n_pixels)
 
 
 def noise_variance(folder: SpectraFolder, cfg: FitConfig) -> float:
