@@ -103,6 +103,19 @@ def test_missing_folder_is_generated_whole_and_reused_with_an_info_line(tmp_path
     assert json.loads((root / MANIFEST).read_text())["seed"] == SMALL.seed  # the manifest's settings are used
 
 
+def test_describe_reports_what_the_folder_holds_not_the_synth_request(small, tmp_path):
+    """Provenance: a generated folder is described by its manifest's settings, whatever ``synth`` asks for;
+    the user's folder has no synth settings at all."""
+    asked = SynthConfig(n_train=10, n_val=10, n_test=10, shard_size=10, n_pixels=64, seed=99)
+    generated = SpectraFolder(str(small), synth=asked).describe()
+    assert generated["source"] == "synthetic"
+    assert generated["synth"] == json.loads((small / MANIFEST).read_text())  # seed 7, 200 train rows
+    assert generated["synth"]["seed"] == SMALL.seed and generated["n_train"] == SMALL.n_train
+    user = SpectraFolder(str(_copy(small, tmp_path / "mine")), synth=asked).describe()
+    assert user["source"] == "user data" and "synth" not in user
+    assert user["data_dir"] == str(tmp_path / "mine") and (user["n_train"], user["n_test"]) == (200, 60)
+
+
 def test_interrupted_generation_resumes_in_its_partial_folder(tmp_path, monkeypatch):
     real_flux, calls = SpectrumModel.flux, {"n": 0}
 

@@ -120,7 +120,8 @@ class SpectraFolder:
         if bad_rows not in BAD_ROWS:
             raise ValueError(f"bad_rows must be one of {BAD_ROWS}, got {bad_rows!r}")
         self.data_dir = ensure_dataset(data_dir, synth)
-        self.synth = synth
+        self.synth = synth  # what to generate where no folder exists (not what an existing folder holds)
+        self.manifest = read_manifest(self.data_dir)  # how a generated dataset was made; None for the user's data
         self.noise_level = float(noise_level)
         self.block_rows = int(block_rows)
         self.cache_dir = cache_dir
@@ -241,6 +242,9 @@ class SpectraFolder:
         return noisy_inputs(batch, self.window_weight.to(batch["proj"].device), self.noise_level, generator)
 
     def describe(self) -> dict:
+        """What the folder actually is, for provenance: its path, the rows used per split (bad rows left out),
+        pixels, noise level and ``source`` -- ``"synthetic"`` with the settings of its ``synth.json`` manifest
+        under ``synth`` (those it was generated with, whatever ``synth`` asked for), or ``"user data"``."""
         return {
             "data_dir": str(self.data_dir),
             "n_train": self.train_set.n_kept,
@@ -259,5 +263,9 @@ class SpectraFolder:
                 if self.bad_rows == "drop"
                 else {}
             ),
-            **({"synth": asdict(self.synth)} if self.synth is not None else {}),
+            **(
+                {"source": "user data"}
+                if self.manifest is None
+                else {"source": "synthetic", "synth": dict(self.manifest)}
+            ),
         }
