@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 
 import matplotlib.image as mpimg
 import numpy as np
+import pandas as pd
 import pytest
 
 from moe.data.synth import SynthConfig, write_dataset
 from moe.experiments import EXPERIMENTS
 from moe.experiments.__main__ import main as experiments_main
 from moe.experiments.common import ExperimentSettings, Results, Verdict, bootstrap_delta_r2
+from moe.experts.fit import FitConfig
 from moe.gates.quiet import quiet_lightning
 
 FIGURES = {
@@ -127,6 +130,8 @@ def test_degenerate_or_unfinished_gate_runs_are_inconclusive():
     assert "still improving at the last epoch" in inconclusive_reason(still, 0.8, y)
     stopped = {"Dual-tower concat": [run(y + 0.1, 2, 4, most=8, history=(0.5, 0.62, 0.61, 0.6))]}
     assert inconclusive_reason(stopped, 0.8, y) == ""  # early stopping ended it
+    useless = inconclusive_reason(good, -0.05, y)  # gates "beat" experts that learned nothing
+    assert "global expert has test R^2 -0.0500 <= 0" in useless and "raise --n-train" in useless
 
 
 def test_bootstrap_ci_brackets_the_difference():
@@ -207,7 +212,12 @@ def test_experiment_writes_every_file(computed, exp_dir, tmp_path, monkeypatch, 
     )
     config = json.loads((out / "config.json").read_text())
     assert config["data_fingerprint"]["train"] and config["settings"]["seeds"] == [1, 2]
-    assert "data_fingerprint_hash" in report
+    assert config["settings"]["min_samples"] == 50 and config["settings"]["fallback"] is None
+    # the dataset as it is: generated with its own settings (2400 training rows), not the default synth request
+    assert config["data"]["source"] == "synthetic" and config["data"]["synth"]["n_train"] == 2400
+    head = report.split("**Seeds:**")[0]
+    assert f"**Data:** `{exp_dir}` (synthetic; 2400 train / 600 val / 600 test" in head
+    assert f"fingerprint `{config['data_fingerprint_hash']}`" in head and "data_fingerprint_hash" in report
     again = tmp_path / "again"
     returned = _module(name).write_report(results, _settings(exp_dir, again))
     assert returned["report"] == again and {"headline", "verdicts"} <= set(returned)
@@ -218,6 +228,155 @@ def test_experiment_writes_every_file(computed, exp_dir, tmp_path, monkeypatch, 
 def test_settings_defaults():
     s = ExperimentSettings()
     assert s.data == "data/synth" and s.seeds == (42,)
+
+
+def test_every_flag_of_experiments_and_experts_has_help():
+    import argparse
+
+    from moe.experiments.__main__ import _parser
+    from moe.experts.__main__ import _parser as experts_parser
+
+    parsers = [_parser()]
+    for action in experts_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += list(action.choices.values())
+    missing = [a.option_strings or a.dest for p in parsers for a in p._actions if not a.help]
+    assert not missing, f"no help text: {missing}"
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("name", "entry"), [("ceiling", "load_or_fit"), ("snr-oracle", "load_or_fit"), ("dual-tower", "prepare_families")]
+)
+def test_min_samples_and_fallback_reach_every_expert_fit(exp_dir, tmp_path, monkeypatch, name, entry):
+    """``--min-samples`` / ``--fallback`` set the FitConfig each experiment fits its experts with."""
+    seen = []
+
+    def capture(*args, **kwargs):
+        seen.extend(a for a in args if isinstance(a, FitConfig))
+        raise _Stop
+
+    monkeypatch.setattr(_module(name), entry, capture)
+    with pytest.raises(_Stop):
+        experiments_main(
+            [name, "--data", exp_dir, "--out", str(tmp_path), "--min-samples", "7", "--fallback", "global"]
+        )
+    assert seen and seen[0].min_samples == 7 and seen[0].fallback == "global"
+    assert ExperimentSettings().fit_config(("global", "phys")).min_samples == 50  # the default of moe experts
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["leakage", "--n-train", "0"],
+            r"^moe: error: argument --n-train: must be at least 1, got 0 \(moe experiments",
+        ),
+        (["ceiling", "--min-samples", "0"], r"^moe: error: argument --min-samples: must be at least 1, got 0"),
+        (
+            ["dual-tower", "--n-train", "1", "--min-samples", "1"],
+            r"^moe: error: argument --n-train: dual-tower needs at least 2 training spectra \(the gate features are "
+            r"standardised on them\); it would get 1: raise --n-train",
+        ),
+        (
+            ["leakage", "--max-memory-rows", "1"],
+            r"^moe: error: argument --max-memory-rows: leakage needs at least 2 training spectra",
+        ),
+        (
+            ["dual-tower", "--n-train", "100"],
+            r"^moe: error: \d+ expert group\(s\) have fewer than 50 training rows: phys/.*--min-samples N / --fallback global",
+        ),
+        (
+            ["dual-tower", "--n-train", "10", "--fallback", "global"],
+            r"^moe: error: the global expert has 10 training rows, fewer than 50; .*--min-samples N\)$",
+        ),
+    ],
+)
+def test_too_few_training_spectra_end_in_one_error_line(exp_dir, tmp_path, capsys, monkeypatch, args, message):
+    """A training set too small for an experiment (or a value out of range) stops it before any model is
+    fitted, with one line naming the flag to change; nothing is written."""
+    from moe import main as entry
+
+    # its INFO handler would keep the stderr of the first test that installs it (closed by capsys since)
+    monkeypatch.setattr(entry, "show_project_log", lambda: None)
+    moe_main = entry.main
+    assert moe_main(["experiments", *args, "--data", exp_dir, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("moe: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(message, errors[0]), errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_settings_out_of_range_are_settings_errors():
+    import argparse
+
+    from moe.experiments.common import SettingsError
+
+    for kw in ({"n_train": 0}, {"noise_level": -1.0}, {"seeds": ()}, {"epochs": 0}, {"fallback": "phys"}):
+        with pytest.raises(SettingsError) as info:
+            ExperimentSettings(**kw)
+        assert isinstance(info.value, argparse.ArgumentError) and isinstance(info.value, ValueError)
+        assert str(info.value).startswith("argument --")
+
+
+def test_ceiling_bin_too_small_for_lightgbm_and_the_cnn_keeps_its_ridge_expert():
+    from moe.experiments import ceiling
+    from moe.experiments.common import Arrays
+
+    rng = np.random.default_rng(0)
+
+    def arrays(phys_bin):
+        n = len(phys_bin)
+        flux = rng.normal(size=(n, 8)).astype(np.float32)
+        y = flux[:, 0].astype(np.float64)
+        return Arrays(
+            flux, np.ones_like(flux), flux, y, np.zeros(n), np.zeros(n), np.ones(n), phys_bin, np.zeros(n, int)
+        )
+
+    counts = [30, 30, 30, 1, 30, 30, 1, 30, 30]  # the CNN bins 3 and 6: one training spectrum each
+    train = arrays(np.repeat(np.arange(9), counts))
+    val, test = arrays(np.repeat(np.arange(9), 10)), arrays(np.repeat(np.arange(9), 10))
+    rows = ceiling._bin_rows(train, val, test)
+    settings = ExperimentSettings(seeds=(1,), cnn_epochs=1, progress=False)
+    lgbm = ceiling._lgbm_per_bin(settings, train, val, test, rows)
+    cnn = ceiling._cnn_per_bin(settings, 1.0, train, val, test, rows)
+    small = np.isin(test.phys_bin, ceiling.CNN_BINS)
+    assert set(lgbm.val_r2) == set(range(9)) - set(ceiling.CNN_BINS) and np.isnan(lgbm.test_pred[small]).all()
+    assert np.isfinite(lgbm.test_pred[~small]).all() and not cnn.val_r2
+    ridge = ceiling._PerBin(test.log_g + 0.1, {k: 0.5 for k in range(9)}, {k: [0.5] for k in range(9)})
+    fitted = {"Ridge": ridge, "LightGBM": lgbm, "1D-CNN": cnn}
+    table, chosen, hybrid = ceiling._per_bin_table(fitted, test, np.array(counts), np.ones(9))
+    for k in ceiling.CNN_BINS:
+        assert chosen[k] == "Ridge" and np.isnan(table.loc[k, "r2_lgbm"]) and table.loc[k, "lgbm_seeds"] == ""
+    np.testing.assert_array_equal(hybrid[small], ridge.test_pred[small])
+
+
+def test_report_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    from moe.data.errors import WriteError
+    from moe.experiments.common import Report
+    from moe.plots import bar
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    rep = Report(tmp_path / "rep", "X-01", "t", "q")
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(WriteError, match=r"rep/t1\.csv: cannot write a report table \(No space left on device"):
+        rep.table("t1", pd.DataFrame({"a": [1.0]}), "T1")
+    monkeypatch.undo()
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(WriteError, match=r"rep/f\.png: cannot write the figure \(No space left on device"):
+        rep.figure("f.png", bar(["a"], [0.1], "R2", "t"), "c")
+    assert not list((tmp_path / "rep").iterdir())  # no table, no figure, no temporary file
 
 
 def test_r2_helpers_match_sklearn():

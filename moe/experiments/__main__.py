@@ -1,5 +1,9 @@
 """``python -m moe.experiments NAME [--data DIR] [--n-train N] [--seeds 42 123 456] [--out reports/NAME]``.
 
+``--min-samples N`` and ``--fallback global`` set how the Ridge experts of every experiment treat
+small groups, as in ``moe experts``. A setting an experiment cannot work with (too few training
+spectra, a value out of range) stops it with one line naming the flag (:class:`SettingsError`).
+
 ``all`` runs the four in order into ``--out`` (default ``reports/``), at a default size
 that finishes in under 30 minutes on 2 CPU cores (20k training spectra, 1 seed, CNN up to
 20 epochs); ``--n-train`` scales it from a few thousand (a smoke run) up to the full 1M
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -19,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from moe.experiments import EXPERIMENTS
-from moe.experiments.common import ExperimentSettings
+from moe.experiments.common import ExperimentSettings, SettingsError
 from moe.gates.quiet import quiet_lightning
 
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
@@ -33,14 +38,25 @@ def _runner(name: str):
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe.experiments", description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=(*EXPERIMENTS, "all"))
+    p.add_argument("name", choices=(*EXPERIMENTS, "all"), help="the experiment to run ('all': the four in order)")
     p.add_argument("--data", default="data/synth", help="dataset folder (the default is generated on first use)")
     p.add_argument("--n-train", type=int, default=None, help="training spectra to use (default: all; 'all': 20000)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42])
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[42],
+        help="one run per seed (gate training, in-memory models, snr-oracle's test noise); results are averaged",
+    )
     p.add_argument("--out", default=None, help="report folder (default reports/NAME; for 'all' the parent folder)")
-    p.add_argument("--noise-level", type=float, default=1.0)
+    p.add_argument(
+        "--noise-level",
+        type=float,
+        default=1.0,
+        help="multiplier of the 1-sigma error for the noise on every split (fresh train draws, pre-noised val/test)",
+    )
     p.add_argument("--max-memory-rows", type=int, default=50_000, help="cap for models that need rows in memory")
     p.add_argument(
         "--epochs",
@@ -52,7 +68,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cnn-epochs", type=int, default=None, help="1D-CNN epochs (ceiling; default 50, 'all': 20; 0 skips)"
     )
     p.add_argument("--lgbm-device", default="cpu", help="LightGBM device_type (cpu, gpu, cuda)")
-    a = p.parse_args(argv)
+    p.add_argument(
+        "--min-samples",
+        type=int,
+        default=50,
+        help="fewest training rows a Ridge expert needs: fewer stop the expert fit before any solve, naming the "
+        "short groups (a physical or SNR group may take the global expert instead: --fallback global)",
+    )
+    p.add_argument(
+        "--fallback",
+        choices=("global",),
+        default=None,
+        help="'global': a group with fewer than --min-samples training rows uses the global expert",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_lightning()
     pd.set_option("display.width", 160)
@@ -65,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         epochs=a.epochs,
         cnn_epochs=a.cnn_epochs if a.cnn_epochs is not None else 50,
         lgbm_device=a.lgbm_device,
+        min_samples=a.min_samples,
+        fallback=a.fallback,
     )
     names = EXPERIMENTS if a.name == "all" else (a.name,)
     if a.name == "all":
@@ -86,4 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except SettingsError as exc:
+        print(f"python -m moe.experiments: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -34,7 +34,6 @@ from moe.experiments.common import (
     seed_mean_std,
 )
 from moe.experts.bundle import ExpertBundle, load_or_fit
-from moe.experts.fit import FitConfig
 from moe.experts.nonlinear import LGBM_PARAMS, CNNExpert, fit_lgbm
 from moe.experts.scores import r2
 from moe.plots import bar, expert_selection, gain_per_bin, grouped_bar, method_colour, pred_vs_true
@@ -42,12 +41,13 @@ from moe.plots import bar, expert_selection, gain_per_bin, grouped_bar, method_c
 EXPERIMENT_ID = "MOE-CEILING-C1-01"
 CNN_BINS = (3, 6)
 SMALL_BIN = 1000
+MIN_BIN_TRAIN = 2  # in-memory training spectra a bin needs for LightGBM and the 1D-CNN (else Ridge only)
 TYPES = ("Ridge", "LightGBM", "1D-CNN")
 R2_COLUMN = {"Ridge": "r2_ridge", "LightGBM": "r2_lgbm", "1D-CNN": "r2_cnn"}
 HYBRID_TARGET = 0.70
 GAIN_TARGET = 0.05
 GLOBAL, RIDGE_ORACLE, HYBRID = "Global Ridge", f"Ridge-Oracle ({bins.N_PHYS_BINS} bins)", "Oracle-Hybrid"
-FIT = FitConfig(families=("global", "phys", "snr"))
+FAMILIES = ("global", "phys", "snr")  # the expert families fitted (the Ridge rows use phys)
 BIN_AXIS = (
     f"physical bin (0 {bins.PHYS_BIN_NAMES[0]} … {bins.N_PHYS_BINS - 1} {bins.PHYS_BIN_NAMES[-1]}; T_eff × [M/H])"
 )
@@ -160,9 +160,11 @@ def _fit_over_seeds(fit: Callable[[int], Any], seeds, val: Arrays, test: Arrays,
 def _lgbm_per_bin(
     settings: ExperimentSettings, train: Arrays, val: Arrays, test: Arrays, bin_rows: list[_BinRows]
 ) -> _PerBin:
-    """LightGBM in every bin, one per seed."""
+    """LightGBM in every bin with ``MIN_BIN_TRAIN`` training rows, one per seed."""
     lgbm = _PerBin(np.full(test.log_g.shape, np.nan))
     for k, in_bin in enumerate(bin_rows):
+        if in_bin.train.sum() < MIN_BIN_TRAIN:
+            continue
         fit = partial(fit_lgbm, train.flux[in_bin.train], train.log_g[in_bin.train], device_type=settings.lgbm_device)
         lgbm.add(k, in_bin.test, _fit_over_seeds(fit, settings.seeds, val, test, in_bin))
     return lgbm
@@ -175,10 +177,13 @@ def _fit_cnn(clean, error, y, val_flux, val_y, seed: int, epochs: int, noise_lev
 def _cnn_per_bin(
     settings: ExperimentSettings, noise_level: float, train: Arrays, val: Arrays, test: Arrays, bin_rows: list[_BinRows]
 ) -> _PerBin:
-    """The 1D-CNN in the bins of ``CNN_BINS`` (none when ``settings.cnn_epochs`` is 0), one per seed."""
+    """The 1D-CNN in the bins of ``CNN_BINS`` with ``MIN_BIN_TRAIN`` training rows (none when
+    ``settings.cnn_epochs`` is 0), one per seed."""
     cnn = _PerBin(np.full(test.log_g.shape, np.nan))
     for k in CNN_BINS if settings.cnn_epochs > 0 else ():
         in_bin = bin_rows[k]
+        if in_bin.train.sum() < MIN_BIN_TRAIN:
+            continue
         fit = partial(
             _fit_cnn,
             train.clean[in_bin.train],
@@ -221,12 +226,12 @@ def _per_bin_table(
                 "flag": f"< {SMALL_BIN} train" if n_train[k] < SMALL_BIN else "",
                 "ridge_alpha": float(ridge_alpha[k]),
                 "r2_ridge": scores["Ridge"],
-                "r2_lgbm": scores["LightGBM"],
+                "r2_lgbm": scores.get("LightGBM", np.nan),
                 "r2_cnn": scores.get("1D-CNN", np.nan),
                 "best (val)": best,
                 "r2_best": scores[best],
                 "delta_r2_vs_ridge": scores[best] - scores["Ridge"],
-                "lgbm_seeds": seed_mean_std(lgbm.seed_r2[k]),
+                "lgbm_seeds": seed_mean_std(lgbm.seed_r2[k]) if k in lgbm.seed_r2 else "",
                 "cnn_seeds": seed_mean_std(cnn.seed_r2[k]) if k in cnn.seed_r2 else "",
                 "cnn_epochs": str(cnn.epochs.get(k, "")),
             }
@@ -238,7 +243,7 @@ def compute(settings: ExperimentSettings) -> CeilingResults:
     """Fit every expert type per physical bin and route the test split by the oracle; no file is written."""
     started = time.time()
     dm = settings.datamodule()
-    bundle = load_or_fit(dm, FIT, progress=settings.progress)
+    bundle = load_or_fit(dm, settings.fit_config(FAMILIES), progress=settings.progress)
     train, val, test = load_splits(dm, settings, keep_clean=True)
     bin_rows = _bin_rows(train, val, test)
     ridge, ridge_sweep = _ridge_per_bin(bundle, val, test, bin_rows)
@@ -331,7 +336,8 @@ def write_report(results: CeilingResults, settings: ExperimentSettings) -> dict:
         "per_bin",
         results.per_bin,
         "Table 1: per-bin test R^2 by expert type",
-        f"Bins with fewer than {SMALL_BIN} training spectra are flagged.",
+        f"Bins with fewer than {SMALL_BIN} training spectra are flagged; one with fewer than {MIN_BIN_TRAIN} "
+        "in memory has its Ridge expert only (no LightGBM or 1D-CNN).",
     )
     rep.table("overall", results.overall, "Table 2: overall test R^2 (oracle routing)")
     rep.table(
@@ -342,6 +348,7 @@ def write_report(results: CeilingResults, settings: ExperimentSettings) -> dict:
         settings,
         results.data,
         {
+            "fit": settings.fit_config(FAMILIES).key_dict(),
             "lgbm": LGBM_PARAMS,
             "cnn_bins": list(CNN_BINS),
             "cnn_epochs_max": settings.cnn_epochs,

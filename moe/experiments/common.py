@@ -2,13 +2,13 @@
 
 A report folder holds ``report.md`` (question, verdicts computed from the numbers, tables,
 embedded figures, config and data fingerprint), every table as CSV, and the PNG figures.
-Files are written atomically.
+Files are written atomically (:mod:`moe.data.atomic`: a failed write is one WriteError, nothing left behind).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,16 +18,30 @@ import numpy as np
 import pandas as pd
 import torch
 
+from moe.data.atomic import write_text
 from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise_np
 from moe.data.synth import SynthConfig
+from moe.experts.fit import FitConfig
 from moe.experts.scores import r2_from_sums
 from moe.plots import save as save_figure
 
 
+class SettingsError(argparse.ArgumentError, ValueError):
+    """A setting an experiment cannot work with, naming its command-line flag.
+
+    An :class:`argparse.ArgumentError`, so the ``moe`` command prints it as one line
+    (``moe: error: argument --n-train: ...``); a ValueError to code that calls the experiments.
+    """
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(None, message)
+        self.argument_name = flag
+
+
 @dataclass
 class ExperimentSettings:
-    """Command-line settings shared by all experiments."""
+    """Command-line settings shared by all experiments (values out of range: a :class:`SettingsError`)."""
 
     data: str = "data/synth"
     n_train: int | None = None
@@ -38,7 +52,27 @@ class ExperimentSettings:
     epochs: int = 30
     cnn_epochs: int = 50
     lgbm_device: str = "cpu"
+    min_samples: int = 50  # fewest training rows of a phys/snr expert group (--min-samples)
+    fallback: str | None = None  # "global": a smaller group takes the global expert (--fallback)
     progress: bool = True
+
+    def __post_init__(self):
+        self.seeds = tuple(self.seeds)
+        for flag, value, least in (
+            ("--n-train", self.n_train, 1),
+            ("--max-memory-rows", self.max_memory_rows, 1),
+            ("--epochs", self.epochs, 1),
+            ("--cnn-epochs", self.cnn_epochs, 0),
+            ("--min-samples", self.min_samples, 1),
+        ):
+            if value is not None and value < least:
+                raise SettingsError(flag, f"must be at least {least}, got {value}")
+        if not self.noise_level >= 0:
+            raise SettingsError("--noise-level", f"must be >= 0, got {self.noise_level}")
+        if not self.seeds:
+            raise SettingsError("--seeds", "give at least one seed")
+        if self.fallback not in (None, "global"):
+            raise SettingsError("--fallback", f"must be 'global' or not given, got {self.fallback!r}")
 
     def datamodule(self, **kw) -> SpectraDataModule:
         return SpectraDataModule(
@@ -50,10 +84,31 @@ class ExperimentSettings:
             **kw,
         )
 
+    def fit_config(self, families: tuple[str, ...]) -> FitConfig:
+        """The expert fit of an experiment over ``families``, with the group-size rule of ``--min-samples`` /
+        ``--fallback`` (a group short of rows stops the fit before any solve, naming these flags)."""
+        return FitConfig(families=families, min_samples=self.min_samples, fallback=self.fallback)
+
     @property
     def memory_train_rows(self) -> int:
         """Training rows an in-memory model gets: ``n_train`` capped by ``max_memory_rows``."""
         return self.max_memory_rows if self.n_train is None else min(self.n_train, self.max_memory_rows)
+
+    @property
+    def memory_flag(self) -> str:
+        """The flag that sets ``memory_train_rows``: ``--n-train`` or ``--max-memory-rows``."""
+        return "--n-train" if self.n_train is not None and self.n_train <= self.max_memory_rows else "--max-memory-rows"
+
+
+def require_train_rows(have: int, need: int, experiment: str, why: str, flag: str = "--n-train") -> None:
+    """Stop with a :class:`SettingsError` naming ``flag`` when an experiment gets fewer than ``need``
+    training spectra (``have``), before any model is fitted."""
+    if have < need:
+        raise SettingsError(
+            flag,
+            f"{experiment} needs at least {need} training spectra ({why}); it would get {have}: "
+            f"raise {flag} (or use a dataset with more training rows)",
+        )
 
 
 @dataclass
@@ -228,7 +283,7 @@ class Report:
         self.sections.append(f"## {heading}\n\n{body}\n")
 
     def table(self, name: str, df: pd.DataFrame, heading: str, note: str = "", floatfmt: int = 4) -> pd.DataFrame:
-        _atomic_write(self.out / f"{name}.csv", df.to_csv(index=False))
+        write_text(self.out / f"{name}.csv", df.to_csv(index=False), "a report table")
         self.sections.append(
             f"## {heading}\n\n{_md_table(df, floatfmt)}\n\n{note + chr(10) if note else ''}(CSV: `{name}.csv`)\n"
         )
@@ -242,7 +297,7 @@ class Report:
 
     def verdicts(self, verdicts: Sequence[Verdict]) -> pd.DataFrame:
         df = pd.DataFrame([v.row() for v in verdicts])
-        _atomic_write(self.out / "verdicts.csv", df.to_csv(index=False))
+        write_text(self.out / "verdicts.csv", df.to_csv(index=False), "the verdicts table")
         self.sections.insert(0, "## Verdicts (computed from the numbers below)\n\n" + _md_table(df) + "\n")
         return df
 
@@ -257,12 +312,13 @@ class Report:
             "runtime_s": round(self.compute_s + time.time() - self.started, 1),
             "torch": torch.__version__,
         }
-        _atomic_write(self.out / "config.json", json.dumps(config, indent=2, default=str))
+        write_text(self.out / "config.json", json.dumps(config, indent=2, default=str), "the report config")
         about = data.description
         head = (
             f"# {self.title}\n\n**Experiment:** `{self.experiment_id}`  \n**Data:** `{about['data_dir']}` "
-            f"({about['n_train']} train / {about['n_val']} val / {about['n_test']} test, {about['n_pixels']} px, "
-            f"noise_level {about['noise_level']})  \n**Seeds:** {', '.join(map(str, settings.seeds))}  \n"
+            f"({about.get('source', 'unknown source')}; {about['n_train']} train / {about['n_val']} val / "
+            f"{about['n_test']} test, {about['n_pixels']} px, noise_level {about['noise_level']}; fingerprint "
+            f"`{data.fingerprint_hash}`)  \n**Seeds:** {', '.join(map(str, settings.seeds))}  \n"
             f"**Runtime:** {config['runtime_s']:.0f} s\n\n**Question.** {self.question}\n"
         )
         tail = (
@@ -275,14 +331,8 @@ class Report:
             + "\n```\n\nFull fingerprint (shards, sizes, rows): `config.json`.\n"
         )
         path = self.out / "report.md"
-        _atomic_write(path, "\n".join([head, *self.sections, tail]))
+        write_text(path, "\n".join([head, *self.sections, tail]), "the report")
         return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def seed_mean_std(values: Sequence[float]) -> str:

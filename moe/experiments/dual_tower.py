@@ -31,6 +31,7 @@ from moe.experiments.common import (
     Results,
     Verdict,
     bootstrap_delta_r2,
+    require_train_rows,
     seed_mean_std,
 )
 from moe.experiments.gates import (
@@ -40,7 +41,6 @@ from moe.experiments.gates import (
     test_rows,
     train_gate,
 )
-from moe.experts.fit import FitConfig
 from moe.experts.scores import r2
 from moe.features import PHYSICS_NAMES
 from moe.plots import (
@@ -81,6 +81,7 @@ ABLATIONS = {f"drop {group} ({len(names)})": names for group, names in _GROUPS.i
     f"quality {len(QUALITY_SUBSET5)}-subset": [n for n in QUALITY_NAMES if n not in QUALITY_SUBSET5]
 }
 BOUNDARY = 0.1
+MIN_TRAIN = 2  # training spectra the gate-feature standardisation needs (fewer make no run at all)
 SNR_HIGH_TO_LOW = tuple(reversed(list(enumerate(bins.SNR_BIN_NAMES))))  # (index, name) of each SNR bin, H first
 TITLE = "Dual-tower gates: physics + quality"
 QUESTION = (
@@ -230,7 +231,8 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
     """Train every gate (and the ablations) per seed and evaluate them on the test split; no file is written."""
     started = time.time()
     dm = settings.datamodule()
-    fit = FitConfig(families=FAMILIES)
+    require_train_rows(dm.train_set.n_kept, MIN_TRAIN, "dual-tower", "the gate features are standardised on them")
+    fit = settings.fit_config(FAMILIES)
     prepared = prepare_families(dm, FAMILIES, fit, settings.progress)
     test = test_rows(dm)
     log_g = test["log_g"].astype(np.float64)
@@ -263,7 +265,7 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
         delta_r2_low_snr=[r2(log_g[low], a.pred[low]) - r2(log_g[low], b.pred[low]) for a, b in zip(concat, phys_only)],
         delta_ci=bootstrap_delta_r2(log_g, [r.pred for r in concat], [r.pred for r in phys_only]),
         inconclusive=inconclusive_reason(runs, r2_global, log_g),
-        n_train=dm.train_set.n_rows,
+        n_train=dm.train_set.n_kept,
         n_boundary=int(near_edge.sum()),
         snr_counts={n: int((snr_bin == i).sum()) for i, n in enumerate(bins.SNR_BIN_NAMES)},
         log_g=log_g,
@@ -478,12 +480,18 @@ def calibration_table(z: np.ndarray, snr_bin: np.ndarray) -> pd.DataFrame:
 
 
 def inconclusive_reason(results: dict[str, list[GateRun]], r2_global: float, y: np.ndarray) -> str:
-    """Why these gate runs cannot decide anything ('' when they can): a learned gate below the
-    global expert (the run is degenerate), or a run stopped at its epoch limit while still improving."""
+    """Why these gate runs cannot decide anything ('' when they can): the global expert no better than the
+    mean log g (the experts learned nothing), a learned gate below the global expert (the run is
+    degenerate), or a run stopped at its epoch limit while still improving."""
     learned = [(label, run) for label, runs in results.items() for run in runs if run.best_epoch > 0]
     below = sorted({label for label, run in learned if r2(y, run.pred) < r2_global})
     unfinished = sorted({label for label, run in learned if run.still_improving})
     reasons = []
+    if not r2_global > 0:
+        reasons.append(
+            f"the global expert has test R^2 {r2_global:.4f} <= 0: the experts learned nothing "
+            "(too few training spectra: raise --n-train)"
+        )
     if below:
         reasons.append(
             f"{', '.join(below)} below the global expert (R^2 {r2_global:.4f}): too little data or too few epochs"

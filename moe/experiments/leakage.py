@@ -35,6 +35,7 @@ from moe.experiments.common import (
     Results,
     Verdict,
     load_splits,
+    require_train_rows,
     seed_mean_std,
 )
 from moe.experts.nonlinear import fit_lgbm
@@ -48,6 +49,7 @@ NOISE_LEVELS = (0.0, 0.5, 1.0)
 LGBM_PARAMS = {"n_estimators": 100, "max_depth": 6, "learning_rate": 0.1}
 LEAK_THRESHOLD = 0.05
 TOP_K = 40
+MIN_TRAIN = 2  # in-memory training spectra LightGBM needs
 N_STATS = len(QUALITY_NAMES)
 AGGREGATES = f"{N_STATS} aggregate statistics"
 TELLURIC_BANDS = ((7160.0, 7340.0), (7594.0, 7700.0), (8130.0, 8350.0))  # H2O, O2 A band, H2O [Å]
@@ -254,6 +256,8 @@ def compute(settings: ExperimentSettings) -> LeakageResults:
     """Fit the error-only models and the sanity checks; no file is written."""
     started = time.time()
     dm = settings.datamodule()
+    in_memory = min(settings.memory_train_rows, dm.train_set.n_kept)
+    require_train_rows(in_memory, MIN_TRAIN, "leakage", "LightGBM fits the error vectors of them", settings.memory_flag)
     splits = dict(zip(SPLITS, load_splits(dm, settings)))
     models, ridge_coefs, best, lgbm_gain = _error_only_models(splits, settings)
     best_alpha = RIDGE_ALPHAS[best]

@@ -26,7 +26,6 @@ from moe.experiments.common import (
 )
 from moe.experts.bundle import load_or_fit
 from moe.experts.evaluate import oracle_predictions, regression_metrics
-from moe.experts.fit import FitConfig
 from moe.experts.groups import FAMILY_SIZES
 from moe.plots import bar, delta_r2_column, grouped_bar, method_colour, pred_vs_true
 
@@ -34,7 +33,7 @@ EXPERIMENT_ID = "LOGG-SNR-ORACLE-01"
 GAIN_THRESHOLD = 0.02
 GLOBAL = "Global Ridge"
 ORACLE = f"Oracle SNR-MoE ({FAMILY_SIZES['snr']} experts)"
-FIT = FitConfig(families=("global", "phys", "snr"))
+FAMILIES = ("global", "phys", "snr")  # the expert families fitted (the oracle routes global and snr)
 TITLE = "Oracle SNR-binned Ridge experts vs global Ridge"
 QUESTION = (
     f"Does splitting the Ridge experts by SNR ({bins.SNR_BIN_RULE}) leave headroom: "
@@ -80,7 +79,7 @@ def compute(settings: ExperimentSettings) -> SnrOracleResults:
     runs = []
     for seed in settings.seeds:
         dm = settings.datamodule(test_seed=seed)
-        bundle = load_or_fit(dm, FIT, progress=settings.progress)
+        bundle = load_or_fit(dm, settings.fit_config(FAMILIES), progress=settings.progress)
         runs.append(oracle_predictions(dm, bundle, "test", ("global", "snr")))
     first = runs[0]
     log_g = first.y
@@ -156,7 +155,7 @@ def write_report(results: SnrOracleResults, settings: ExperimentSettings) -> dic
     rep.table("per_bin", results.slices, "Per SNR bin (oracle routing: each spectrum to its own bin's expert)")
     rep.table("alphas", results.alphas, "Ridge alpha per expert (picked on the pre-noised validation split)")
     _figures(rep, results, settings.seeds[0])
-    rep.write(settings, results.data, {"fit": FIT.key_dict()})
+    rep.write(settings, results.data, {"fit": settings.fit_config(FAMILIES).key_dict()})
     return {
         "report": rep.out,
         "headline": results.headline,

@@ -41,16 +41,50 @@ def _parser() -> argparse.ArgumentParser:
             "stop with an error naming them (error) or leave them out (drop)",
         )
         s.add_argument("--groups", default="global,phys,snr", help="families: global,phys,snr,cells")
-        s.add_argument("--noise-level", type=float, default=1.0)
-        s.add_argument("--noise-mode", choices=NOISE_MODES, default="marginal")
-        s.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
-        s.add_argument("--products", choices=("float64", "float32"), default="float64")
-        s.add_argument("--min-samples", type=int, default=50)
-        s.add_argument("--fallback", choices=("global",), default=None)
-        s.add_argument("--max-train-rows", type=int, default=None)
+        s.add_argument(
+            "--noise-level",
+            type=float,
+            default=1.0,
+            help="multiplier of the 1-sigma error for the noise on every split (1: as observed)",
+        )
+        s.add_argument(
+            "--noise-mode",
+            choices=NOISE_MODES,
+            default="marginal",
+            help="training noise: in closed form (marginal), one draw per spectrum (single) or several (augment)",
+        )
+        s.add_argument(
+            "--alphas",
+            type=float,
+            nargs="+",
+            default=list(DEFAULT_ALPHAS),
+            help="the Ridge alpha sweep; each expert keeps the alpha best on the validation split",
+        )
+        s.add_argument(
+            "--products",
+            choices=("float64", "float32"),
+            default="float64",
+            help="precision of the per-block products of the statistics pass (summed in float64 either way)",
+        )
+        s.add_argument(
+            "--min-samples",
+            type=int,
+            default=50,
+            help="fewest training rows a Ridge expert needs: fewer stop the fit before any solve, naming the short "
+            "groups (a physical or SNR group may take the global expert instead: --fallback global)",
+        )
+        s.add_argument(
+            "--fallback",
+            choices=("global",),
+            default=None,
+            help="'global': a group with fewer than --min-samples training rows uses the global expert",
+        )
+        s.add_argument(
+            "--max-train-rows", type=int, default=None, help="use only the first N training rows (default: all)"
+        )
         s.add_argument("--out", default=None, help="experts file (default: cached under DATA/experts)")
         if name == "compare-noise":
-            s.add_argument("--draws", type=int, default=4)
+            s.add_argument("--draws", type=int, default=4, help="noise draws per spectrum of the K-draws training")
     return p
 
 
