@@ -1,6 +1,6 @@
 """Realism check of a dataset folder: does it carry the physics the experiments probe?
 
-``python -m moe.data.check DIR [--n-train 50000] [--n-test 5000]`` prints one line per
+``moe data check DIR [--n-train 50000] [--n-test 5000]`` prints one line per
 check with its value, bound and PASS/FAIL, writes ``spectra_by_logg.png`` and exits
 non-zero if a check fails. At noise_level 1:
 

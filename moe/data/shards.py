@@ -14,7 +14,7 @@ A dataset is a folder of shards ``train_*/dataset.h5``, ``val*/dataset.h5``,
 
 Command line::
 
-    python -m moe.data.shards validate PATH [PATH ...]   # files or dataset folders
+    moe data validate PATH [PATH ...]   # files or dataset folders
 """
 
 from __future__ import annotations

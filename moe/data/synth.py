@@ -89,7 +89,7 @@ Where it is written
 
 Command line::
 
-    python -m moe.data.synth --out DIR --train N --val N --test N --shard-size N --seed S
+    moe data synth --out DIR --train N --val N --test N --shard-size N --seed S
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m moe.experiments NAME [--data DIR] [--n-train N] [--seeds 42 123 456] [--out reports/NAME]``.
+"""``moe experiments NAME [--data DIR] [--n-train N] [--seeds 42 123 456] [--out reports/NAME]``.
 
 ``--min-samples N`` and ``--fallback global`` set how the Ridge experts of every experiment treat
 small groups, as in ``moe experts``. A setting an experiment cannot work with (too few training
@@ -39,7 +39,7 @@ def _runner(name: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m moe.experiments", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="moe experiments", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=(*EXPERIMENTS, "all"), help="the experiment to run ('all': the four in order)")
     p.add_argument("--data", default="data/synth", help="dataset folder (the default is generated on first use)")
     p.add_argument("--n-train", type=int, default=None, help="training spectra to use (default: all; 'all': 20000)")
@@ -124,5 +124,5 @@ if __name__ == "__main__":
     try:
         raise SystemExit(main())
     except SettingsError as exc:
-        print(f"python -m moe.experiments: error: {exc}", file=sys.stderr)
+        print(f"moe experiments: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,4 +1,4 @@
-"""``python -m moe.experts {fit,report,compare-noise} --data DIR``.
+"""``moe experts {fit,report,compare-noise} --data DIR``.
 
 - ``fit``: fit (or load from the cache) the expert families and print the alpha table.
 - ``report``: oracle-routed R^2 of the families on the test split, per bin with counts,
@@ -23,7 +23,7 @@ from moe.experts.ridge import DEFAULT_ALPHAS
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m moe.experts", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="moe experts", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("fit", "report", "compare-noise"):
         s = sub.add_parser(name)
