@@ -1,5 +1,6 @@
 """Per-star sigma: the model-error variance estimate against a closed form, the z metrics against numpy,
-and calibration of a trained gate at small N (looser bounds than the README's full-size table)."""
+the recalibration (sigma map, validation check, row rings) on synthetic residuals against the full-size
+targets, and calibration of a trained gate at small N (looser bounds than the README's full-size table)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 
 from moe.cli import cli_main
 from moe.data import bins
-from moe.experts.calibration import model_error_variance
-from moe.gates.metrics import SplitMetrics
+from moe.experts.calibration import coverage_scale, model_error_variance, sigma_map, validation_check
+from moe.gates.metrics import LatestRows, SplitMetrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -89,8 +90,11 @@ def test_trained_gate_sigma_is_calibrated_at_small_n(tmp_path, tiny_dir):
     m = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     assert 0.75 <= m["test/z_std"] <= 1.3, m  # 300 test stars: looser than the full-size [0.9, 1.1]
     assert 0.55 <= m["test/coverage_1sigma"] <= 0.82, m
-    assert 0.88 <= m["test/coverage_2sigma"] <= 0.99, m
+    # tiny experts (R^2 about 0.3) leave nearly uniform residuals, lighter-tailed than any Gaussian: 2 sigma
+    # covers 97-99% of these 300 stars (the full-size targets are met at 5k stars, see test_sigma_map_*)
+    assert 0.88 <= m["test/coverage_2sigma"] <= 0.995, m
     assert cli.model.sigma_scale.min() > 0 and not torch.equal(cli.model.sigma_scale, torch.ones(4))
+    assert torch.isfinite(cli.model.sigma_ref).all() and (cli.model.sigma_power > 0).all()
 
 
 def test_coverage_scale_is_exact_for_gaussian_z_and_balances_heavy_tails():
@@ -108,3 +112,80 @@ def test_coverage_scale_is_exact_for_gaussian_z_and_balances_heavy_tails():
     (loss, cov1), (rms_loss, rms_cov1) = miss(coverage_scale(np.abs(t))), miss(np.sqrt(np.mean(t**2)))
     assert loss < rms_loss and abs(cov1 - GAUSS_1SIGMA) < abs(rms_cov1 - GAUSS_1SIGMA)
     assert coverage_scale(np.array([1.0, 3.0])) == np.sqrt(5.0)  # too few values: the RMS
+
+
+def _targets_met(z: np.ndarray) -> bool:
+    """The calibration targets: std of z in [0.9, 1.1], 65-71% of |z| <= 1, 93-97% of |z| <= 2."""
+    return 0.9 <= z.std() <= 1.1 and 0.65 <= np.mean(np.abs(z) <= 1) <= 0.71 and 0.93 <= np.mean(np.abs(z) <= 2) <= 0.97
+
+
+def _residuals(shape: str, seed: int = 4, n: int = 24_000):
+    """Heteroscedastic residuals in 4 groups whose raw sigma is off by a factor per group."""
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, 4, n)
+    sigma_true = np.exp(rng.normal(0, 0.4, n)) * np.array([0.3, 0.5, 0.8, 1.2])[group]
+    e = rng.normal(size=n) if shape == "gauss" else rng.uniform(-np.sqrt(3), np.sqrt(3), n)
+    raw = sigma_true / np.array([0.7, 1.0, 1.3, 2.0])[group]
+    return np.abs(sigma_true * e), raw, group
+
+
+def _mapped(fit, raw, group):
+    scale, ref, gamma = fit
+    return scale[group] * ref[group] * (raw / ref[group]) ** gamma
+
+
+def test_sigma_map_rescales_each_group_and_leaves_gaussian_tails():
+    abs_r, raw, group = _residuals("gauss")
+    half = np.arange(len(abs_r)) < len(abs_r) // 2
+    scale, ref, gamma = sigma_map(abs_r[half], raw[half], group[half])
+    assert abs(gamma - 1) <= 0.1, gamma  # Gaussian residuals need no exponent
+    np.testing.assert_allclose(scale, [0.7, 1.0, 1.3, 2.0], rtol=0.06)
+    z = abs_r / _mapped((scale, ref, gamma), raw, group)  # held-out half, |z|
+    for g in range(4):
+        zg = z[~half & (group == g)]
+        assert _targets_met(np.concatenate([zg, -zg])), g
+
+
+def test_sigma_map_fattens_light_tails_to_the_targets():
+    abs_r, raw, group = _residuals("uniform")  # bounded residuals: no factor alone gives both coverages
+    half = np.arange(len(abs_r)) < len(abs_r) // 2
+    fit = sigma_map(abs_r[half], raw[half], group[half])
+    assert fit[2] > 1.5, fit[2]
+    z = abs_r / _mapped(fit, raw, group)
+    scale_only = np.array([coverage_scale(abs_r[half & (group == g)] / raw[half & (group == g)]) for g in range(4)])
+    z_scale = abs_r / (scale_only[group] * raw)
+    for g in range(4):
+        sel = ~half & (group == g)
+        assert _targets_met(np.concatenate([z[sel], -z[sel]])), g
+        assert not _targets_met(np.concatenate([z_scale[sel], -z_scale[sel]])), g
+
+
+def test_sigma_map_small_and_empty_groups():
+    abs_r, raw, group = np.array([1.0, 3.0, 2.0, 2.0]), np.ones(4), np.array([0, 0, 2, 2])
+    scale, ref, gamma = sigma_map(abs_r, raw, group)
+    assert gamma == 1.0  # too few residuals for the exponent
+    np.testing.assert_allclose(scale, [np.sqrt(5.0), 1.0, 2.0, 1.0])  # below MIN_ROWS: the RMS; empty: 1
+    np.testing.assert_allclose(ref, [1.0, 1.0, 1.0, 1.0])
+
+
+def test_validation_check_acts_only_beyond_sampling_noise():
+    rng = np.random.default_rng(5)
+    z = np.abs(rng.normal(size=5000))
+    assert abs(validation_check(z) - 1) < 0.01  # calibrated: left (nearly) alone
+    assert abs(validation_check(1.25 * z) - 1.25) < 0.04  # clearly too narrow: rescaled nearly in full
+    assert validation_check(1.25 * z[:10]) == 1.0  # too few stars to say
+
+
+def test_latest_rows_keep_the_newest_rows_per_bin():
+    ring = LatestRows(capacity=4, width=2, n_bins=2)
+    rows = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    ring.update(rows[:3], torch.zeros(3, dtype=torch.long))
+    ring.update(rows[3:], torch.tensor([0, 1, 0]))
+    ring.update(torch.tensor([[float("nan"), 1.0]]), torch.tensor([1]))  # skipped
+    kept = ring.rows()
+    assert sorted(kept[0][:, 0].tolist()) == [2.0, 4.0, 6.0, 10.0]  # the latest 4 of bin 0
+    assert kept[1].tolist() == [[8.0, 9.0]]
+    both = ring.rows(gather=lambda t: torch.stack([t, t]))  # two ranks' rings
+    assert len(both[0]) == 8 and len(both[1]) == 2
+    ring.reset()
+    assert [len(r) for r in ring.rows()] == [0, 0]

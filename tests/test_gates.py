@@ -129,12 +129,19 @@ def test_mixture_sigma(dm):
     spread = ((w * (var + (mu - m[:, None]) ** 2)).sum(-1)).sqrt()  # law of total variance
     expect = spread * model.sigma_scale.double()[batch["snr_bin"]]
     torch.testing.assert_close(out.sigma.double(), expect, rtol=1e-3, atol=1e-4)
-    # with the variance head: the noise spread plus the head's model-error variance, then the same factor
+    with torch.no_grad():  # the recalibration's exponent about each bin's reference sigma
+        model.sigma_ref.copy_(torch.tensor([0.5, 0.8, 1.2, 2.0]))
+        model.sigma_power.fill_(1.5)
+    ref = model.sigma_ref.double()[batch["snr_bin"]]
+    expect = model.sigma_scale.double()[batch["snr_bin"]] * ref * (spread / ref) ** 1.5
+    torch.testing.assert_close(model(batch).sigma.double(), expect, rtol=1e-3, atol=1e-4)
+    # with the variance head: the experts' noise variances mixed (their disagreement left out) plus the
+    # head's model-error variance, then the same recalibration
     head = _model(dm, "concat")
     out = head(batch)
-    mu, w = out.expert_preds.double(), out.weights.double()
-    m = (w * mu).sum(-1)
-    noise_s = ((w * (noise + (mu - m[:, None]) ** 2)).sum(-1)).sqrt()
+    w = out.weights.double()
+    noise_s = (w * noise).sum(-1).sqrt()
+    torch.testing.assert_close(out.noise_spread.double(), noise_s, rtol=1e-3, atol=1e-5)
     expect = (noise_s.square() + out.log_model_var.double().exp()).sqrt() * head.sigma_scale.double()[batch["snr_bin"]]
     torch.testing.assert_close(out.sigma.double(), expect, rtol=1e-3, atol=1e-4)
     assert _model(dm, "oracle").variance_head is None  # nothing learned there: the prepared estimate

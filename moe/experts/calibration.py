@@ -9,6 +9,11 @@ variance of expert k in SNR bin s is estimated from the stars routed to it (its 
 
 with ``v_k`` the noise variance; a (k, s) cell with fewer than ``min_rows`` stars takes
 expert k's estimate over all SNR bins. Shapes: N stars, K experts, S = 4 SNR bins.
+
+Recalibration of a per-star sigma against residuals r (``sigma_map``, ``validation_check``): the
+target is z = r / sigma with 68.3% of |z| <= 1, 95.4% <= 2 and std 1, as for a Gaussian. Misses are
+measured in units of their tolerance (``TOLERANCE``: 3 and 2 percentage points, 0.1 in std), the std
+weighted down (``STD_WEIGHT``) because a few outliers move it.
 """
 
 from __future__ import annotations
@@ -59,22 +64,100 @@ def model_error_variance(
 
 
 GAUSS_1SIGMA, GAUSS_2SIGMA = 0.682689, 0.954500  # P(|z| <= 1), P(|z| <= 2) of a standard normal
+TOLERANCE = (0.03, 0.02, 0.1)  # the calibration targets' tolerances: 1-sigma, 2-sigma coverage, z std
+STD_WEIGHT = 0.3  # weight of the std miss against the coverage misses
+MIN_MAP_ROWS = 200  # fewest residuals to fit the exponent of ``sigma_map``; fewer: the factors alone
+POWERS = np.round(np.linspace(0.5, 2.5, 101), 4)  # the exponents searched by ``sigma_map``
+POWER_PRIOR = 1.0  # penalty on (gamma - 1)^2 added to the mean miss: gamma leaves 1 only for a clear gain
 
 
-def coverage_scale(abs_z: np.ndarray, min_rows: int = MIN_ROWS) -> float:
-    """The factor s for sigma that brings the coverage of |z| / s <= 1 and <= 2 closest (least squares) to a
-    Gaussian's 68.3% and 95.4% on these |z| [N]; the RMS of z below ``min_rows`` values.
+def _scale_fit(sorted_abs_z: np.ndarray, std_weight: float) -> tuple[float, float]:
+    """(s, miss): the factor s for sigma whose z = |z| / s misses the targets least, and that miss
+    (squared, in units of the tolerances), on ascending finite |z| [N]."""
+    rms = float(np.sqrt(np.mean(sorted_abs_z**2)))
+    if rms == 0:
+        return 1.0, 0.0
+    s = rms * np.geomspace(0.25, 4.0, 801)
+    n = sorted_abs_z.size
+    cover1 = np.searchsorted(sorted_abs_z, s, side="right") / n
+    cover2 = np.searchsorted(sorted_abs_z, 2.0 * s, side="right") / n
+    tol1, tol2, tol_std = TOLERANCE
+    miss = ((cover1 - GAUSS_1SIGMA) / tol1) ** 2 + ((cover2 - GAUSS_2SIGMA) / tol2) ** 2
+    miss = miss + std_weight * ((rms / s - 1.0) / tol_std) ** 2  # std of z about 0: its RMS
+    i = int(np.argmin(miss))
+    return float(s[i]), float(miss[i])
 
-    Residuals of a mixture of experts are heavier-tailed than a Gaussian, so matching the RMS alone
-    would leave the 1-sigma interval too wide; matching both coverages balances the body and the tails.
+
+def coverage_scale(abs_z: np.ndarray, min_rows: int = MIN_ROWS, std_weight: float = STD_WEIGHT) -> float:
+    """The factor s for sigma that brings |z| / s [N] closest to the targets (module docstring): the 1- and
+    2-sigma coverage of a Gaussian and, weighted down, std 1. The RMS of z below ``min_rows`` values.
+
+    Residuals of a mixture of experts are not Gaussian, so matching the RMS alone would leave the
+    1-sigma interval too wide (heavy tails) or too narrow (light tails); matching the coverages balances
+    the body and the tails.
     """
     abs_z = np.sort(np.asarray(abs_z, np.float64)[np.isfinite(abs_z)])
     if abs_z.size == 0:
         return 1.0
-    rms = float(np.sqrt(np.mean(abs_z**2)))
-    if abs_z.size < min_rows or rms == 0:
-        return rms or 1.0
-    s = rms * np.geomspace(0.25, 4.0, 801)
-    cover = lambda k: np.searchsorted(abs_z, k * s, side="right") / abs_z.size  # noqa: E731
-    loss = (cover(1.0) - GAUSS_1SIGMA) ** 2 + (cover(2.0) - GAUSS_2SIGMA) ** 2
-    return float(s[np.argmin(loss)])
+    if abs_z.size < min_rows:
+        return float(np.sqrt(np.mean(abs_z**2))) or 1.0
+    return _scale_fit(abs_z, std_weight)[0]
+
+
+def sigma_map(
+    abs_r: np.ndarray, sigma: np.ndarray, group: np.ndarray, n_groups: int = bins.N_SNR_BINS
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The recalibration ``sigma' = scale_g * ref_g * (sigma / ref_g) ** gamma`` of G groups (SNR bins)
+    that brings |r| / sigma' closest to the targets in every group, from residuals |r|, sigma, group [N].
+
+    ``ref_g`` is the group's median sigma. For each exponent ``gamma`` (one for all groups) each group
+    gets its best factor; the ``gamma`` with the least mean miss (groups weighted by size) plus
+    ``POWER_PRIOR (gamma - 1)^2`` wins (the miss is flat within sampling noise over a range of
+    ``gamma``). It is an affine map of log sigma: ``gamma > 1`` widens the spread of sigma between
+    stars, i.e. fattens the tails of z. Residuals whose sigma tracks them well are lighter-tailed
+    than a Gaussian (log g is bounded; part of the error is a bias that depends on the true value):
+    no factor alone then gives 68.3% within 1 sigma and 95.4% within 2, one exponent does. Returns
+    ``scale [G], ref [G], gamma``; a group with no residuals keeps sigma, one with fewer than
+    ``MIN_ROWS`` takes the RMS of its z, and with fewer than ``MIN_MAP_ROWS`` residuals in all
+    ``gamma`` is 1.
+    """
+    abs_r, sigma, group = (np.asarray(a) for a in (abs_r, sigma, group))
+    keep = np.isfinite(abs_r) & np.isfinite(sigma) & (sigma > 0)
+    abs_r, sigma, group = abs_r[keep].astype(np.float64), sigma[keep].astype(np.float64), group[keep].astype(np.int64)
+    ref = np.array([np.median(sigma[group == g]) if (group == g).any() else 1.0 for g in range(n_groups)])
+    members = [np.flatnonzero(group == g) for g in range(n_groups)]
+    log_ratio = np.log(sigma / ref[group])
+    best = None
+    for gamma in POWERS if abs_r.size >= MIN_MAP_ROWS else (1.0,):
+        abs_z = abs_r / (ref[group] * np.exp(gamma * log_ratio))
+        scale, total = np.ones(n_groups), 0.0
+        for g, idx in enumerate(members):
+            if idx.size >= MIN_ROWS:
+                scale[g], miss = _scale_fit(np.sort(abs_z[idx]), STD_WEIGHT)
+                total += miss * idx.size
+            elif idx.size:
+                scale[g] = float(np.sqrt(np.mean(abs_z[idx] ** 2))) or 1.0
+        total = total / max(abs_r.size, 1) + POWER_PRIOR * (gamma - 1.0) ** 2
+        if best is None or total < best[0]:
+            best = (total, scale, float(gamma))
+    return best[1], ref, best[2]
+
+
+def validation_check(abs_z: np.ndarray, strictness: float = 4.0) -> float:
+    """One factor for sigma from held-out |z| [N] (already recalibrated on other data), shrunk to 1 as far
+    as the miss is within sampling noise.
+
+    ``chi2`` of the 1- and 2-sigma coverage against a Gaussian's (binomial variances; about 2 when the
+    sigma is calibrated) sets the shrinkage of ``log coverage_scale(abs_z)`` by ``max(0, 1 - strictness /
+    chi2)``: a calibrated sigma is left alone, a clearly miscalibrated one (say, residuals of experts
+    that overfit the training split) is rescaled nearly in full.
+    """
+    abs_z = np.asarray(abs_z, np.float64)
+    abs_z = abs_z[np.isfinite(abs_z)]
+    if abs_z.size < MIN_ROWS:
+        return 1.0
+    c1, c2 = np.mean(abs_z <= 1.0), np.mean(abs_z <= 2.0)
+    p1, p2 = GAUSS_1SIGMA, GAUSS_2SIGMA
+    chi2 = abs_z.size * ((c1 - p1) ** 2 / (p1 * (1 - p1)) + (c2 - p2) ** 2 / (p2 * (1 - p2)))
+    shrink = max(0.0, 1.0 - strictness / chi2) if chi2 > 0 else 0.0
+    return float(np.exp(shrink * np.log(coverage_scale(abs_z))))

@@ -8,6 +8,9 @@ against the oracle routing and the global expert of the same experts and samples
 Calibration of the per-star sigma, overall and per SNR bin: ``z_std`` (std of
 z = (pred - true) / sigma; 1 when calibrated), ``coverage_1sigma`` / ``coverage_2sigma``
 (share of |z| <= 1 / 2; 0.683 / 0.954 for a Gaussian).
+
+``LatestRows`` keeps the most recent rows of each SNR bin in fixed-size rings (bounded memory whatever the
+split's size), gathered across DDP ranks for the sigma recalibration.
 """
 
 from __future__ import annotations
@@ -133,3 +136,37 @@ class SplitMetrics(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "reset"):
                 m.reset()
+
+
+class LatestRows(nn.Module):
+    """The latest ``capacity`` rows (``width`` floats) of each of S SNR bins, in rings [S, capacity, width].
+
+    Not saved in checkpoints (non-persistent buffers); ``rows(gather)`` returns each bin's rows [n, width]
+    (in ring order), with ``gather`` (``LightningModule.all_gather``) collecting every rank's rings first.
+    """
+
+    def __init__(self, capacity: int, width: int, n_bins: int = bins.N_SNR_BINS):
+        super().__init__()
+        self.capacity = capacity
+        self.register_buffer("ring", torch.full((n_bins, capacity, width), float("nan")), persistent=False)
+        self.register_buffer("seen", torch.zeros(n_bins, dtype=torch.long), persistent=False)
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor, snr_bin: torch.Tensor) -> None:
+        """Append rows [B, width] (rows with a non-finite value are skipped) to their bins' rings."""
+        keep = torch.isfinite(rows).all(-1)
+        for i in range(self.ring.shape[0]):
+            new = rows[keep & (snr_bin == i)][-self.capacity :].to(self.ring.dtype)
+            if len(new):
+                slots = (self.seen[i] + torch.arange(len(new), device=new.device)) % self.capacity
+                self.ring[i, slots] = new
+                self.seen[i] += len(new)
+
+    def rows(self, gather=None) -> list[torch.Tensor]:
+        ring = gather(self.ring) if gather is not None else self.ring
+        ring = ring.reshape(-1, *self.ring.shape).transpose(0, 1).flatten(1, 2)  # [S, ranks * capacity, width]
+        return [r[torch.isfinite(r[:, 0])] for r in ring]
+
+    def reset(self) -> None:
+        self.ring.fill_(float("nan"))
+        self.seen.zero_()

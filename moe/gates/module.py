@@ -1,19 +1,32 @@
 """``GatedMoE``: frozen Ridge experts, feature towers and a fusion gate, trained with MSE.
 
 ``log g = sum_k w_k(phys, qual) * expert_k(noisy flux)``; loss ``MSE(log g, truth)`` (+ an
-optional entropy term). Also returns sigma, the per-star uncertainty, in two parts:
+optional entropy term). Also returns sigma, the per-star uncertainty of log g:
 
-- the mixture's spread under the noise, ``s^2 = sum_k w_k (v_k + mu_k^2) - mu^2`` with ``v_k``
-  each expert's exact variance under the noise (law of total variance);
-- the model error: by default a variance head (an MLP on the standardised gate features,
-  ``log s^2`` and the prediction) trained with a beta-NLL (beta = 0.5) on the detached prediction's residual, so
-  the gate's own objective stays MSE; without the head (and for the oracle / global gates,
-  which learn nothing) each expert's model-error variance in the star's SNR bin, estimated
-  on the validation split by the preparation step, enters as ``v_k + m_k``;
-
-times a per-SNR-bin factor refitted on the validation split after every validation epoch so
-that the 1- and 2-sigma coverage of z = (pred - true) / sigma come closest to a Gaussian's
-there (recalibration; a checkpoint keeps the factor of its own epoch).
+- the raw spread: by default ``spread^2 = sum_k w_k v_k + m``, the experts' exact noise variances
+  ``v_k`` mixed by the gate plus a model-error variance ``m`` from a variance head (an MLP on the
+  standardised gate features, ``log sum_k w_k v_k``, the log disagreement ``sum_k w_k (mu_k - mu)^2``
+  and the prediction), trained on the training stream (fresh noise every epoch) with a beta-NLL
+  (beta = 0.5) on the detached prediction's residual, so the gate's own objective stays MSE. The
+  disagreement is not added to the variance: the prediction is the weighted mean, not a draw of one
+  expert, and where the gate hedges between experts that disagree the mean is often right (added, it
+  swamps sigma where experts disagree most and the head cannot take it back). Without the head (and
+  for the oracle / global gates, which learn nothing): the mixture of each expert's noise plus
+  model-error variance in the star's SNR bin (estimated on the validation split by the preparation
+  step), law of total variance.
+- recalibration, refitted after every validation epoch of a fit (a checkpoint keeps its epoch's):
+  ``sigma = scale_b * ref_b * (spread / ref_b) ** gamma`` per SNR bin b
+  (:func:`moe.experts.calibration.sigma_map`), fitted on the epoch's latest training stars (up to
+  ``TRAIN_ROWS`` per bin, their gate inputs kept, so the residuals are those of the model as it
+  stands at the end of the epoch) such that z = (pred - true) / sigma has 68.3% within 1 and 95.4%
+  within 2 and std 1 in every bin. The training rows outnumber the validation split several times,
+  so the fit is that much less noisy: per-bin factors fitted on a 5k-star validation split move each
+  bin's test coverage by about its own sampling error. ``gamma`` (one for all bins) sets the tails
+  of z: a well-trained head leaves residuals lighter-tailed than a Gaussian (log g is bounded), and
+  a scale alone cannot then hit both coverages. Then one factor for all bins from the
+  validation split (:func:`moe.experts.calibration.validation_check`), shrunk to 1 within its
+  sampling error: the held-out guard against experts or a head that fit the training stars better
+  than new ones (logged as ``val/sigma_check``).
 
 The module owns loss, metrics, optimiser and logging; the experts (:mod:`moe.experts`),
 features (:mod:`moe.features`) and gates (:mod:`moe.gates.fusions`) are plain modules.
@@ -38,14 +51,12 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch import nn
-from torchmetrics import CatMetric
-from torchmetrics.utilities import dim_zero_cat
+from pytorch_lightning.trainer.states import TrainerFn
 
 from moe.data import bins
 from moe.experts import groups
 from moe.experts.bundle import ExpertsMismatchError
-from moe.experts.calibration import coverage_scale
+from moe.experts.calibration import sigma_map, validation_check
 from moe.experts.fit import FitConfig, NoiseMode
 from moe.experts.groups import Family
 from moe.experts.module import RidgeExperts
@@ -53,26 +64,57 @@ from moe.experts.ridge import DEFAULT_ALPHAS
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
 from moe.features.inputs import NOISE_KEYS, gate_features, input_map, row_inputs
 from moe.gates.fusions import FUSIONS, Fusion, ProductGate, build_gate, mlp
-from moe.gates.metrics import SplitMetrics, gate_entropy
+from moe.gates.metrics import LatestRows, SplitMetrics, gate_entropy
 from moe.gates.schedules import LinearWarmup
 from moe.prepare import PrepareConfig, Prepared
 
 log = logging.getLogger(__name__)
 MAX_FIGURE_SAMPLES = 20_000
+TRAIN_ROWS = 8192  # latest training rows kept per SNR bin for the sigma recalibration
+VAL_RESIDUALS = 16384  # validation residuals kept per SNR bin (the whole split when it is smaller)
+
+
+class MixInputs(NamedTuple):
+    """A batch's inputs to the gate and the mixture (B batch, K experts); fixed once the batch is noisy."""
+
+    phys: torch.Tensor  # [B, 13] standardised physics features
+    qual: torch.Tensor  # [B, 10] standardised quality features
+    mu: torch.Tensor  # [B, K] each expert's prediction
+    noise_var: torch.Tensor  # [B, K] each expert's exact variance under the noise
+    snr_bin: torch.Tensor  # [B]
+    route: torch.Tensor | None  # [B] true group (oracle gate only)
+    global_pred: torch.Tensor  # [B] the global expert
+
+    def rows(self, target: torch.Tensor) -> torch.Tensor:
+        """[B, 23 + 2K + 2]: the inputs and the target in one float table (route -1 when unset)."""
+        route = self.route if self.route is not None else torch.full_like(self.snr_bin, -1)
+        cols = [self.phys, self.qual, self.mu, self.noise_var, route[:, None], target[:, None]]
+        return torch.cat([c.to(self.phys.dtype) for c in cols], -1)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, snr_bin: torch.Tensor, k: int) -> tuple[MixInputs, torch.Tensor]:
+        """Inverse of :meth:`rows` (the global expert left at 0) -> (inputs, target)."""
+        n_phys, n_qual = len(PHYSICS_NAMES), len(QUALITY_NAMES)
+        phys, qual, mu, noise_var, route, target = rows.split([n_phys, n_qual, k, k, 1, 1], -1)
+        route = route.squeeze(-1).long()
+        return (
+            cls(phys, qual, mu, noise_var, snr_bin, route if (route >= 0).all() else None, target[:, 0] * 0),
+            target[:, 0],
+        )
 
 
 class MoEOutput(NamedTuple):
     """Everything one forward pass produces (B batch, K experts)."""
 
     pred: torch.Tensor  # [B] log g
-    sigma: torch.Tensor  # [B] mixture predictive spread
+    sigma: torch.Tensor  # [B] calibrated uncertainty of pred (1 sigma)
     weights: torch.Tensor  # [B, K]
     expert_preds: torch.Tensor  # [B, K]
     entropy: torch.Tensor  # [B] nats
     tau: torch.Tensor | None  # [B] (temperature gate)
     global_pred: torch.Tensor  # [B] the global expert (the baseline of rho)
-    spread: torch.Tensor  # [B] sigma before the per-SNR-bin recalibration factor
-    noise_spread: torch.Tensor  # [B] the mixture's spread under the noise alone
+    spread: torch.Tensor  # [B] sigma before the per-SNR-bin recalibration
+    noise_spread: torch.Tensor  # [B] sqrt(sum_k w_k v_k): the experts' noise spreads, mixed
     log_model_var: torch.Tensor | None  # [B] the variance head's output
 
 
@@ -163,14 +205,19 @@ class GatedMoE(pl.LightningModule):
         self.qual_scaler = Standardizer(len(QUALITY_NAMES))
         self.gate = build_gate(fusion, len(PHYSICS_NAMES), len(QUALITY_NAMES), k)
         learned = any(p.requires_grad for p in self.gate.parameters())
-        # [phys, qual, log s^2, prediction] -> log model-error variance
+        # [phys, qual, log noise variance, log expert disagreement, prediction] -> log model-error variance
         self.variance_head = (
-            mlp(len(PHYSICS_NAMES) + len(QUALITY_NAMES) + 2, [32], 1) if variance_head and learned else None
+            mlp(len(PHYSICS_NAMES) + len(QUALITY_NAMES) + 3, [32], 1) if variance_head and learned else None
         )
         self.register_buffer("prepared", torch.tensor(False))
         self.register_buffer("model_var", torch.zeros(k, bins.N_SNR_BINS))  # [K, 4] model-error variance
-        self.register_buffer("sigma_scale", torch.ones(bins.N_SNR_BINS))  # [4] validation recalibration
-        self.val_raw_abs_z = nn.ModuleList(CatMetric() for _ in bins.SNR_BIN_NAMES)
+        # [4] recalibration per SNR bin: sigma = scale * ref * (spread / ref) ** power (_recalibrate)
+        self.register_buffer("sigma_scale", torch.ones(bins.N_SNR_BINS))
+        self.register_buffer("sigma_ref", torch.ones(bins.N_SNR_BINS))
+        self.register_buffer("sigma_power", torch.ones(bins.N_SNR_BINS))
+        # the latest training rows (mixture inputs, truth) and validation (|residual|, raw sigma) per SNR bin
+        self.train_rows = LatestRows(TRAIN_ROWS, len(PHYSICS_NAMES) + len(QUALITY_NAMES) + 2 * k + 2)
+        self.val_residuals = LatestRows(VAL_RESIDUALS, 2)
         self.val_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.test_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.data_fingerprint: str | None = None
@@ -206,7 +253,8 @@ class GatedMoE(pl.LightningModule):
         self.phys_scaler.load_state_dict(prepared.phys_scaler.state_dict())
         self.qual_scaler.load_state_dict(prepared.qual_scaler.state_dict())
         self.model_var.copy_(torch.as_tensor(prepared.model_var, dtype=self.model_var.dtype))
-        self.sigma_scale.fill_(1.0)  # refitted on validation during training
+        for name in ("sigma_scale", "sigma_ref", "sigma_power"):  # refitted during training
+            getattr(self, name).fill_(1.0)
         self.data_fingerprint = prepared.data_fingerprint
         self.prepared.fill_(True)
 
@@ -232,6 +280,10 @@ class GatedMoE(pl.LightningModule):
                 f"{self.data_fingerprint}: its experts do not belong to this data"
             )
         self.data_fingerprint = stored or self.data_fingerprint
+        state = checkpoint.get("state_dict", {})
+        for name in ("sigma_ref", "sigma_power"):  # checkpoints from before the power map: the plain factor
+            if "sigma_scale" in state and name not in state:
+                state[name] = torch.ones_like(state["sigma_scale"])
 
     # ---- forward ---------------------------------------------------------------------------
     def gate_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -259,20 +311,44 @@ class GatedMoE(pl.LightningModule):
         """True group of each sample in this module's expert family [B] (oracle routing)."""
         return groups.group_of(self.family, batch["phys_bin"], batch["snr_bin"])
 
-    def forward(self, batch: dict) -> MoEOutput:
+    def mix_inputs(self, batch: dict) -> MixInputs:
+        """What the gate and the mixture read from a batch (all fixed once the batch is noisy)."""
         x = self.gate_inputs(batch)
         phys, qual = self.standardised_features(x)
-        gate = self.gate(phys, qual, self.route(batch) if self.hparams.fusion == "oracle" else None)
-        w = gate.weights
         k = self.experts.n_experts
-        mu = x["proj"][:, :k]
-        snr_bin = batch["snr_bin"]
-        noise_var = self.hparams.noise_level**2 * x["var"][:, :k]
+        return MixInputs(
+            phys,
+            qual,
+            x["proj"][:, :k],
+            self.hparams.noise_level**2 * x["var"][:, :k],
+            batch["snr_bin"],
+            self.route(batch) if self.hparams.fusion == "oracle" else None,
+            x["proj"][:, k],
+        )
+
+    def forward(self, batch: dict) -> MoEOutput:
+        return self.mix(self.mix_inputs(batch))
+
+    def mix(self, m: MixInputs) -> MoEOutput:
+        """Gate weights, prediction and sigma from the mixture's inputs."""
+        phys, qual, mu, noise_var, snr_bin = m.phys, m.qual, m.mu, m.noise_var, m.snr_bin
+        gate = self.gate(phys, qual, m.route)
+        w = gate.weights
         pred = (w * mu).sum(-1)
-        noise_s2 = ((w * (noise_var + mu.square())).sum(-1) - pred.square()).clamp_min(1e-12)
+        noise_s2 = (w * noise_var).sum(-1).clamp_min(1e-12)  # the experts' exact noise variances, mixed
         log_model_var = None
         if self.variance_head is not None:
-            head_in = torch.cat([phys, qual, noise_s2.detach().log()[:, None], pred.detach()[:, None] - 3.0], dim=-1)
+            disagreement = (w * (mu - pred[:, None]).square()).sum(-1)  # the experts' spread about the prediction
+            head_in = torch.cat(
+                [
+                    phys,
+                    qual,
+                    noise_s2.detach().log()[:, None],
+                    (disagreement.detach() + 1e-4).log()[:, None],
+                    pred.detach()[:, None] - 3.0,
+                ],
+                dim=-1,
+            )
             log_model_var = self.variance_head(head_in).squeeze(-1).clamp(-20, 10)
             spread = (noise_s2 + log_model_var.exp()).sqrt()
         else:
@@ -280,16 +356,21 @@ class GatedMoE(pl.LightningModule):
             spread = ((w * (var + mu.square())).sum(-1) - pred.square()).clamp_min(1e-12).sqrt()
         return MoEOutput(
             pred,
-            spread * self.sigma_scale[snr_bin],
+            self.calibrated_sigma(spread, snr_bin),
             w,
             mu,
             gate_entropy(w),
             gate.tau,
-            x["proj"][:, k],
+            m.global_pred,
             spread,
             noise_s2.sqrt(),
             log_model_var,
         )
+
+    def calibrated_sigma(self, spread: torch.Tensor, snr_bin: torch.Tensor) -> torch.Tensor:
+        """Each star's SNR-bin recalibration applied to its raw spread [B]: ``scale * ref * (spread / ref) ** power``."""
+        ref = self.sigma_ref[snr_bin]
+        return self.sigma_scale[snr_bin] * ref * (spread / ref) ** self.sigma_power[snr_bin]
 
     # ---- steps -----------------------------------------------------------------------------
     def _loss(self, out: MoEOutput, batch: dict) -> dict[str, torch.Tensor]:
@@ -304,8 +385,10 @@ class GatedMoE(pl.LightningModule):
         return losses
 
     def training_step(self, batch: dict, batch_idx: int):
-        out = self(batch)
+        inputs = self.mix_inputs(batch)
+        out = self.mix(inputs)
         losses = self._loss(out, batch)
+        self.train_rows.update(inputs.rows(batch["log_g"]).detach(), batch["snr_bin"])
         self.log("train/loss", losses["loss"], batch_size=out.pred.shape[0], prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=out.pred.shape[0])
         if isinstance(self.gate, ProductGate):
@@ -334,9 +417,7 @@ class GatedMoE(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self._eval_step(batch, self.val_metrics, "val")
-        raw_abs_z = ((out.pred - batch["log_g"]) / out.spread.clamp_min(1e-12)).abs()
-        for i, m in enumerate(self.val_raw_abs_z):  # every bin on every batch (also empty), so that all DDP
-            m.update(raw_abs_z[batch["snr_bin"] == i])  # ranks gather the same metrics in _recalibrate
+        self.val_residuals.update(torch.stack([(out.pred - batch["log_g"]).abs(), out.spread], -1), batch["snr_bin"])
         if sum(len(b["snr"]) for b in self._fig_buffer) < MAX_FIGURE_SAMPLES:
             self._fig_buffer.append(
                 {
@@ -382,6 +463,9 @@ class GatedMoE(pl.LightningModule):
                 self.log(f"{prefix}/r2", values["r2"], prog_bar=prefix == "val")
         return values
 
+    def on_train_epoch_start(self) -> None:
+        self.train_rows.reset()  # the recalibration reads this epoch's rows only
+
     def on_validation_epoch_end(self) -> None:
         self._log_split(self.val_metrics, "val")
         self._recalibrate()
@@ -410,16 +494,31 @@ class GatedMoE(pl.LightningModule):
 
     @torch.no_grad()
     def _recalibrate(self) -> None:
-        """Refit each SNR bin's sigma factor on this validation epoch's raw z (gathered across ranks):
-        :func:`moe.experts.calibration.coverage_scale`."""
-        sanity = self._trainer is not None and self.trainer.sanity_checking
-        for i, m in enumerate(self.val_raw_abs_z):
-            if m.update_count > 0 and not sanity:
-                gathered = m.compute()
-                abs_z = dim_zero_cat(gathered) if isinstance(gathered, list) else gathered
-                if abs_z.numel() > 0:  # the same on every rank: the values are gathered
-                    self.sigma_scale[i] = coverage_scale(abs_z.detach().cpu().double().numpy())
-            m.reset()
+        """Refit the sigma recalibration (module docstring) from the latest training residuals and this
+        validation epoch's, gathered across ranks (the same numbers on every rank)."""
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and not self.trainer.sanity_checking:  # validate / test keep the checkpoint's
+            gather = self.all_gather if self.trainer.world_size > 1 else None
+            train, val = self.train_rows.rows(gather), self.val_residuals.rows(gather)
+            scale, ref, power = np.ones(bins.N_SNR_BINS), np.ones(bins.N_SNR_BINS), np.ones(bins.N_SNR_BINS)
+            if any(len(r) for r in train):  # the training stars as the model stands now
+                group = torch.cat([torch.full((len(r),), i, device=r.device) for i, r in enumerate(train)])
+                inputs, target = MixInputs.from_rows(torch.cat(train), group, self.experts.n_experts)
+                out = self.mix(inputs)
+                abs_r, spread = (out.pred - target).abs(), out.spread
+                scale, ref, gamma = sigma_map(abs_r.cpu().numpy(), spread.cpu().numpy(), group.cpu().numpy())
+                power[:] = gamma
+            val = [r.cpu().double().numpy() for r in val]
+            if any(len(p) for p in val):  # one factor for all bins: the held-out check of the training fit
+                abs_z = np.concatenate(
+                    [p[:, 0] / (scale[i] * ref[i] * (p[:, 1] / ref[i]) ** power[i]) for i, p in enumerate(val)]
+                )
+                check = validation_check(abs_z)
+                scale = scale * check
+                self.log("val/sigma_check", check)
+            for name, v in (("sigma_scale", scale), ("sigma_ref", ref), ("sigma_power", power)):
+                getattr(self, name).copy_(torch.as_tensor(v, dtype=self.sigma_scale.dtype))
+        self.val_residuals.reset()
 
     def on_test_epoch_end(self) -> None:
         self._log_split(self.test_metrics, "test")
