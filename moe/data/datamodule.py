@@ -60,7 +60,8 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
             streams of whole spectra.
         block_rows: rows per contiguous read.
         max_train_rows: use only the first N training rows (scaling studies, smoke runs).
-        val_seed / test_seed: seeds of the pre-noised val/test copies.
+        val_seed: seed of the pre-noised validation copy (the same noise draw in every run).
+        test_seed: seed of the pre-noised test copy (the same noise draw in every run and report).
         cache_dir: where pre-noised copies and gate-input caches go (default: next to the shards).
         synth: generate this synthetic dataset as ``data_dir`` when that folder does not exist yet; ``None``
             never generates. An existing folder is only read (a missing split is an error).

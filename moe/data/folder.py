@@ -94,7 +94,8 @@ class SpectraFolder:
         noise_level: multiplier of the 1-sigma error for the heteroscedastic noise.
         block_rows: rows per contiguous read.
         max_train_rows: use only the first N training rows (scaling studies, smoke runs).
-        val_seed / test_seed: seeds of the pre-noised val/test copies.
+        val_seed: seed of the pre-noised validation copy (the same noise draw in every run).
+        test_seed: seed of the pre-noised test copy (the same noise draw in every run and report).
         cache_dir: where pre-noised copies and gate-input caches go (default: next to the shards).
         synth: generate this synthetic dataset as ``data_dir`` when that folder does not exist; ``None``
             never generates. An existing folder is never generated into.
