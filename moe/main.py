@@ -126,13 +126,20 @@ def _tools() -> dict[str, Callable[[list[str]], int]]:
     }
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (not the stream of the first call)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def show_project_log() -> None:
     """The project's INFO lines (what a long step is doing) on stderr, once."""
     log = logging.getLogger("moe")
-    if not any(getattr(h, "moe_handler", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStderr) for h in log.handlers):
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.moe_handler = True
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False

@@ -298,11 +298,8 @@ def test_min_samples_and_fallback_reach_every_expert_fit(exp_dir, tmp_path, monk
 def test_too_few_training_spectra_end_in_one_error_line(exp_dir, tmp_path, capsys, monkeypatch, args, message):
     """A training set too small for an experiment (or a value out of range) stops it before any model is
     fitted, with one line naming the flag to change; nothing is written."""
-    from moe import main as entry
+    from moe.main import main as moe_main
 
-    # its INFO handler would keep the stderr of the first test that installs it (closed by capsys since)
-    monkeypatch.setattr(entry, "show_project_log", lambda: None)
-    moe_main = entry.main
     assert moe_main(["experiments", *args, "--data", exp_dir, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("moe: error:")]
