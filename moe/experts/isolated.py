@@ -5,13 +5,20 @@ freed blocks in its heap (:func:`moe.experts.heap.retain_freed_blocks`, a proces
 setting that cannot be undone) and writes the bundle; the calling process -- the training run --
 then loads the file, keeps glibc's own defaults and never holds the fit's peak memory (4 GB at
 4096 pixels). Progress bars and the project's log lines of the child appear as the parent's.
+
+The child is a fresh interpreter running this module (``python -m moe.experts.isolated JOB``),
+not a ``multiprocessing`` spawn, which would re-run the caller's main script -- a script without
+an ``if __name__ == "__main__"`` guard would start the whole command again and wait on its own lock.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
+import pickle
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from moe.data.folder import SpectraFolder
@@ -29,47 +36,53 @@ def fit_in_child(folder: SpectraFolder, cfg: FitConfig, target: str | os.PathLik
 
     An error of the fit (a too-small group, a shard that cannot be read) is raised here as it was raised
     there."""
-    ctx = mp.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
     level = logging.getLogger("moe").getEffectiveLevel()
-    child = ctx.Process(
-        target=_fit_and_save, args=(folder, cfg, str(target), progress, send, level), name="moe-expert-fit"
+    with tempfile.TemporaryDirectory(prefix="moe-expert-fit-") as tmp:
+        job, outcome = Path(tmp) / "job.pkl", Path(tmp) / "outcome.pkl"
+        job.write_bytes(pickle.dumps((folder, cfg, str(target), progress, level, str(outcome))))
+        # the child imports this very moe package, installed or not
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        child = subprocess.Popen([sys.executable, "-m", "moe.experts.isolated", str(job)], env=env)
+        try:
+            code = child.wait()
+        finally:
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
+        if outcome.is_file():
+            error = pickle.loads(outcome.read_bytes())
+            if error is not None:
+                raise error
+            return
+    raise ExpertFitDied(
+        f"the process fitting the experts for {target} ended without a result (exit code {code}; out of memory?)"
     )
-    child.start()
-    send.close()
-    try:
-        outcome = receive.recv()
-    except EOFError:
-        outcome = ExpertFitDied(f"the process fitting the experts for {target} ended without a result")
-    finally:
-        child.join(timeout=None if child.exitcode is not None else 60)
-        if child.is_alive():
-            child.terminate()
-    if outcome is not None:
-        if isinstance(outcome, ExpertFitDied) and child.exitcode:
-            outcome = ExpertFitDied(f"{outcome} (exit code {child.exitcode}; out of memory?)")
-        raise outcome
 
 
-def _fit_and_save(folder: SpectraFolder, cfg: FitConfig, target: str, progress: bool, send, level: int) -> None:
+def _run(job: Path) -> None:
     from moe.experts.bundle import fit_bundle
     from moe.experts.heap import retain_freed_blocks
 
+    folder, cfg, target, progress, level, outcome = pickle.loads(job.read_bytes())
     moe_log = logging.getLogger("moe")
     moe_log.setLevel(level)
-    if not moe_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        moe_log.addHandler(handler)
-        moe_log.propagate = False
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    moe_log.addHandler(handler)
+    moe_log.propagate = False
     retain_freed_blocks()
     try:
         fit_bundle(folder, cfg, progress).save(Path(target))
-        send.send(None)
-    except BaseException as exc:  # handed to the parent, which raises it
-        try:
-            send.send(exc)
-        except Exception:
-            send.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
-    finally:
-        send.close()
+        error = None
+    except Exception as exc:  # handed to the parent, which raises it
+        error = exc
+    try:
+        data = pickle.dumps(error)
+    except Exception:
+        data = pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"))
+    Path(outcome).write_bytes(data)
+
+
+if __name__ == "__main__":
+    _run(Path(sys.argv[1]))
