@@ -88,8 +88,16 @@ class MoECLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(ckpt).is_file():
             model = self.config[sub]["model"]
-            self._check_same_variant(ckpt, read_checkpoint(ckpt), model["fusion"], model.get("experts"))
+            self._check_same_variant(ckpt, self._checkpoint(ckpt), model["fusion"], model.get("experts"))
         super()._parse_ckpt_path()
+
+    def _checkpoint(self, path: str) -> dict:
+        """The contents of checkpoint ``path``, read once per command (the parse check and the preparation
+        both need them)."""
+        states = self.__dict__.setdefault("_checkpoint_states", {})
+        if path not in states:
+            states[path] = read_checkpoint(path)
+        return states[path]
 
     def _instantiate_trainer(self, config, callbacks):
         root = config.get("default_root_dir") or os.getcwd()
@@ -142,14 +150,14 @@ class MoECLI(LightningCLI):
         if self.subcommand == "predict":  # the catalogue is written batch by batch: keep nothing in memory
             cfg["return_predictions"] = False
         if self.subcommand == "fit" or ckpt is None:
-            state = read_checkpoint(ckpt) if ckpt is not None else None
+            state = self._checkpoint(ckpt) if ckpt is not None else None
             if state is not None:  # refused before any preparation work
                 self._check_same_variant(ckpt, state)
             self.model.load_prepared(prepare(self.datamodule, self.model.prepare_config()))
             if state is not None:
                 self._check_resumed_experts(ckpt, state)
             return
-        state = read_checkpoint(ckpt)
+        state = self._checkpoint(ckpt)
         self._check_same_variant(ckpt, state)
         stored, here = state.get("moe_data_fingerprint"), self.datamodule.fingerprint_hash()
         if stored and stored != here:
