@@ -29,7 +29,15 @@ from moe.data.datamodule import SpectraDataModule
 from moe.data.shards import check_grid, read_wave
 from moe.experts.bundle import ExpertsMismatchError, default_dir
 from moe.gates.callbacks import CatalogueWriter, RunSummary
-from moe.gates.checkpoints import RUNS_DIR, CheckpointError, find_checkpoint, read_checkpoint, run_name, version_of
+from moe.gates.checkpoints import (
+    RUNS_DIR,
+    CheckpointError,
+    check_state_fits,
+    find_checkpoint,
+    read_checkpoint,
+    run_name,
+    version_of,
+)
 from moe.gates.module import GatedMoE, default_family, summary_table
 from moe.gates.quiet import quiet_lightning
 from moe.prepare import attach_inputs, prepare
@@ -165,6 +173,8 @@ class MoECLI(LightningCLI):
                 f"{ckpt}: trained on data {stored}, but --data holds data {here}: "
                 "its experts do not belong to this data"
             )
+        self.model.upgrade_state(state["state_dict"])
+        check_state_fits(self.model, state["state_dict"], ckpt)
         self.model.load_state_dict(state["state_dict"])
         self.model.data_fingerprint = stored or here
         if self.subcommand == "predict":

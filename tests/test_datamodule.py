@@ -156,3 +156,28 @@ def test_rank_blocks_prefetched_equal_plain_and_cover_the_split(dm):
     gen = stream.rank_blocks()
     next(gen)
     gen.close()  # abandoning the generator waits for the pending read and returns
+
+
+def test_calibration_sample_is_the_same_random_blocks_on_every_rank(dm, monkeypatch):
+    stream = dm.stream("train", shuffle=False)
+    rows = _rows(stream.sample_batches(400, seed=3))
+    assert 400 <= len(rows) < 400 + 150 and len(np.unique(rows)) == len(rows)  # whole blocks of 150 rows
+    assert np.all(np.diff(rows) > 0) and not np.array_equal(rows, np.arange(len(rows)))  # file order, not the head
+    assert not np.array_equal(rows, _rows(stream.sample_batches(400, seed=4)))
+    monkeypatch.setattr("moe.data.stream._slot", lambda: (3, 4, 0))  # rank 1 of 2, worker 1 of 2
+    assert np.array_equal(rows, _rows(dm.stream("train", shuffle=False).sample_batches(400, seed=3)))
+    assert len(_rows(stream.sample_batches(10**6, seed=3))) == 1200  # more than the split: all of it
+
+
+def test_calibration_batches_repeat_their_noise_and_draw_it_twice(dm):
+    from moe.data.folder import CALIBRATION_SALT
+
+    (clean,) = dm.stream("train", shuffle=False, batch_size=4096).sample_batches(300, CALIBRATION_SALT)
+    first, again = list(dm.calibration_batches(300, 2)), list(dm.calibration_batches(300, 2))
+    assert len(first) == 2 and all(torch.equal(b["row"], clean["row"]) for b in first)
+    for a, b in zip(first, again):  # the same stars and noise every time (every epoch, a resumed run)
+        assert torch.equal(a["flux"], b["flux"])
+    assert not torch.equal(first[0]["flux"], first[1]["flux"])  # two draws of the same stars
+    for noisy in first:
+        z = (noisy["flux"] - clean["flux"]) / (dm.noise_level * clean["error"])
+        assert abs(float(z.std()) - 1) < 0.02 and abs(float(z.mean())) < 0.02

@@ -295,6 +295,18 @@ def test_checkpoint_from_other_data_is_refused(concat_checkpoint):
         )
 
 
+def test_checkpoint_of_an_earlier_moe_is_one_error_naming_the_tensor(concat_checkpoint, tmp_path):
+    ckpt, args = concat_checkpoint
+    state = torch.load(ckpt, weights_only=True)
+    state["state_dict"]["variance_head.0.weight"] = state["state_dict"]["variance_head.0.weight"][:, :-1]  # old head
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    message = r"old\.ckpt: its variance_head\.0\.weight has shape \(32, 25\), this model's is \(32, 26\).*retrain"
+    for command in ("test", "fit"):  # evaluated (our load) or resumed (Lightning's, through on_load_checkpoint)
+        with pytest.raises(ExpertsMismatchError, match=message if command == "test" else message[9:]):
+            cli_main([command, "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(old), *args])
+
+
 def test_resume_from_last_checkpoint(tmp_path, tiny_dir):
     args = _cli(tmp_path, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", tiny_dir=tiny_dir)
     first = cli_main(["fit", "--config", str(CONFIG_DIR / "logit_add.yaml"), "--trainer.max_epochs", "1", *args])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 from moe.data.noise import add_noise, noisy_inputs
 from moe.data.noise_cache import ensure_noisy
+from moe.data.resume import batch_seed
 from moe.data.row_check import BAD_ROWS, BadRows, screen
 from moe.data.shards import (
     SPLITS,
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 # Salt of the per-epoch training shuffle; the randomness itself comes from torch's seed
 # (seed_everything) and the epoch count, so runs are reproducible and epochs differ.
 SHUFFLE_SALT = 1234
+CALIBRATION_SALT = 4321  # seeds the sample of training stars that sigma is recalibrated on, and its noise
 
 
 def ensure_dataset(data_dir: str | Path, synth: SynthConfig | None) -> Path:
@@ -241,6 +244,20 @@ class SpectraFolder:
         if "flux" in batch:
             return batch | {"flux": add_noise(batch["flux"], batch["error"], self.noise_level, generator)}
         return noisy_inputs(batch, self.window_weight.to(batch["proj"].device), self.noise_level, generator)
+
+    def calibration_batches(
+        self, max_rows: int, draws: int, device: torch.device | str = "cpu", batch_size: int = 4096
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Noisy batches of a fixed sample of training stars, on ``device``, for the sigma recalibration:
+        about ``max_rows`` rows (:meth:`SpectraStream.sample_batches`), each batch in ``draws`` noise draws
+        seeded by (draw, batch). The same stars and noise on every rank, in every epoch and in a resumed run:
+        refitted on them, sigma depends on the model alone."""
+        stream = self.stream("train", shuffle=False, batch_size=batch_size, cached=True)
+        for i, clean in enumerate(stream.sample_batches(max_rows, CALIBRATION_SALT)):
+            clean = {k: v.to(device) for k, v in clean.items()}
+            for draw in range(draws):
+                seed = batch_seed(CALIBRATION_SALT, draw, i, 0)
+                yield self.add_noise(clean, torch.Generator(device=device).manual_seed(seed))
 
     def describe(self) -> dict:
         """What the folder actually is, for provenance: its path, the rows used per split (bad rows left out),

@@ -308,6 +308,20 @@ class SpectraStream(IterableDataset):
         """
         return self._batches(self.plan(0, 1), None)
 
+    def sample_batches(self, max_rows: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """About ``max_rows`` rows of the split in batches: whole blocks drawn at random by ``seed`` (so a
+        split sorted by its labels is still sampled across them), read in file order. The same rows on
+        every rank and worker and in every run."""
+        blocks = self.plan(0, 1)
+        chosen, n = [], 0
+        for i in np.random.default_rng(seed).permutation(len(blocks)):
+            if n >= max_rows:
+                break
+            block = blocks[i]
+            chosen.append(block)
+            n += self.shards.kept(block.offset, block.offset + (block.stop - block.start))
+        return self._batches(sorted(chosen, key=lambda b: b.offset), None)
+
     def rank_blocks(self, prefetch: bool = True) -> Iterator[dict[str, np.ndarray]]:
         """This rank's rows as whole blocks of numpy arrays, in file order (no batching, no copies).
 

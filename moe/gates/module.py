@@ -16,12 +16,14 @@ optional entropy term). Also returns sigma, the per-star uncertainty of log g:
   step), law of total variance.
 - recalibration, refitted after every validation epoch of a fit (a checkpoint keeps its epoch's):
   ``sigma = scale_b * ref_b * (spread / ref_b) ** gamma`` per SNR bin b
-  (:func:`moe.experts.calibration.sigma_map`), fitted on the epoch's latest training stars (up to
-  ``TRAIN_ROWS`` per bin, their gate inputs kept, so the residuals are those of the model as it
-  stands at the end of the epoch) such that z = (pred - true) / sigma has 68.3% within 1 and 95.4%
-  within 2 and std 1 in every bin. The training rows outnumber the validation split several times,
-  so the fit is that much less noisy: per-bin factors fitted on a 5k-star validation split move each
-  bin's test coverage by about its own sampling error. ``gamma`` (one for all bins) sets the tails
+  (:func:`moe.experts.calibration.sigma_map`), fitted on a fixed sample of training stars
+  (``calibration_rows``, each in ``calibration_draws`` seeded noise draws;
+  :meth:`moe.data.folder.SpectraFolder.calibration_batches`) run through the model as it stands
+  at the end of the epoch, such that z = (pred - true) / sigma has 68.3% within 1 and 95.4%
+  within 2 and std 1 in every bin. The sample outnumbers the validation split several times, so
+  the fit is that much less noisy: per-bin factors fitted on a 5k-star validation split move each
+  bin's test coverage by about its own sampling error. The same stars and noise every epoch and in
+  a resumed run: the fit depends on the model alone. ``gamma`` (one for all bins) sets the tails
   of z: a well-trained head leaves residuals lighter-tailed than a Gaussian (log g is bounded), and
   a scale alone cannot then hit both coverages. Then one factor for all bins from the
   validation split (:func:`moe.experts.calibration.validation_check`), shrunk to 1 within its
@@ -49,6 +51,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
@@ -63,6 +66,7 @@ from moe.experts.module import RidgeExperts
 from moe.experts.ridge import DEFAULT_ALPHAS
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
 from moe.features.inputs import NOISE_KEYS, gate_features, input_map, row_inputs
+from moe.gates.checkpoints import check_state_fits
 from moe.gates.fusions import FUSIONS, Fusion, ProductGate, build_gate, mlp
 from moe.gates.metrics import LatestRows, SplitMetrics, gate_entropy
 from moe.gates.schedules import LinearWarmup
@@ -70,7 +74,6 @@ from moe.prepare import PrepareConfig, Prepared
 
 log = logging.getLogger(__name__)
 MAX_FIGURE_SAMPLES = 20_000
-TRAIN_ROWS = 8192  # latest training rows kept per SNR bin for the sigma recalibration
 VAL_RESIDUALS = 16384  # validation residuals kept per SNR bin (the whole split when it is smaller)
 
 
@@ -84,23 +87,6 @@ class MixInputs(NamedTuple):
     snr_bin: torch.Tensor  # [B]
     route: torch.Tensor | None  # [B] true group (oracle gate only)
     global_pred: torch.Tensor  # [B] the global expert
-
-    def rows(self, target: torch.Tensor) -> torch.Tensor:
-        """[B, 23 + 2K + 2]: the inputs and the target in one float table (route -1 when unset)."""
-        route = self.route if self.route is not None else torch.full_like(self.snr_bin, -1)
-        cols = [self.phys, self.qual, self.mu, self.noise_var, route[:, None], target[:, None]]
-        return torch.cat([c.to(self.phys.dtype) for c in cols], -1)
-
-    @classmethod
-    def from_rows(cls, rows: torch.Tensor, snr_bin: torch.Tensor, k: int) -> tuple[MixInputs, torch.Tensor]:
-        """Inverse of :meth:`rows` (the global expert left at 0) -> (inputs, target)."""
-        n_phys, n_qual = len(PHYSICS_NAMES), len(QUALITY_NAMES)
-        phys, qual, mu, noise_var, route, target = rows.split([n_phys, n_qual, k, k, 1, 1], -1)
-        route = route.squeeze(-1).long()
-        return (
-            cls(phys, qual, mu, noise_var, snr_bin, route if (route >= 0).all() else None, target[:, 0] * 0),
-            target[:, 0],
-        )
 
 
 class MoEOutput(NamedTuple):
@@ -149,6 +135,9 @@ class GatedMoE(pl.LightningModule):
         variance_head: learn each star's model-error variance (beta-NLL) instead of using the
             prepared per-expert, per-SNR-bin estimate.
         nll_weight: coefficient of the variance head's beta-NLL in the training loss.
+        calibration_rows: training stars sigma is recalibrated on after each validation epoch (a fixed
+            sample of whole blocks; 0: no recalibration, only the validation check).
+        calibration_draws: noise draws of each of those stars.
         optimizer: optimiser factory (Adam by default).
         scheduler: learning-rate schedule factory, stepped per batch (linear warm-up over 5% of the run).
     """
@@ -173,13 +162,20 @@ class GatedMoE(pl.LightningModule):
         drop_features: list[str] | None = None,
         variance_head: bool = True,
         nll_weight: float = 1.0,
+        calibration_rows: NonNegativeInt = 65_536,
+        calibration_draws: PositiveInt = 2,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable = LinearWarmup,
     ):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose from {FUSIONS}")
-        noise_level = float(noise_level)  # a plain float in the saved hyperparameters (linked from the parser)
+        # plain numbers in the saved hyperparameters (the parser passes its restricted types)
+        noise_level, calibration_rows, calibration_draws = (
+            float(noise_level),
+            int(calibration_rows),
+            int(calibration_draws),
+        )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -215,8 +211,7 @@ class GatedMoE(pl.LightningModule):
         self.register_buffer("sigma_scale", torch.ones(bins.N_SNR_BINS))
         self.register_buffer("sigma_ref", torch.ones(bins.N_SNR_BINS))
         self.register_buffer("sigma_power", torch.ones(bins.N_SNR_BINS))
-        # the latest training rows (mixture inputs, truth) and validation (|residual|, raw sigma) per SNR bin
-        self.train_rows = LatestRows(TRAIN_ROWS, len(PHYSICS_NAMES) + len(QUALITY_NAMES) + 2 * k + 2)
+        # this validation epoch's (|residual|, raw sigma) per SNR bin
         self.val_residuals = LatestRows(VAL_RESIDUALS, 2)
         self.val_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.test_metrics = SplitMetrics(with_tau=fusion == "temperature")
@@ -281,6 +276,12 @@ class GatedMoE(pl.LightningModule):
             )
         self.data_fingerprint = stored or self.data_fingerprint
         state = checkpoint.get("state_dict", {})
+        self.upgrade_state(state)
+        check_state_fits(self, state, "the checkpoint")
+
+    @staticmethod
+    def upgrade_state(state: dict) -> None:
+        """Fill in, in place, what a ``state_dict`` saved by an earlier moe lacks and has a meaning for."""
         for name in ("sigma_ref", "sigma_power"):  # checkpoints from before the power map: the plain factor
             if "sigma_scale" in state and name not in state:
                 state[name] = torch.ones_like(state["sigma_scale"])
@@ -385,10 +386,8 @@ class GatedMoE(pl.LightningModule):
         return losses
 
     def training_step(self, batch: dict, batch_idx: int):
-        inputs = self.mix_inputs(batch)
-        out = self.mix(inputs)
+        out = self(batch)
         losses = self._loss(out, batch)
-        self.train_rows.update(inputs.rows(batch["log_g"]).detach(), batch["snr_bin"])
         self.log("train/loss", losses["loss"], batch_size=out.pred.shape[0], prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=out.pred.shape[0])
         if isinstance(self.gate, ProductGate):
@@ -463,9 +462,6 @@ class GatedMoE(pl.LightningModule):
                 self.log(f"{prefix}/r2", values["r2"], prog_bar=prefix == "val")
         return values
 
-    def on_train_epoch_start(self) -> None:
-        self.train_rows.reset()  # the recalibration reads this epoch's rows only
-
     def on_validation_epoch_end(self) -> None:
         self._log_split(self.val_metrics, "val")
         self._recalibrate()
@@ -494,21 +490,17 @@ class GatedMoE(pl.LightningModule):
 
     @torch.no_grad()
     def _recalibrate(self) -> None:
-        """Refit the sigma recalibration (module docstring) from the latest training residuals and this
-        validation epoch's, gathered across ranks (the same numbers on every rank)."""
+        """Refit the sigma recalibration (module docstring) on the datamodule's calibration stars and check
+        it on this validation epoch's residuals, gathered across ranks (the same numbers on every rank)."""
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         if fitting and not self.trainer.sanity_checking:  # validate / test keep the checkpoint's
-            gather = self.all_gather if self.trainer.world_size > 1 else None
-            train, val = self.train_rows.rows(gather), self.val_residuals.rows(gather)
             scale, ref, power = np.ones(bins.N_SNR_BINS), np.ones(bins.N_SNR_BINS), np.ones(bins.N_SNR_BINS)
-            if any(len(r) for r in train):  # the training stars as the model stands now
-                group = torch.cat([torch.full((len(r),), i, device=r.device) for i, r in enumerate(train)])
-                inputs, target = MixInputs.from_rows(torch.cat(train), group, self.experts.n_experts)
-                out = self.mix(inputs)
-                abs_r, spread = (out.pred - target).abs(), out.spread
-                scale, ref, gamma = sigma_map(abs_r.cpu().numpy(), spread.cpu().numpy(), group.cpu().numpy())
+            abs_r, spread, snr_bin = self._calibration_residuals()
+            if len(abs_r):
+                scale, ref, gamma = sigma_map(abs_r, spread, snr_bin)
                 power[:] = gamma
-            val = [r.cpu().double().numpy() for r in val]
+            gather = self.all_gather if self.trainer.world_size > 1 else None
+            val = [r.cpu().double().numpy() for r in self.val_residuals.rows(gather)]
             if any(len(p) for p in val):  # one factor for all bins: the held-out check of the training fit
                 abs_z = np.concatenate(
                     [p[:, 0] / (scale[i] * ref[i] * (p[:, 1] / ref[i]) ** power[i]) for i, p in enumerate(val)]
@@ -519,6 +511,23 @@ class GatedMoE(pl.LightningModule):
             for name, v in (("sigma_scale", scale), ("sigma_ref", ref), ("sigma_power", power)):
                 getattr(self, name).copy_(torch.as_tensor(v, dtype=self.sigma_scale.dtype))
         self.val_residuals.reset()
+
+    def _calibration_residuals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """|residual|, raw spread and SNR bin [N] of the datamodule's calibration stars
+        (:meth:`~moe.data.folder.SpectraFolder.calibration_batches`) under the model as it stands; empty when
+        the datamodule has none or ``calibration_rows`` is 0. Every rank computes the same rows."""
+        source = getattr(self.trainer.datamodule, "calibration_batches", None)
+        h = self.hparams
+        if source is None or not h.calibration_rows:
+            return np.zeros(0), np.zeros(0), np.zeros(0, np.int64)
+        parts = []
+        for batch in source(h.calibration_rows, h.calibration_draws, self.device):
+            out = self(batch)
+            parts.append(
+                torch.stack([(out.pred - batch["log_g"]).abs(), out.spread, batch["snr_bin"].to(out.pred)], -1)
+            )
+        table = torch.cat(parts).double().cpu().numpy()
+        return table[:, 0], table[:, 1], table[:, 2].astype(np.int64)
 
     def on_test_epoch_end(self) -> None:
         self._log_split(self.test_metrics, "test")
