@@ -50,6 +50,28 @@ def test_user_errors_are_one_line(args, message, capsys):
     assert re.search(message, err[0]), err[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["experiments", "leakage", "--n-train", "abc"],
+            r"^moe experiments: error: argument --n-train: 'abc' is not an",
+        ),
+        (["experiments", "dual-tower", "--epochs", "0"], r"argument --epochs: 0 must be > 0"),
+        (["experts", "fit", "--min-samples", "0"], r"^moe experts fit: error: argument --min-samples: 0 must be > 0"),
+        (["experts", "fit", "--noise-level", "-1"], r"argument --noise-level: -1 must be >= 0"),
+        (["data", "synth", "--out", "x", "--train", "-5"], r"^moe data synth: error: argument --train: -5 must be > 0"),
+        (["data", "check"], r"the following arguments are required: data_dir \(moe data check --help lists"),
+    ],
+)
+def test_tool_mistakes_are_one_line_naming_the_flag(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+
+
 def test_missing_data_names_the_folder_and_debug_shows_the_traceback(tmp_path, capsys):
     args = ["test", "--data.data_dir", str(tmp_path / "absent"), "--data.synth", "null"]
     assert main(args) == 2

@@ -15,7 +15,6 @@ This is a verification tool: it loads ``--n-train`` rows into memory (about 3.5 
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 from sklearn.preprocessing import StandardScaler
 
+from moe.arguments import ToolParser, non_negative_float, positive_int
 from moe.data import bins
 from moe.data.noise import add_noise_np
 from moe.data.noise import snr as snr_of
@@ -190,14 +190,22 @@ def spectra_figure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moe data check", description="Realism check of a dataset folder.")
+    ap = ToolParser(prog="moe data check", description="Realism check of a dataset folder.")
     ap.add_argument("data_dir", help="dataset folder (train_*/, val*/, test*/ shards)")
     ap.add_argument(
-        "--n-train", type=int, default=50_000, help="training spectra the Ridge checks use (default %(default)s)"
+        "--n-train",
+        type=positive_int,
+        default=50_000,
+        help="training spectra the Ridge checks use (default %(default)s)",
     )
-    ap.add_argument("--n-test", type=int, default=5_000, help="test spectra the checks score (default %(default)s)")
     ap.add_argument(
-        "--noise-level", type=float, default=1.0, help="multiplier of the 1-sigma error for the noise (default 1)"
+        "--n-test", type=positive_int, default=5_000, help="test spectra the checks score (default %(default)s)"
+    )
+    ap.add_argument(
+        "--noise-level",
+        type=non_negative_float,
+        default=1.0,
+        help="multiplier of the 1-sigma error for the noise (default 1)",
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
     ap.add_argument("--figure", default=None, help="spectra-by-log-g figure path (default: DIR/spectra_by_logg.png)")

@@ -19,7 +19,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import os
@@ -34,6 +33,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from moe.arguments import ToolParser, positive_int
 from moe.data.atomic import AtomicFile, close_quietly, ensure_space, is_write_failure
 from moe.data.errors import ShardError, WriteError, reason
 
@@ -529,11 +529,11 @@ def iter_paths(paths: Sequence[str]) -> Iterator[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moe data", description=__doc__.split("\n")[0])
+    parser = ToolParser(prog="moe data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     val = sub.add_parser("validate", help="check shards and print a one-line summary per shard")
     val.add_argument("paths", nargs="+", help="dataset.h5 files or dataset folders")
-    val.add_argument("--block-rows", type=int, default=4096, help="rows read at a time (default %(default)s)")
+    val.add_argument("--block-rows", type=positive_int, default=4096, help="rows read at a time (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         for path in iter_paths(args.paths):

@@ -94,7 +94,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -110,6 +109,7 @@ import scipy.sparse as sp
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from moe.arguments import ToolParser, positive_int
 from moe.data.atomic import ensure_space, write_text
 from moe.data.errors import ShardError, WriteError, reason
 from moe.data.shards import SHARD_FILE, ShardWriter
@@ -590,17 +590,21 @@ def _generate_into_place(root: Path, cfg: SynthConfig, chunk: int, progress: boo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ToolParser(
         prog="moe data synth",
         description="Write a synthetic PFS MR dataset (pfsspec shards, train/val/test) into a new folder.",
     )
     d = SynthConfig()
     p.add_argument("--out", required=True, help="the dataset folder to create (must not exist yet)")
-    p.add_argument("--train", type=int, default=d.n_train, help="training spectra (default %(default)s)")
-    p.add_argument("--val", type=int, default=d.n_val, help="validation spectra (default %(default)s)")
-    p.add_argument("--test", type=int, default=d.n_test, help="test spectra (default %(default)s)")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="spectra per shard file (default %(default)s)")
-    p.add_argument("--pixels", type=int, default=d.n_pixels, help="pixels over 7100-8850 A (default %(default)s)")
+    p.add_argument("--train", type=positive_int, default=d.n_train, help="training spectra (default %(default)s)")
+    p.add_argument("--val", type=positive_int, default=d.n_val, help="validation spectra (default %(default)s)")
+    p.add_argument("--test", type=positive_int, default=d.n_test, help="test spectra (default %(default)s)")
+    p.add_argument(
+        "--shard-size", type=positive_int, default=d.shard_size, help="spectra per shard file (default %(default)s)"
+    )
+    p.add_argument(
+        "--pixels", type=positive_int, default=d.n_pixels, help="pixels over 7100-8850 A (default %(default)s)"
+    )
     p.add_argument(
         "--seed", type=int, default=d.seed, help="random seed of labels, spectra and errors (default %(default)s)"
     )

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from moe.arguments import ToolParser, non_negative_float, non_negative_int, positive_int
 from moe.experiments import EXPERIMENTS
 from moe.experiments.common import ExperimentSettings, SettingsError
 from moe.gates.quiet import quiet_lightning
@@ -39,10 +40,12 @@ def _runner(name: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe experiments", description=__doc__.split("\n")[0])
+    p = ToolParser(prog="moe experiments", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=(*EXPERIMENTS, "all"), help="the experiment to run ('all': the four in order)")
     p.add_argument("--data", default="data/synth", help="dataset folder (the default is generated on first use)")
-    p.add_argument("--n-train", type=int, default=None, help="training spectra to use (default: all; 'all': 20000)")
+    p.add_argument(
+        "--n-train", type=positive_int, default=None, help="training spectra to use (default: all; 'all': 20000)"
+    )
     p.add_argument(
         "--seeds",
         type=int,
@@ -53,24 +56,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default reports/NAME; for 'all' the parent folder)")
     p.add_argument(
         "--noise-level",
-        type=float,
+        type=non_negative_float,
         default=1.0,
         help="multiplier of the 1-sigma error for the noise on every split (fresh train draws, pre-noised val/test)",
     )
-    p.add_argument("--max-memory-rows", type=int, default=50_000, help="cap for models that need rows in memory")
+    p.add_argument(
+        "--max-memory-rows", type=positive_int, default=50_000, help="cap for models that need rows in memory"
+    )
     p.add_argument(
         "--epochs",
-        type=int,
+        type=positive_int,
         default=30,
         help="most gate training epochs (dual-tower; each run stops early once val R^2 stalls)",
     )
     p.add_argument(
-        "--cnn-epochs", type=int, default=None, help="1D-CNN epochs (ceiling; default 50, 'all': 20; 0 skips)"
+        "--cnn-epochs",
+        type=non_negative_int,
+        default=None,
+        help="1D-CNN epochs (ceiling; default 50, 'all': 20; 0 skips)",
     )
     p.add_argument("--lgbm-device", default="cpu", help="LightGBM device_type (cpu, gpu, cuda)")
     p.add_argument(
         "--min-samples",
-        type=int,
+        type=positive_int,
         default=50,
         help="fewest training rows a Ridge expert needs: fewer stop the expert fit before any solve, naming the "
         "short groups (a physical or SNR group may take the global expert instead: --fallback global)",

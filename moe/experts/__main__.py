@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from moe.arguments import ToolParser, non_negative_float, positive_float, positive_int
 from moe.data.folder import BAD_ROWS, SpectraFolder
 from moe.data.synth import SynthConfig
 from moe.experts.bundle import default_path, load_or_fit
@@ -23,7 +24,7 @@ from moe.experts.ridge import DEFAULT_ALPHAS
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe experts", description=__doc__.split("\n")[0])
+    p = ToolParser(prog="moe experts", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("fit", "report", "compare-noise"):
         s = sub.add_parser(name)
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--groups", default="global,phys,snr", help="families: global,phys,snr,cells")
         s.add_argument(
             "--noise-level",
-            type=float,
+            type=non_negative_float,
             default=1.0,
             help="multiplier of the 1-sigma error for the noise on every split (1: as observed)",
         )
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         s.add_argument(
             "--alphas",
-            type=float,
+            type=positive_float,
             nargs="+",
             default=list(DEFAULT_ALPHAS),
             help="the Ridge alpha sweep; each expert keeps the alpha best on the validation split",
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         s.add_argument(
             "--min-samples",
-            type=int,
+            type=positive_int,
             default=50,
             help="fewest training rows a Ridge expert needs: fewer stop the fit before any solve, naming the short "
             "groups (a physical or SNR group may take the global expert instead: --fallback global)",
@@ -80,11 +81,16 @@ def _parser() -> argparse.ArgumentParser:
             help="'global': a group with fewer than --min-samples training rows uses the global expert",
         )
         s.add_argument(
-            "--max-train-rows", type=int, default=None, help="use only the first N training rows (default: all)"
+            "--max-train-rows",
+            type=positive_int,
+            default=None,
+            help="use only the first N training rows (default: all)",
         )
         s.add_argument("--out", default=None, help="experts file (default: cached under DATA/experts)")
         if name == "compare-noise":
-            s.add_argument("--draws", type=int, default=4, help="noise draws per spectrum of the K-draws training")
+            s.add_argument(
+                "--draws", type=positive_int, default=4, help="noise draws per spectrum of the K-draws training"
+            )
     return p
 
 
