@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import re
 
 import matplotlib.image as mpimg
@@ -442,3 +443,18 @@ def test_heatmap_text_contrasts_with_its_cell():
     fig = heatmap(np.array([[-1.0], [0.0], [1.0]]), ["low", "mid", "high"], ["d"], "t", "v", cmap="RdBu", center=0.0)
     colours = [t.get_color() for t in fig.axes[0].texts]
     assert colours[0] == "white" and colours[2] == "white" and colours[1] != "white"
+
+
+def test_many_trainers_print_their_hardware_once_and_no_temporary_restores(caplog):
+    from moe.gates.quiet import quiet_repeated_trainers
+
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    quiet_repeated_trainers()
+    quiet_repeated_trainers()  # idempotent: one filter
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        for _ in range(3):  # three gates trained in one process
+            logger.info("GPU available: False, used: False")
+            logger.info("Restoring states from the checkpoint path at /tmp/tmpabc/epoch=2-step=9.ckpt")
+            logger.info("Loaded model weights from the checkpoint at /tmp/tmpabc/epoch=2-step=9.ckpt")
+        logger.info("Seed set to 1")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False", "Seed set to 1"]

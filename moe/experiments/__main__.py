@@ -26,7 +26,7 @@ import pandas as pd
 from moe.arguments import ToolParser, non_negative_float, non_negative_int, positive_int
 from moe.experiments import EXPERIMENTS
 from moe.experiments.common import ExperimentSettings, SettingsError
-from moe.gates.quiet import quiet_lightning
+from moe.gates.quiet import quiet_lightning, quiet_repeated_trainers
 
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
 
@@ -96,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_lightning()
+    quiet_repeated_trainers()
     pd.set_option("display.width", 160)
     base = ExperimentSettings(
         data=a.data,

@@ -28,3 +28,31 @@ def quiet_lightning() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
         lambda record: "Tip:" not in record.getMessage()
     )
+
+
+class _OncePerProcess(logging.Filter):
+    """Lets each of the trainer's hardware lines ("GPU available: ...") through once, and drops the lines
+    about restoring a run's own best checkpoint from its temporary folder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(("Restoring states from the checkpoint", "Loaded model weights from the checkpoint")):
+            return False
+        if message.startswith(("GPU available", "TPU available", "HPU available", "IPU available")):
+            if message in self.seen:
+                return False
+            self.seen.add(message)
+        return True
+
+
+def quiet_repeated_trainers() -> None:
+    """For commands that train many gates in one process (``moe experiments``): each trainer's hardware
+    lines once, not once per gate, and not the restore of each gate's best checkpoint from a temporary
+    folder (the experiment's own lines say which gate it trains and evaluates)."""
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _OncePerProcess) for f in logger.filters):
+        logger.addFilter(_OncePerProcess())
