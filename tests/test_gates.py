@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -406,3 +407,23 @@ def test_planted_checkpoint_is_never_executed(tmp_path, tiny_dir):
     ):
         cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", "best", *args])
     assert not marker.exists()
+
+
+def test_calibration_residuals_from_kept_inputs_equal_a_fresh_pass(dm, monkeypatch):
+    from types import SimpleNamespace
+
+    model = _model(dm, "concat").eval()
+    model._trainer = SimpleNamespace(datamodule=dm)  # all the recalibration reads of its trainer
+    abs_r, spread, snr_bin = model._calibration_residuals()
+    with torch.no_grad():  # the reference: every calibration batch through the whole model
+        outs = [(model(b), b) for b in dm.calibration_batches(65_536, 2)]
+    np.testing.assert_allclose(abs_r, torch.cat([(o.pred - b["log_g"]).abs() for o, b in outs]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(spread, torch.cat([o.spread for o, _ in outs]).numpy(), rtol=1e-6)
+    assert np.array_equal(snr_bin, torch.cat([b["snr_bin"] for _, b in outs]).numpy())
+    assert len(abs_r) == 2 * dm.train_set.n_kept  # the tiny split is smaller than the sample: all of it, twice
+    monkeypatch.setattr(dm, "calibration_batches", None)  # later epochs reuse the kept inputs: no reads
+    with torch.no_grad():
+        for p in model.gate.parameters():
+            p.add_(0.1)  # the model moves on; its residuals follow
+    again = model._calibration_residuals()
+    assert not np.allclose(again[0], abs_r) and np.array_equal(again[2], snr_bin)

@@ -10,7 +10,7 @@ z = (pred - true) / sigma; 1 when calibrated), ``coverage_1sigma`` / ``coverage_
 (share of |z| <= 1 / 2; 0.683 / 0.954 for a Gaussian).
 
 ``LatestRows`` keeps the most recent rows of each SNR bin in fixed-size rings (bounded memory whatever the
-split's size), gathered across DDP ranks for the sigma recalibration.
+split's size), gathered across DDP ranks: the validation residuals of the sigma check.
 """
 
 from __future__ import annotations
