@@ -178,9 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (*USER_ERRORS, ConfigError, argparse.ArgumentError) as exc:
         if debug:
             raise
-        line = argument_error_line(exc) if isinstance(exc, argparse.ArgumentError) else str(exc)
-        hint = f" (moe {args[0]} --help lists the options)" if isinstance(exc, argparse.ArgumentError) else ""
-        print(f"moe: error: {line}{hint}", file=sys.stderr)
+        if isinstance(exc, argparse.ArgumentError):
+            prog = getattr(exc, "prog", f"moe {args[0]}")  # a tool's own parser names its command
+            print(f"moe: error: {argument_error_line(exc)} ({prog} --help lists the options)", file=sys.stderr)
+        else:
+            print(f"moe: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -26,7 +26,7 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 from sklearn.preprocessing import StandardScaler
 
-from moe.arguments import ToolParser, non_negative_float, positive_int
+from moe.arguments import ToolParser, non_negative_float, positive_int, run_tool
 from moe.data import bins
 from moe.data.noise import add_noise_np
 from moe.data.noise import snr as snr_of
@@ -233,4 +233,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_tool(main, "moe data check"))

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from moe.arguments import ToolParser, positive_int
+from moe.arguments import ToolParser, positive_int, run_tool
 from moe.data.atomic import AtomicFile, close_quietly, ensure_space, is_write_failure
 from moe.data.errors import ShardError, WriteError, reason
 
@@ -545,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_tool(main, "moe data"))
 
 
 CONTENT_ROWS = 64  # rows read from each end of a shard for its content hash

@@ -109,7 +109,7 @@ import scipy.sparse as sp
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from moe.arguments import ToolParser, positive_int
+from moe.arguments import ToolParser, positive_int, run_tool
 from moe.data.atomic import ensure_space, write_text
 from moe.data.errors import ShardError, WriteError, reason
 from moe.data.shards import SHARD_FILE, ShardWriter
@@ -621,4 +621,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_tool(main, "moe data synth"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -23,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from moe.arguments import ToolParser, non_negative_float, non_negative_int, positive_int
+from moe.arguments import ToolParser, run_tool
 from moe.experiments import EXPERIMENTS
-from moe.experiments.common import ExperimentSettings, SettingsError
+from moe.experiments.common import ExperimentSettings
 from moe.gates.quiet import quiet_lightning, quiet_repeated_trainers
 
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
@@ -43,9 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p = ToolParser(prog="moe experiments", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=(*EXPERIMENTS, "all"), help="the experiment to run ('all': the four in order)")
     p.add_argument("--data", default="data/synth", help="dataset folder (the default is generated on first use)")
-    p.add_argument(
-        "--n-train", type=positive_int, default=None, help="training spectra to use (default: all; 'all': 20000)"
-    )
+    p.add_argument("--n-train", type=int, default=None, help="training spectra to use (default: all; 'all': 20000)")
     p.add_argument(
         "--seeds",
         type=int,
@@ -56,29 +53,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default reports/NAME; for 'all' the parent folder)")
     p.add_argument(
         "--noise-level",
-        type=non_negative_float,
+        type=float,
         default=1.0,
         help="multiplier of the 1-sigma error for the noise on every split (fresh train draws, pre-noised val/test)",
     )
-    p.add_argument(
-        "--max-memory-rows", type=positive_int, default=50_000, help="cap for models that need rows in memory"
-    )
+    p.add_argument("--max-memory-rows", type=int, default=50_000, help="cap for models that need rows in memory")
     p.add_argument(
         "--epochs",
-        type=positive_int,
+        type=int,
         default=30,
         help="most gate training epochs (dual-tower; each run stops early once val R^2 stalls)",
     )
     p.add_argument(
         "--cnn-epochs",
-        type=non_negative_int,
+        type=int,
         default=None,
         help="1D-CNN epochs (ceiling; default 50, 'all': 20; 0 skips)",
     )
     p.add_argument("--lgbm-device", default="cpu", help="LightGBM device_type (cpu, gpu, cuda)")
     p.add_argument(
         "--min-samples",
-        type=positive_int,
+        type=int,
         default=50,
         help="fewest training rows a Ridge expert needs: fewer stop the expert fit before any solve, naming the "
         "short groups (a physical or SNR group may take the global expert instead: --fallback global)",
@@ -130,8 +125,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except SettingsError as exc:
-        print(f"moe experiments: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(run_tool(main, "moe experiments"))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from moe.arguments import ToolParser, non_negative_float, positive_float, positive_int
+from moe.arguments import ToolParser, non_negative_float, positive_float, positive_int, run_tool
 from moe.data.folder import BAD_ROWS, SpectraFolder
 from moe.data.synth import SynthConfig
 from moe.experts.bundle import default_path, load_or_fit
@@ -139,4 +139,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_tool(main, "moe experts"))
