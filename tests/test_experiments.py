@@ -98,6 +98,27 @@ def test_inconclusive_verdict_never_passes():
     assert v.row()["decision"] == "no decision: concat below the global expert"
 
 
+@pytest.mark.parametrize(
+    ("ci", "result"),
+    [
+        ((0.031, 0.043), "PASS"),  # wholly above the threshold
+        ((0.001, 0.019), "FAIL"),  # wholly below
+        ((0.012, 0.034), "INCONCLUSIVE"),  # contains it: the data cannot tell the value from the threshold
+        (None, "PASS"),  # no interval: the value alone decides
+    ],
+)
+def test_a_confidence_interval_decides_only_off_the_threshold(ci, result):
+    v = Verdict("gain >= 0.02?", 0.025 if result != "FAIL" else 0.01, ">=", 0.02, "yes", "no", ci=ci)
+    assert v.result == result and v.passed is (result == "PASS")
+    if result == "INCONCLUSIVE":
+        assert v.decision == (
+            "no decision: its 95% CI [+0.0120, +0.0340] contains the threshold 0.02: more test spectra or seeds would decide"
+        )
+    assert v.row()["ci95"] == ("–" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]")
+    # a degenerate run stays inconclusive for its own reason, whatever the interval
+    assert Verdict("q", 0.5, ">=", 0.0, "y", "n", inconclusive="unfinished", ci=(0.4, 0.6)).reason == "unfinished"
+
+
 def test_degenerate_or_unfinished_gate_runs_are_inconclusive():
     from moe.experiments.dual_tower import inconclusive_reason
     from moe.experiments.gates import GateRun

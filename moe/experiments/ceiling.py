@@ -306,6 +306,7 @@ def verdicts(results: CeilingResults) -> list[Verdict]:
             GAIN_TARGET,
             "per-bin expert choice is worth it",
             "Ridge experts are close to the per-bin ceiling",
+            ci=results.hybrid_ci,
         ),
         Verdict(
             f"Metal-poor bins {' and '.join(map(str, CNN_BINS))} both improve by >= {GAIN_TARGET}?",

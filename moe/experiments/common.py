@@ -210,7 +210,10 @@ class Verdict:
     """An experiment's decision rule evaluated on a measured value.
 
     ``inconclusive`` names why the measurement cannot carry a decision (a degenerate or
-    unfinished run): such a verdict is neither PASS nor FAIL, whatever the value.
+    unfinished run): such a verdict is neither PASS nor FAIL, whatever the value. ``ci``, the 95%
+    confidence interval of the value (a paired bootstrap over test spectra), decides only when it
+    lies wholly on one side of the threshold: one that contains it is INCONCLUSIVE too (the data
+    cannot tell the value from the threshold; more test spectra or seeds would).
     """
 
     question: str
@@ -220,6 +223,20 @@ class Verdict:
     if_pass: str
     if_fail: str
     inconclusive: str = ""
+    ci: tuple[float, float] | None = None
+
+    @property
+    def reason(self) -> str:
+        """Why there is no decision ('' when there is one)."""
+        if self.inconclusive:
+            return self.inconclusive
+        if self.ci is not None and self.ci[0] <= self.threshold <= self.ci[1]:
+            lo, hi = self.ci
+            return (
+                f"its 95% CI [{lo:+.4f}, {hi:+.4f}] contains the threshold {self.threshold:g}: "
+                "more test spectra or seeds would decide"
+            )
+        return ""
 
     @property
     def passed(self) -> bool:
@@ -229,22 +246,23 @@ class Verdict:
             "<=": np.less_equal,
             ">": np.greater,
         }
-        return bool(not self.inconclusive and np.isfinite(self.value) and ops[self.op](self.value, self.threshold))
+        return bool(not self.reason and np.isfinite(self.value) and ops[self.op](self.value, self.threshold))
 
     @property
     def result(self) -> str:
-        return "INCONCLUSIVE" if self.inconclusive else ("PASS" if self.passed else "FAIL")
+        return "INCONCLUSIVE" if self.reason else ("PASS" if self.passed else "FAIL")
 
     @property
     def decision(self) -> str:
-        if self.inconclusive:
-            return f"no decision: {self.inconclusive}"
+        if self.reason:
+            return f"no decision: {self.reason}"
         return self.if_pass if self.passed else self.if_fail
 
     def row(self) -> dict:
         return {
             "question": self.question,
             "value": round(self.value, 4),
+            "ci95": "–" if self.ci is None else f"[{self.ci[0]:+.4f}, {self.ci[1]:+.4f}]",
             "rule": f"{self.op} {self.threshold:g}",
             "result": self.result,
             "decision": self.decision,

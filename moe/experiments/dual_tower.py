@@ -107,6 +107,7 @@ class DualTowerResults(Results):
     r2_concat: float  # the concat gate with every feature (mean over seeds), the ablation's reference
     delta_r2: list[float]  # dual concat - phys-only per seed, all test spectra
     delta_r2_low_snr: list[float]  # the same at SNR <= 4
+    delta_ci_low_snr: tuple[float, float]  # paired bootstrap 95% CI of ``delta_r2_low_snr``
     delta_ci: tuple[float, float]  # paired bootstrap 95% CI of ``delta_r2``
     inconclusive: str  # why the gate runs cannot decide ('' when they can)
     n_train: int
@@ -264,6 +265,9 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
         delta_r2=[r2(log_g, a.pred) - r2(log_g, b.pred) for a, b in zip(concat, phys_only)],
         delta_r2_low_snr=[r2(log_g[low], a.pred[low]) - r2(log_g[low], b.pred[low]) for a, b in zip(concat, phys_only)],
         delta_ci=bootstrap_delta_r2(log_g, [r.pred for r in concat], [r.pred for r in phys_only]),
+        delta_ci_low_snr=bootstrap_delta_r2(
+            log_g[low], [r.pred[low] for r in concat], [r.pred[low] for r in phys_only]
+        ),
         inconclusive=inconclusive_reason(runs, r2_global, log_g),
         n_train=dm.train_set.n_kept,
         n_boundary=int(near_edge.sum()),
@@ -295,6 +299,7 @@ def verdicts(results: DualTowerResults) -> list[Verdict]:
             "continue to factorised gates",
             "no stacking gain at the 0.005 level",
             why,
+            results.delta_ci,
         ),
         Verdict(
             "Low SNR (<= 4) improves by >= 0.01?",
@@ -304,6 +309,7 @@ def verdicts(results: DualTowerResults) -> list[Verdict]:
             "the quality gate is useful where it should be",
             "no low-SNR gain from the quality tower",
             why,
+            results.delta_ci_low_snr,
         ),
         Verdict(
             "Dual tower at least as good as phys-only (Delta R2 >= 0)?",
@@ -313,6 +319,7 @@ def verdicts(results: DualTowerResults) -> list[Verdict]:
             "keep the dual tower",
             "fall back to the single physics tower",
             why,
+            results.delta_ci,
         ),
     ]
 
@@ -328,7 +335,7 @@ def write_report(results: DualTowerResults, settings: ExperimentSettings) -> dic
     rep.text(
         "Headline",
         f"Delta R^2 (dual concat - phys-only) = {seed_mean_std(results.delta_r2)}; paired bootstrap 95% CI "
-        f"[{ci[0]:+.4f}, {ci[1]:+.4f}]. At SNR <= 4: {seed_mean_std(results.delta_r2_low_snr)}. Best dual-tower "
+        f"[{ci[0]:+.4f}, {ci[1]:+.4f}]. At SNR <= 4: {seed_mean_std(results.delta_r2_low_snr)} (CI [{results.delta_ci_low_snr[0]:+.4f}, {results.delta_ci_low_snr[1]:+.4f}]). Best dual-tower "
         f"fusion: {best_dual.method} (R^2 {best_dual.r2:.4f}, rho {best_dual.rho:.3f}). rho = (R2 - R2_global) / "
         f"(R2_oracle - R2_global) with R2_oracle = {results.r2_oracle:.4f} ({bins.N_PHYS_BINS} bins) and "
         f"R2_global = {results.r2_global:.4f}.",

@@ -137,6 +137,7 @@ def verdicts(results: SnrOracleResults) -> list[Verdict]:
             GAIN_THRESHOLD,
             "headroom: continue to a deployable SNR gate",
             "no headroom: SNR-binned experts are not worth it; try whitening or SNR-conditional models",
+            ci=results.delta_ci,
         )
     ]
 
