@@ -22,6 +22,9 @@ class ToolParser(argparse.ArgumentParser):
     to print as one line, ``moe: error: ...``, instead of argparse's usage block and exit."""
 
     def error(self, message: str) -> NoReturn:
+        handling = sys.exc_info()[1]
+        if isinstance(handling, ToolArgumentError):  # a subcommand's own error, passed up by its parent parser
+            raise handling
         raise ToolArgumentError(message, self.prog)
 
 

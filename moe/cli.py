@@ -96,7 +96,9 @@ class MoECLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(ckpt).is_file():
             model = self.config[sub]["model"]
-            self._check_same_variant(ckpt, self._checkpoint(ckpt), model["fusion"], model.get("experts"))
+            self._check_same_variant(
+                ckpt, self._checkpoint(ckpt), model["fusion"], model.get("experts"), model.get("variance_head", True)
+            )
         super()._parse_ckpt_path()
 
     def _checkpoint(self, path: str) -> dict:
@@ -161,20 +163,22 @@ class MoECLI(LightningCLI):
             state = self._checkpoint(ckpt) if ckpt is not None else None
             if state is not None:  # refused before any preparation work
                 self._check_same_variant(ckpt, state)
+                self.model.upgrade_state(state["state_dict"])
+                check_state_fits(self.model, state["state_dict"], ckpt)
             self.model.load_prepared(prepare(self.datamodule, self.model.prepare_config()))
             if state is not None:
                 self._check_resumed_experts(ckpt, state)
             return
         state = self._checkpoint(ckpt)
         self._check_same_variant(ckpt, state)
+        self.model.upgrade_state(state["state_dict"])
+        check_state_fits(self.model, state["state_dict"], ckpt)
         stored, here = state.get("moe_data_fingerprint"), self.datamodule.fingerprint_hash()
         if stored and stored != here:
             raise ExpertsMismatchError(
                 f"{ckpt}: trained on data {stored}, but --data holds data {here}: "
                 "its experts do not belong to this data"
             )
-        self.model.upgrade_state(state["state_dict"])
-        check_state_fits(self.model, state["state_dict"], ckpt)
         self.model.load_state_dict(state["state_dict"])
         self.model.data_fingerprint = stored or here
         if self.subcommand == "predict":
@@ -184,23 +188,33 @@ class MoECLI(LightningCLI):
         attach_inputs(self.datamodule, *self.model.input_map(), self.model.physics.pixels, splits)
 
     def _check_same_variant(
-        self, ckpt: str, state: dict, fusion: str | None = None, experts: str | None = None
+        self,
+        ckpt: str,
+        state: dict,
+        fusion: str | None = None,
+        experts: str | None = None,
+        variance_head: bool | None = None,
     ) -> None:
-        """A checkpoint of another gate variant (fusion or experts family) than the command's (by default the
-        instantiated model's) is refused, naming both."""
+        """A checkpoint of another gate variant (fusion, experts family, or -- for gates that learn -- with or
+        without the variance head) than the command's (by default the instantiated model's) is refused, naming
+        both."""
         saved = state.get("hyper_parameters", {})
         if "fusion" not in saved:
             return
         if fusion is None:
             fusion, experts = self.model.hparams.fusion, self.model.family
-        for flag, here, there in (
+            variance_head = self.model.hparams.variance_head
+        checks = [
             ("--model.fusion", fusion, saved["fusion"]),
             (
                 "--model.experts",
                 experts or default_family(fusion),
                 saved.get("experts") or default_family(saved["fusion"]),
             ),
-        ):
+        ]
+        if fusion not in ("oracle", "global"):  # the gates that learn nothing have no head either way
+            checks.append(("--model.variance_head", bool(variance_head), bool(saved.get("variance_head", True))))
+        for flag, here, there in checks:
             if there != here:
                 raise CheckpointError(
                     f"{ckpt}: trained with {flag} {there}, but this command has {flag} {here}; "

@@ -164,8 +164,12 @@ def test_calibration_sample_is_the_same_random_blocks_on_every_rank(dm, monkeypa
     assert 400 <= len(rows) < 400 + 150 and len(np.unique(rows)) == len(rows)  # whole blocks of 150 rows
     assert np.all(np.diff(rows) > 0) and not np.array_equal(rows, np.arange(len(rows)))  # file order, not the head
     assert not np.array_equal(rows, _rows(stream.sample_batches(400, seed=4)))
-    monkeypatch.setattr("moe.data.stream._slot", lambda: (3, 4, 0))  # rank 1 of 2, worker 1 of 2
-    assert np.array_equal(rows, _rows(dm.stream("train", shuffle=False).sample_batches(400, seed=3)))
+    for module in ("moe.data.stream", "moe.data.folder"):  # rank 1 of 2: the stream equalises ranks
+        monkeypatch.setattr(f"{module}.rank_world", lambda: (1, 2))
+    monkeypatch.setattr("moe.data.stream._slot", lambda: (3, 4, 0))  # and reads as worker 1 of 2
+    on_rank_1 = dm.stream("train", shuffle=False)
+    assert on_rank_1.equalize_ranks and len(_rows(on_rank_1)) < 1200  # its own share of the split...
+    assert np.array_equal(rows, _rows(on_rank_1.sample_batches(400, seed=3)))  # ...but the same sample
     assert len(_rows(stream.sample_batches(10**6, seed=3))) == 1200  # more than the split: all of it
 
 

@@ -99,23 +99,36 @@ def test_inconclusive_verdict_never_passes():
 
 
 @pytest.mark.parametrize(
-    ("ci", "result"),
+    ("op", "ci", "result"),
     [
-        ((0.031, 0.043), "PASS"),  # wholly above the threshold
-        ((0.001, 0.019), "FAIL"),  # wholly below
-        ((0.012, 0.034), "INCONCLUSIVE"),  # contains it: the data cannot tell the value from the threshold
-        (None, "PASS"),  # no interval: the value alone decides
+        (">=", (0.031, 0.043), "PASS"),  # wholly above the threshold 0.02
+        (">=", (0.02, 0.043), "PASS"),  # the rule holds on the whole interval, its end included
+        (">=", (0.001, 0.019), "FAIL"),  # wholly below
+        (">=", (0.012, 0.034), "INCONCLUSIVE"),  # straddles it: the data cannot tell the value from the threshold
+        (">", (0.02, 0.043), "INCONCLUSIVE"),  # '>' fails at the lower end only
+        (">=", (0.02, 0.02), "PASS"),  # a zero-width interval at the threshold: the rule holds
+        ("<", (0.001, 0.019), "PASS"),
+        ("<", (0.02, 0.043), "FAIL"),  # '<' fails at both ends
+        ("<", (0.012, 0.034), "INCONCLUSIVE"),
+        ("<=", (0.001, 0.02), "PASS"),
+        (">=", (float("nan"), float("nan")), "INCONCLUSIVE"),  # e.g. an empty slice
+        (">=", None, "PASS"),  # no interval: the value alone decides
     ],
 )
-def test_a_confidence_interval_decides_only_off_the_threshold(ci, result):
-    v = Verdict("gain >= 0.02?", 0.025 if result != "FAIL" else 0.01, ">=", 0.02, "yes", "no", ci=ci)
+def test_a_confidence_interval_decides_only_off_the_threshold(op, ci, result):
+    value = 0.025 if ci is None else float(np.mean(ci))
+    v = Verdict("gain vs 0.02?", value, op, 0.02, "yes", "no", ci=ci)
     assert v.result == result and v.passed is (result == "PASS")
-    if result == "INCONCLUSIVE":
-        assert v.decision == (
-            "no decision: its 95% CI [+0.0120, +0.0340] contains the threshold 0.02: more test spectra or seeds would decide"
+    assert v.decision == {"PASS": "yes", "FAIL": "no"}.get(result, f"no decision: {v.reason}")
+    if ci == (0.012, 0.034):
+        assert (
+            v.reason
+            == "its 95% CI [+0.0120, +0.0340] straddles the threshold 0.02: more test spectra or seeds would decide"
         )
     assert v.row()["ci95"] == ("–" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]")
-    # a degenerate run stays inconclusive for its own reason, whatever the interval
+
+
+def test_a_degenerate_run_stays_inconclusive_for_its_own_reason_whatever_the_interval():
     assert Verdict("q", 0.5, ">=", 0.0, "y", "n", inconclusive="unfinished", ci=(0.4, 0.6)).reason == "unfinished"
 
 
@@ -467,15 +480,19 @@ def test_heatmap_text_contrasts_with_its_cell():
 
 
 def test_many_trainers_print_their_hardware_once_and_no_temporary_restores(caplog):
-    from moe.gates.quiet import quiet_repeated_trainers
+    from moe.gates.quiet import HARDWARE_LOGGERS, quiet_repeated_trainers
 
-    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     quiet_repeated_trainers()
-    quiet_repeated_trainers()  # idempotent: one filter
-    with caplog.at_level(logging.INFO, logger=logger.name):
+    quiet_repeated_trainers()  # idempotent: one filter per logger
+    rank_zero, cuda = (logging.getLogger(name) for name in HARDWARE_LOGGERS)
+    assert sum(type(f).__name__ == "_OncePerProcess" for f in rank_zero.filters) == 1
+    gpu = "GPU available: True (cuda), used: True"  # lines this CPU-only test run never logs elsewhere
+    visible = "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [7]"
+    with caplog.at_level(logging.INFO):
         for _ in range(3):  # three gates trained in one process
-            logger.info("GPU available: False, used: False")
-            logger.info("Restoring states from the checkpoint path at /tmp/tmpabc/epoch=2-step=9.ckpt")
-            logger.info("Loaded model weights from the checkpoint at /tmp/tmpabc/epoch=2-step=9.ckpt")
-        logger.info("Seed set to 1")
-    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False", "Seed set to 1"]
+            rank_zero.info(gpu)
+            cuda.info(visible)
+            rank_zero.info("Restoring states from the checkpoint path at /tmp/tmpabc/epoch=2-step=9.ckpt")
+            rank_zero.info("Loaded model weights from the checkpoint at /tmp/tmpabc/epoch=2-step=9.ckpt")
+        rank_zero.info("`Trainer.fit` stopped: `max_epochs=3` reached.")
+    assert [r.getMessage() for r in caplog.records] == [gpu, visible, "`Trainer.fit` stopped: `max_epochs=3` reached."]

@@ -302,10 +302,27 @@ def test_checkpoint_of_an_earlier_moe_is_one_error_naming_the_tensor(concat_chec
     state["state_dict"]["variance_head.0.weight"] = state["state_dict"]["variance_head.0.weight"][:, :-1]  # old head
     old = tmp_path / "old.ckpt"
     torch.save(state, old)
-    message = r"old\.ckpt: its variance_head\.0\.weight has shape \(32, 25\), this model's is \(32, 26\).*retrain"
-    for command in ("test", "fit"):  # evaluated (our load) or resumed (Lightning's, through on_load_checkpoint)
-        with pytest.raises(ExpertsMismatchError, match=message if command == "test" else message[9:]):
+    message = (
+        r"old\.ckpt: its variance_head\.0\.weight has shape \(32, 25\), this model's is \(32, 26\); the checkpoint "
+        r"was saved by another version of moe or edited: retrain it"
+    )
+    for command in ("test", "fit"):  # evaluated or resumed: refused, naming the file, before any work
+        with pytest.raises(ExpertsMismatchError, match=message):
             cli_main([command, "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(old), *args])
+    del state["state_dict"]["variance_head.0.weight"]
+    torch.save(state, old)
+    with pytest.raises(ExpertsMismatchError, match=r"old\.ckpt: has no variance_head\.0\.weight, which this model"):
+        cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(old), *args])
+
+
+def test_checkpoint_without_the_variance_head_names_the_flag(concat_checkpoint):
+    ckpt, args = concat_checkpoint
+    message = r"trained with --model\.variance_head True, but this command has --model\.variance_head False"
+    with pytest.raises(ExpertsMismatchError, match=message):
+        cli_main(
+            ["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(ckpt), *args]
+            + ["--model.variance_head", "false"]
+        )
 
 
 def test_resume_from_last_checkpoint(tmp_path, tiny_dir):
@@ -427,3 +444,12 @@ def test_calibration_residuals_from_kept_inputs_equal_a_fresh_pass(dm, monkeypat
             p.add_(0.1)  # the model moves on; its residuals follow
     again = model._calibration_residuals()
     assert not np.allclose(again[0], abs_r) and np.array_equal(again[2], snr_bin)
+
+
+def test_no_calibration_stars_leave_sigma_unfitted_not_a_crash(dm):
+    from types import SimpleNamespace
+
+    model = _model(dm, "concat").eval()
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(calibration_batches=lambda *a: iter(())))
+    abs_r, spread, snr_bin = model._calibration_residuals()  # e.g. every training row dropped as bad
+    assert len(abs_r) == len(spread) == len(snr_bin) == 0 and model._calibration is None

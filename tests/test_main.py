@@ -59,7 +59,7 @@ def test_user_errors_are_one_line(args, message, capsys):
         ),
         (
             ["experts", "fit", "--min-samples", "0"],
-            r"argument --min-samples: must be at least 1, got 0 \(moe experts --help",
+            r"argument --min-samples: must be at least 1, got 0 \(moe experts fit --help",
         ),
         (["experts", "report", "--noise-level", "-1"], r"argument --noise-level: must be at least 0, got -1"),
         (["experts", "fit", "--alphas", "1", "0"], r"argument --alphas: must be > 0, got 0"),
@@ -68,7 +68,10 @@ def test_user_errors_are_one_line(args, message, capsys):
             r"argument --train: must be at least 1, got -5 \(moe data synth --",
         ),
         (["data", "check"], r"the following arguments are required: data_dir \(moe data check --help lists"),
-        (["data", "validate", "--block-rows", "x1", "a.h5"], r"argument --block-rows: 'x1' is not an integer"),
+        (
+            ["data", "validate", "--block-rows", "x1", "a.h5"],
+            r"argument --block-rows: 'x1' is not an integer \(moe data validate --help",
+        ),
     ],
 )
 def test_tool_mistakes_are_one_line_naming_the_flag(args, message, capsys):
@@ -82,7 +85,7 @@ def test_a_tool_run_as_a_module_prints_the_same_one_line():
         [sys.executable, "-m", "moe.experts", "fit", "--min-samples", "0"], capture_output=True, text=True, cwd=ROOT
     )
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "moe: error: argument --min-samples: must be at least 1, got 0 (moe experts --help lists the options)"
+        "moe: error: argument --min-samples: must be at least 1, got 0 (moe experts fit --help lists the options)"
     ]
 
 

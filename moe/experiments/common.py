@@ -210,10 +210,11 @@ class Verdict:
     """An experiment's decision rule evaluated on a measured value.
 
     ``inconclusive`` names why the measurement cannot carry a decision (a degenerate or
-    unfinished run): such a verdict is neither PASS nor FAIL, whatever the value. ``ci``, the 95%
-    confidence interval of the value (a paired bootstrap over test spectra), decides only when it
-    lies wholly on one side of the threshold: one that contains it is INCONCLUSIVE too (the data
-    cannot tell the value from the threshold; more test spectra or seeds would).
+    unfinished run): such a verdict is neither PASS nor FAIL, whatever the value. With ``ci``, the 95%
+    confidence interval of the value (a paired bootstrap over test spectra), the interval decides: PASS
+    when the rule holds at both ends (for a comparison with a threshold, then on the whole interval),
+    FAIL when it holds at neither, INCONCLUSIVE when it holds at one end only -- the data cannot tell the
+    value from the threshold; more test spectra or seeds would.
     """
 
     question: str
@@ -225,28 +226,36 @@ class Verdict:
     inconclusive: str = ""
     ci: tuple[float, float] | None = None
 
-    @property
-    def reason(self) -> str:
-        """Why there is no decision ('' when there is one)."""
-        if self.inconclusive:
-            return self.inconclusive
-        if self.ci is not None and self.ci[0] <= self.threshold <= self.ci[1]:
-            lo, hi = self.ci
-            return (
-                f"its 95% CI [{lo:+.4f}, {hi:+.4f}] contains the threshold {self.threshold:g}: "
-                "more test spectra or seeds would decide"
-            )
-        return ""
-
-    @property
-    def passed(self) -> bool:
+    def _holds(self, x: float) -> bool:
         ops: dict[str, Callable[[float, float], bool]] = {
             ">=": np.greater_equal,
             "<": np.less,
             "<=": np.less_equal,
             ">": np.greater,
         }
-        return bool(not self.reason and np.isfinite(self.value) and ops[self.op](self.value, self.threshold))
+        return bool(np.isfinite(x) and ops[self.op](x, self.threshold))
+
+    @property
+    def reason(self) -> str:
+        """Why there is no decision ('' when there is one)."""
+        if self.inconclusive:
+            return self.inconclusive
+        if self.ci is not None:
+            lo, hi = self.ci
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                return "its 95% CI could not be computed (no test spectra in the slice)"
+            if self._holds(lo) != self._holds(hi):
+                return (
+                    f"its 95% CI [{lo:+.4f}, {hi:+.4f}] straddles the threshold {self.threshold:g}: "
+                    "more test spectra or seeds would decide"
+                )
+        return ""
+
+    @property
+    def passed(self) -> bool:
+        if self.reason:
+            return False
+        return self._holds(self.ci[0]) if self.ci is not None else self._holds(self.value)
 
     @property
     def result(self) -> str:

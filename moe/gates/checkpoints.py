@@ -39,28 +39,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def check_state_fits(model: torch.nn.Module, state: dict, source: str | os.PathLike) -> None:
     """Refuse a checkpoint's ``state_dict`` whose tensors do not fit ``model`` -- one saved by an earlier moe
     whose layers differed, or edited -- with one line naming the first tensor that differs and what to do
-    (torch's own error is a multi-line list of every size)."""
+    (torch's own error is a multi-line list of every size). Run after the variant checks (fusion, experts,
+    variance head), so what is left is a difference of versions."""
     own = model.state_dict()
     for name, value in own.items():
+        if not torch.is_tensor(value):  # a module's extra state (checked by the module itself)
+            continue
         theirs = state.get(name)
         if theirs is None:
-            problem = "lacks it"
-        elif not torch.is_tensor(value):  # a module's extra state (checked by the module itself)
-            continue
+            problem = f"has no {name}, which this model has with shape {tuple(value.shape)}"
         elif not torch.is_tensor(theirs) or tuple(theirs.shape) != tuple(value.shape):
-            problem = f"has shape {tuple(getattr(theirs, 'shape', ()))}"
+            problem = (
+                f"its {name} has shape {tuple(getattr(theirs, 'shape', ()))}, this model's is {tuple(value.shape)}"
+            )
         else:
             continue
-        raise CheckpointError(
-            f"{source}: its {name} {problem}, this model's is {tuple(value.shape)}: the checkpoint was saved by "
-            "another version of moe or edited; retrain it with this version (moe fit)"
-        )
+        raise CheckpointError(f"{source}: {problem}; {_RETRAIN}")
     extra = sorted(set(state) - set(own))
     if extra:
-        raise CheckpointError(
-            f"{source}: holds {extra[0]} (and {len(extra) - 1} more) that this model does not have: the checkpoint "
-            "was saved by another version of moe or edited; retrain it with this version (moe fit)"
-        )
+        more = f" and {len(extra) - 1} other tensor(s)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{source}: holds {extra[0]}{more}, which this model does not have; {_RETRAIN}")
+
+
+_RETRAIN = "the checkpoint was saved by another version of moe or edited: retrain it with this version (moe fit)"
 
 
 def run_name(fusion: str, experts: str) -> str:

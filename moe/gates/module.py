@@ -278,6 +278,9 @@ class GatedMoE(pl.LightningModule):
             )
         self._calibration = None  # built from this fit's data on the first recalibration
 
+    def on_fit_end(self) -> None:
+        self._calibration = None  # the calibration stars' inputs are needed only while fitting
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["moe_data_fingerprint"] = self.data_fingerprint
 
@@ -533,8 +536,9 @@ class GatedMoE(pl.LightningModule):
         the datamodule has none or ``calibration_rows`` is 0. Every rank computes the same rows.
 
         The stars' mixture inputs (features, expert predictions, noise variances) do not change while the
-        experts and scalers are fixed, so they are computed once per fit and kept (about 90 floats a row,
-        24 MB for the default 65,536 rows x 2 draws and 9 experts); each epoch only runs the gate and the head.
+        experts and scalers are fixed, so they are computed once per fit and kept until it ends (23 + 2K + 3
+        numbers a row: 24 MB for the default 65,536 rows x 2 draws and K = 9 experts); each epoch only runs
+        the gate and the head.
         """
         if self._calibration is None:
             source = getattr(self.trainer.datamodule, "calibration_batches", None)
@@ -545,6 +549,8 @@ class GatedMoE(pl.LightningModule):
                 (self.mix_inputs(batch), batch["log_g"])
                 for batch in source(h.calibration_rows, h.calibration_draws, self.device)
             ]
+            if not parts:  # no training rows to sample (all dropped as bad, or no draws asked for)
+                return np.zeros(0), np.zeros(0), np.zeros(0, np.int64)
             self._calibration = MixInputs.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         inputs, target = self._calibration
         chunks = []

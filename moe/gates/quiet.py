@@ -31,8 +31,9 @@ def quiet_lightning() -> None:
 
 
 class _OncePerProcess(logging.Filter):
-    """Lets each of the trainer's hardware lines ("GPU available: ...") through once, and drops the lines
-    about restoring a run's own best checkpoint from its temporary folder."""
+    """Lets each of the trainer's hardware lines ("GPU available: ...", "LOCAL_RANK: 0 -
+    CUDA_VISIBLE_DEVICES: [0]") through once, and drops the lines about restoring a run's own best
+    checkpoint from its temporary folder."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,17 +43,21 @@ class _OncePerProcess(logging.Filter):
         message = record.getMessage()
         if message.startswith(("Restoring states from the checkpoint", "Loaded model weights from the checkpoint")):
             return False
-        if message.startswith(("GPU available", "TPU available", "HPU available", "IPU available")):
+        if message.startswith(("GPU available", "TPU available", "LOCAL_RANK:")):
             if message in self.seen:
                 return False
             self.seen.add(message)
         return True
 
 
+HARDWARE_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda")
+
+
 def quiet_repeated_trainers() -> None:
     """For commands that train many gates in one process (``moe experiments``): each trainer's hardware
     lines once, not once per gate, and not the restore of each gate's best checkpoint from a temporary
     folder (the experiment's own lines say which gate it trains and evaluates)."""
-    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    if not any(isinstance(f, _OncePerProcess) for f in logger.filters):
-        logger.addFilter(_OncePerProcess())
+    for name in HARDWARE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OncePerProcess) for f in logger.filters):
+            logger.addFilter(_OncePerProcess())
