@@ -496,3 +496,30 @@ def test_many_trainers_print_their_hardware_once_and_no_temporary_restores(caplo
             rank_zero.info("Loaded model weights from the checkpoint at /tmp/tmpabc/epoch=2-step=9.ckpt")
         rank_zero.info("`Trainer.fit` stopped: `max_epochs=3` reached.")
     assert [r.getMessage() for r in caplog.records] == [gpu, visible, "`Trainer.fit` stopped: `max_epochs=3` reached."]
+
+
+def test_bootstrap_intervals_against_direct_r2():
+    from sklearn.metrics import r2_score
+
+    from moe.experiments.common import bootstrap_min_group_delta_r2
+
+    rng = np.random.default_rng(3)
+    y = rng.normal(3, 1, 4000)
+    group = rng.integers(0, 3, 4000)
+    a = y + rng.normal(0, 0.5, 4000)
+    b = y + rng.normal(0, 1.0, 4000) * np.where(group == 1, 0.6, 1.0)  # b is better in group 1 only
+    lo, hi = bootstrap_delta_r2(y, [a])  # R^2 of a itself
+    assert lo < r2_score(y, a) < hi and hi - lo < 0.05
+    gains = {g: r2_score(y[group == g], a[group == g]) - r2_score(y[group == g], b[group == g]) for g in (0, 1, 2)}
+    lo, hi = bootstrap_min_group_delta_r2(y, a, b, group, (0, 1))
+    assert lo < min(gains[0], gains[1]) == gains[1] < hi < gains[0]  # the smaller gain: group 1's
+    assert bootstrap_min_group_delta_r2(y, a, a, group, (0, 1)) == (0.0, 0.0)  # identical predictions
+
+
+def test_ceiling_verdicts_carry_their_intervals(computed):
+    from moe.experiments import ceiling
+
+    results = computed("ceiling")
+    judged = ceiling.verdicts(results)
+    assert [v.ci for v in judged] == [results.hybrid_r2_ci, results.hybrid_ci, results.metal_poor_ci]
+    assert all(np.isfinite(v.ci).all() and v.ci[0] <= v.ci[1] for v in judged)

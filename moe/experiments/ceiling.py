@@ -30,6 +30,7 @@ from moe.experiments.common import (
     Results,
     Verdict,
     bootstrap_delta_r2,
+    bootstrap_min_group_delta_r2,
     load_splits,
     seed_mean_std,
 )
@@ -71,6 +72,8 @@ class CeilingResults(Results):
     r2_ridge_oracle: float
     r2_hybrid: float
     hybrid_ci: tuple[float, float]  # paired bootstrap 95% CI of R^2(hybrid) - R^2(Ridge oracle)
+    hybrid_r2_ci: tuple[float, float]  # bootstrap 95% CI of R^2(hybrid)
+    metal_poor_ci: tuple[float, float]  # bootstrap 95% CI of the smaller gain over Ridge in the metal-poor bins
     log_g: np.ndarray  # [N] true test log g
     hybrid_pred: np.ndarray  # [N]
     phys_bin: np.ndarray  # [N]
@@ -279,6 +282,8 @@ def compute(settings: ExperimentSettings) -> CeilingResults:
         r2_ridge_oracle=r2_ridge_oracle,
         r2_hybrid=r2_hybrid,
         hybrid_ci=bootstrap_delta_r2(log_g, [hybrid], [ridge.test_pred]),
+        hybrid_r2_ci=bootstrap_delta_r2(log_g, [hybrid]),
+        metal_poor_ci=bootstrap_min_group_delta_r2(log_g, hybrid, ridge.test_pred, test.phys_bin, CNN_BINS),
         log_g=log_g,
         hybrid_pred=hybrid,
         phys_bin=test.phys_bin,
@@ -298,6 +303,7 @@ def verdicts(results: CeilingResults) -> list[Verdict]:
             HYBRID_TARGET,
             f"the per-bin ceiling reaches R^2 {HYBRID_TARGET:.2f}",
             f"the per-bin ceiling stays below R^2 {HYBRID_TARGET:.2f}",
+            ci=results.hybrid_r2_ci,
         ),
         Verdict(
             f"Hybrid beats the Ridge oracle by >= {GAIN_TARGET}?",
@@ -315,6 +321,7 @@ def verdicts(results: CeilingResults) -> list[Verdict]:
             GAIN_TARGET,
             "the metal-poor bottleneck is lifted",
             f"bins {'/'.join(map(str, CNN_BINS))} remain the bottleneck",
+            ci=results.metal_poor_ci,
         ),
     ]
 

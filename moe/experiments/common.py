@@ -165,23 +165,70 @@ def load_splits(
     )
 
 
-def bootstrap_delta_r2(
-    y: np.ndarray, pred_a: Sequence[np.ndarray], pred_b: Sequence[np.ndarray], n_boot: int = 1000, seed: int = 0
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    strata: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Paired bootstrap (over test spectra) 95% CI of R2(a) - R2(b), each averaged over seeds."""
+    """95% percentile interval of ``statistic(idx)`` over ``n_boot`` resamples ``idx`` of ``n`` rows drawn with
+    replacement (within each stratum, keeping its size, when ``strata`` [n] is given)."""
     rng = np.random.default_rng(seed)
-    y = np.asarray(y, float)
-    pa, pb = np.asarray(pred_a, float), np.asarray(pred_b, float)
+    groups = None if strata is None else [np.flatnonzero(strata == g) for g in np.unique(strata)]
     out = np.empty(n_boot)
     for i in range(n_boot):
-        idx = rng.integers(0, y.size, y.size)
-        y_boot = y[idx]
-        sst = ((y_boot - y_boot.mean()) ** 2).sum()
-        r2_a = r2_from_sums(((pa[:, idx] - y_boot) ** 2).sum(1), sst, y.size)  # [seeds]
-        r2_b = r2_from_sums(((pb[:, idx] - y_boot) ** 2).sum(1), sst, y.size)
-        out[i] = (r2_a - r2_b).mean()
+        if groups is None:
+            idx = rng.integers(0, n, n)
+        else:
+            idx = np.concatenate([g[rng.integers(0, g.size, g.size)] for g in groups])
+        out[i] = statistic(idx)
     lo, hi = np.percentile(out, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def _r2_rows(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """R^2 of each row of ``pred`` [S, N] against ``y`` [N]."""
+    return r2_from_sums(((pred - y) ** 2).sum(1), ((y - y.mean()) ** 2).sum(), y.size)
+
+
+def bootstrap_delta_r2(
+    y: np.ndarray,
+    pred_a: Sequence[np.ndarray],
+    pred_b: Sequence[np.ndarray] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Paired bootstrap (over test spectra) 95% CI of R2(a) - R2(b), each averaged over seeds (S runs);
+    of R2(a) itself without ``pred_b``."""
+    y = np.asarray(y, float)
+    pa = np.asarray(pred_a, float)
+    pb = None if pred_b is None else np.asarray(pred_b, float)
+
+    def delta(idx: np.ndarray) -> float:
+        r2_a = _r2_rows(y[idx], pa[:, idx])  # [seeds]
+        return float((r2_a - (0.0 if pb is None else _r2_rows(y[idx], pb[:, idx]))).mean())
+
+    return bootstrap_ci(delta, y.size, n_boot, seed)
+
+
+def bootstrap_min_group_delta_r2(
+    y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, group: np.ndarray, groups: Sequence[int], n_boot: int = 1000
+) -> tuple[float, float]:
+    """95% CI of the smallest per-group R2(a) - R2(b) over ``groups`` (say, bins 3 and 6), the rows of each group
+    resampled within it. y, pred_a, pred_b, group: [N]."""
+    y, pa, pb = (np.asarray(v, float) for v in (y, pred_a, pred_b))
+    rows = np.flatnonzero(np.isin(group, groups))
+    y, pa, pb, group = y[rows], pa[rows], pb[rows], np.asarray(group)[rows]
+
+    def smallest(idx: np.ndarray) -> float:
+        gains = []
+        for g in groups:
+            sel = idx[group[idx] == g]
+            gains.append(_r2_rows(y[sel], pa[None, sel])[0] - _r2_rows(y[sel], pb[None, sel])[0])
+        return float(min(gains))
+
+    return bootstrap_ci(smallest, y.size, n_boot, strata=group)
 
 
 @dataclass(frozen=True)
