@@ -523,3 +523,14 @@ def test_ceiling_verdicts_carry_their_intervals(computed):
     judged = ceiling.verdicts(results)
     assert [v.ci for v in judged] == [results.hybrid_r2_ci, results.hybrid_ci, results.metal_poor_ci]
     assert all(np.isfinite(v.ci).all() and v.ci[0] <= v.ci[1] for v in judged)
+
+
+def test_leakage_verdicts_carry_their_intervals(computed):
+    from moe.experiments import leakage
+
+    results = computed("leakage")
+    judged = leakage.verdicts(results)
+    assert [v.ci for v in judged] == [results.error_only_ci, results.aggregate_ci, results.shuffle_ci]
+    assert all(np.isfinite(v.ci).all() and v.ci[0] <= v.ci[1] for v in judged)
+    aggregates = results.sanity.set_index("check").loc[f"{leakage.AGGREGATES} -> log g"]
+    assert (aggregates.r2_ci_low, aggregates.r2_ci_high) == results.aggregate_ci

@@ -34,6 +34,7 @@ from moe.experiments.common import (
     Report,
     Results,
     Verdict,
+    bootstrap_delta_r2,
     load_splits,
     require_train_rows,
     seed_mean_std,
@@ -76,6 +77,9 @@ class LeakageResults(Results):
     error_only_r2: float  # best test R^2 of an error-only model, floored at 0
     aggregate_r2: float  # test R^2 of log g from the aggregate statistics
     shuffle_r2: float  # test R^2 after shuffling within SNR bins at noise level 1
+    error_only_ci: tuple[float, float]  # bootstrap 95% CI of the test R^2 of the best error-only model
+    aggregate_ci: tuple[float, float]  # ... of ``aggregate_r2``
+    shuffle_ci: tuple[float, float]  # ... of ``shuffle_r2`` (averaged over seeds)
 
 
 def _ridge_sweep(z_train, y_train, z_by_split: dict[str, np.ndarray], alphas=RIDGE_ALPHAS) -> tuple[dict, np.ndarray]:
@@ -133,32 +137,46 @@ def _lgbm_on_errors(splits: dict[str, Arrays], settings: ExperimentSettings) -> 
 
 def _error_only_models(
     splits: dict[str, Arrays], settings: ExperimentSettings
-) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray]:
+) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray, np.ndarray]:
     """OLS, standardised Ridge at every alpha and LightGBM on the error vector: the models table, the Ridge
-    coefficients [A, D], the index of the alpha best on val and the LightGBM gain per pixel [D]."""
+    coefficients [A, D], the index of the alpha best on val, the LightGBM gain per pixel [D] and the test
+    predictions [N] of the model with the highest test R^2 (the one the leakage verdict reads)."""
     log_g = {k: a.log_g for k, a in splits.items()}
     scaler = StandardScaler().fit(splits["train"].error.astype(np.float64))
     z = {k: scaler.transform(a.error.astype(np.float64)) for k, a in splits.items()}
-    rows = [_model_row("OLS", log_g, _ols(z["train"], log_g["train"], z))]
+    ols_pred = _ols(z["train"], log_g["train"], z)
+    rows, test_preds = [_model_row("OLS", log_g, ols_pred)], [ols_pred["test"]]
     ridge_pred, ridge_coefs = _ridge_sweep(z["train"], log_g["train"], z)
     for i, alpha in enumerate(RIDGE_ALPHAS):
         rows.append(_model_row(f"Ridge a={alpha:g}", log_g, {k: p[:, i] for k, p in ridge_pred.items()}))
+        test_preds.append(ridge_pred["test"][:, i])
     lgbm_pred, lgbm_test_r2, lgbm_gain = _lgbm_on_errors(splits, settings)
     rows.append(
         _model_row("LightGBM", log_g, lgbm_pred) | {"note": f"test R2 over seeds {seed_mean_std(lgbm_test_r2)}"}
     )
+    test_preds.append(lgbm_pred["test"])
     best = _best_alpha_index(log_g["val"], ridge_pred["val"])
-    return pd.DataFrame(rows).fillna(""), ridge_coefs, best, lgbm_gain
+    top = int(np.argmax([r["r2_test"] for r in rows]))
+    return pd.DataFrame(rows).fillna(""), ridge_coefs, best, lgbm_gain, test_preds[top]
 
 
 def _check_row(
-    check: str, r2_test: float, noise_level: float = np.nan, target: str = "log g", seeds="", groups=""
+    check: str,
+    r2_test: float,
+    noise_level: float = np.nan,
+    target: str = "log g",
+    seeds="",
+    groups="",
+    ci: tuple[float, float] = (np.nan, np.nan),
 ) -> dict:
+    """A row of the sanity table; ``ci``: the bootstrap 95% CI of ``r2_test`` where the verdicts read it."""
     return {
         "check": check,
         "noise_level": noise_level,
         "target": target,
         "r2_test": r2_test,
+        "r2_ci_low": ci[0],
+        "r2_ci_high": ci[1],
         "seeds": seeds,
         "groups": groups,
     }
@@ -180,12 +198,13 @@ def _snr_at_level(snr: np.ndarray, noise_level: float, level: float) -> np.ndarr
 
 def _shuffle_check(train: Arrays, test: Arrays, snr_groups: np.ndarray, level: float, alpha: float, seeds) -> dict:
     """Ridge on error vectors permuted among the training stars of the same SNR bin, labels kept."""
-    shuffled_r2 = []
+    shuffled_r2, preds = [], []
     for seed in seeds:
         shuffled = train.error[_shuffled_within(snr_groups, np.random.default_rng(seed))].astype(np.float64)
         scaler = StandardScaler().fit(shuffled)
         model = Ridge(alpha=alpha, solver="cholesky").fit(scaler.transform(shuffled), train.log_g)
-        shuffled_r2.append(r2(test.log_g, model.predict(scaler.transform(test.error.astype(np.float64)))))
+        preds.append(model.predict(scaler.transform(test.error.astype(np.float64))))
+        shuffled_r2.append(r2(test.log_g, preds[-1]))
     groups = " / ".join(f"{bins.SNR_BIN_NAMES[g]}:{int((snr_groups == g).sum())}" for g in np.unique(snr_groups))
     return _check_row(
         f"shuffle within SNR bins (noise {level:g})",
@@ -193,6 +212,7 @@ def _shuffle_check(train: Arrays, test: Arrays, snr_groups: np.ndarray, level: f
         level,
         seeds=seed_mean_std(shuffled_r2),
         groups=groups,
+        ci=bootstrap_delta_r2(test.log_g, preds),
     )
 
 
@@ -228,7 +248,10 @@ def _aggregates_check(stats: dict[str, np.ndarray], log_g: dict[str, np.ndarray]
         scaler.transform(stats["train"]), log_g["train"], {k: scaler.transform(v) for k, v in stats.items()}
     )
     best = _best_alpha_index(log_g["val"], pred["val"])
-    return _check_row(f"{AGGREGATES} -> log g", r2(log_g["test"], pred["test"][:, best]))
+    test_pred = pred["test"][:, best]
+    return _check_row(
+        f"{AGGREGATES} -> log g", r2(log_g["test"], test_pred), ci=bootstrap_delta_r2(log_g["test"], [test_pred])
+    )
 
 
 def _sanity_checks(splits: dict[str, Arrays], noise_level: float, alpha: float, seeds) -> pd.DataFrame:
@@ -259,7 +282,7 @@ def compute(settings: ExperimentSettings) -> LeakageResults:
     in_memory = min(settings.memory_train_rows, dm.train_set.n_kept)
     require_train_rows(in_memory, MIN_TRAIN, "leakage", "LightGBM fits the error vectors of them", settings.memory_flag)
     splits = dict(zip(SPLITS, load_splits(dm, settings)))
-    models, ridge_coefs, best, lgbm_gain = _error_only_models(splits, settings)
+    models, ridge_coefs, best, lgbm_gain, top_test_pred = _error_only_models(splits, settings)
     best_alpha = RIDGE_ALPHAS[best]
     sanity = _sanity_checks(splits, dm.noise_level, best_alpha, settings.seeds)
     importance = {"Ridge": np.abs(ridge_coefs[best]), "LightGBM": lgbm_gain}
@@ -270,7 +293,12 @@ def compute(settings: ExperimentSettings) -> LeakageResults:
             for name, label in (("Ridge", "Ridge |coef|"), ("LightGBM", "LightGBM gain"))
         ]
     )
-    r2_of_check = sanity.set_index("check")["r2_test"]
+    checks = sanity.set_index("check")
+    r2_of_check = checks["r2_test"]
+
+    def ci_of(check: str) -> tuple[float, float]:
+        return float(checks.loc[check, "r2_ci_low"]), float(checks.loc[check, "r2_ci_high"])
+
     return LeakageResults(
         models=models,
         sanity=sanity,
@@ -283,6 +311,9 @@ def compute(settings: ExperimentSettings) -> LeakageResults:
         error_only_r2=max(float(models["r2_test"].max()), 0.0),
         aggregate_r2=float(r2_of_check[f"{AGGREGATES} -> log g"]),
         shuffle_r2=float(r2_of_check["shuffle within SNR bins (noise 1)"]),
+        error_only_ci=bootstrap_delta_r2(splits["test"].log_g, [top_test_pred]),
+        aggregate_ci=ci_of(f"{AGGREGATES} -> log g"),
+        shuffle_ci=ci_of("shuffle within SNR bins (noise 1)"),
         data=DataSummary.of(dm),
         compute_s=time.time() - started,
     )
@@ -297,6 +328,7 @@ def verdicts(results: LeakageResults) -> list[Verdict]:
             LEAK_THRESHOLD,
             "no leakage: the error vector may feed the gate as it is",
             "leakage: the error vector predicts log g; de-leak it (use aggregate statistics) before any gate sees it",
+            ci=results.error_only_ci,
         ),
         Verdict(
             "Aggregate statistics blind to log g?",
@@ -305,6 +337,7 @@ def verdicts(results: LeakageResults) -> list[Verdict]:
             LEAK_THRESHOLD,
             f"the {AGGREGATES} are safe quality features",
             "even the aggregates leak log g",
+            ci=results.aggregate_ci,
         ),
         Verdict(
             "Shuffle within SNR bins destroys the signal? (R2 at noise 1)",
@@ -313,6 +346,7 @@ def verdicts(results: LeakageResults) -> list[Verdict]:
             LEAK_THRESHOLD,
             "the leak rides on wavelength-aligned, star-specific detail, not on the SNR level",
             "the SNR level itself carries log g",
+            ci=results.shuffle_ci,
         ),
     ]
 
