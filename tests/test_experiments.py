@@ -534,3 +534,21 @@ def test_leakage_verdicts_carry_their_intervals(computed):
     assert all(np.isfinite(v.ci).all() and v.ci[0] <= v.ci[1] for v in judged)
     aggregates = results.sanity.set_index("check").loc[f"{leakage.AGGREGATES} -> log g"]
     assert (aggregates.r2_ci_low, aggregates.r2_ci_high) == results.aggregate_ci
+
+
+def test_each_ceiling_fit_says_what_it_fitted(caplog):
+    """The ceiling's LightGBM / CNN fits take minutes: each one is a line, not a silent stretch."""
+    from types import SimpleNamespace
+
+    from moe.experiments import ceiling
+
+    y = np.linspace(1, 5, 40)
+    split = SimpleNamespace(flux=np.c_[y], log_g=y)
+    in_bin = ceiling._BinRows(y > 0, y > 0, y > 0)
+    model = SimpleNamespace(predict=lambda x: x[:, 0])
+    with caplog.at_level(logging.INFO, logger="moe.experiments.ceiling"):
+        ceiling._fit_over_seeds(lambda seed: model, (1, 2), split, split, in_bin, ceiling._label("LightGBM", 3, in_bin))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ceiling: LightGBM in bin 3 ({ceiling.bins.PHYS_BIN_NAMES[3]}, 40 training spectra), seed {s}: val R2 1.0000 (0 s)"
+        for s in (1, 2)
+    ]

@@ -12,6 +12,7 @@ Ridge oracle and the global Ridge.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from moe.experts.nonlinear import LGBM_PARAMS, CNNExpert, fit_lgbm
 from moe.experts.scores import r2
 from moe.plots import bar, expert_selection, gain_per_bin, grouped_bar, method_colour, pred_vs_true
 
+log = logging.getLogger(__name__)
 EXPERIMENT_ID = "MOE-CEILING-C1-01"
 CNN_BINS = (3, 6)
 SMALL_BIN = 1000
@@ -144,20 +146,35 @@ def _ridge_per_bin(
     return ridge, pd.DataFrame(sweep)
 
 
-def _fit_over_seeds(fit: Callable[[int], Any], seeds, val: Arrays, test: Arrays, in_bin: _BinRows) -> _SeedFits:
-    """``fit(seed)`` for every seed, each model predicting the bin's val and test rows."""
+def _fit_over_seeds(
+    fit: Callable[[int], Any], seeds, val: Arrays, test: Arrays, in_bin: _BinRows, label: str
+) -> _SeedFits:
+    """``fit(seed)`` for every seed, each model predicting the bin's val and test rows; one line per fit
+    (``label``: the model type and bin) says how long it took and how it scores on validation."""
     models, test_pred, val_pred = [], [], []
     for seed in seeds:
+        started = time.time()
         model = fit(seed)
         test_pred.append(model.predict(test.flux[in_bin.test]))
         val_pred.append(model.predict(val.flux[in_bin.val]))
         models.append(model)
+        log.info(
+            "ceiling: %s, seed %d: val R2 %.4f (%.0f s)",
+            label,
+            seed,
+            r2(val.log_g[in_bin.val], val_pred[-1]),
+            time.time() - started,
+        )
     return _SeedFits(
         np.mean(test_pred, 0),
         r2(val.log_g[in_bin.val], np.mean(val_pred, 0)),
         [r2(test.log_g[in_bin.test], p) for p in test_pred],
         models,
     )
+
+
+def _label(model: str, k: int, in_bin: _BinRows) -> str:
+    return f"{model} in bin {k} ({bins.PHYS_BIN_NAMES[k]}, {int(in_bin.train.sum())} training spectra)"
 
 
 def _lgbm_per_bin(
@@ -169,7 +186,7 @@ def _lgbm_per_bin(
         if in_bin.train.sum() < MIN_BIN_TRAIN:
             continue
         fit = partial(fit_lgbm, train.flux[in_bin.train], train.log_g[in_bin.train], device_type=settings.lgbm_device)
-        lgbm.add(k, in_bin.test, _fit_over_seeds(fit, settings.seeds, val, test, in_bin))
+        lgbm.add(k, in_bin.test, _fit_over_seeds(fit, settings.seeds, val, test, in_bin, _label("LightGBM", k, in_bin)))
     return lgbm
 
 
@@ -197,7 +214,7 @@ def _cnn_per_bin(
             epochs=settings.cnn_epochs,
             noise_level=noise_level,
         )
-        fits = _fit_over_seeds(fit, settings.seeds, val, test, in_bin)
+        fits = _fit_over_seeds(fit, settings.seeds, val, test, in_bin, _label("1D-CNN", k, in_bin))
         cnn.add(k, in_bin.test, fits)
         cnn.epochs[k] = [len(model.history) for model in fits.models]
     return cnn

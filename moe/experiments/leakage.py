@@ -15,6 +15,7 @@ the shuffle test's groups and the SNR that the statistics predict. Both are repo
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from moe.experts.scores import r2, regression_metrics
 from moe.features.physics import LINES
 from moe.plots import bar, importance_hist, importance_spectrum, leakage_checks, method_colour
 
+log = logging.getLogger(__name__)
 EXPERIMENT_ID = "LOGG-ERR-BASE-01"
 RIDGE_ALPHAS = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 NOISE_LEVELS = (0.0, 0.5, 1.0)
@@ -125,6 +127,7 @@ def _lgbm_on_errors(splits: dict[str, Arrays], settings: ExperimentSettings) -> 
         )
         test_pred = model.predict(test.error)
         test_r2.append(r2(test.log_g, test_pred))
+        log.info("leakage: LightGBM on the error vectors, seed %d: test R2 %.4f", seed, test_r2[-1])
         gains.append(model.feature_importances_.astype(float))
         if first_pred is None:
             first_pred = {
@@ -144,6 +147,9 @@ def _error_only_models(
     log_g = {k: a.log_g for k, a in splits.items()}
     scaler = StandardScaler().fit(splits["train"].error.astype(np.float64))
     z = {k: scaler.transform(a.error.astype(np.float64)) for k, a in splits.items()}
+    log.info(
+        "leakage: OLS and Ridge (%d alphas) on the error vectors of %d spectra", len(RIDGE_ALPHAS), len(z["train"])
+    )
     ols_pred = _ols(z["train"], log_g["train"], z)
     rows, test_preds = [_model_row("OLS", log_g, ols_pred)], [ols_pred["test"]]
     ridge_pred, ridge_coefs = _ridge_sweep(z["train"], log_g["train"], z)
@@ -258,6 +264,7 @@ def _sanity_checks(splits: dict[str, Arrays], noise_level: float, alpha: float, 
     """Per noise level the shuffle test and the aggregates' R^2 for log10 SNR, then the mask-only and
     aggregates-to-log-g tests."""
     train, test = splits["train"], splits["test"]
+    log.info("leakage: sanity checks (shuffle within SNR bins at noise %s, mask only, aggregates)", NOISE_LEVELS)
     stats = {k: quality_stats(a.error) for k, a in splits.items()}
     rows = []
     for level in NOISE_LEVELS:
