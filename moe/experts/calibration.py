@@ -104,6 +104,12 @@ def coverage_scale(abs_z: np.ndarray, min_rows: int = MIN_ROWS, std_weight: floa
     return _scale_fit(abs_z, std_weight)[0]
 
 
+def apply_sigma_map(spread, scale, ref, power):
+    """``scale * ref * (spread / ref) ** power``: the recalibrated sigma of raw spreads (numpy arrays or torch
+    tensors, broadcast; the map :func:`sigma_map` fits)."""
+    return scale * ref * (spread / ref) ** power
+
+
 def sigma_map(
     abs_r: np.ndarray, sigma: np.ndarray, group: np.ndarray, n_groups: int = bins.N_SNR_BINS
 ) -> tuple[np.ndarray, np.ndarray, float]:

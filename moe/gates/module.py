@@ -59,7 +59,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from moe.data import bins
 from moe.experts import groups
 from moe.experts.bundle import ExpertsMismatchError
-from moe.experts.calibration import sigma_map, validation_check
+from moe.experts.calibration import apply_sigma_map, sigma_map, validation_check
 from moe.experts.fit import FitConfig, NoiseMode
 from moe.experts.groups import Family
 from moe.experts.module import RidgeExperts
@@ -387,8 +387,7 @@ class GatedMoE(pl.LightningModule):
 
     def calibrated_sigma(self, spread: torch.Tensor, snr_bin: torch.Tensor) -> torch.Tensor:
         """Each star's SNR-bin recalibration applied to its raw spread [B]: ``scale * ref * (spread / ref) ** power``."""
-        ref = self.sigma_ref[snr_bin]
-        return self.sigma_scale[snr_bin] * ref * (spread / ref) ** self.sigma_power[snr_bin]
+        return apply_sigma_map(spread, self.sigma_scale[snr_bin], self.sigma_ref[snr_bin], self.sigma_power[snr_bin])
 
     # ---- steps -----------------------------------------------------------------------------
     def _loss(self, out: MoEOutput, batch: dict) -> dict[str, torch.Tensor]:
@@ -520,7 +519,7 @@ class GatedMoE(pl.LightningModule):
             val = [r.cpu().double().numpy() for r in self.val_residuals.rows(gather)]
             if any(len(p) for p in val):  # one factor for all bins: the held-out check of the training fit
                 abs_z = np.concatenate(
-                    [p[:, 0] / (scale[i] * ref[i] * (p[:, 1] / ref[i]) ** power[i]) for i, p in enumerate(val)]
+                    [p[:, 0] / apply_sigma_map(p[:, 1], scale[i], ref[i], power[i]) for i, p in enumerate(val)]
                 )
                 check = validation_check(abs_z)
                 scale = scale * check
