@@ -160,19 +160,12 @@ class MoECLI(LightningCLI):
         if self.subcommand == "predict":  # the catalogue is written batch by batch: keep nothing in memory
             cfg["return_predictions"] = False
         if self.subcommand == "fit" or ckpt is None:
-            state = self._checkpoint(ckpt) if ckpt is not None else None
-            if state is not None:  # refused before any preparation work
-                self._check_same_variant(ckpt, state)
-                self.model.upgrade_state(state["state_dict"])
-                check_state_fits(self.model, state["state_dict"], ckpt)
+            state = self._fitting_checkpoint(ckpt) if ckpt is not None else None  # refused before any work
             self.model.load_prepared(prepare(self.datamodule, self.model.prepare_config()))
             if state is not None:
                 self._check_resumed_experts(ckpt, state)
             return
-        state = self._checkpoint(ckpt)
-        self._check_same_variant(ckpt, state)
-        self.model.upgrade_state(state["state_dict"])
-        check_state_fits(self.model, state["state_dict"], ckpt)
+        state = self._fitting_checkpoint(ckpt)
         stored, here = state.get("moe_data_fingerprint"), self.datamodule.fingerprint_hash()
         if stored and stored != here:
             raise ExpertsMismatchError(
@@ -186,6 +179,15 @@ class MoECLI(LightningCLI):
                 check_grid(path, read_wave(path), self.model.physics.wave.cpu().numpy(), f"the checkpoint's ({ckpt})")
         splits = ("val",) if self.subcommand == "validate" else ("test",)
         attach_inputs(self.datamodule, *self.model.input_map(), self.model.physics.pixels, splits)
+
+    def _fitting_checkpoint(self, ckpt: str) -> dict:
+        """The contents of ``ckpt`` once they are known to fit this model: the same gate variant, and (after
+        filling in what an earlier moe's state lacks) tensors of this model's shapes; else one error naming it."""
+        state = self._checkpoint(ckpt)
+        self._check_same_variant(ckpt, state)
+        self.model.upgrade_state(state["state_dict"])
+        check_state_fits(self.model, state["state_dict"], ckpt)
+        return state
 
     def _check_same_variant(
         self,
