@@ -23,7 +23,7 @@ from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise_np
 from moe.data.synth import SynthConfig
 from moe.experts.fit import FitConfig
-from moe.experts.scores import r2_from_sums
+from moe.experts.scores import r2, r2_from_sums
 from moe.plots import save as save_figure
 
 
@@ -225,7 +225,7 @@ def bootstrap_min_group_delta_r2(
         gains = []
         for g in groups:
             sel = idx[group[idx] == g]
-            gains.append(_r2_rows(y[sel], pa[None, sel])[0] - _r2_rows(y[sel], pb[None, sel])[0])
+            gains.append(r2(y[sel], pa[sel]) - r2(y[sel], pb[sel]))
         return float(min(gains))
 
     return bootstrap_ci(smallest, y.size, n_boot, strata=group)
