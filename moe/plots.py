@@ -212,15 +212,28 @@ def bar(
     xlabel: str | None = None,
     wrap: int | None = None,
     figsize=(6.4, 4.8),
+    errors: Sequence[float] | None = None,
+    errors_label: str | None = None,
 ) -> Figure:
     """A bar per label with its value written above it (or ``annotate``), an optional reference line,
     and an optional legend ``{entry: colour}`` explaining the bar colours (entries whose colour no
-    bar uses are left out). ``wrap``: tick labels wrapped at that many characters."""
+    bar uses are left out). ``wrap``: tick labels wrapped at that many characters. ``errors``: a
+    symmetric error bar per label (0 or NaN: none), named ``errors_label`` in the legend."""
     values = np.asarray(values, float)
     fig = _figure(figsize)
     ax = fig.subplots()
     x = np.arange(len(labels))
     bars = ax.bar(x, np.nan_to_num(values), color=colors, edgecolor=BLACK, linewidth=0.5)
+    if errors is not None:
+        ax.errorbar(
+            x,
+            np.nan_to_num(values),
+            yerr=np.nan_to_num(np.asarray(errors, float)),
+            fmt="none",
+            ecolor=BLACK,
+            elinewidth=1,
+            capsize=3,
+        )
     _tick_labels(ax, x, labels, wrap=wrap)
     texts = annotate if annotate is not None else ["–" if not np.isfinite(v) else f"{v:.3f}" for v in values]
     for b, t, v in zip(bars, texts, values):
@@ -245,6 +258,8 @@ def bar(
         ax.axhline(hline, color=REFERENCE, ls="--", lw=1)
         if hline_label:
             handles.append(Line2D([], [], color=REFERENCE, ls="--", label=hline_label))
+    if errors is not None and errors_label:
+        handles.append(Line2D([], [], color=BLACK, marker="_", markersize=8, lw=1, label=errors_label))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=8, frameon=False)
     ax.margins(y=0.15)
@@ -616,6 +631,42 @@ def gain_per_bin(
         xlabel=xlabel,
         figsize=(7.5, 5.2),
     )
+
+
+def differences(
+    labels: Sequence[str],
+    seed_values: Sequence[Sequence[float]],
+    ci: Sequence[tuple[float, float]],
+    seed_ci: Sequence[tuple[float, float] | None],
+    thresholds: Sequence[float],
+    xlabel: str,
+    title: str,
+) -> Figure:
+    """One row per compared pair: each training seed's difference (dots), the paired bootstrap 95% CI over
+    test stars (thick bar), the 95% interval of the mean over seeds (thin bar, when there are two or more)
+    and the row's decision threshold (a vertical tick); a verdict decides only when both bars clear it."""
+    n = len(labels)
+    fig = _figure((7.5, 1.0 + 0.55 * n))
+    ax = fig.subplots()
+    y = np.arange(n)[::-1]
+    for yi, values, (lo, hi), s_ci, thr in zip(y, seed_values, ci, seed_ci, thresholds):
+        ax.plot([lo, hi], [yi + 0.12] * 2, color=BLUE, lw=5, solid_capstyle="butt", alpha=0.8)
+        if s_ci is not None:
+            ax.plot(list(s_ci), [yi - 0.12] * 2, color=ORANGE, lw=2)
+        ax.plot(values, [yi - 0.12] * len(values), "o", color=ORANGE, mec=MARKER_EDGE, mew=0.5, ms=5)
+        ax.plot([thr, thr], [yi - 0.35, yi + 0.35], color=REFERENCE, ls="--", lw=1.2)
+    ax.axvline(0.0, color=GREY, lw=0.6)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_ylim(-0.6, n - 0.4)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    handles = [
+        Line2D([], [], color=BLUE, lw=5, alpha=0.8, label="bootstrap 95% CI (test stars)"),
+        Line2D([], [], color=ORANGE, lw=2, marker="o", mec=MARKER_EDGE, label="seeds and their 95% interval"),
+        Line2D([], [], color=REFERENCE, ls="--", lw=1.2, label="decision threshold"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    return fig
 
 
 def save(fig: Figure, path) -> Path:

@@ -40,6 +40,7 @@ FIGURES = {
         "dual_tower_entropy_vs_snr.png",
         "dual_tower_ablation.png",
         "dual_tower_calibration.png",
+        "dual_tower_differences.png",
     ],
     "ceiling": [
         "ceiling_perbin_expert_comparison.png",
@@ -53,6 +54,8 @@ TABLES = {
     "leakage": ["models.csv", "sanity_checks.csv", "importance_top40.csv"],
     "snr-oracle": ["headline.csv", "per_bin.csv", "alphas.csv"],
     "dual-tower": [
+        "differences.csv",
+        "runs.csv",
         "comparison.csv",
         "per_snr.csv",
         "per_phys.csv",
@@ -230,7 +233,7 @@ def test_compute_returns_results_and_verdicts(computed, name):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_writes_every_file(computed, exp_dir, tmp_path, monkeypatch, name):
     results = computed(name)
-    monkeypatch.setattr(_module(name), "compute", lambda settings: results)
+    monkeypatch.setattr(_module(name).EXPERIMENT, "compute", lambda settings: results)
     out = tmp_path / name
     args = [name, "--data", exp_dir, "--out", str(out), "--seeds", *map(str, SEEDS), "--epochs", "3"]
     rc = experiments_main([*args, "--cnn-epochs", "2", "--max-memory-rows", "2400"])
@@ -254,8 +257,9 @@ def test_experiment_writes_every_file(computed, exp_dir, tmp_path, monkeypatch, 
     assert f"**Data:** `{exp_dir}` (synthetic; 2400 train / 600 val / 600 test" in head
     assert f"fingerprint `{config['data_fingerprint_hash']}`" in head and "data_fingerprint_hash" in report
     again = tmp_path / "again"
-    returned = _module(name).write_report(results, _settings(exp_dir, again))
-    assert returned["report"] == again and {"headline", "verdicts"} <= set(returned)
+    returned = _module(name).EXPERIMENT.write_report(results, _settings(exp_dir, again))
+    assert returned.report == again and len(returned.headline) and returned.verdicts
+    assert sorted(file for file, _ in returned.figures) == sorted(FIGURES[name])
     for table in TABLES[name] + ["verdicts.csv"]:
         assert (again / table).read_text() == (out / table).read_text(), f"{table} differs when written again"
 
@@ -552,3 +556,103 @@ def test_each_ceiling_fit_says_what_it_fitted(caplog):
         f"ceiling: LightGBM in bin 3 ({ceiling.bins.PHYS_BIN_NAMES[3]}, 40 training spectra), seed {s}: val R2 1.0000 (0 s)"
         for s in (1, 2)
     ]
+
+
+def test_seed_interval_is_the_t_interval_of_the_mean():
+    from scipy import stats
+
+    from moe.experiments.common import seed_interval
+
+    values = [0.0061, 0.0042, 0.0075]
+    expected = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    np.testing.assert_allclose(seed_interval(values), expected, rtol=1e-12)
+    assert seed_interval([0.01]) is None
+
+
+@pytest.mark.parametrize(
+    ("seeds", "ci", "result", "why"),
+    [
+        ((0.010, 0.011, 0.012), (0.008, 0.013), "PASS", ""),  # both intervals clear 0.005
+        ((0.001, 0.002, 0.0015), (-0.001, 0.004), "FAIL", ""),  # both wholly below
+        ((0.002, 0.010, 0.018), (0.008, 0.012), "INCONCLUSIVE", "seed interval over 3 seeds"),  # seeds disagree
+        ((0.010, 0.011, 0.012), (0.003, 0.018), "INCONCLUSIVE", "95% CI"),  # the test stars cannot tell
+        ((0.010,), (0.008, 0.013), "INCONCLUSIVE", "one training seed"),  # no spread to read
+    ],
+)
+def test_a_difference_between_gates_holds_only_against_both_intervals(seeds, ci, result, why):
+    v = Verdict("gain >= 0.005?", float(np.mean(seeds)), ">=", 0.005, "yes", "no", ci=ci, seeds=seeds)
+    assert v.result == result, v.reason
+    assert why in v.reason and (v.reason == "") == (result != "INCONCLUSIVE")
+    row = v.row()
+    assert row["seeds"].endswith(f"({len(seeds)})") and (row["seed_ci95"] == "–") == (len(seeds) == 1)
+    assert v.answer.startswith({"PASS": "Yes:", "FAIL": "No:", "INCONCLUSIVE": "Open:"}[result])
+
+
+def test_a_gate_stops_on_convergence_not_at_its_epoch_cap(exp_dir):
+    """On a gate that has converged, early stopping ends the run well before a generous cap: the best epoch is
+    kept, and the run went on for the patience after it."""
+    from moe.experiments.gates import prepare_families, train_gate
+
+    quiet_lightning()
+    settings = ExperimentSettings(data=exp_dir, progress=False)
+    dm = settings.datamodule()
+    prepared = prepare_families(dm, ("phys",), settings.fit_config(("phys",)), progress=False)["phys"]
+    run = train_gate(dm, prepared, "phys", "phys_only", seed=1, epochs=200, patience=2)
+    assert run.epochs_run < 200 and not run.still_improving
+    assert run.epochs_run - run.best_epoch >= 2 and len(run.val_history) == run.epochs_run
+    assert run.val_r2 == pytest.approx(max(run.val_history))
+
+
+def test_quick_and_all_write_one_summary_page_with_a_row_per_question(computed, exp_dir, tmp_path, monkeypatch):
+    """``all --quick`` runs the four experiments into one folder and writes README.md: a row per experiment and per
+    verdict, every link pointing at a written file, and the smoke-run notice; no verdict of a smoke run decides."""
+    from moe.experiments import experiment
+    from moe.experiments.common import QUICK_NOTE, QUICK_REASON
+
+    seen = {}
+    for name in EXPERIMENTS:
+        results = computed(name)
+
+        def fake(settings, name=name, results=results):
+            seen[name] = settings
+            return results
+
+        monkeypatch.setattr(experiment(name), "compute", fake)
+    out = tmp_path / "reports"
+    assert experiments_main(["all", "--quick", "--data", exp_dir, "--out", str(out)]) == 0
+    assert seen["dual-tower"].quick and seen["dual-tower"].seeds == (1, 2) and seen["dual-tower"].n_train == 3000
+    page = (out / "README.md").read_text()
+    assert QUICK_NOTE in page
+    for name in EXPERIMENTS:
+        report = (out / name / "report.md").read_text()
+        assert QUICK_NOTE in report and "| PASS |" not in report and "| FAIL |" not in report
+        verdicts = pd.read_csv(out / name / "verdicts.csv")
+        assert (verdicts.result == "INCONCLUSIVE").all() and verdicts.decision.str.contains(QUICK_REASON).all()
+        assert f"**{experiment(name).question}**" in page.replace("\\|", "|")
+        for question in verdicts.question:
+            assert sum(line.startswith("| ") and f"| {question} |" in line for line in page.splitlines()) == 1
+    for link in re.findall(r"\]\(([^)]+)\)", page):
+        assert (out / link).is_file(), link
+    rows = [line for line in page.splitlines() if re.match(r"^\| \**\d", line)]
+    n_verdicts = sum(len(pd.read_csv(out / n / "verdicts.csv")) for n in EXPERIMENTS)
+    assert len(rows) == len(EXPERIMENTS) + n_verdicts
+
+
+def test_the_dual_tower_trains_three_seeds_unless_told(exp_dir, tmp_path, monkeypatch):
+    from moe.experiments import experiment
+
+    seen = []
+
+    def capture(settings):
+        seen.append(settings)
+        raise _Stop
+
+    monkeypatch.setattr(experiment("dual-tower"), "compute", capture)
+    monkeypatch.setattr(experiment("leakage"), "compute", capture)
+    for name in ("dual-tower", "leakage"):
+        with pytest.raises(_Stop):
+            experiments_main([name, "--data", exp_dir, "--out", str(tmp_path)])
+    with pytest.raises(_Stop):
+        experiments_main(["dual-tower", "--data", exp_dir, "--out", str(tmp_path), "--seeds", "7"])
+    assert [s.seeds for s in seen] == [(42, 123, 456), (42,), (7,)]
+    assert seen[0].epochs == 200 and not seen[0].quick

@@ -4,11 +4,17 @@
 small groups, as in ``moe experts``. A setting an experiment cannot work with (too few training
 spectra, a value out of range) stops it with one line naming the flag (:class:`SettingsError`).
 
-``all`` runs the four in order into ``--out`` (default ``reports/``), at a default size
-that finishes in under 30 minutes on 2 CPU cores (20k training spectra, 1 seed, CNN up to
-20 epochs); ``--n-train`` scales it from a few thousand (a smoke run) up to the full 1M
-(the Ridge experts stream; in-memory models -- LightGBM, CNN, the leakage audit -- are
-capped by ``--max-memory-rows``).
+Every gate trains until it converges (early stopping on val R^2; ``--epochs`` is only a safety
+cap). The dual tower trains each gate with three seeds unless ``--seeds`` says otherwise (the
+others use one); a verdict on a difference between gates must hold against both the test stars'
+bootstrap interval and the spread between seeds.
+
+``all`` runs the four in order into ``--out`` (default ``reports/``) and writes the summary page
+``README.md`` there, at a default size that finishes in under 30 minutes on 2 CPU cores
+(20k training spectra, CNN up to 20 epochs); ``--quick`` is a smoke run of a few minutes whose
+verdicts are not decisions; ``--n-train`` scales it up to the full 1M (the Ridge experts
+stream; in-memory models -- LightGBM, CNN, the leakage audit -- are capped by
+``--max-memory-rows``).
 """
 
 from __future__ import annotations
@@ -23,19 +29,15 @@ from pathlib import Path
 import pandas as pd
 
 from moe.arguments import ToolParser, run_tool
-from moe.experiments import EXPERIMENTS
-from moe.experiments.common import ExperimentSettings
+from moe.experiments import EXPERIMENTS, experiment
+from moe.experiments.common import ExperimentSettings, Outcome
+from moe.experiments.gates import MAX_EPOCHS
+from moe.experiments.summary import write_summary
 from moe.gates.quiet import quiet_lightning, quiet_repeated_trainers
 
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
-
-
-def _runner(name: str):
-    from moe.experiments import ceiling, dual_tower, leakage, snr_oracle
-
-    return {"leakage": leakage.run, "snr-oracle": snr_oracle.run, "dual-tower": dual_tower.run, "ceiling": ceiling.run}[
-        name
-    ]
+# a smoke run: a few thousand spectra, two seeds, short gate runs; its verdicts are not decisions
+QUICK = {"n_train": 3000, "max_memory_rows": 3000, "seeds": (1, 2), "epochs": 8, "cnn_epochs": 2}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "--seeds",
         type=int,
         nargs="+",
-        default=[42],
-        help="one run per seed (gate training, in-memory models, snr-oracle's test noise); results are averaged",
+        default=None,
+        help="one run per seed (gate training, in-memory models, snr-oracle's test noise); results are averaged "
+        "(default: dual-tower 42 123 456, the others 42)",
     )
     p.add_argument("--out", default=None, help="report folder (default reports/NAME; for 'all' the parent folder)")
     p.add_argument(
@@ -57,12 +60,15 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="multiplier of the 1-sigma error for the noise on every split (fresh train draws, pre-noised val/test)",
     )
-    p.add_argument("--max-memory-rows", type=int, default=50_000, help="cap for models that need rows in memory")
+    p.add_argument(
+        "--max-memory-rows", type=int, default=None, help="cap for models that need rows in memory (default 50000)"
+    )
     p.add_argument(
         "--epochs",
         type=int,
-        default=30,
-        help="most gate training epochs (dual-tower; each run stops early once val R^2 stalls)",
+        default=None,
+        help=f"safety cap on gate training epochs (dual-tower; default {MAX_EPOCHS}): each run stops on convergence, "
+        "once val R^2 stalls",
     )
     p.add_argument(
         "--cnn-epochs",
@@ -71,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         help="1D-CNN epochs (ceiling; default 50, 'all': 20; 0 skips)",
     )
     p.add_argument("--lgbm-device", default="cpu", help="LightGBM device_type (cpu, gpu, cuda)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK['n_train']} training spectra, seeds {' '.join(map(str, QUICK['seeds']))}, at most "
+        f"{QUICK['epochs']} gate epochs; the reports say its verdicts are not decisions (other flags override)",
+    )
     p.add_argument(
         "--min-samples",
         type=int,
@@ -87,40 +99,57 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _settings(a: argparse.Namespace) -> ExperimentSettings:
+    """The shared settings of the run (the seeds are set per experiment): the flags, over the defaults of
+    ``all`` or ``--quick``."""
+    sized = {**(ALL_DEFAULTS if a.name == "all" else {}), **(QUICK if a.quick else {})}
+    given = {
+        "n_train": a.n_train,
+        "epochs": a.epochs,
+        "cnn_epochs": a.cnn_epochs,
+        "max_memory_rows": a.max_memory_rows,
+    }
+    chosen = {k: v if v is not None else sized.get(k) for k, v in given.items()}
+    return ExperimentSettings(
+        data=a.data,
+        n_train=chosen["n_train"],
+        noise_level=a.noise_level,
+        max_memory_rows=chosen["max_memory_rows"] if chosen["max_memory_rows"] is not None else 50_000,
+        epochs=chosen["epochs"] if chosen["epochs"] is not None else MAX_EPOCHS,
+        cnn_epochs=chosen["cnn_epochs"] if chosen["cnn_epochs"] is not None else 50,
+        lgbm_device=a.lgbm_device,
+        min_samples=a.min_samples,
+        fallback=a.fallback,
+        quick=a.quick,
+    )
+
+
+def _print(outcome: Outcome, seconds: float) -> None:
+    print(f"\n== {outcome.experiment.name}: {outcome.report}/report.md ({seconds:.0f} s)")
+    print(outcome.headline.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for v in outcome.verdicts:
+        print(f"  [{v.result}] {v.question} {v.value:+.4f} {v.op} {v.threshold:g} -> {v.decision}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_lightning()
     quiet_repeated_trainers()
     pd.set_option("display.width", 160)
-    base = ExperimentSettings(
-        data=a.data,
-        n_train=a.n_train,
-        seeds=tuple(a.seeds),
-        noise_level=a.noise_level,
-        max_memory_rows=a.max_memory_rows,
-        epochs=a.epochs,
-        cnn_epochs=a.cnn_epochs if a.cnn_epochs is not None else 50,
-        lgbm_device=a.lgbm_device,
-        min_samples=a.min_samples,
-        fallback=a.fallback,
-    )
+    base = _settings(a)
     names = EXPERIMENTS if a.name == "all" else (a.name,)
-    if a.name == "all":
-        base = replace(
-            base,
-            n_train=a.n_train or ALL_DEFAULTS["n_train"],
-            cnn_epochs=a.cnn_epochs if a.cnn_epochs is not None else ALL_DEFAULTS["cnn_epochs"],
-        )
     root = Path(a.out or "reports")
+    outcomes = []
     for name in names:
+        exp = experiment(name)
+        seeds = a.seeds or (QUICK["seeds"] if a.quick else exp.default_seeds)
         out = root / name if (a.name == "all" or a.out is None) else root
         t = time.time()
-        result = _runner(name)(replace(base, out=str(out)))
-        print(f"\n== {name}: {result['report']}/report.md ({time.time() - t:.0f} s)")
-        print(result["headline"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        for v in result["verdicts"]:
-            print(f"  [{v.result}] {v.question} {v.value:+.4f} {v.op} {v.threshold:g} -> {v.decision}")
+        outcomes.append(exp.run(replace(base, out=str(out), seeds=tuple(seeds))))
+        _print(outcomes[-1], time.time() - t)
+    if a.name == "all":
+        print(f"\n== summary: {write_summary(outcomes, root)}")
     return 0
 
 

@@ -26,6 +26,7 @@ from moe.data import bins
 from moe.experiments.common import (
     Arrays,
     DataSummary,
+    Experiment,
     ExperimentSettings,
     Report,
     Results,
@@ -321,6 +322,8 @@ def verdicts(results: CeilingResults) -> list[Verdict]:
             f"the per-bin ceiling reaches R^2 {HYBRID_TARGET:.2f}",
             f"the per-bin ceiling stays below R^2 {HYBRID_TARGET:.2f}",
             ci=results.hybrid_r2_ci,
+            hypothesis="the best expert per bin lifts the oracle from the Ridge-Oracle's ~0.627 to R^2 >= 0.70, "
+            "level with a ViT (004: «Oracle-Hybrid ≥ 0.70？ R² ≥ 0.70»)",
         ),
         Verdict(
             f"Hybrid beats the Ridge oracle by >= {GAIN_TARGET}?",
@@ -330,6 +333,8 @@ def verdicts(results: CeilingResults) -> list[Verdict]:
             "per-bin expert choice is worth it",
             "Ridge experts are close to the per-bin ceiling",
             ci=results.hybrid_ci,
+            hypothesis="per-bin expert choice lifts the oracle by >= +0.05 over the Ridge-Oracle (004: «Per-bin "
+            "最优专家 … oracle？ ΔR² ≥ +0.05 vs Ridge-Oracle»)",
         ),
         Verdict(
             f"Metal-poor bins {' and '.join(map(str, CNN_BINS))} both improve by >= {GAIN_TARGET}?",
@@ -339,15 +344,14 @@ def verdicts(results: CeilingResults) -> list[Verdict]:
             "the metal-poor bottleneck is lifted",
             f"bins {'/'.join(map(str, CNN_BINS))} remain the bottleneck",
             ci=results.metal_poor_ci,
+            hypothesis="the metal-poor bins 3 and 6, the bottleneck, each gain >= +0.05 (004: «Metal-poor bins "
+            "改善？ Bin3/6 ΔR² ≥ +0.05»)",
         ),
     ]
 
 
-def write_report(results: CeilingResults, settings: ExperimentSettings) -> dict:
-    """Write the report folder (verdicts, tables, figures, config); return what ``run`` returns."""
-    rep = Report(settings.out or "reports/ceiling", EXPERIMENT_ID, TITLE, QUESTION, compute_s=results.compute_s)
-    judged = verdicts(results)
-    rep.verdicts(judged)
+def sections(rep: Report, results: CeilingResults, settings: ExperimentSettings) -> None:
+    """The headline, the tables and the figures."""
     ci = results.hybrid_ci
     rep.text(
         "Headline",
@@ -369,23 +373,6 @@ def write_report(results: CeilingResults, settings: ExperimentSettings) -> dict:
         "ridge_alpha_sweep", results.ridge_sweep, "Ridge alpha sweep per bin (test R^2; alpha chosen on validation)"
     )
     _figures(rep, results)
-    rep.write(
-        settings,
-        results.data,
-        {
-            "fit": settings.fit_config(FAMILIES).key_dict(),
-            "lgbm": LGBM_PARAMS,
-            "cnn_bins": list(CNN_BINS),
-            "cnn_epochs_max": settings.cnn_epochs,
-            "n_train_rows_in_memory": results.n_train_in_memory,
-        },
-    )
-    return {
-        "report": rep.out,
-        "headline": results.overall[["method", "r2"]],
-        "verdicts": judged,
-        "hybrid_r2": results.r2_hybrid,
-    }
 
 
 def _figures(rep: Report, results: CeilingResults) -> None:
@@ -458,6 +445,30 @@ def _figures(rep: Report, results: CeilingResults) -> None:
     )
 
 
-def run(settings: ExperimentSettings) -> dict:
-    """Fit the per-bin experts, route by the oracle and write the report."""
-    return write_report(compute(settings), settings)
+class Ceiling(Experiment):
+    """MOE-CEILING-C1-01 in the experiment template."""
+
+    name = "ceiling"
+    experiment_id = EXPERIMENT_ID
+    title = TITLE
+    question = QUESTION
+    compute = staticmethod(compute)
+    verdicts = staticmethod(verdicts)
+    sections = staticmethod(sections)
+
+    @staticmethod
+    def headline(results: CeilingResults) -> pd.DataFrame:
+        return results.overall[["method", "r2"]]
+
+    @staticmethod
+    def config(results: CeilingResults, settings: ExperimentSettings) -> dict:
+        return {
+            "fit": settings.fit_config(FAMILIES).key_dict(),
+            "lgbm": LGBM_PARAMS,
+            "cnn_bins": list(CNN_BINS),
+            "cnn_epochs_max": settings.cnn_epochs,
+            "n_train_rows_in_memory": results.n_train_in_memory,
+        }
+
+
+EXPERIMENT = Ceiling()

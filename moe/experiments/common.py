@@ -10,18 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from moe.data.atomic import write_text
 from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise_np
 from moe.data.synth import SynthConfig
+from moe.experiments.gates import MAX_EPOCHS
 from moe.experts.fit import FitConfig
 from moe.experts.scores import r2, r2_from_sums
 from moe.plots import save as save_figure
@@ -49,12 +53,13 @@ class ExperimentSettings:
     out: str | None = None
     noise_level: float = 1.0
     max_memory_rows: int = 50_000
-    epochs: int = 30
+    epochs: int = MAX_EPOCHS  # safety cap of a gate's epochs; gates stop on convergence well before it
     cnn_epochs: int = 50
     lgbm_device: str = "cpu"
     min_samples: int = 50  # fewest training rows of a phys/snr expert group (--min-samples)
     fallback: str | None = None  # "global": a smaller group takes the global expert (--fallback)
     progress: bool = True
+    quick: bool = False  # a smoke run (--quick): the reports say their verdicts are not decisions
 
     def __post_init__(self):
         self.seeds = tuple(self.seeds)
@@ -257,11 +262,16 @@ class Verdict:
     """An experiment's decision rule evaluated on a measured value.
 
     ``inconclusive`` names why the measurement cannot carry a decision (a degenerate or
-    unfinished run): such a verdict is neither PASS nor FAIL, whatever the value. With ``ci``, the 95%
-    confidence interval of the value (a paired bootstrap over test spectra), the interval decides: PASS
-    when the rule holds at both ends (for a comparison with a threshold, then on the whole interval),
+    unfinished run, a smoke run): such a verdict is neither PASS nor FAIL, whatever the value. With ``ci``,
+    the 95% confidence interval of the value (a paired bootstrap over test spectra), the interval decides:
+    PASS when the rule holds at both ends (for a comparison with a threshold, then on the whole interval),
     FAIL when it holds at neither, INCONCLUSIVE when it holds at one end only -- the data cannot tell the
     value from the threshold; more test spectra or seeds would.
+
+    With ``seeds``, the value measured once per training seed (a difference between trained gates), the
+    spread between trainings must decide too: the 95% interval of the mean over the S seeds,
+    mean +- t(0.975, S-1) * sd / sqrt(S) (:attr:`seed_ci`), is read like ``ci``, and the verdict is PASS or
+    FAIL only when both intervals agree at all four ends; one seed (no spread to read) is INCONCLUSIVE.
     """
 
     question: str
@@ -272,6 +282,8 @@ class Verdict:
     if_fail: str
     inconclusive: str = ""
     ci: tuple[float, float] | None = None
+    seeds: tuple[float, ...] | None = None  # the value per training seed, when trainings differ by seed
+    hypothesis: str = ""  # the research notes' hypothesis the rule tests, as they state it
 
     def _holds(self, x: float) -> bool:
         ops: dict[str, Callable[[float, float], bool]] = {
@@ -283,19 +295,37 @@ class Verdict:
         return bool(np.isfinite(x) and ops[self.op](x, self.threshold))
 
     @property
+    def seed_ci(self) -> tuple[float, float] | None:
+        """95% interval of the mean over training seeds (:func:`seed_interval`); None without two or more."""
+        return None if self.seeds is None else seed_interval(self.seeds)
+
+    def _interval_reason(self, interval: tuple[float, float], what: str, decides: str) -> str:
+        lo, hi = interval
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            return f"its {what} could not be computed (no test spectra in the slice)"
+        if self._holds(lo) != self._holds(hi):
+            return (
+                f"its {what} [{lo:+.4f}, {hi:+.4f}] straddles the threshold {self.threshold:g}: {decides} would decide"
+            )
+        return ""
+
+    @property
     def reason(self) -> str:
         """Why there is no decision ('' when there is one)."""
         if self.inconclusive:
             return self.inconclusive
         if self.ci is not None:
-            lo, hi = self.ci
-            if not (np.isfinite(lo) and np.isfinite(hi)):
-                return "its 95% CI could not be computed (no test spectra in the slice)"
-            if self._holds(lo) != self._holds(hi):
-                return (
-                    f"its 95% CI [{lo:+.4f}, {hi:+.4f}] straddles the threshold {self.threshold:g}: "
-                    "more test spectra or seeds would decide"
-                )
+            why = self._interval_reason(self.ci, "95% CI", "more test spectra or seeds")
+            if why:
+                return why
+        if self.seeds is not None:
+            if len(self.seeds) < 2:
+                return "one training seed: the spread between trainings is unknown (give --seeds with 3 or more)"
+            why = self._interval_reason(self.seed_ci, f"seed interval over {len(self.seeds)} seeds", "more seeds")
+            if why:
+                return why
+            if self.ci is not None and self._holds(self.ci[0]) != self._holds(self.seed_ci[0]):
+                return "the test-star interval and the seed interval fall on opposite sides of the threshold"
         return ""
 
     @property
@@ -314,11 +344,21 @@ class Verdict:
             return f"no decision: {self.reason}"
         return self.if_pass if self.passed else self.if_fail
 
+    @property
+    def answer(self) -> str:
+        """The verdict as one sentence: yes / no and what follows, or why it stays open."""
+        if self.reason:
+            return f"Open: {self.reason}."
+        return f"Yes: {self.if_pass}." if self.passed else f"No: {self.if_fail}."
+
     def row(self) -> dict:
+        seed_ci = self.seed_ci
         return {
             "question": self.question,
             "value": round(self.value, 4),
             "ci95": "–" if self.ci is None else f"[{self.ci[0]:+.4f}, {self.ci[1]:+.4f}]",
+            "seeds": "–" if self.seeds is None else seed_mean_std(self.seeds) + f" ({len(self.seeds)})",
+            "seed_ci95": "–" if seed_ci is None else f"[{seed_ci[0]:+.4f}, {seed_ci[1]:+.4f}]",
             "rule": f"{self.op} {self.threshold:g}",
             "result": self.result,
             "decision": self.decision,
@@ -337,16 +377,28 @@ def _md_table(df: pd.DataFrame, floatfmt: int = 4) -> str:
     return "\n".join(lines)
 
 
+SEED_RULE = (
+    "A verdict on a difference between trained gates holds only if it holds against both intervals: the paired "
+    "bootstrap 95% CI over test stars (the seed-averaged difference, test stars resampled) and the 95% interval of "
+    "the mean over training seeds (mean +- t(0.975, S-1) sd / sqrt(S) of the per-seed differences). PASS: the rule "
+    "holds at all four ends; FAIL: at none; otherwise INCONCLUSIVE (one seed: always INCONCLUSIVE -- the spread "
+    "between trainings is unknown)."
+)
+QUICK_NOTE = "Smoke run (--quick): tiny sizes, few epochs; its verdicts are not decisions."
+
+
 @dataclass
 class Report:
-    """Collects an experiment's outputs and writes its folder."""
+    """Collects an experiment's outputs and writes its folder (``runtime_s`` once written)."""
 
     out: Path
     experiment_id: str
     title: str
     question: str
     compute_s: float = 0.0  # time spent computing the results, counted in the runtime
+    quick: bool = False  # a smoke run (--quick): the head says its verdicts are not decisions
     sections: list[str] = field(default_factory=list)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption) in order
     started: float = field(default_factory=time.time)
 
     def __post_init__(self):
@@ -366,6 +418,7 @@ class Report:
     def figure(self, filename: str, fig, caption: str) -> Path:
         path = self.out / filename
         save_figure(fig, path)
+        self.figures.append((filename, caption))
         self.sections.append(f"![{caption}]({filename})\n\n*{caption}*\n")
         return path
 
@@ -393,7 +446,9 @@ class Report:
             f"({about.get('source', 'unknown source')}; {about['n_train']} train / {about['n_val']} val / "
             f"{about['n_test']} test, {about['n_pixels']} px, noise_level {about['noise_level']}; fingerprint "
             f"`{data.fingerprint_hash}`)  \n**Seeds:** {', '.join(map(str, settings.seeds))}  \n"
-            f"**Runtime:** {config['runtime_s']:.0f} s\n\n**Question.** {self.question}\n"
+            f"**Runtime:** {config['runtime_s']:.0f} s\n\n"
+            + (f"> **{QUICK_NOTE}**\n\n" if self.quick else "")
+            + f"**Question.** {self.question}\n"
         )
         tail = (
             "## Config and data fingerprint\n\n```json\n"
@@ -406,9 +461,117 @@ class Report:
         )
         path = self.out / "report.md"
         write_text(path, "\n".join([head, *self.sections, tail]), "the report")
+        self.runtime_s = config["runtime_s"]
         return path
 
 
-def seed_mean_std(values: Sequence[float]) -> str:
+def seed_interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """95% interval of the mean of ``values`` (one per training seed, S of them): mean +- t(0.975, S-1) * sd / sqrt(S)
+    with the sample sd; None for fewer than two values."""
     v = np.asarray(values, float)
-    return f"{v.mean():.4f} ± {v.std():.4f}" if v.size > 1 else f"{v.mean():.4f}"
+    if v.size < 2:
+        return None
+    half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return float(v.mean() - half), float(v.mean() + half)
+
+
+def seed_interval_text(values: Sequence[float]) -> str:
+    """:func:`seed_interval` as ``[lo, hi]`` ('–' for one value)."""
+    interval = seed_interval(values)
+    return "–" if interval is None else f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
+
+
+def seed_mean_std(values: Sequence[float]) -> str:
+    """``mean ± sd`` over seeds (sample sd, ddof 1); the value alone for one seed."""
+    v = np.asarray(values, float)
+    return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if v.size > 1 else f"{v.mean():.4f}"
+
+
+@dataclass
+class Outcome:
+    """What a run of an experiment hands back: where its report is, its headline table and its verdicts."""
+
+    experiment: Experiment
+    report: Path  # the report folder
+    headline: pd.DataFrame
+    verdicts: list[Verdict]
+    figures: list[tuple[str, str]]  # (file name in ``report``, caption)
+    runtime_s: float
+    settings: ExperimentSettings
+    data: DataSummary
+    answer: str  # the experiment's question answered in a sentence
+
+
+class Experiment(ABC):
+    """The template every experiment fills in: compute -> results -> verdicts -> report sections.
+
+    :meth:`run` computes the results (no file written), judges them with :meth:`verdicts` and writes
+    the report folder: the verdicts first, then the sections :meth:`sections` adds (headline, tables,
+    figures), then the config and data fingerprint. A smoke run (``settings.quick``) keeps every verdict
+    open, whatever its numbers. A subclass names its command (``name``), id, title and question.
+    """
+
+    name: ClassVar[str]  # the command and default report folder, e.g. "dual-tower"
+    experiment_id: ClassVar[str]
+    title: ClassVar[str]
+    question: ClassVar[str]
+    default_seeds: ClassVar[tuple[int, ...]] = (42,)  # seeds when --seeds is not given
+
+    @abstractmethod
+    def compute(self, settings: ExperimentSettings) -> Results:
+        """Every number of the report; writes no file."""
+
+    @abstractmethod
+    def verdicts(self, results: Results) -> list[Verdict]:
+        """The decision rules of the research notes evaluated on ``results``."""
+
+    @abstractmethod
+    def sections(self, report: Report, results: Results, settings: ExperimentSettings) -> None:
+        """Add the headline, tables and figures to ``report``."""
+
+    @abstractmethod
+    def headline(self, results: Results) -> pd.DataFrame:
+        """The few numbers the command prints."""
+
+    def config(self, results: Results, settings: ExperimentSettings) -> dict:
+        """What ``config.json`` records besides the settings and the data."""
+        return {}
+
+    def answer(self, results: Results, verdicts: Sequence[Verdict]) -> str:
+        """The experiment's question answered in one sentence: by default its first verdict's answer."""
+        return verdicts[0].answer
+
+    def write_report(self, results: Results, settings: ExperimentSettings) -> Outcome:
+        """Judge ``results`` and write the report folder (``settings.out``, default ``reports/NAME``)."""
+        report = Report(
+            settings.out or f"reports/{self.name}",
+            self.experiment_id,
+            self.title,
+            self.question,
+            compute_s=results.compute_s,
+            quick=settings.quick,
+        )
+        judged = self.verdicts(results)
+        if settings.quick:
+            judged = [replace(v, inconclusive=QUICK_REASON) for v in judged]
+        report.verdicts(judged)
+        self.sections(report, results, settings)
+        report.write(settings, results.data, self.config(results, settings))
+        return Outcome(
+            self,
+            report.out,
+            self.headline(results),
+            judged,
+            report.figures,
+            report.runtime_s,
+            settings,
+            results.data,
+            self.answer(results, judged),
+        )
+
+    def run(self, settings: ExperimentSettings) -> Outcome:
+        """Compute, judge and write the report."""
+        return self.write_report(self.compute(settings), settings)
+
+
+QUICK_REASON = "a --quick smoke run: its numbers are not a decision"

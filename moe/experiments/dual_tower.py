@@ -25,18 +25,26 @@ from moe.data import bins
 from moe.data.datamodule import SpectraDataModule
 from moe.data.quality import QUALITY_NAMES, QUALITY_SUBSET5
 from moe.experiments.common import (
+    SEED_RULE,
     DataSummary,
+    Experiment,
     ExperimentSettings,
     Report,
     Results,
     Verdict,
+    bootstrap_ci,
     bootstrap_delta_r2,
     require_train_rows,
+    seed_interval,
+    seed_interval_text,
     seed_mean_std,
 )
 from moe.experiments.gates import (
+    MIN_DELTA,
     PATIENCE,
+    WARMUP_EPOCHS,
     GateRun,
+    convergence_rule,
     prepare_families,
     test_rows,
     train_gate,
@@ -48,6 +56,7 @@ from moe.plots import (
     LOSS,
     bar,
     calibration,
+    differences,
     entropy_vs_snr,
     grouped_bar,
     method_colour,
@@ -69,6 +78,25 @@ METHODS = (
     ("Oracle (9 bins)", "oracle", "phys"),
 )
 DUAL = "Dual-tower concat"
+PHYS = "Phys-only gate"
+LOW_SNR = "SNR <= 4"
+# the compared pairs of trained gates the verdicts read: key -> (a, b, test stars); a verdict reads R^2(a) - R^2(b)
+THRESHOLDS = {
+    "dual": 0.005,
+    "dual_low_snr": 0.01,
+    "logit_add": 0.005,
+    "product": 0.005,
+    "temperature": 0.005,
+    "cells": 0.005,
+}
+COMPARISONS = {
+    "dual": (DUAL, PHYS, "all"),
+    "dual_low_snr": (DUAL, PHYS, LOW_SNR),
+    "logit_add": ("Dual-tower logit-add", PHYS, "all"),
+    "product": ("Dual-tower product", PHYS, "all"),
+    "temperature": ("Dual-tower temperature", PHYS, "all"),
+    "cells": ("36-expert gate", DUAL, "all"),
+}
 FAMILIES = ("global", "phys", "snr", "cells")
 # feature groups dropped (held at their training mean) for the ablation of the concat gate
 _GROUPS = {
@@ -91,11 +119,28 @@ QUESTION = (
 )
 
 
+@dataclass(frozen=True)
+class Difference:
+    """A compared pair of trained gates: R^2(a) - R^2(b) per training seed and its paired bootstrap 95% CI
+    over test stars (both gates averaged over seeds)."""
+
+    a: str
+    b: str
+    seeds: tuple[float, ...]
+    ci: tuple[float, float]
+    slice: str = "all"  # test stars compared: "all" or "SNR <= 4"
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.seeds))
+
+
 @dataclass
 class DualTowerResults(Results):
-    """Every number of the dual-tower report (N test spectra, K experts of the concat gate)."""
+    """Every number of the dual-tower report (N test spectra, K experts of the concat gate, S seeds)."""
 
-    comparison: pd.DataFrame  # every method on the test split
+    comparison: pd.DataFrame  # every method on the test split, mean and sd over seeds
+    runs: pd.DataFrame  # every gate run: method, seed, test and val R^2, best epoch, epochs run, how it stopped
     per_snr: pd.DataFrame  # R^2 per method and SNR bin
     per_phys: pd.DataFrame  # R^2 per method and physical bin
     entropy_confidence: pd.DataFrame  # gate entropy and max weight per method and SNR bin
@@ -105,10 +150,9 @@ class DualTowerResults(Results):
     r2_global: float
     r2_oracle: float
     r2_concat: float  # the concat gate with every feature (mean over seeds), the ablation's reference
-    delta_r2: list[float]  # dual concat - phys-only per seed, all test spectra
-    delta_r2_low_snr: list[float]  # the same at SNR <= 4
-    delta_ci_low_snr: tuple[float, float]  # paired bootstrap 95% CI of ``delta_r2_low_snr``
-    delta_ci: tuple[float, float]  # paired bootstrap 95% CI of ``delta_r2``
+    differences: dict[str, Difference]  # the compared pairs the verdicts read, by key (see ``COMPARISONS``)
+    entropy_gap: tuple[float, ...]  # concat gate: mean entropy at SNR X minus at SNR H [nats], per seed
+    entropy_gap_ci: tuple[float, float]  # its bootstrap 95% CI over test stars (within each SNR bin)
     inconclusive: str  # why the gate runs cannot decide ('' when they can)
     n_train: int
     n_boundary: int  # test spectra near a T_eff or M_H bin edge
@@ -151,18 +195,19 @@ def _comparison_row(
 ) -> dict:
     per_seed = [r2(log_g, r.pred) for r in runs]
     pred = _mean_pred(runs)
+    learned = runs[0].best_epoch > 0
     return {
         "method": label,
         "experts": family,
         "r2": float(np.mean(per_seed)),
-        "r2_seeds": seed_mean_std(per_seed),
+        "r2_sd": float(np.std(per_seed, ddof=1)) if len(runs) > 1 else np.nan,
+        "seeds": len(runs),
         "rho": (float(np.mean(per_seed)) - r2_global) / (r2_oracle - r2_global),
         "r2_boundary": r2(log_g[near_edge], pred[near_edge]),
         "r2_interior": r2(log_g[~near_edge], pred[~near_edge]),
         "mae": float(np.abs(pred - log_g).mean()),
         "val_r2": float(np.mean([r.val_r2 for r in runs])),
-        "best_epoch": float(np.mean([r.best_epoch for r in runs])),
-        "epochs_run": float(np.mean([r.epochs_run for r in runs])),
+        "best / run epochs": " ".join(f"{r.best_epoch}/{r.epochs_run}" for r in runs) if learned else "–",
     }
 
 
@@ -213,18 +258,78 @@ def _method_tables(
 
 
 def _ablation(
-    dm: SpectraDataModule, prepared: Prepared, settings: ExperimentSettings, log_g: np.ndarray, r2_full: float
-) -> pd.DataFrame:
-    """The concat gate retrained without each feature group of ``ABLATIONS``: its R^2 and the change from ``r2_full``."""
-    rows = []
+    dm: SpectraDataModule, prepared: Prepared, settings: ExperimentSettings, log_g: np.ndarray, full: list[GateRun]
+) -> tuple[pd.DataFrame, dict[str, list[GateRun]]]:
+    """The concat gate retrained without each feature group of ``ABLATIONS`` (per seed): its R^2 and the change
+    from the full gate ``full`` of the same seed (mean, sd and 95% interval over seeds); and the runs by label."""
+    rows, runs = [], {}
     for name, drop in ABLATIONS.items():
-        r2_per_seed = [
-            r2(log_g, train_gate(dm, prepared, f"concat, {name}", "concat", seed, settings.epochs, drop).pred)
+        dropped = [
+            train_gate(dm, prepared, f"{DUAL}, {name}", "concat", seed, settings.epochs, drop)
             for seed in settings.seeds
         ]
+        runs[f"{DUAL}, {name}"] = dropped
+        r2_per_seed = np.array([r2(log_g, r.pred) for r in dropped])
+        delta = r2_per_seed - np.array([r2(log_g, r.pred) for r in full])
         rows.append(
-            {"ablation": name, "r2": float(np.mean(r2_per_seed)), "delta_r2": float(np.mean(r2_per_seed) - r2_full)}
+            {
+                "ablation": name,
+                "r2": float(r2_per_seed.mean()),
+                "delta_r2": float(delta.mean()),
+                "delta_sd": float(delta.std(ddof=1)) if delta.size > 1 else np.nan,
+                "delta_ci95": seed_interval_text(delta),
+                "best / run epochs": " ".join(f"{r.best_epoch}/{r.epochs_run}" for r in dropped),
+            }
         )
+    return pd.DataFrame(rows), runs
+
+
+def _difference(key: str, runs: dict[str, list[GateRun]], log_g: np.ndarray, low_snr: np.ndarray) -> Difference:
+    """The compared pair ``COMPARISONS[key]``: R^2(a) - R^2(b) per seed on its slice, and the paired bootstrap CI."""
+    a, b, where = COMPARISONS[key]
+    rows = low_snr if where == LOW_SNR else np.ones_like(low_snr)
+    y, pa, pb = log_g[rows], [r.pred[rows] for r in runs[a]], [r.pred[rows] for r in runs[b]]
+    seeds = tuple(r2(y, x) - r2(y, z) for x, z in zip(pa, pb))
+    return Difference(a, b, seeds, bootstrap_delta_r2(y, pa, pb), where)
+
+
+def _entropy_gap(runs: list[GateRun], snr_bin: np.ndarray) -> tuple[tuple[float, ...], tuple[float, float]]:
+    """Mean gate entropy at the lowest SNR bin minus at the highest, per seed, and its bootstrap 95% CI over test
+    stars (resampled within each bin; entropy averaged over seeds)."""
+    low, high = bins.SNR_BIN_NAMES.index("X"), bins.SNR_BIN_NAMES.index("H")
+    rows = np.flatnonzero(np.isin(snr_bin, (low, high)))
+    group = snr_bin[rows]
+    per_seed = tuple(float(r.entropy[snr_bin == low].mean() - r.entropy[snr_bin == high].mean()) for r in runs)
+    entropy = np.mean([r.entropy for r in runs], 0)[rows]
+
+    def gap(idx: np.ndarray) -> float:
+        return float(entropy[idx[group[idx] == low]].mean() - entropy[idx[group[idx] == high]].mean())
+
+    return per_seed, bootstrap_ci(gap, rows.size, strata=group)
+
+
+def _runs_table(runs: dict[str, list[GateRun]], log_g: np.ndarray) -> pd.DataFrame:
+    """One row per gate run: test and val R^2, best epoch, epochs run and how the run ended."""
+    rows = []
+    for label, method_runs in runs.items():
+        for r in method_runs:
+            if r.best_epoch == 0:
+                ended = "nothing to learn"
+            elif r.epochs_run < r.max_epochs:
+                ended = "converged (early stopping)"
+            else:
+                ended = "epoch cap, still improving" if r.still_improving else "epoch cap"
+            rows.append(
+                {
+                    "method": label,
+                    "seed": r.seed,
+                    "test_r2": r2(log_g, r.pred),
+                    "val_r2": r.val_r2,
+                    "best_epoch": r.best_epoch,
+                    "epochs_run": r.epochs_run,
+                    "ended": ended,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -244,15 +349,18 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
     comparison, per_snr, per_phys, entropy_confidence = _method_tables(
         runs, test, log_g, near_edge, r2_global, r2_oracle
     )
-    concat, phys_only = runs[DUAL], runs["Phys-only gate"]
+    concat = runs[DUAL]
     r2_concat = float(np.mean([r2(log_g, r.pred) for r in concat]))
-    ablation = _ablation(dm, prepared["phys"], settings, log_g, r2_concat)
+    ablation, ablation_runs = _ablation(dm, prepared["phys"], settings, log_g, concat)
     towers = _tower_analysis(runs["Dual-tower logit-add"][0], dm, log_g)
     low = snr_bin <= 1
     z = (concat[0].pred - log_g) / concat[0].sigma
     concat_pred = _mean_pred(concat)
+    entropy_gap, entropy_gap_ci = _entropy_gap(concat, snr_bin)
+    all_runs = runs | ablation_runs
     return DualTowerResults(
         comparison=comparison,
+        runs=_runs_table(all_runs, log_g),
         per_snr=per_snr,
         per_phys=per_phys,
         entropy_confidence=entropy_confidence,
@@ -262,13 +370,10 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
         r2_global=r2_global,
         r2_oracle=r2_oracle,
         r2_concat=r2_concat,
-        delta_r2=[r2(log_g, a.pred) - r2(log_g, b.pred) for a, b in zip(concat, phys_only)],
-        delta_r2_low_snr=[r2(log_g[low], a.pred[low]) - r2(log_g[low], b.pred[low]) for a, b in zip(concat, phys_only)],
-        delta_ci=bootstrap_delta_r2(log_g, [r.pred for r in concat], [r.pred for r in phys_only]),
-        delta_ci_low_snr=bootstrap_delta_r2(
-            log_g[low], [r.pred[low] for r in concat], [r.pred[low] for r in phys_only]
-        ),
-        inconclusive=inconclusive_reason(runs, r2_global, log_g),
+        differences={key: _difference(key, runs, log_g, low) for key in COMPARISONS},
+        entropy_gap=entropy_gap,
+        entropy_gap_ci=entropy_gap_ci,
+        inconclusive=inconclusive_reason(all_runs, r2_global, log_g),
         n_train=dm.train_set.n_kept,
         n_boundary=int(near_edge.sum()),
         snr_counts={n: int((snr_bin == i).sum()) for i, n in enumerate(bins.SNR_BIN_NAMES)},
@@ -288,74 +393,147 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
 
 
 def verdicts(results: DualTowerResults) -> list[Verdict]:
-    delta, delta_low = float(np.mean(results.delta_r2)), float(np.mean(results.delta_r2_low_snr))
-    why = results.inconclusive
+    """The decision rules of the research notes; each difference between trained gates is judged against both the
+    test stars' bootstrap interval and the spread between seeds."""
+    why, d = results.inconclusive, results.differences
+
+    def gain(key: str, question: str, threshold: float, if_pass: str, if_fail: str, hypothesis: str) -> Verdict:
+        diff = d[key]
+        return Verdict(question, diff.mean, ">=", threshold, if_pass, if_fail, why, diff.ci, diff.seeds, hypothesis)
+
+    stack = "«双塔 > 单塔 phys gate? ΔR² ≥ +0.005 → 继续 MVP-4.1/4.2»"
     return [
-        Verdict(
-            "Dual tower beats the phys-only gate by >= 0.005?",
-            delta,
-            ">=",
+        gain(
+            "dual",
+            "Dual tower (concat) beats the phys-only gate by >= 0.005?",
             0.005,
             "continue to factorised gates",
             "no stacking gain at the 0.005 level",
-            why,
-            results.delta_ci,
+            f"the quality axis stacks on the physics axis: dual tower over phys-only by Delta R^2 >= +0.005 (000: {stack})",
         ),
-        Verdict(
+        gain(
+            "dual_low_snr",
             "Low SNR (<= 4) improves by >= 0.01?",
-            delta_low,
-            ">=",
             0.01,
             "the quality gate is useful where it should be",
             "no low-SNR gain from the quality tower",
-            why,
-            results.delta_ci_low_snr,
+            "the gain sits at low SNR: Delta R^2 >= +0.01 on SNR <= 4 (000: «低 SNR 子集改善? per-SNR ΔR² ≥ +0.01 → "
+            "quality gate 有效»)",
         ),
-        Verdict(
+        gain(
+            "dual",
             "Dual tower at least as good as phys-only (Delta R2 >= 0)?",
-            delta,
-            ">=",
             0.0,
             "keep the dual tower",
             "fall back to the single physics tower",
+            "below the single tower the dual tower is dropped (000: «无叠加增益 ΔR² < 0 → fallback 单塔»)",
+        ),
+        *(
+            gain(
+                key,
+                f"{label} beats the phys-only gate by >= 0.005?",
+                0.005,
+                f"the {label} fusion stacks the two axes",
+                f"no stacking gain from the {label} fusion",
+                f"MVP-{mvp} ({label}) passes the same stacking rule as MVP-4.0 (001 §5: «{what}»; 000: {stack})",
+            )
+            for key, label, mvp, what in (
+                ("logit_add", "logit-add", "4.1", "因子分解：logit-add / prob-prod"),
+                ("product", "product", "4.1", "因子分解：logit-add / prob-prod"),
+                ("temperature", "temperature", "4.2", "温度控制：quality → τ"),
+            )
+        ),
+        gain(
+            "cells",
+            "36 experts (physical x SNR) beat the 9-expert dual tower by >= 0.005?",
+            0.005,
+            "experts split by SNR too are worth their 4x count",
+            "9 experts suffice: the SNR split of the experts adds no 0.005",
+            "MVP-4.3 (optional): 36 experts, one per physical bin x SNR bin (001 §5: «36 experts (可选)»; no "
+            "threshold given: the series' +0.005 stacking rule)",
+        ),
+        Verdict(
+            "Dual-tower gates flatter at low SNR (entropy X - H > 0)?",
+            float(np.mean(results.entropy_gap)),
+            ">",
+            0.0,
+            "the quality tower softens the routing where the data are poor (an ensemble at low SNR)",
+            "the gate is not flatter at low SNR",
             why,
-            results.delta_ci,
+            results.entropy_gap_ci,
+            results.entropy_gap,
+            "Q6.2: the quality gate acts as a temperature (000: «Gate 熵随 SNR 变化？ — 低 SNR 应该更'平'（更 ensemble）»)",
         ),
     ]
 
 
-def write_report(results: DualTowerResults, settings: ExperimentSettings) -> dict:
-    """Write the report folder (verdicts, tables, figures, config); return what ``run`` returns."""
-    rep = Report(settings.out or "reports/dual-tower", EXPERIMENT_ID, TITLE, QUESTION, compute_s=results.compute_s)
-    judged = verdicts(results)
-    rep.verdicts(judged)
-    comparison = results.comparison
+def sections(rep: Report, results: DualTowerResults, settings: ExperimentSettings) -> None:
+    """The headline, the tables and the figures."""
+    comparison, d = results.comparison, results.differences
     best_dual = comparison[comparison.method.str.startswith("Dual")].sort_values("r2").iloc[-1]
-    ci = results.delta_ci
+    dual, low = d["dual"], d["dual_low_snr"]
+    n_seeds = len(dual.seeds)
     rep.text(
         "Headline",
-        f"Delta R^2 (dual concat - phys-only) = {seed_mean_std(results.delta_r2)}; paired bootstrap 95% CI "
-        f"[{ci[0]:+.4f}, {ci[1]:+.4f}]. At SNR <= 4: {seed_mean_std(results.delta_r2_low_snr)} (CI [{results.delta_ci_low_snr[0]:+.4f}, {results.delta_ci_low_snr[1]:+.4f}]). Best dual-tower "
-        f"fusion: {best_dual.method} (R^2 {best_dual.r2:.4f}, rho {best_dual.rho:.3f}). rho = (R2 - R2_global) / "
+        f"Delta R^2 (dual concat - phys-only) = {seed_mean_std(dual.seeds)} over {n_seeds} seed(s) (95% interval of "
+        f"the seed mean {seed_interval_text(dual.seeds)}); paired bootstrap 95% CI over test stars "
+        f"[{dual.ci[0]:+.4f}, {dual.ci[1]:+.4f}]. At SNR <= 4: {seed_mean_std(low.seeds)} (seeds "
+        f"{seed_interval_text(low.seeds)}, bootstrap [{low.ci[0]:+.4f}, {low.ci[1]:+.4f}]). Best dual-tower fusion: "
+        f"{best_dual.method} (R^2 {best_dual.r2:.4f}, rho {best_dual.rho:.3f}). rho = (R2 - R2_global) / "
         f"(R2_oracle - R2_global) with R2_oracle = {results.r2_oracle:.4f} ({bins.N_PHYS_BINS} bins) and "
         f"R2_global = {results.r2_global:.4f}.",
+    )
+    rep.text(
+        "How a difference is decided",
+        f"{SEED_RULE}\n\nEvery gate trains until it converges: {convergence_rule(settings.epochs)}",
+    )
+    rep.table(
+        "differences",
+        _differences_table(results),
+        "Compared pairs of gates (Delta R^2 = R^2(a) - R^2(b))",
+        "delta: mean over seeds; seeds: each seed's Delta; seed_ci95: 95% interval of the seed mean "
+        "(t distribution); bootstrap_ci95: paired bootstrap over test stars of the seed-averaged Delta.",
+    )
+    rep.figure(
+        "dual_tower_differences.png",
+        differences(
+            [
+                f"{x.a.replace('Dual-tower ', '')} − {x.b.replace(' gate', '')}"
+                + ("" if x.slice == "all" else f" ({x.slice})")
+                for x in d.values()
+            ],
+            [x.seeds for x in d.values()],
+            [x.ci for x in d.values()],
+            [seed_interval(x.seeds) for x in d.values()],
+            [THRESHOLDS[k] for k in d],
+            "ΔR² (test)",
+            f"Gate differences: {n_seeds} seed(s), test-star and seed intervals",
+        ),
+        "Each compared pair: every seed's ΔR² (dots), the 95% interval of their mean (thin bar), the paired "
+        "bootstrap 95% CI over test stars (thick bar) and the verdict's threshold (dashed); a verdict decides only "
+        "when both bars lie on one side of its threshold.",
     )
     rep.table(
         "comparison",
         comparison,
         "All methods on the test split",
-        f"Boundary: within {BOUNDARY:.0%} of a bin width of a T_eff or M_H edge ({results.n_boundary} of "
-        f"{results.log_g.size} spectra). Training: {results.n_train} spectra, a fresh noise draw every epoch, up to "
-        f"{settings.epochs} epochs (early stopping after {PATIENCE} epochs without a better val R^2; best_epoch / "
-        "epochs_run: mean over seeds).",
+        f"r2: mean over seeds, r2_sd: sd between seeds. Boundary: within {BOUNDARY:.0%} of a bin width of a T_eff "
+        f"or M_H edge ({results.n_boundary} of {results.log_g.size} spectra). Training: {results.n_train} spectra, a "
+        f"fresh noise draw every epoch. best / run epochs: per seed.",
+    )
+    rep.table(
+        "runs",
+        results.runs,
+        "Every gate run: epochs to convergence",
+        f"best_epoch: the epoch kept (best val R^2); epochs_run: when the run stopped ({convergence_rule(settings.epochs)})",
     )
     rep.table(
         "per_snr",
         results.per_snr,
-        "R^2 per SNR bin",
+        "R^2 per SNR bin (mean prediction over seeds)",
         "Test counts: " + ", ".join(f"{k} {v}" for k, v in reversed(results.snr_counts.items())) + ".",
     )
-    rep.table("per_phys", results.per_phys, "R^2 per physical bin")
+    rep.table("per_phys", results.per_phys, "R^2 per physical bin (mean prediction over seeds)")
     rep.table(
         "entropy_confidence",
         results.entropy_confidence,
@@ -366,10 +544,10 @@ def write_report(results: DualTowerResults, settings: ExperimentSettings) -> dic
         "ablation",
         results.ablation,
         "Feature ablation of the dual-tower concat gate",
-        f"Delta R^2 against the full gate (R^2 {results.r2_concat:.4f}); dropped standardised features are set to "
-        "their training mean.",
+        f"Delta R^2 against the full gate of the same seed (full gate R^2 {results.r2_concat:.4f}, mean over seeds); "
+        "dropped standardised features are set to their training mean; delta_ci95: 95% interval of the seed mean.",
     )
-    rep.table("towers", results.towers, "The two towers of the logit-add gate")
+    rep.table("towers", results.towers, "The two towers of the logit-add gate (first seed)")
     rep.table(
         "calibration",
         results.calibration,
@@ -378,18 +556,24 @@ def write_report(results: DualTowerResults, settings: ExperimentSettings) -> dic
         "68.3% of |z| <= 1 and 95.4% of |z| <= 2.",
     )
     _figures(rep, results)
-    rep.write(
-        settings,
-        results.data,
-        {"methods": [m[0] for m in METHODS], "n_train_rows": results.n_train, "fit": results.fit},
+
+
+def _differences_table(results: DualTowerResults) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "a": x.a,
+                "b": x.b,
+                "test stars": x.slice,
+                "delta": x.mean,
+                "seeds": " ".join(f"{v:+.4f}" for v in x.seeds),
+                "seed_ci95": seed_interval_text(x.seeds),
+                "bootstrap_ci95": f"[{x.ci[0]:+.4f}, {x.ci[1]:+.4f}]",
+                "threshold": THRESHOLDS[key],
+            }
+            for key, x in results.differences.items()
+        ]
     )
-    return {
-        "report": rep.out,
-        "headline": comparison[["method", "r2", "rho"]],
-        "verdicts": judged,
-        "delta_r2": float(np.mean(results.delta_r2)),
-        "ci": results.delta_ci,
-    }
 
 
 def _figures(rep: Report, results: DualTowerResults) -> None:
@@ -463,11 +647,6 @@ def _figures(rep: Report, results: DualTowerResults) -> None:
         "Observed against nominal coverage of the intervals ±q(p)·σ on the test split, overall and per SNR bin; "
         "the diagonal is perfect calibration.",
     )
-
-
-def run(settings: ExperimentSettings) -> dict:
-    """Train and evaluate every gate, then write the report."""
-    return write_report(compute(settings), settings)
 
 
 def calibration_table(z: np.ndarray, snr_bin: np.ndarray) -> pd.DataFrame:
@@ -551,3 +730,45 @@ def _tower_analysis(run: GateRun, dm: SpectraDataModule, log_g: np.ndarray) -> p
             {"quantity": "test R2, quality tower only (physics logits removed)", "value": r2_of(quality_logits)},
         ]
     )
+
+
+class DualTower(Experiment):
+    """LOGG-DUAL-TOWER-01 in the experiment template: its gates trained with three seeds by default."""
+
+    name = "dual-tower"
+    experiment_id = EXPERIMENT_ID
+    title = TITLE
+    question = QUESTION
+    default_seeds = (42, 123, 456)
+    compute = staticmethod(compute)
+    verdicts = staticmethod(verdicts)
+    sections = staticmethod(sections)
+
+    @staticmethod
+    def headline(results: DualTowerResults) -> pd.DataFrame:
+        return results.comparison[["method", "r2", "r2_sd", "rho", "best / run epochs"]]
+
+    @staticmethod
+    def answer(results: DualTowerResults, verdicts: list[Verdict]) -> str:
+        """The stacking verdict's answer and the best fusion by mean test R^2."""
+        fusions = results.comparison[results.comparison.method.str.startswith("Dual")].sort_values("r2")
+        best = fusions.iloc[-1]
+        spread = "" if not np.isfinite(best.r2_sd) else f" ± {best.r2_sd:.4f}"
+        return f"{verdicts[0].answer[:-1]}; best fusion by mean test R^2: {best.method} ({best.r2:.4f}{spread})."
+
+    @staticmethod
+    def config(results: DualTowerResults, settings: ExperimentSettings) -> dict:
+        return {
+            "methods": [m[0] for m in METHODS],
+            "n_train_rows": results.n_train,
+            "fit": results.fit,
+            "gate_training": {
+                "warmup_epochs": WARMUP_EPOCHS,
+                "patience": PATIENCE,
+                "min_delta": MIN_DELTA,
+                "max_epochs": settings.epochs,
+            },
+        }
+
+
+EXPERIMENT = DualTower()

@@ -13,6 +13,7 @@ import logging
 import tempfile
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pytorch_lightning as pl
@@ -23,11 +24,25 @@ from moe.data.datamodule import SpectraDataModule
 from moe.experts.fit import FitConfig
 from moe.gates.checkpoints import read_checkpoint
 from moe.gates.module import GatedMoE
+from moe.gates.schedules import LinearWarmup
 from moe.prepare import PrepareConfig, Prepared, prepare
 
 log = logging.getLogger(__name__)
-PATIENCE = 3  # epochs without a better val R^2 before a run stops
+WARMUP_EPOCHS = 1.5  # linear learning-rate warm-up, then constant (5% of the 30 epochs the gates once ran)
+PATIENCE = 10  # epochs after warm-up without a val R^2 gain of MIN_DELTA before a run stops
+MIN_DELTA = 1e-4  # val R^2 gain that counts as better for early stopping
+MAX_EPOCHS = 200  # safety cap on a run's epochs, well above what convergence takes
 IMPROVING = 1e-3  # val R^2 gained by the last epoch of a run cut by its epoch limit that calls it unfinished
+
+
+def convergence_rule(max_epochs: int) -> str:
+    """How a gate run ends, in words (for the reports)."""
+    return (
+        f"linear learning-rate warm-up over the first {WARMUP_EPOCHS:g} epochs, then constant; early stopping once val "
+        f"R^2 has not gained {MIN_DELTA:g} for {PATIENCE} epochs, the epoch with the best val R^2 kept; at most "
+        f"{max_epochs} epochs (a run cut there while its last epoch still gained more than {IMPROVING:g} is flagged, "
+        "and its verdicts stay INCONCLUSIVE)."
+    )
 
 
 @dataclass
@@ -92,8 +107,9 @@ def train_gate(
     label: str,
     fusion: str,
     seed: int,
-    epochs: int,
+    epochs: int = MAX_EPOCHS,
     drop_features: list[str] | None = None,
+    patience: int = PATIENCE,
 ) -> GateRun:
     """Train one gate over ``prepared.family`` (seeded), keep its best epoch on val R^2, predict the test split."""
     log.info(
@@ -106,7 +122,12 @@ def train_gate(
     )
     pl.seed_everything(seed, verbose=False)
     model = GatedMoE(
-        fusion, experts=prepared.family, n_pixels=dm.n_pixels, noise_level=dm.noise_level, drop_features=drop_features
+        fusion,
+        experts=prepared.family,
+        n_pixels=dm.n_pixels,
+        noise_level=dm.noise_level,
+        drop_features=drop_features,
+        scheduler=partial(LinearWarmup, warmup_fraction=min(WARMUP_EPOCHS / epochs, 0.5)),
     )
     model.load_prepared(prepared)
     prepared.attach(dm)
@@ -115,7 +136,7 @@ def train_gate(
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*Couldn't infer the batch indices.*")
         best = ModelCheckpoint(dirpath=tmp, monitor="val/r2", mode="max", save_top_k=1)
-        stop = EarlyStopping(monitor="val/r2", mode="max", patience=PATIENCE)
+        stop = EarlyStopping(monitor="val/r2", mode="max", patience=patience, min_delta=MIN_DELTA)
         history = ValHistory()
         trainer = pl.Trainer(
             max_epochs=epochs,

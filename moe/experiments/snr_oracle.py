@@ -17,6 +17,7 @@ import pandas as pd
 from moe.data import bins
 from moe.experiments.common import (
     DataSummary,
+    Experiment,
     ExperimentSettings,
     Report,
     Results,
@@ -31,6 +32,10 @@ from moe.plots import bar, delta_r2_column, grouped_bar, method_colour, pred_vs_
 
 EXPERIMENT_ID = "LOGG-SNR-ORACLE-01"
 GAIN_THRESHOLD = 0.02
+HYPOTHESIS = (
+    "H1: splitting by SNR has headroom, oracle Delta R^2 >= 0.02 over one global model; below it MoE is not "
+    "worth it, turn to whitening / conditional models (002: «Oracle ΔR² ≥ 0.02（相对 Global 单模型）»)"
+)
 GLOBAL = "Global Ridge"
 ORACLE = f"Oracle SNR-MoE ({FAMILY_SIZES['snr']} experts)"
 FAMILIES = ("global", "phys", "snr")  # the expert families fitted (the oracle routes global and snr)
@@ -138,15 +143,13 @@ def verdicts(results: SnrOracleResults) -> list[Verdict]:
             "headroom: continue to a deployable SNR gate",
             "no headroom: SNR-binned experts are not worth it; try whitening or SNR-conditional models",
             ci=results.delta_ci,
+            hypothesis=HYPOTHESIS,
         )
     ]
 
 
-def write_report(results: SnrOracleResults, settings: ExperimentSettings) -> dict:
-    """Write the report folder (verdicts, tables, figures, config); return what ``run`` returns."""
-    rep = Report(settings.out or "reports/snr-oracle", EXPERIMENT_ID, TITLE, QUESTION, compute_s=results.compute_s)
-    judged = verdicts(results)
-    rep.verdicts(judged)
+def sections(rep: Report, results: SnrOracleResults, settings: ExperimentSettings) -> None:
+    """The headline, the tables and the figures."""
     lo, hi = results.delta_ci
     rep.text(
         "Headline",
@@ -157,14 +160,6 @@ def write_report(results: SnrOracleResults, settings: ExperimentSettings) -> dic
     rep.table("per_bin", results.slices, "Per SNR bin (oracle routing: each spectrum to its own bin's expert)")
     rep.table("alphas", results.alphas, "Ridge alpha per expert (picked on the pre-noised validation split)")
     _figures(rep, results, settings.seeds[0])
-    rep.write(settings, results.data, {"fit": settings.fit_config(FAMILIES).key_dict()})
-    return {
-        "report": rep.out,
-        "headline": results.headline,
-        "verdicts": judged,
-        "delta_r2": float(np.mean(results.delta_r2)),
-        "ci": results.delta_ci,
-    }
 
 
 def _figures(rep: Report, results: SnrOracleResults, first_seed: int) -> None:
@@ -222,6 +217,24 @@ def _figures(rep: Report, results: SnrOracleResults, first_seed: int) -> None:
     )
 
 
-def run(settings: ExperimentSettings) -> dict:
-    """Compute the oracle comparison and write its report."""
-    return write_report(compute(settings), settings)
+class SnrOracle(Experiment):
+    """LOGG-SNR-ORACLE-01 in the experiment template."""
+
+    name = "snr-oracle"
+    experiment_id = EXPERIMENT_ID
+    title = TITLE
+    question = QUESTION
+    compute = staticmethod(compute)
+    verdicts = staticmethod(verdicts)
+    sections = staticmethod(sections)
+
+    @staticmethod
+    def headline(results: SnrOracleResults) -> pd.DataFrame:
+        return results.headline
+
+    @staticmethod
+    def config(results: SnrOracleResults, settings: ExperimentSettings) -> dict:
+        return {"fit": settings.fit_config(FAMILIES).key_dict()}
+
+
+EXPERIMENT = SnrOracle()
