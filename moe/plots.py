@@ -641,10 +641,12 @@ def differences(
     thresholds: Sequence[float],
     xlabel: str,
     title: str,
+    notes: Sequence[str] | None = None,
 ) -> Figure:
     """One row per compared pair: each training seed's difference (dots), the paired bootstrap 95% CI over
     test stars (thick bar), the 95% interval of the mean over seeds (thin bar, when there are two or more)
-    and the row's decision threshold (a vertical tick); a verdict decides only when both bars clear it."""
+    and the row's decision threshold (a vertical tick); a verdict decides only when both bars clear it.
+    ``notes``: a word per row written right of the plot (the verdict)."""
     n = len(labels)
     fig = _figure((7.5, 1.0 + 0.55 * n))
     ax = fig.subplots()
@@ -655,6 +657,8 @@ def differences(
             ax.plot(list(s_ci), [yi - 0.12] * 2, color=ORANGE, lw=2)
         ax.plot(values, [yi - 0.12] * len(values), "o", color=ORANGE, mec=MARKER_EDGE, mew=0.5, ms=5)
         ax.plot([thr, thr], [yi - 0.35, yi + 0.35], color=REFERENCE, ls="--", lw=1.2)
+    for yi, note in zip(y, notes or ()):
+        ax.annotate(note, (1.01, yi), xycoords=("axes fraction", "data"), va="center", fontsize=8)
     ax.axvline(0.0, color=GREY, lw=0.6)
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_ylim(-0.6, n - 0.4)

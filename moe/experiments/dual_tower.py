@@ -499,7 +499,7 @@ def sections(rep: Report, results: DualTowerResults, settings: ExperimentSetting
         differences(
             [
                 f"{x.a.replace('Dual-tower ', '')} − {x.b.replace(' gate', '')}"
-                + ("" if x.slice == "all" else f" ({x.slice})")
+                + ("" if x.slice == "all" else f" ({x.slice.replace('<=', '≤')})")
                 for x in d.values()
             ],
             [x.seeds for x in d.values()],
@@ -508,6 +508,7 @@ def sections(rep: Report, results: DualTowerResults, settings: ExperimentSetting
             [THRESHOLDS[k] for k in d],
             "ΔR² (test)",
             f"Gate differences: {n_seeds} seed(s), test-star and seed intervals",
+            notes=_figure_notes(results, settings.quick),
         ),
         "Each compared pair: every seed's ΔR² (dots), the 95% interval of their mean (thin bar), the paired "
         "bootstrap 95% CI over test stars (thick bar) and the verdict's threshold (dashed); a verdict decides only "
@@ -556,6 +557,17 @@ def sections(rep: Report, results: DualTowerResults, settings: ExperimentSetting
         "68.3% of |z| <= 1 and 95.4% of |z| <= 2.",
     )
     _figures(rep, results)
+
+
+def _figure_notes(results: DualTowerResults, quick: bool) -> list[str]:
+    """Per compared pair, the result of the verdict that reads it at its plotted threshold."""
+    if quick:
+        return ["smoke run"] * len(results.differences)
+    judged = verdicts(results)
+    return [
+        next(v.result for v in judged if v.seeds == x.seeds and v.threshold == THRESHOLDS[key])
+        for key, x in results.differences.items()
+    ]
 
 
 def _differences_table(results: DualTowerResults) -> pd.DataFrame:
