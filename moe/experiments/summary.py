@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from moe.data.atomic import write_text
 from moe.experiments.common import QUICK_NOTE, SEED_RULE, Outcome, Verdict
+from moe.shared.atomic import write_text
 
 
 def _cell(text: str) -> str:
