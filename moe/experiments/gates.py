@@ -149,7 +149,9 @@ def train_gate(
         )
         if learns:
             trainer.fit(model, datamodule=dm)
-            val_r2, epochs_run = float(best.best_model_score), trainer.current_epoch
+            # every epoch is validated once: the history counts the epochs trained (``current_epoch`` may
+            # run one ahead after early stopping)
+            val_r2, epochs_run = float(best.best_model_score), len(history.values)
             best_epoch = int(read_checkpoint(best.best_model_path)["epoch"]) + 1
             ckpt = best.best_model_path
         else:
