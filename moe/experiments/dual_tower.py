@@ -265,10 +265,10 @@ def _ablation(
     rows, runs = [], {}
     for name, drop in ABLATIONS.items():
         dropped = [
-            train_gate(dm, prepared, f"{DUAL}, {name}", "concat", seed, settings.epochs, drop)
+            train_gate(dm, prepared, f"{DUAL} [{name}]", "concat", seed, settings.epochs, drop)
             for seed in settings.seeds
         ]
-        runs[f"{DUAL}, {name}"] = dropped
+        runs[f"{DUAL} [{name}]"] = dropped
         r2_per_seed = np.array([r2(log_g, r.pred) for r in dropped])
         delta = r2_per_seed - np.array([r2(log_g, r.pred) for r in full])
         rows.append(
@@ -692,11 +692,17 @@ def inconclusive_reason(results: dict[str, list[GateRun]], r2_global: float, y: 
         )
     if below:
         reasons.append(
-            f"{', '.join(below)} below the global expert (R^2 {r2_global:.4f}): too little data or too few epochs"
+            f"{_some(below)} below the global expert (R^2 {r2_global:.4f}): too little data or too few epochs"
         )
     if unfinished:
-        reasons.append(f"{', '.join(unfinished)} still improving at the last epoch: raise --epochs")
+        reasons.append(f"{_some(unfinished)} still improving at the last epoch: raise --epochs")
     return "; ".join(reasons)
+
+
+def _some(labels: list[str], most: int = 3) -> str:
+    """``labels`` joined, the first ``most`` named and the rest counted."""
+    named = ", ".join(labels[:most])
+    return named if len(labels) <= most else f"{named} and {len(labels) - most} more gate(s)"
 
 
 @torch.no_grad()
