@@ -600,8 +600,15 @@ def _figures(rep: Report, results: DualTowerResults) -> None:
             colors=[method_colour(m) for m in labels],
             hline=results.r2_oracle,
             hline_label=f"oracle R² {results.r2_oracle:.3f}",
+            annotate=[
+                f"{r:.4f}" + ("" if not np.isfinite(sd) or sd == 0 else f"\n±{sd:.4f}")
+                for r, sd in zip(results.comparison.r2, results.comparison.r2_sd)
+            ],
+            errors=list(results.comparison.r2_sd),
+            errors_label="sd between seeds",
         ),
-        "Test R² per method (concat, logit-add, product, temperature: the dual-tower fusions).",
+        "Test R² per method, mean over seeds, with its sd between seeds (concat, logit-add, product, temperature: "
+        "the dual-tower fusions).",
     )
     show = ["Global Ridge", "Phys-only gate", "Quality-only gate", DUAL, "Oracle (9 bins)"]
     snr_order = "HMLX"
