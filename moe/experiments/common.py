@@ -120,7 +120,7 @@ def require_train_rows(have: int, need: int, experiment: str, why: str, flag: st
 class Arrays:
     """The first rows of one split in memory (N rows, D pixels), as the experiments' in-memory models use them."""
 
-    flux: np.ndarray  # [N, D] noisy (train: one draw; val/test: the pre-noised copy)
+    flux: np.ndarray | None  # [N, D] noisy (train: one draw; val/test: the pre-noised copy); None unless asked for
     error: np.ndarray  # [N, D]
     clean: np.ndarray | None  # [N, D] noise-free train flux when asked for, else None
     log_g: np.ndarray  # [N]
@@ -131,19 +131,22 @@ class Arrays:
     snr_bin: np.ndarray  # [N]
 
 
-def load_arrays(dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0, keep_clean: bool = False) -> Arrays:
-    """The first ``max_rows`` rows of ``split``; train rows get one noise draw (``seed``)."""
+def load_arrays(
+    dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0, keep_clean: bool = False, keep_flux: bool = True
+) -> Arrays:
+    """The first ``max_rows`` rows of ``split``; train rows get one noise draw (``seed``). Without ``keep_flux``
+    no flux is kept (a model of the error vectors alone then holds half the memory)."""
     parts, have = [], 0
     stream = dm.stream(split, shuffle=False, batch_size=4096)
     for b in stream:
-        parts.append({k: v.numpy() for k, v in b.items()})
+        parts.append({k: v.numpy() for k, v in b.items() if keep_flux or k != "flux"})
         have += len(b["row"])
         if have >= max_rows:
             break
     cat = {k: np.concatenate([p[k] for p in parts])[:max_rows] for k in parts[0]}
     clean = cat["flux"] if (keep_clean and split == "train") else None
-    flux = cat["flux"]
-    if split == "train":
+    flux = cat.get("flux")
+    if split == "train" and flux is not None:
         flux = add_noise_np(flux, cat["error"], dm.noise_level, np.random.default_rng([seed, 7]))
     return Arrays(
         flux,
@@ -159,14 +162,14 @@ def load_arrays(dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0,
 
 
 def load_splits(
-    dm: SpectraDataModule, settings: ExperimentSettings, keep_clean: bool = False
+    dm: SpectraDataModule, settings: ExperimentSettings, keep_clean: bool = False, keep_flux: bool = True
 ) -> tuple[Arrays, Arrays, Arrays]:
     """Train, val and test in memory: train capped by ``settings.memory_train_rows`` with one noise
-    draw (the first seed), val and test by ``settings.max_memory_rows``."""
+    draw (the first seed), val and test by ``settings.max_memory_rows``; without ``keep_flux``, no flux."""
     return (
-        load_arrays(dm, "train", settings.memory_train_rows, seed=settings.seeds[0], keep_clean=keep_clean),
-        load_arrays(dm, "val", settings.max_memory_rows),
-        load_arrays(dm, "test", settings.max_memory_rows),
+        load_arrays(dm, "train", settings.memory_train_rows, settings.seeds[0], keep_clean, keep_flux),
+        load_arrays(dm, "val", settings.max_memory_rows, keep_flux=keep_flux),
+        load_arrays(dm, "test", settings.max_memory_rows, keep_flux=keep_flux),
     )
 
 

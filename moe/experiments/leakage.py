@@ -289,7 +289,7 @@ def compute(settings: ExperimentSettings) -> LeakageResults:
     dm = settings.datamodule()
     in_memory = min(settings.memory_train_rows, dm.train_set.n_kept)
     require_train_rows(in_memory, MIN_TRAIN, "leakage", "LightGBM fits the error vectors of them", settings.memory_flag)
-    splits = dict(zip(SPLITS, load_splits(dm, settings)))
+    splits = dict(zip(SPLITS, load_splits(dm, settings, keep_flux=False)))  # the audit reads the errors only
     models, ridge_coefs, best, lgbm_gain, top_test_pred = _error_only_models(splits, settings)
     best_alpha = RIDGE_ALPHAS[best]
     sanity = _sanity_checks(splits, dm.noise_level, best_alpha, settings.seeds)
