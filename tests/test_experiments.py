@@ -631,7 +631,8 @@ def test_quick_and_all_write_one_summary_page_with_a_row_per_question(computed, 
         assert QUICK_NOTE in report and "| PASS |" not in report and "| FAIL |" not in report
         verdicts = pd.read_csv(out / name / "verdicts.csv")
         assert (verdicts.result == "INCONCLUSIVE").all() and verdicts.decision.str.contains(QUICK_REASON).all()
-        assert f"**{experiment(name).question}**" in page.replace("\\|", "|")
+        exp = experiment(name)
+        assert f"**{exp.experiment_id}: {exp.question}**" in page.replace("\\|", "|") and exp.hypothesis in page
         for question in verdicts.question:
             assert sum(line.startswith("| ") and f"| {question} |" in line for line in page.splitlines()) == 1
     for link in re.findall(r"\]\(([^)]+)\)", page):

@@ -450,6 +450,10 @@ class Ceiling(Experiment):
     """MOE-CEILING-C1-01 in the experiment template."""
 
     name = "ceiling"
+    hypothesis = (
+        "the best expert type per bin lifts the oracle from the Ridge-Oracle to R^2 >= 0.70, level with a ViT (004: "
+        '«"Ridge-Oracle ~0.627" 抬到 ≥0.70（追平 ViT），最终目标 ≥0.75»)'
+    )
     experiment_id = EXPERIMENT_ID
     title = TITLE
     question = QUESTION

@@ -511,13 +511,15 @@ class Experiment(ABC):
     :meth:`run` computes the results (no file written), judges them with :meth:`verdicts` and writes
     the report folder: the verdicts first, then the sections :meth:`sections` adds (headline, tables,
     figures), then the config and data fingerprint. A smoke run (``settings.quick``) keeps every verdict
-    open, whatever its numbers. A subclass names its command (``name``), id, title and question.
+    open, whatever its numbers. A subclass names its command (``name``), id, title, question and the research
+    notes' hypothesis behind it.
     """
 
     name: ClassVar[str]  # the command and default report folder, e.g. "dual-tower"
     experiment_id: ClassVar[str]
     title: ClassVar[str]
     question: ClassVar[str]
+    hypothesis: ClassVar[str]  # the research notes' hypothesis behind the question, as they state it
     default_seeds: ClassVar[tuple[int, ...]] = (42,)  # seeds when --seeds is not given
 
     @abstractmethod

@@ -761,6 +761,10 @@ class DualTower(Experiment):
     """LOGG-DUAL-TOWER-01 in the experiment template: its gates trained with three seeds by default."""
 
     name = "dual-tower"
+    hypothesis = (
+        "the physics axis (T_eff x [M/H]: what the spectrum looks like) and the quality axis (SNR: how much of it we "
+        "see) are orthogonal, so a gate on both stacks their gains (000: «核心思路：物理轴与质量轴正交»)"
+    )
     experiment_id = EXPERIMENT_ID
     title = TITLE
     question = QUESTION

@@ -439,6 +439,10 @@ class Leakage(Experiment):
     """LOGG-ERR-BASE-01 in the experiment template."""
 
     name = "leakage"
+    hypothesis = (
+        "a high error-only R^2 means the error vector carries stellar parameters and must be de-leaked before any "
+        "gate sees it (003: «如果 error-only 模型 R² 很高，说明 error 携带了天体参数信息，必须先去泄露再用于 MoE gate»)"
+    )
     experiment_id = EXPERIMENT_ID
     title = TITLE
     question = QUESTION

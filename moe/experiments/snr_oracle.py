@@ -221,6 +221,7 @@ class SnrOracle(Experiment):
     """LOGG-SNR-ORACLE-01 in the experiment template."""
 
     name = "snr-oracle"
+    hypothesis = "Q1: SNR-binned experts leave headroom under oracle routing (002: «SNR 分域是否有 headroom？»)"
     experiment_id = EXPERIMENT_ID
     title = TITLE
     question = QUESTION

@@ -37,8 +37,8 @@ def _rows(outcome: Outcome, root: Path, number: int) -> list[str]:
     results = [v.result for v in outcome.verdicts]
     tally = ", ".join(f"{results.count(r)} {r}" for r in ("PASS", "FAIL", "INCONCLUSIVE") if r in results)
     lines = [
-        f"| **{number}** | **{_cell(exp.question)}** ([report]({(folder / 'report.md').as_posix()}); figures "
-        f"{figures}) | {exp.experiment_id} | {tally} | {len(outcome.settings.seeds)} seed(s), "
+        f"| **{number}** | **{exp.experiment_id}: {_cell(exp.question)}** ([report]({(folder / 'report.md').as_posix()}); "
+        f"figures {figures}) | {_cell(exp.hypothesis)} | {tally} | {len(outcome.settings.seeds)} seed(s); runtime "
         f"{outcome.runtime_s:.0f} s | {_cell(outcome.answer)} |"
     ]
     for i, v in enumerate(outcome.verdicts, 1):
