@@ -73,12 +73,13 @@ class GateRun:
 
 
 class ValHistory(pl.Callback):
-    """Records ``val/r2`` after every validation epoch of a fit."""
+    """Records ``val/r2`` after every validation of a fit (at ``on_validation_end``, as early stopping reads it:
+    callbacks' ``on_validation_epoch_end`` runs before the module's, which logs the epoch's value)."""
 
     def __init__(self):
         self.values: list[float] = []
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and "val/r2" in trainer.callback_metrics:
             self.values.append(float(trainer.callback_metrics["val/r2"]))
 
