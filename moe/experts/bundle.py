@@ -22,7 +22,7 @@ import torch
 
 from moe.data.atomic import AtomicFile, write_text
 from moe.data.folder import SpectraFolder
-from moe.experts.fit import FamilyFit, FitConfig, fit_families
+from moe.experts.fit import FamilyFit, FitConfig, fit_families, refuse_fallbacks
 from moe.experts.isolated import fit_in_child
 from moe.experts.module import RidgeExperts
 from moe.experts.scores import r2_from_sums
@@ -62,6 +62,15 @@ class ExpertBundle:
             raise KeyError(f"family {family!r} was not fitted (have {sorted(self.families)})")
         f = self.families[family]
         return RidgeExperts.from_arrays(f.weight, f.bias, f.names)
+
+    def stand_ins(self) -> list[tuple[str, str, int]]:
+        """(family, group, training rows) of every group that had too few rows and is the global expert."""
+        return [
+            (fam, name, int(f.n_train[g]))
+            for fam, f in self.families.items()
+            for g, name in enumerate(f.names)
+            if f.fallback and f.fallback[g] == "global"
+        ]
 
     def alpha_table(self) -> pd.DataFrame:
         """One row per expert: training/val counts, chosen alpha, val R^2 at it, fallback."""
@@ -212,13 +221,26 @@ def load_or_fit(
 ) -> ExpertBundle:
     """The experts for ``folder`` and ``cfg``: loaded from ``path`` (default: the cache) or fitted and saved there.
 
-    An existing file that does not match the data or config raises :class:`ExpertsMismatchError`.
+    An existing file that does not match the data or config raises :class:`ExpertsMismatchError`; one that
+    stands the global expert in for a short group ``cfg`` relies on (fitted for a run that did not) raises
+    :class:`~moe.experts.fit.GroupTooSmallError`, as a fresh fit would. Each stand-in is one INFO line.
     """
     target = Path(path) if path is not None else default_path(folder, cfg)
     if target.is_file():
-        return ExpertBundle.load(target, folder.fingerprint(), cfg)
-    log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
-    fit_in_child(folder, cfg, target, progress)
-    bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
-    log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
+        bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
+        refuse_fallbacks(bundle.stand_ins(), cfg)
+    else:
+        log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
+        fit_in_child(folder, cfg, target, progress)
+        bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
+        log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
+    for fam, name, n in bundle.stand_ins():
+        log.info(
+            "expert %s/%s has %d training rows, fewer than %d: the global expert stands in for it "
+            "(fallback 'global' in the alpha table)",
+            fam,
+            name,
+            n,
+            cfg.min_samples,
+        )
     return bundle
