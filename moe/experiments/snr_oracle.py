@@ -38,7 +38,8 @@ HYPOTHESIS = (
 )
 GLOBAL = "Global Ridge"
 ORACLE = f"Oracle SNR-MoE ({FAMILY_SIZES['snr']} experts)"
-FAMILIES = ("global", "phys", "snr")  # the expert families fitted (the oracle routes global and snr)
+FAMILIES = ("global", "phys", "snr")  # the expert families fitted (one bundle with the gates' fits)
+USES = ("global", "snr")  # the families the oracle routes: only these must meet --min-samples
 TITLE = "Oracle SNR-binned Ridge experts vs global Ridge"
 QUESTION = (
     f"Does splitting the Ridge experts by SNR ({bins.SNR_BIN_RULE}) leave headroom: "
@@ -85,7 +86,7 @@ def compute(settings: ExperimentSettings) -> SnrOracleResults:
     runs = []
     for i, seed in enumerate(settings.seeds):
         dm = settings.datamodule() if i == 0 else settings.datamodule(test_seed=seed)
-        bundle = load_or_fit(dm, settings.fit_config(FAMILIES), progress=settings.progress)
+        bundle = load_or_fit(dm, settings.fit_config(FAMILIES, USES), progress=settings.progress)
         runs.append(oracle_predictions(dm, bundle, "test", ("global", "snr")))
     first = runs[0]
     log_g = first.y
@@ -235,7 +236,7 @@ class SnrOracle(Experiment):
 
     @staticmethod
     def config(results: SnrOracleResults, settings: ExperimentSettings) -> dict:
-        return {"fit": settings.fit_config(FAMILIES).key_dict()}
+        return {"fit": settings.fit_config(FAMILIES, USES).key_dict()}
 
 
 EXPERIMENT = SnrOracle()
