@@ -20,9 +20,12 @@ import os
 from pathlib import Path
 
 import torch
+from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.utilities import rank_zero_info
 
 from moe.data.datamodule import SpectraDataModule
@@ -69,6 +72,20 @@ SUBCOMMANDS = {
 
 def experts_dir(data_dir: str) -> str:
     return str(default_dir(data_dir))
+
+
+def start_ranks(trainer: Trainer) -> None:
+    """Start the run's processes and their process group now, before the preparation, so that it splits over
+    the ranks (:mod:`moe.data.ranks`): Lightning's DDP launcher starts the other local ranks here (not again
+    when the trainer runs), torchrun / SLURM have started them already, and the trainer later finds the process
+    group initialised and uses it. Other strategies (one device, ``ddp_spawn``) prepare in one process."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.launcher, _SubprocessScriptLauncher):
+        return
+    if strategy.num_processes * strategy.num_nodes < 2 or torch.distributed.is_initialized():
+        return
+    strategy.launcher.launch(lambda: None, trainer=trainer)
+    strategy.setup_environment()
 
 
 class MoECLI(LightningCLI):
@@ -157,6 +174,7 @@ class MoECLI(LightningCLI):
         with a checkpoint -- from the checkpoint itself, with the gate-input caches built for its experts."""
         cfg = self.config_init[self.subcommand]
         ckpt = cfg.get("ckpt_path")
+        start_ranks(self.trainer)
         if self.subcommand == "predict":  # the catalogue is written batch by batch: keep nothing in memory
             cfg["return_predictions"] = False
         if self.subcommand == "fit" or ckpt is None:
@@ -178,7 +196,7 @@ class MoECLI(LightningCLI):
             for path in self.datamodule.predict_set().paths:
                 check_grid(path, read_wave(path), self.model.physics.wave.cpu().numpy(), f"the checkpoint's ({ckpt})")
         splits = ("val",) if self.subcommand == "validate" else ("test",)
-        attach_inputs(self.datamodule, *self.model.input_map(), self.model.physics.pixels, splits)
+        attach_inputs(self.datamodule, *self.model.input_map(), self.model.physics.pixels, splits, shared=True)
 
     def _fitting_checkpoint(self, ckpt: str) -> dict:
         """The contents of ``ckpt`` once they are known to fit this model: the same gate variant, and (after

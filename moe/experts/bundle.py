@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from moe.data import ranks
 from moe.data.atomic import AtomicFile, write_text
 from moe.data.folder import SpectraFolder
 from moe.experts.fit import FamilyFit, FitConfig, fit_families
@@ -212,13 +213,20 @@ def load_or_fit(
 ) -> ExpertBundle:
     """The experts for ``folder`` and ``cfg``: loaded from ``path`` (default: the cache) or fitted and saved there.
 
-    An existing file that does not match the data or config raises :class:`ExpertsMismatchError`.
+    An existing file that does not match the data or config raises :class:`ExpertsMismatchError`. Collective
+    over the ranks of a process group (:mod:`moe.data.ranks`): they fit together, each its share of the rows
+    (:func:`moe.experts.isolated.fit_in_child`), and all load what rank 0 wrote.
     """
     target = Path(path) if path is not None else default_path(folder, cfg)
-    if target.is_file():
+    rank = ranks.rank_world()[0]
+    if ranks.broadcast(target.is_file() if rank == 0 else None):
         return ExpertBundle.load(target, folder.fingerprint(), cfg)
-    log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
+    if rank == 0:
+        log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
+    folder.noisy_caches("val", shared=True)  # the alphas are chosen on it: its rows split over the ranks too
     fit_in_child(folder, cfg, target, progress)
+    ranks.barrier()  # rank 0's child has written the bundle
     bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
-    log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
+    if rank == 0:
+        log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
     return bundle
