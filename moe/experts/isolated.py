@@ -32,7 +32,9 @@ from torch.distributed import PrefixStore, TCPStore
 
 from moe.data import ranks
 from moe.data.folder import SpectraFolder
+from moe.experts.bundle import fit_bundle
 from moe.experts.fit import FitConfig
+from moe.experts.heap import retain_freed_blocks
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +82,6 @@ def fit_in_child(folder: SpectraFolder, cfg: FitConfig, target: str | os.PathLik
 
 
 def _run(job: Path) -> None:
-    from moe.experts.bundle import fit_bundle
-    from moe.experts.heap import retain_freed_blocks
-
     folder, cfg, target, progress, level, outcome, group = pickle.loads(job.read_bytes())
     moe_log = logging.getLogger("moe")
     moe_log.setLevel(level if group is None or group[3] == 0 else logging.ERROR)  # rank 0 speaks for all

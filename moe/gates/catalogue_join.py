@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from tables import HDF5ExtError
 
-from moe.data.atomic import AtomicFile
+from moe.shared.atomic import AtomicFile
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 HDF5_KEY = "catalogue"
