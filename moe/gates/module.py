@@ -136,9 +136,10 @@ class GatedMoE(pl.LightningModule):
             one pass), single (one noise draw per row) or augment (several draws).
         expert_alphas: Ridge penalties swept per expert, chosen on the validation split
             (default: 0.01 ... 1e6, 9 values).
-        expert_min_samples: fewest training rows an expert's group may have; a smaller group is an
-            error before any solve unless ``expert_fallback`` is set.
-        expert_fallback: global: a too-small group uses the global expert instead of failing.
+        expert_min_samples: fewest training rows an expert's group may have; a smaller group of a family
+            the gate mixes (:func:`moe.experts.groups.relies_on`) is an error before any solve unless
+            ``expert_fallback`` is set; one of a family fitted alongside takes the global expert.
+        expert_fallback: global: a too-small group of the gated family uses the global expert instead of failing.
         feature_rows: training rows used to fit the feature standardisation.
         entropy_weight: coefficient of the mean gate entropy added to the loss (0: pure MSE).
         drop_features: gate features (names of ``PHYSICS_NAMES`` / ``QUALITY_NAMES``) held at their
@@ -241,6 +242,7 @@ class GatedMoE(pl.LightningModule):
             noise_mode=h.expert_noise_mode,
             min_samples=h.expert_min_samples,
             fallback=h.expert_fallback,
+            required=groups.relies_on(self.family),
         )
         return PrepareConfig(self.family, fit, h.experts_dir, h.experts_path, h.feature_rows)
 
@@ -589,6 +591,8 @@ def summary_table(metrics: dict[str, float], prefix: str = "test") -> str:
         return float(v) if v is not None else float("nan")
 
     def row(label: str, suffix: str) -> str:
+        if suffix and not any(k.startswith(f"{prefix}/") and k.endswith(suffix) for k in metrics):
+            return f"{label:<8}{'no spectra in this bin':>25}"  # e.g. SNR X at a low noise level
         tau = get(f"tau{suffix}") if suffix else float("nan")
         return (
             f"{label:<8}{get(f'r2{suffix}'):>9.4f}{get(f'entropy{suffix}'):>10.3f}{get(f'z_std{suffix}'):>8.2f}"
