@@ -11,8 +11,9 @@ import torch
 
 from moe.cli import cli_main
 from moe.data import bins
-from moe.experts.calibration import coverage_scale, model_error_variance, sigma_map, validation_check
+from moe.experts.model_error import model_error_variance
 from moe.gates.metrics import LatestRows, SplitMetrics
+from moe.gates.sigma_map import coverage_scale, sigma_map, validation_check
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -98,7 +99,7 @@ def test_trained_gate_sigma_is_calibrated_at_small_n(tmp_path, tiny_dir):
 
 
 def test_coverage_scale_is_exact_for_gaussian_z_and_balances_heavy_tails():
-    from moe.experts.calibration import GAUSS_1SIGMA, GAUSS_2SIGMA, coverage_scale
+    from moe.gates.sigma_map import GAUSS_1SIGMA, GAUSS_2SIGMA, coverage_scale
 
     rng = np.random.default_rng(2)
     z = rng.normal(0, 2.5, 200_000)

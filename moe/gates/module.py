@@ -16,7 +16,7 @@ optional entropy term). Also returns sigma, the per-star uncertainty of log g:
   step), law of total variance.
 - recalibration, refitted after every validation epoch of a fit (a checkpoint keeps its epoch's):
   ``sigma = scale_b * ref_b * (spread / ref_b) ** gamma`` per SNR bin b
-  (:func:`moe.experts.calibration.sigma_map`), fitted on a fixed sample of training stars
+  (:func:`moe.gates.sigma_map.sigma_map`), fitted on a fixed sample of training stars
   (``calibration_rows``, each in ``calibration_draws`` seeded noise draws;
   :meth:`moe.data.folder.SpectraFolder.calibration_batches`) run through the model as it stands
   at the end of the epoch, such that z = (pred - true) / sigma has 68.3% within 1 and 95.4%
@@ -26,7 +26,7 @@ optional entropy term). Also returns sigma, the per-star uncertainty of log g:
   a resumed run: the fit depends on the model alone. ``gamma`` (one for all bins) sets the tails
   of z: a well-trained head leaves residuals lighter-tailed than a Gaussian (log g is bounded), and
   a scale alone cannot then hit both coverages. Then one factor for all bins from the
-  validation split (:func:`moe.experts.calibration.validation_check`), shrunk to 1 within its
+  validation split (:func:`moe.gates.sigma_map.validation_check`), shrunk to 1 within its
   sampling error: the held-out guard against experts or a head that fit the training stars better
   than new ones (logged as ``val/sigma_check``).
 
@@ -59,7 +59,6 @@ from pytorch_lightning.trainer.states import TrainerFn
 from moe.data import bins
 from moe.experts import groups
 from moe.experts.bundle import ExpertsMismatchError
-from moe.experts.calibration import apply_sigma_map, sigma_map, validation_check
 from moe.experts.fit import FitConfig, NoiseMode
 from moe.experts.groups import Family
 from moe.experts.module import RidgeExperts
@@ -70,6 +69,7 @@ from moe.gates.checkpoints import check_state_fits
 from moe.gates.fusions import FUSIONS, Fusion, ProductGate, build_gate, mlp
 from moe.gates.metrics import LatestRows, SplitMetrics, gate_entropy
 from moe.gates.schedules import LinearWarmup
+from moe.gates.sigma_map import apply_sigma_map, sigma_map, validation_check
 from moe.prepare import PrepareConfig, Prepared
 
 log = logging.getLogger(__name__)
