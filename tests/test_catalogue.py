@@ -32,7 +32,7 @@ def trained(tmp_path_factory, tiny_dir):
         "false",
     ]
     cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_epochs", "1", *args])
-    return root, args, Path(cli.trainer.checkpoint_callback.best_model_path), cli.model.experts.names
+    return root, args, Path(cli.trainer.checkpoint_callback.best_model_path), cli.model.mixture.experts.names
 
 
 def _predict(ckpt: Path, args: list[str], predict_path: str, output: str) -> None:
