@@ -350,7 +350,8 @@ def test_checkpoint_of_the_earlier_layout_loads_and_tests_the_same(concat_checkp
     # through Lightning's own loading (the load hook upgrades it), and from before the power map
     loaded = GatedMoE.load_from_checkpoint(tmp_path / "earlier.ckpt", weights_only=False)
     for name, value in state["state_dict"].items():
-        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0, msg=name)
+        if torch.is_tensor(value):  # (an expert's extra state is its names)
+            torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0, msg=name)
     torch.save(state | {"state_dict": _earlier_layout(state["state_dict"], power_map=False)}, tmp_path / "plain.ckpt")
     calibration = GatedMoE.load_from_checkpoint(tmp_path / "plain.ckpt", weights_only=False).mixture.calibration
     assert torch.equal(calibration.scale, state["state_dict"]["mixture.calibration.scale"])
