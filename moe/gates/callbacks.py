@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tables import HDF5ExtError
 
 from moe.data import bins
-from moe.data.atomic import AtomicFile
+from moe.shared.atomic import AtomicFile
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 HDF5_KEY = "catalogue"
@@ -27,9 +27,9 @@ class CatalogueWriter(BasePredictionWriter):
     (``objid``, ``mag``, ... when present), ``snr``, ``snr_bin``, ``log_g_pred``, ``log_g_sigma``,
     ``w_<expert>`` (gate weights), ``pred_<expert>`` (each expert's prediction) and ``log_g_true``
     when the shards carry labels. CSV, or an HDF5 table readable with ``pandas.read_hdf(path)``
-    when ``output`` ends in ``.h5``. Written to a temporary name (:class:`moe.data.atomic.AtomicFile`: stale
+    when ``output`` ends in ``.h5``. Written to a temporary name (:class:`moe.shared.atomic.AtomicFile`: stale
     ones of interrupted runs removed first) and renamed when prediction ends; a write that fails (disk full,
-    quota, read-only) is one :class:`~moe.data.errors.WriteError` naming the catalogue, and nothing is left.
+    quota, read-only) is one :class:`~moe.shared.errors.WriteError` naming the catalogue, and nothing is left.
 
     Args:
         output: catalogue path; default ``<log_dir>/predictions.csv`` (``.rank{r}`` added under DDP).

@@ -21,7 +21,7 @@ model-error variances -- comes from the preparation step (:func:`moe.prepare.pre
 :meth:`GatedMixture.load_prepared` into buffers, so a checkpoint carries it.
 
 A batch is either spectra (``flux``, ``error``: the gate inputs are computed from them) or cached gate
-inputs (``proj``, ``win``, ``quality``, ``var``; :mod:`moe.features.inputs`), already noisy: both give
+inputs (``proj``, ``win``, ``quality``, ``var``; :mod:`moe.features.gate_inputs`), already noisy: both give
 the same numbers. B batch, K experts.
 """
 
@@ -34,9 +34,9 @@ from torch import nn
 
 from moe.data import bins
 from moe.experts import groups
-from moe.experts.module import RidgeExperts
+from moe.experts.ridge_experts import RidgeExperts
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
-from moe.features.inputs import NOISE_KEYS, gate_features, input_map, row_inputs
+from moe.features.gate_inputs import NOISE_KEYS, gate_features, projection_map, row_inputs
 from moe.gates.calibration import SigmaCalibration
 from moe.gates.fusions import FUSIONS, build_gate, mlp
 from moe.gates.metrics import gate_entropy
@@ -153,8 +153,8 @@ class GatedMixture(nn.Module):
         self.prepared.fill_(True)
 
     def projection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The affine map ``weight [P, D], bias [P]`` of the gate's linear inputs (:func:`moe.features.inputs.input_map`)."""
-        return input_map(self.experts, self.global_expert, self.physics)
+        """The affine map ``weight [P, D], bias [P]`` of the gate's linear inputs (:func:`moe.features.gate_inputs.projection_map`)."""
+        return projection_map(self.experts, self.global_expert, self.physics)
 
     def gate_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
         """The batch's (noisy) gate inputs ``proj, win, quality, var``: cached, or computed from its spectra."""
