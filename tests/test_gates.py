@@ -347,6 +347,11 @@ def test_checkpoint_of_the_earlier_layout_loads_and_tests_the_same(concat_checkp
         cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(path), *args])
         tables.append(capsys.readouterr().out.split("\ntest: ")[-1])
     assert "rho =" in tables[0] and tables[1] == tables[0]  # the same experts, gate, head and sigma map
+    resumed = cli_main(  # and a run continues from it (its optimiser state follows the same parameters)
+        ["fit", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(tmp_path / "earlier.ckpt"), *args]
+        + ["--trainer.max_epochs", "2"]
+    )
+    assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 4
     # through Lightning's own loading (the load hook upgrades it), and from before the power map
     loaded = GatedMoE.load_from_checkpoint(tmp_path / "earlier.ckpt", weights_only=False)
     for name, value in state["state_dict"].items():
