@@ -396,6 +396,8 @@ def test_resume_from_last_checkpoint(tmp_path, tiny_dir):
 def test_summary_table_lists_bins():
     text = summary_table({"test/r2": 0.6, "test/rho": 0.8, "test/r2_snr_X": 0.2, "test/entropy_snr_X": 1.5})
     assert "SNR X" in text and "0.2000" in text and "rho = 0.800" in text
+    snr_h = text.splitlines()[2]
+    assert snr_h.startswith("SNR H") and snr_h.endswith("no spectra in this bin") and "nan" not in snr_h
 
 
 def test_all_fusions_listed():
@@ -503,3 +505,32 @@ def test_no_calibration_stars_leave_sigma_unfitted_not_a_crash(dm):
     scale = model.mixture.calibration.scale.clone()
     assert model.mixture.calibration.refit(abs_r, spread, snr_bin) is None  # no held-out rows either
     assert torch.equal(model.mixture.calibration.scale, scale)  # sigma = spread
+
+
+def test_a_tiny_snr_bin_stops_only_the_gates_that_mix_the_snr_experts(tmp_path, tiny_dir, capsys):
+    """At noise level 0.5 the tiny set's SNR-X bin holds 2 training rows (every physical bin >= 72): with
+    default settings the dual-tower gate trains (SNR-X, fitted alongside, is the global expert: one INFO
+    line) and the quality-only and 36-cell gates, which mix the SNR groups, stop with one line each."""
+    import shutil
+
+    from moe.main import main
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dir, data, ignore=shutil.ignore_patterns("noisy_*", "gate_inputs_*", "experts", ".*"))
+    args = [
+        *("--data.data_dir", str(data), "--data.noise_level", "0.5", "--data.num_workers", "0"),
+        *("--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1"),
+        *("--trainer.enable_progress_bar", "false"),
+    ]
+    assert main(["fit", "--config", "dual_tower", *args]) == 0
+    err = capsys.readouterr().err  # the project's log lines
+    assert err.count("expert snr/SNR-X has 2 training rows, fewer than 50: the global expert stands in") == 1
+    assert "moe: error" not in err and "expert phys/" not in err
+    for config in ("quality_only", "experts36"):
+        assert main(["fit", "--config", config, *args]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("moe: error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert errors[0].startswith(
+            "moe: error: 1 expert group(s) have fewer than 50 training rows: snr/SNR-X (2); use more training rows"
+        ), errors[0]

@@ -233,7 +233,7 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
     started = time.time()
     dm = settings.datamodule()
     require_train_rows(dm.train_set.n_kept, MIN_TRAIN, "dual-tower", "the gate features are standardised on them")
-    fit = settings.fit_config(FAMILIES)
+    fit = settings.fit_config(FAMILIES)  # its gates mix every family: each must meet --min-samples
     prepared = prepare_families(dm, FAMILIES, fit, settings.progress)
     test = test_rows(dm)
     log_g = test["log_g"].astype(np.float64)

@@ -183,6 +183,8 @@ def summary_table(metrics: dict[str, float], prefix: str = "test") -> str:
         return float(v) if v is not None else float("nan")
 
     def row(label: str, suffix: str) -> str:
+        if suffix and not any(k.startswith(f"{prefix}/") and k.endswith(suffix) for k in metrics):
+            return f"{label:<8}{'no spectra in this bin':>25}"  # e.g. SNR X at a low noise level
         tau = get(f"tau{suffix}") if suffix else float("nan")
         return (
             f"{label:<8}{get(f'r2{suffix}'):>9.4f}{get(f'entropy{suffix}'):>10.3f}{get(f'z_std{suffix}'):>8.2f}"

@@ -22,6 +22,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
 
+from moe.experts import groups
 from moe.experts.fit import FitConfig, NoiseMode
 from moe.experts.groups import Family
 from moe.experts.ridge import DEFAULT_ALPHAS
@@ -50,9 +51,10 @@ class GatedMoE(pl.LightningModule):
             one pass), single (one noise draw per row) or augment (several draws).
         expert_alphas: Ridge penalties swept per expert, chosen on the validation split
             (default: 0.01 ... 1e6, 9 values).
-        expert_min_samples: fewest training rows an expert's group may have; a smaller group is an
-            error before any solve unless ``expert_fallback`` is set.
-        expert_fallback: global: a too-small group uses the global expert instead of failing.
+        expert_min_samples: fewest training rows an expert's group may have; a smaller group of a family
+            the gate mixes (:func:`moe.experts.groups.relies_on`) is an error before any solve unless
+            ``expert_fallback`` is set; one of a family fitted alongside takes the global expert.
+        expert_fallback: global: a too-small group of the gated family uses the global expert instead of failing.
         feature_rows: training rows used to fit the feature standardisation.
         entropy_weight: coefficient of the mean gate entropy added to the loss (0: pure MSE).
         drop_features: gate features (names of ``PHYSICS_NAMES`` / ``QUALITY_NAMES``) held at their
@@ -128,6 +130,7 @@ class GatedMoE(pl.LightningModule):
             noise_mode=h.expert_noise_mode,
             min_samples=h.expert_min_samples,
             fallback=h.expert_fallback,
+            required=groups.relies_on(self.family),
         )
         return PrepareConfig(self.family, fit, h.experts_dir, h.experts_path, h.feature_rows)
 
