@@ -330,12 +330,17 @@ def _select(family: str, sse: np.ndarray, n_val: np.ndarray) -> np.ndarray:
     return np.array([int(np.argmin(sse[g])) if n_val[g] > 0 else pooled for g in range(sse.shape[0])])
 
 
-def _family_fit(family: str, path, n_train, notes, val, alphas) -> FamilyFit:
+def _family_fit(family: str, path, n_train, notes, val, alphas, global_idx: int | None = None) -> FamilyFit:
+    """The selected experts of ``family``; a group standing in with the global expert (note 'global') takes
+    the global expert's alpha ``global_idx`` -- the global expert itself, not an alpha picked on its few rows."""
     weight, bias = path
     sse, n_val, sst = val
     idx = _select(family, sse, n_val)
+    stand_in = np.array([note == "global" for note in notes], dtype=bool)
+    if global_idx is not None:
+        idx[stand_in] = global_idx
     g = np.arange(weight.shape[0])
-    _warn_at_grid_edge(family, idx, alphas, sse, sst)
+    _warn_at_grid_edge(family, np.where(stand_in, -1, idx), alphas, sse, sst)
     return FamilyFit(
         groups.group_names(family),
         weight[g, idx],
@@ -425,8 +430,9 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
     _say(progress, "choosing each expert's alpha on the validation split")
     val = validation_sse(folder, paths)
     fits = {}
-    for fam in paths:
-        fits[fam] = _family_fit(fam, paths[fam], *counts[fam], val[fam], cfg.alphas)
+    for fam in paths:  # global first: its chosen alpha serves the groups it stands in for
+        g_idx = None if fam == "global" else list(cfg.alphas).index(fits["global"].alpha[0])
+        fits[fam] = _family_fit(fam, paths[fam], *counts[fam], val[fam], cfg.alphas, g_idx)
     t3 = time.perf_counter()
     if "cells" in cfg.families:
         prior = [(fits["phys"].weight[k], fits["phys"].bias[k]) for k in range(bins.N_PHYS_BINS)]
