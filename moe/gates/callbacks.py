@@ -1,5 +1,5 @@
-"""Lightning callbacks of the gate module: the per-star catalogue written by ``predict`` and the run's
-TensorBoard summary (clean hyperparameters, ``hp_metric`` = best ``val/r2``)."""
+"""Lightning callbacks of the gate module: the per-star catalogue written by ``predict``, the run's
+TensorBoard summary (clean hyperparameters, ``hp_metric`` = best ``val/r2``) and its validation figures."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.loggers import TensorBoardLogger
 from tables import HDF5ExtError
 
 from moe.data import bins
+from moe.gates.catalogue_join import join_parts, part_path
 from moe.shared.atomic import AtomicFile
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -30,8 +32,12 @@ class CatalogueWriter(BasePredictionWriter):
     ones of interrupted runs removed first) and renamed when prediction ends; a write that fails (disk full,
     quota, read-only) is one :class:`~moe.shared.errors.WriteError` naming the catalogue, and nothing is left.
 
+    Under DDP each rank writes its share of the rows as a part (:mod:`moe.gates.catalogue_join`) and rank 0
+    joins the parts, in rank order -- the input order -- into the one catalogue (the output folder must be
+    one every rank sees).
+
     Args:
-        output: catalogue path; default ``<log_dir>/predictions.csv`` (``.rank{r}`` added under DDP).
+        output: catalogue path; default ``<log_dir>/predictions.csv``.
     """
 
     def __init__(self, output: str | None = None):
@@ -42,20 +48,20 @@ class CatalogueWriter(BasePredictionWriter):
         self._labelled: bool | None = None
 
     def _target(self, trainer: pl.Trainer) -> Path:
-        base = (
+        """The catalogue's path (one file, whatever the number of ranks)."""
+        return (
             Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
         )
-        if trainer.world_size > 1:
-            base = base.with_name(f"{base.stem}.rank{trainer.global_rank}{base.suffix}")
-        return base
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._path = self._target(trainer)
+        if trainer.world_size > 1:  # this rank's share, joined by rank 0 at the end
+            self._path = part_path(self._path, trainer.global_rank)
         # removes the temporary files of this target that earlier, interrupted runs (or this process) left
         self._file = AtomicFile(self._path, "the catalogue", body_failures=(OSError, HDF5ExtError))
         dm = trainer.datamodule
         self._shards = dm.predict_set() if hasattr(dm, "predict_set") else None
-        self._names = list(pl_module.experts.names)
+        self._names = list(pl_module.mixture.experts.names)
         self._labelled = None
 
     def frame(self, prediction: dict) -> pd.DataFrame:
@@ -108,8 +114,16 @@ class CatalogueWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._file is not None and self._file.tmp.exists():
             self._file.commit()
-            print(f"catalogue written to {self._path}")
+            if trainer.world_size == 1:
+                print(f"catalogue written to {self._path}")
         self._file = None
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("catalogue parts")
+            if trainer.is_global_zero:
+                target = self._target(trainer)
+                rows = join_parts([part_path(target, r) for r in range(trainer.world_size)], target)
+                print(f"catalogue written to {target} ({rows} rows from {trainer.world_size} ranks)")
+            trainer.strategy.barrier("catalogue joined")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._file is not None:
@@ -157,3 +171,60 @@ class RunSummary(pl.Callback):
     def _best(trainer: pl.Trainer) -> float | None:
         score = getattr(trainer.checkpoint_callback, "best_model_score", None)
         return None if score is None else float(score)
+
+
+class ValidationFigures(pl.Callback):
+    """TensorBoard figures of every validation epoch of a run (not the sanity check), from the first
+    ``max_rows`` validation stars: the gate weights' histogram (``val/gate_weights``), gate entropy against
+    SNR (``val/entropy_vs_snr``) and the calibration of sigma (``val/calibration``: z of the epoch's sigma;
+    the recalibration refitted at its end applies from the next epoch on). Reads what
+    ``GatedMoE.validation_step`` returns (a ``MoEOutput``); nothing without a TensorBoardLogger."""
+
+    def __init__(self, max_rows: int = 20_000):
+        self.max_rows = max_rows
+        self._rows: list[dict[str, torch.Tensor]] = []
+
+    @staticmethod
+    def _active(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        return isinstance(pl_module.logger, TensorBoardLogger) and not trainer.sanity_checking
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rows = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if outputs is None or not self._active(trainer, pl_module):
+            return
+        if sum(len(r["snr"]) for r in self._rows) < self.max_rows:
+            self._rows.append(
+                {
+                    "snr": batch["snr"].detach().cpu(),
+                    "entropy": outputs.entropy.detach().cpu(),
+                    "weights": outputs.weights.detach().cpu(),
+                    "snr_bin": batch["snr_bin"].detach().cpu(),
+                    "z": ((outputs.pred - batch["log_g"]) / outputs.sigma).detach().cpu(),
+                }
+            )
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows, self._rows = self._rows, []
+        if not rows or not self._active(trainer, pl_module):
+            return
+        from moe.plots import calibration, entropy_vs_snr
+
+        step, epoch, fusion = pl_module.global_step, pl_module.current_epoch, pl_module.hparams.fusion
+        weights = torch.cat([r["weights"] for r in rows])
+        tb = pl_module.logger.experiment
+        tb.add_histogram("val/gate_weights", weights.flatten(), global_step=step)
+        fig = entropy_vs_snr(
+            torch.cat([r["snr"] for r in rows]).numpy(),
+            torch.cat([r["entropy"] for r in rows]).numpy(),
+            weights.shape[1],
+            title=f"Gate entropy vs SNR ({fusion}, epoch {epoch})",
+        )
+        tb.add_figure("val/entropy_vs_snr", fig, global_step=step, close=True)
+        fig = calibration(
+            torch.cat([r["z"] for r in rows]).numpy(),
+            torch.cat([r["snr_bin"] for r in rows]).numpy(),
+            title=f"Calibration of sigma on validation ({fusion}, epoch {epoch})",
+        )
+        tb.add_figure("val/calibration", fig, global_step=step, close=True)

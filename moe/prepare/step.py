@@ -5,7 +5,7 @@ family: the fitted expert bundle (loaded from its fingerprinted cache or fitted,
 family of the fit), the physics windows and PCA basis, the per-row gate-input caches of
 every split (which ``folder`` then streams) and the feature standardisation, fitted on the
 first ``feature_rows`` training rows with one fixed noise draw, and each expert's
-model-error variance per SNR bin on the validation split (:mod:`moe.experts.calibration`). It knows nothing of
+model-error variance per SNR bin on the validation split (:mod:`moe.experts.model_error`). It knows nothing of
 Lightning: the CLI and the experiments call it before a trainer runs and hand the result
 to :meth:`moe.gates.GatedMoE.load_prepared`.
 
@@ -13,9 +13,12 @@ The data it gets have been checked row by row already: a ``SpectraFolder`` check
 uses when it is built (:mod:`moe.data.row_check`), so bad values stop here before any expert
 solve, or are left out with ``bad_rows="drop"``.
 
-Concurrent callers -- two processes on a fresh folder, or the ranks of a DDP run, which
-each execute the CLI -- take a file lock next to the experts cache: the first one fits and
-writes, the others wait and then load what it wrote.
+Concurrent callers -- two runs on a fresh folder -- take a file lock next to the experts cache:
+the first one fits and writes, the others wait and then load what it wrote. The ranks of one run
+(DDP, torchrun, SLURM: a torch.distributed process group, :mod:`moe.data.ranks`) prepare together
+under one lock that their rank 0 holds: the experts' passes and the per-row caches are split over
+them by rows (:func:`moe.experts.bundle.load_or_fit`, :func:`moe.prepare.inputs.attach_inputs`), and
+each rank then loads the same files.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 
+from moe.data import ranks
 from moe.data.folder import SpectraFolder
 from moe.experts import groups
 from moe.experts.bundle import ExpertBundle, bundle_path
 from moe.experts.cache import load_or_fit
-from moe.experts.calibration import model_error_variance
 from moe.experts.fit import FitConfig
+from moe.experts.model_error import model_error_variance
 from moe.experts.ridge_experts import RidgeExperts
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
 from moe.features.gate_inputs import gate_features, projection_map
@@ -89,7 +92,8 @@ def prepare(folder: SpectraFolder, cfg: PrepareConfig = PrepareConfig(), progres
     """Build or load everything a gate over ``cfg.family`` needs on ``folder`` (see module docstring)."""
     path = experts_file(folder, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.parent / ".prepare.lock")):
+    progress = progress and ranks.rank_world()[0] == 0
+    with ranks.rank_lock(path.parent / ".prepare.lock"):
         return _prepare(folder, cfg, path, progress)
 
 
@@ -103,7 +107,7 @@ def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bo
     physics.set_pca(bundle.pca_mean, bundle.pca_components)
     experts, global_expert = bundle.experts(cfg.family), bundle.experts("global")
     weight, bias = projection_map(experts, global_expert, physics)
-    inputs = attach_inputs(folder, weight, bias, physics.pixels, progress=progress)
+    inputs = attach_inputs(folder, weight, bias, physics.pixels, progress=progress, shared=True)
     phys_scaler, qual_scaler = fit_scalers(folder, physics, experts.n_experts, cfg.feature_rows)
     model_var = validation_model_variance(folder, cfg.family, experts.n_experts)
     return Prepared(
@@ -122,7 +126,7 @@ def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bo
 
 def validation_model_variance(folder: SpectraFolder, family: str, n_experts: int) -> np.ndarray:
     """Each expert's model-error variance [K, 4] per SNR bin, from the cached validation inputs
-    (:func:`moe.experts.calibration.model_error_variance`)."""
+    (:func:`moe.experts.model_error.model_error_variance`)."""
     parts = {k: [] for k in ("y", "pred", "var", "group", "snr_bin")}
     for batch in folder.stream("val", batch_size=4096, cached=True).all_batches():  # all rows on every rank
         parts["y"].append(batch["log_g"].numpy())
