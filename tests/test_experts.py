@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from dataclasses import replace
 
 import numpy as np
@@ -337,23 +338,26 @@ def test_float32_unusable_falls_back_to_float64():
 
 
 def test_heap_setting_is_made_only_in_the_child_that_fits(tiny_dir, tmp_path, monkeypatch):
-    """load_or_fit fits in a child process: the same experts as an in-process fit, and the calling process's
-    malloc settings are never touched (glibc cannot undo them)."""
-    from moe.experts import heap
+    """load_or_fit fits in a child process: the same experts as an in-process fit; the child starts with glibc's
+    malloc thresholds in its environment, the calling process's own environment stays as it was."""
+    from moe.experts import isolated
     from moe.experts.bundle import ExpertBundle
     from moe.experts.cache import load_or_fit
 
-    calls = []
-    monkeypatch.setattr(heap, "_glibc", lambda: calls.append("mallopt") or None)
+    started, popen = [], subprocess.Popen
+    monkeypatch.setattr(isolated.subprocess, "Popen", lambda *a, **kw: started.append(kw["env"]) or popen(*a, **kw))
+    for name in isolated.HEAP_ENV:
+        monkeypatch.delenv(name, raising=False)
     dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None)
     cfg = FitConfig(("global", "phys"), min_samples=10, block_rows=256)
     bundle = load_or_fit(dm, cfg, path=tmp_path / "experts.pt", progress=False)
-    assert calls == []  # the parent process never set the heap thresholds
+    assert len(started) == 1 and started[0]["MALLOC_MMAP_THRESHOLD_"] == str(1 << 30)
+    assert started[0]["MALLOC_TRIM_THRESHOLD_"] == str(2**31 - 1)
+    assert not set(isolated.HEAP_ENV) & set(os.environ)  # the parent never set them for itself
     here, _, _ = fit_families(dm, cfg, progress=False)
     for fam in ("global", "phys"):
         np.testing.assert_allclose(bundle.families[fam].weight, here[fam].weight, rtol=1e-10, atol=1e-12)
     assert isinstance(ExpertBundle.load(tmp_path / "experts.pt", dm.fingerprint(), cfg), ExpertBundle)
-    assert heap.retain_freed_blocks() is False  # (patched: not glibc) a no-op elsewhere
 
 
 def test_an_error_in_the_child_fit_is_raised_by_the_caller(tiny_dir, tmp_path):

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from moe.arguments import ToolParser, run_tool
 from moe.experiments import EXPERIMENTS
 from moe.experiments.common import ExperimentSettings
 from moe.gates.quiet import quiet_lightning, quiet_repeated_trainers
+from moe.shared.arguments import ToolParser, run_tool
 
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
 

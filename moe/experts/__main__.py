@@ -8,29 +8,30 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 import pandas as pd
 
-from moe.arguments import ToolParser, non_negative_float, positive_float, positive_int, run_tool
 from moe.data.folder import BAD_ROWS, SpectraFolder
 from moe.data.synth import SynthConfig
 from moe.experts.bundle import default_path
 from moe.experts.cache import load_or_fit
 from moe.experts.evaluate import compare_noise_modes, oracle_predictions, oracle_table, zscore_table
 from moe.experts.fit import NOISE_MODES, FitConfig
-from moe.experts.ridge import DEFAULT_ALPHAS
+from moe.experts.stats import PRODUCTS
+from moe.shared.arguments import NonNegativeFloat, PositiveFloat, PositiveInt, ToolParser, run_tool
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = ToolParser(prog="moe experts", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _parser() -> ToolParser:
+    fit = FitConfig()
+    commands = {}
     for name in ("fit", "report", "compare-noise"):
-        s = sub.add_parser(name)
+        s = ToolParser(f"moe experts {name}")
         s.add_argument(
             "--data",
+            type=str,
             default="data/synth",
             help="dataset folder; a synthetic dataset is generated only where no folder exists yet "
             "(an existing folder is read, never written into except for caches)",
@@ -42,61 +43,68 @@ def _parser() -> argparse.ArgumentParser:
             help="rows with NaN/Inf flux, error <= 0 or NaN inside the spectrum, NaN or out-of-range labels: "
             "stop with an error naming them (error) or leave them out (drop)",
         )
-        s.add_argument("--groups", default="global,phys,snr", help="families: global,phys,snr,cells")
+        s.add_argument("--groups", type=str, default=",".join(fit.families), help="families: global,phys,snr,cells")
         s.add_argument(
             "--noise-level",
-            type=non_negative_float,
+            type=NonNegativeFloat,
             default=1.0,
             help="multiplier of the 1-sigma error for the noise on every split (1: as observed)",
         )
         s.add_argument(
             "--noise-mode",
             choices=NOISE_MODES,
-            default="marginal",
+            default=fit.noise_mode,
             help="training noise: in closed form (marginal), one draw per spectrum (single) or several (augment)",
         )
         s.add_argument(
             "--alphas",
-            type=positive_float,
+            type=PositiveFloat,
             nargs="+",
-            default=list(DEFAULT_ALPHAS),
+            default=list(fit.alphas),
             help="the Ridge alpha sweep; each expert keeps the alpha best on the validation split",
         )
         s.add_argument(
             "--products",
-            choices=("float64", "float32"),
-            default="float64",
+            choices=PRODUCTS,
+            default=fit.products,
             help="precision of the per-block products of the statistics pass (summed in float64 either way)",
         )
         s.add_argument(
             "--min-samples",
-            type=positive_int,
-            default=50,
+            type=PositiveInt,
+            default=fit.min_samples,
             help="fewest training rows a Ridge expert needs: fewer stop the fit before any solve, naming the short "
             "groups (a physical or SNR group may take the global expert instead: --fallback global)",
         )
         s.add_argument(
             "--fallback",
-            choices=("global",),
-            default=None,
+            type=Literal["global"] | None,
+            default=fit.fallback,
             help="'global': a group with fewer than --min-samples training rows uses the global expert",
         )
         s.add_argument(
             "--max-train-rows",
-            type=positive_int,
+            type=PositiveInt | None,
             default=None,
             help="use only the first N training rows (default: all)",
         )
-        s.add_argument("--out", default=None, help="experts file (default: cached under DATA/experts)")
+        s.add_argument("--out", type=str | None, default=None, help="experts file (default: cached under DATA/experts)")
         if name == "compare-noise":
             s.add_argument(
-                "--draws", type=positive_int, default=4, help="noise draws per spectrum of the K-draws training"
+                "--draws",
+                type=PositiveInt,
+                default=fit.n_draws,
+                help="noise draws per spectrum of the K-draws training",
             )
+        commands[name] = s
+    p = ToolParser("moe experts", description=__doc__.split("\n")[0])
+    p.add_tool_subcommands(commands)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    parsed = _parser().parse_args(argv)
+    a = parsed[parsed.cmd]  # the options of the subcommand
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pd.set_option("display.width", 160)
     folder = SpectraFolder(
@@ -110,14 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_samples=a.min_samples,
         fallback=a.fallback,
     )
-    if a.cmd == "compare-noise":
+    if parsed.cmd == "compare-noise":
         table = compare_noise_modes(folder, cfg, a.draws)
         wide = table.pivot_table(index=["training"], columns=["split", "experts"], values="r2", sort=False)
         print(wide.round(4).to_string())
         return 0
     bundle = load_or_fit(folder, cfg, a.out)
     path = a.out or default_path(folder, cfg)
-    if a.cmd == "fit":
+    if parsed.cmd == "fit":
         print(f"experts: {path}")
         print(bundle.alpha_table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         if bundle.timings:
