@@ -192,6 +192,27 @@ def test_pca_basis_matches_sklearn(small):
     np.testing.assert_allclose(var, ref.explained_variance_ * (len(x) - 1) / len(x), rtol=1e-6)
 
 
+def test_in_memory_ridge_sweep_chooses_the_alpha_sklearn_scores_best_on_validation():
+    """fit_ridge_sweep against one scikit-learn pipeline (StandardScaler + Ridge) per alpha, scored with
+    sklearn's r2_score: the same chosen alpha, the same predictions and coefficients."""
+    from sklearn.metrics import r2_score
+
+    from moe.experts.sklearn_ridge import fit_ridge_sweep
+
+    rng = np.random.default_rng(7)  # 40 features, 100 training rows: the validation wants an interior alpha
+    x = rng.normal(size=(300, 40)) * rng.uniform(0.1, 10, 40)
+    y = x @ (rng.normal(size=40) / np.arange(1, 41)) + rng.normal(scale=3.0, size=300)
+    alphas = (1e-2, 1.0, 30.0, 1e3, 1e5)
+    sweep = fit_ridge_sweep(x[:100], y[:100], x[100:200], y[100:200], alphas)
+    scaler = StandardScaler().fit(x[:100])
+    refs = [Ridge(alpha=a).fit(scaler.transform(x[:100]), y[:100]) for a in alphas]
+    z_val, z_test = scaler.transform(x[100:200]), scaler.transform(x[200:])
+    best = int(np.argmax([r2_score(y[100:200], m.predict(z_val)) for m in refs]))
+    assert 0 < best < len(alphas) - 1 and sweep.alpha == alphas[best]  # an interior alpha: the choice matters
+    np.testing.assert_allclose(sweep.predict(x[200:]), refs[best].predict(z_test), rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(sweep.coef, [m.coef_ for m in refs], rtol=1e-8, atol=1e-10)
+
+
 def test_ridge_experts_module_and_variance():
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(3, 10)), rng.normal(size=3)

@@ -149,7 +149,7 @@ class ToolParser(ArgumentParser):
         self.required_positionals: list[str] = []
         self.many: set[str] = set()  # flags that take several values
         self.subcommands: dict[str, ToolParser] = {}
-        self.tool_prog = prog  # jsonargparse renames the program of a subcommand's parser
+        self.tool_prog = prog
         super().__init__(prog=prog, description=description, exit_on_error=False)
 
     def add_tool_subcommands(self, parsers: dict[str, ToolParser], dest: str = "cmd") -> None:
@@ -157,6 +157,7 @@ class ToolParser(ArgumentParser):
         sub = self.add_subcommands(dest=dest, required=True)
         for name, parser in parsers.items():
             sub.add_subcommand(name, parser)
+            parser.prog = parser.tool_prog  # its usage line names the command a user types
         self.subcommands = dict(parsers)
 
     def add_argument(self, *names: str, **kwargs):
