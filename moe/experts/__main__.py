@@ -4,13 +4,16 @@
 - ``report``: oracle-routed R^2 of the families on the test split, per bin with counts,
   and the z-score spread of the per-star uncertainties.
 - ``compare-noise``: noise-marginalised vs one draw vs K draws, R^2 on val and test.
+
+This tool gates nothing: a physical or SNR group with fewer than ``--min-samples`` training rows
+takes the global expert, said in one line and marked (``fallback`` column of the alpha table, a
+line under the report). Only the global expert must have that many rows.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
 
 import pandas as pd
 
@@ -73,14 +76,8 @@ def _parser() -> ToolParser:
             "--min-samples",
             type=PositiveInt,
             default=fit.min_samples,
-            help="fewest training rows a Ridge expert needs: fewer stop the fit before any solve, naming the short "
-            "groups (a physical or SNR group may take the global expert instead: --fallback global)",
-        )
-        s.add_argument(
-            "--fallback",
-            type=Literal["global"] | None,
-            default=fit.fallback,
-            help="'global': a group with fewer than --min-samples training rows uses the global expert",
+            help="fewest training rows a Ridge expert needs: a physical or SNR group with fewer takes the global "
+            "expert (marked as a fallback); a global expert with fewer stops the fit before any solve",
         )
         s.add_argument(
             "--max-train-rows",
@@ -116,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         noise_mode=a.noise_mode,
         products=a.products,
         min_samples=a.min_samples,
-        fallback=a.fallback,
+        required=("global",),  # nothing is gated here: a short group is the global expert, marked
     )
     if parsed.cmd == "compare-noise":
         table = compare_noise_modes(folder, cfg, a.draws)
@@ -142,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     wide = table.pivot_table(index="slice", columns="experts", values="r2", sort=False)
     wide.insert(0, "n", table[table.experts == table.experts.iloc[0]].set_index("slice")["n"])
     print(wide.round(4).to_string())
+    for fam, name, n in bundle.stand_ins():
+        print(
+            f"fallback: {fam}/{name} has {n} training rows (< --min-samples {a.min_samples}): its rows use the global expert"
+        )
     print("\nper-star uncertainty: z = (pred - log g) / sigma_k, sigma_k^2 = noise_level^2 sum_i (w_ki error_i)^2")
     print(zscore_table(res).round(3).to_string(index=False))
     return 0
