@@ -33,6 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from moe.data import bins
 from moe.data.noise import snr as snr_of
+from moe.data.ranks import rank_world
 from moe.data.row_cache import read_rows
 from moe.data.shards import (
     ID_COLUMNS,
@@ -146,13 +147,6 @@ class ShardSet:
                 e = min(s + block_rows, int(b))
                 out.append(Block(k, s - int(self.offsets[k]), e - int(self.offsets[k]), s))
         return out
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _slot() -> tuple[int, int, int]:

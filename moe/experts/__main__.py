@@ -8,16 +8,24 @@
 This tool gates nothing: a physical or SNR group with fewer than ``--min-samples`` training rows
 takes the global expert, said in one line and marked (``fallback`` column of the alpha table, a
 line under the report). Only the global expert must have that many rows.
+
+Started by torchrun (``torchrun --nproc-per-node N $(which moe) experts fit ...``; the environment
+names the rank and world size), ``fit`` joins the ranks in a gloo process group and splits the fit over
+them by rows (:mod:`moe.experts.fit`); rank 0 prints the table.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import pandas as pd
+import torch
+from jsonargparse import Namespace
 
 from moe.data.folder import BAD_ROWS, SpectraFolder
+from moe.data.ranks import PREPARE_TIMEOUT, rank_world
 from moe.data.synth import SynthConfig
 from moe.experts.bundle import default_path
 from moe.experts.cache import load_or_fit
@@ -99,9 +107,27 @@ def _parser() -> ToolParser:
     return p
 
 
+def join_ranks() -> bool:
+    """Join the process group torchrun's environment describes (``WORLD_SIZE`` > 1); False when there is none
+    to join or one exists already."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("gloo", timeout=PREPARE_TIMEOUT)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parsed = _parser().parse_args(argv)
-    a = parsed[parsed.cmd]  # the options of the subcommand
+    joined = join_ranks() if parsed.cmd == "fit" else False
+    try:
+        return _main(parsed.cmd, parsed[parsed.cmd])
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _main(cmd: str, a: Namespace) -> int:
+    """Run subcommand ``cmd`` with its options ``a``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pd.set_option("display.width", 160)
     folder = SpectraFolder(
@@ -115,14 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_samples=a.min_samples,
         required=("global",),  # nothing is gated here: a short group is the global expert, marked
     )
-    if parsed.cmd == "compare-noise":
+    if cmd == "compare-noise":
         table = compare_noise_modes(folder, cfg, a.draws)
         wide = table.pivot_table(index=["training"], columns=["split", "experts"], values="r2", sort=False)
         print(wide.round(4).to_string())
         return 0
     bundle = load_or_fit(folder, cfg, a.out)
     path = a.out or default_path(folder, cfg)
-    if parsed.cmd == "fit":
+    if cmd == "fit" and rank_world()[0] > 0:  # rank 0 prints for the group
+        return 0
+    if cmd == "fit":
         print(f"experts: {path}")
         print(bundle.alpha_table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         if bundle.timings:

@@ -14,6 +14,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tables import HDF5ExtError
 
 from moe.data import bins
+from moe.gates.catalogue_join import join_parts, part_path
 from moe.shared.atomic import AtomicFile
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -31,8 +32,12 @@ class CatalogueWriter(BasePredictionWriter):
     ones of interrupted runs removed first) and renamed when prediction ends; a write that fails (disk full,
     quota, read-only) is one :class:`~moe.shared.errors.WriteError` naming the catalogue, and nothing is left.
 
+    Under DDP each rank writes its share of the rows as a part (:mod:`moe.gates.catalogue_join`) and rank 0
+    joins the parts, in rank order -- the input order -- into the one catalogue (the output folder must be
+    one every rank sees).
+
     Args:
-        output: catalogue path; default ``<log_dir>/predictions.csv`` (``.rank{r}`` added under DDP).
+        output: catalogue path; default ``<log_dir>/predictions.csv``.
     """
 
     def __init__(self, output: str | None = None):
@@ -43,15 +48,15 @@ class CatalogueWriter(BasePredictionWriter):
         self._labelled: bool | None = None
 
     def _target(self, trainer: pl.Trainer) -> Path:
-        base = (
+        """The catalogue's path (one file, whatever the number of ranks)."""
+        return (
             Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
         )
-        if trainer.world_size > 1:
-            base = base.with_name(f"{base.stem}.rank{trainer.global_rank}{base.suffix}")
-        return base
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._path = self._target(trainer)
+        if trainer.world_size > 1:  # this rank's share, joined by rank 0 at the end
+            self._path = part_path(self._path, trainer.global_rank)
         # removes the temporary files of this target that earlier, interrupted runs (or this process) left
         self._file = AtomicFile(self._path, "the catalogue", body_failures=(OSError, HDF5ExtError))
         dm = trainer.datamodule
@@ -109,8 +114,16 @@ class CatalogueWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._file is not None and self._file.tmp.exists():
             self._file.commit()
-            print(f"catalogue written to {self._path}")
+            if trainer.world_size == 1:
+                print(f"catalogue written to {self._path}")
         self._file = None
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("catalogue parts")
+            if trainer.is_global_zero:
+                target = self._target(trainer)
+                rows = join_parts([part_path(target, r) for r in range(trainer.world_size)], target)
+                print(f"catalogue written to {target} ({rows} rows from {trainer.world_size} ranks)")
+            trainer.strategy.barrier("catalogue joined")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._file is not None:
