@@ -109,8 +109,8 @@ import scipy.sparse as sp
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from moe.arguments import ToolParser, positive_int, run_tool
 from moe.data.shards import SHARD_FILE, ShardWriter
+from moe.shared.arguments import PositiveInt, ToolParser, run_tool
 from moe.shared.atomic import ensure_space, write_text
 from moe.shared.errors import ShardError, WriteError, reason
 
@@ -595,19 +595,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write a synthetic PFS MR dataset (pfsspec shards, train/val/test) into a new folder.",
     )
     d = SynthConfig()
-    p.add_argument("--out", required=True, help="the dataset folder to create (must not exist yet)")
-    p.add_argument("--train", type=positive_int, default=d.n_train, help="training spectra (default %(default)s)")
-    p.add_argument("--val", type=positive_int, default=d.n_val, help="validation spectra (default %(default)s)")
-    p.add_argument("--test", type=positive_int, default=d.n_test, help="test spectra (default %(default)s)")
-    p.add_argument(
-        "--shard-size", type=positive_int, default=d.shard_size, help="spectra per shard file (default %(default)s)"
-    )
-    p.add_argument(
-        "--pixels", type=positive_int, default=d.n_pixels, help="pixels over 7100-8850 A (default %(default)s)"
-    )
-    p.add_argument(
-        "--seed", type=int, default=d.seed, help="random seed of labels, spectra and errors (default %(default)s)"
-    )
+    p.add_argument("--out", type=str, required=True, help="the dataset folder to create (must not exist yet)")
+    p.add_argument("--train", type=PositiveInt, default=d.n_train, help="training spectra")
+    p.add_argument("--val", type=PositiveInt, default=d.n_val, help="validation spectra")
+    p.add_argument("--test", type=PositiveInt, default=d.n_test, help="test spectra")
+    p.add_argument("--shard-size", type=PositiveInt, default=d.shard_size, help="spectra per shard file")
+    p.add_argument("--pixels", type=PositiveInt, default=d.n_pixels, help="pixels over 7100-8850 A")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed of labels, spectra and errors")
     a = p.parse_args(argv)
     cfg = SynthConfig(a.train, a.val, a.test, a.shard_size, a.pixels, a.seed)
     existed = Path(a.out).exists()

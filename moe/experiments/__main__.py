@@ -28,12 +28,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from moe.arguments import ToolParser, run_tool
 from moe.experiments import EXPERIMENTS, experiment
 from moe.experiments.common import ExperimentSettings, Outcome
 from moe.experiments.gates import MAX_EPOCHS
 from moe.experiments.summary import write_summary
 from moe.gates.quiet import quiet_lightning, quiet_repeated_trainers
+from moe.shared.arguments import ToolParser, run_tool
 
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
 # a smoke run: a few thousand spectra, two seeds, short gate runs; its verdicts are not decisions
@@ -41,9 +41,10 @@ QUICK = {"n_train": 3000, "max_memory_rows": 3000, "seeds": (1, 2), "epochs": 8,
 
 
 def _parser() -> argparse.ArgumentParser:
+    d = ExperimentSettings()
     p = ToolParser(prog="moe experiments", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=(*EXPERIMENTS, "all"), help="the experiment to run ('all': the four in order)")
-    p.add_argument("--data", default="data/synth", help="dataset folder (the default is generated on first use)")
+    p.add_argument("--data", default=d.data, help="dataset folder (the default is generated on first use)")
     p.add_argument("--n-train", type=int, default=None, help="training spectra to use (default: all; 'all': 20000)")
     p.add_argument(
         "--seeds",
@@ -57,11 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--noise-level",
         type=float,
-        default=1.0,
+        default=d.noise_level,
         help="multiplier of the 1-sigma error for the noise on every split (fresh train draws, pre-noised val/test)",
     )
     p.add_argument(
-        "--max-memory-rows", type=int, default=None, help="cap for models that need rows in memory (default 50000)"
+        "--max-memory-rows",
+        type=int,
+        default=None,
+        help=f"cap for models that need rows in memory (default {d.max_memory_rows})",
     )
     p.add_argument(
         "--epochs",
@@ -74,9 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         "--cnn-epochs",
         type=int,
         default=None,
-        help="1D-CNN epochs (ceiling; default 50, 'all': 20; 0 skips)",
+        help=f"1D-CNN epochs (ceiling; default {d.cnn_epochs}, 'all': {ALL_DEFAULTS['cnn_epochs']}; 0 skips)",
     )
-    p.add_argument("--lgbm-device", default="cpu", help="LightGBM device_type (cpu, gpu, cuda)")
+    p.add_argument("--lgbm-device", default=d.lgbm_device, help="LightGBM device_type (cpu, gpu, cuda)")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -86,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-samples",
         type=int,
-        default=50,
+        default=d.min_samples,
         help="fewest training rows a Ridge expert needs: fewer stop the expert fit before any solve, naming the "
         "short groups (a physical or SNR group may take the global expert instead: --fallback global)",
     )
@@ -114,9 +118,11 @@ def _settings(a: argparse.Namespace) -> ExperimentSettings:
         data=a.data,
         n_train=chosen["n_train"],
         noise_level=a.noise_level,
-        max_memory_rows=chosen["max_memory_rows"] if chosen["max_memory_rows"] is not None else 50_000,
+        max_memory_rows=chosen["max_memory_rows"]
+        if chosen["max_memory_rows"] is not None
+        else ExperimentSettings.max_memory_rows,
         epochs=chosen["epochs"] if chosen["epochs"] is not None else MAX_EPOCHS,
-        cnn_epochs=chosen["cnn_epochs"] if chosen["cnn_epochs"] is not None else 50,
+        cnn_epochs=chosen["cnn_epochs"] if chosen["cnn_epochs"] is not None else ExperimentSettings.cnn_epochs,
         lgbm_device=a.lgbm_device,
         min_samples=a.min_samples,
         fallback=a.fallback,
