@@ -56,6 +56,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
+from moe.catalogue.predict import catalogue_rows
 from moe.data import bins
 from moe.experts import groups
 from moe.experts.bundle import ExpertsMismatchError
@@ -227,6 +228,7 @@ class GatedMoE(pl.LightningModule):
         self.val_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.test_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.data_fingerprint: str | None = None
+        self.catalogue_reference = None  # what predict compares stars with (moe.prepare.reference); set by the CLI
         self._calibration: tuple[MixInputs, torch.Tensor] | None = None  # the calibration stars' inputs, per fit
         self._fig_buffer: list[dict[str, torch.Tensor]] = []
 
@@ -329,8 +331,9 @@ class GatedMoE(pl.LightningModule):
         """True group of each sample in this module's expert family [B] (oracle routing)."""
         return groups.group_of(self.family, batch["phys_bin"], batch["snr_bin"])
 
-    def mix_inputs(self, batch: dict) -> MixInputs:
-        """What the gate and the mixture read from a batch (all fixed once the batch is noisy)."""
+    def mix_inputs(self, batch: dict, noise_var: torch.Tensor | None = None) -> MixInputs:
+        """What the gate and the mixture read from a batch (all fixed once the batch is noisy); ``noise_var``
+        [B, K] replaces the experts' noise variances (a star with imputed pixels: :mod:`moe.catalogue.predict`)."""
         x = self.gate_inputs(batch)
         phys, qual = self.standardised_features(x)
         k = self.experts.n_experts
@@ -338,7 +341,7 @@ class GatedMoE(pl.LightningModule):
             phys,
             qual,
             x["proj"][:, :k],
-            self.hparams.noise_level**2 * x["var"][:, :k],
+            self.hparams.noise_level**2 * x["var"][:, :k] if noise_var is None else noise_var,
             batch["snr_bin"],
             self.route(batch) if self.hparams.fusion == "oracle" else None,
             x["proj"][:, k],
@@ -449,24 +452,16 @@ class GatedMoE(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         """Per star: split row, prediction, sigma, truth (NaN when unknown), SNR and bins, gate weights,
-        each expert's prediction, entropy, and the shard's numeric id columns (``id_*``)."""
-        out = self(batch)
-        ids = {k: v for k, v in batch.items() if k.startswith("id_")}
-        return {
-            "row": batch["row"],
-            "log_g_pred": out.pred,
-            "log_g_sigma": out.sigma,
-            "log_g_true": batch["log_g"],
-            "T_eff": batch["T_eff"],
-            "M_H": batch["M_H"],
-            "snr": batch["snr"],
-            "snr_bin": batch["snr_bin"],
-            "phys_bin": batch["phys_bin"],
-            "weights": out.weights,
-            "expert_preds": out.expert_preds,
-            "entropy": out.entropy,
-            **ids,
-        }
+        each expert's prediction, entropy, masked pixels, OOD score, flags and the shard's numeric id columns
+        (``id_*``) -- from the usable pixels (:mod:`moe.catalogue.predict`; needs :attr:`catalogue_reference`)."""
+        if self.catalogue_reference is None:
+            raise RuntimeError(
+                "GatedMoE.predict_step needs model.catalogue_reference = "
+                "moe.prepare.reference.load_or_build(folder, cache) (the CLI sets it)"
+            )
+        values = catalogue_rows(self, batch, self.catalogue_reference)
+        keep = ("row", "snr", "snr_bin", "phys_bin")
+        return values | {k: v for k, v in batch.items() if k in keep or k.startswith("id_")}
 
     # ---- epoch ends --------------------------------------------------------------------------
     def _log_split(self, metrics: SplitMetrics, prefix: str) -> dict[str, float]:
