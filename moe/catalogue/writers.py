@@ -211,9 +211,7 @@ class FITSCatalogue(_Catalogue):
         from astropy.io import fits
         from astropy.table import Table
 
-        self._dtype = np.dtype(
-            [(c, _fits_dtype(df[c], self.string_widths.get(c))) for c in df]
-        )
+        self._dtype = np.dtype([(c, _fits_dtype(df[c], self.string_widths.get(c))) for c in df])
         empty = Table(np.zeros(0, dtype=self._dtype.newbyteorder("=")))
         for c in df:
             unit, description = column_meta(c)
@@ -236,7 +234,9 @@ class FITSCatalogue(_Catalogue):
             bit, name = value.split(" ", 1)
             header[f"FLAGBIT{int(bit).bit_length() - 1}"] = (name, _ascii(meaning)[:47])
         for key, value in self.provenance.items():
-            header[f"HIERARCH MOE {key.upper().removeprefix('MOE_')}"] = _ascii(value) if not isinstance(value, (int, float)) else value
+            header[f"HIERARCH MOE {key.upper().removeprefix('MOE_')}"] = (
+                _ascii(value) if not isinstance(value, (int, float)) else value
+            )
         if header["NAXIS1"] != self._dtype.itemsize:
             raise ValueError(f"FITS row of {header['NAXIS1']} bytes, the records have {self._dtype.itemsize}")
         return header

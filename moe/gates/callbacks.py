@@ -112,13 +112,14 @@ def provenance(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
 
     dm = trainer.datamodule
     ref = getattr(pl_module, "catalogue_reference", None)
+    hparams = getattr(pl_module, "hparams", {})
     out = {
         "moe_version": moe.__version__,
-        "checkpoint": str(trainer.ckpt_path or "none (model prepared in this run)"),
-        "data_fingerprint": str(pl_module.data_fingerprint),
-        "noise_level": float(pl_module.hparams.noise_level),
-        "fusion": str(pl_module.hparams.fusion),
-        "experts": str(pl_module.family),
+        "checkpoint": str(getattr(trainer, "ckpt_path", None) or "none (model prepared in this run)"),
+        "data_fingerprint": str(getattr(pl_module, "data_fingerprint", None)),
+        "noise_level": float(hparams.get("noise_level", float("nan"))),
+        "fusion": str(hparams.get("fusion")),
+        "experts": str(getattr(pl_module, "family", None)),
     }
     if dm is not None:
         out["data_dir"] = str(getattr(dm, "data_dir", ""))
