@@ -113,7 +113,8 @@ def argument_error_line(exc: argparse.ArgumentError) -> str:
 
 
 def _tools() -> dict[str, Callable[[list[str]], int]]:
-    from moe.data import check, shards, synth
+    from moe.data import shards, synth
+    from moe.experiments import realism
     from moe.experiments.__main__ import main as experiments
     from moe.experts.__main__ import main as experts
 
@@ -122,7 +123,7 @@ def _tools() -> dict[str, Callable[[list[str]], int]]:
         "experiments": experiments,
         "data synth": synth.main,
         "data validate": lambda argv: shards.main(["validate", *argv]),
-        "data check": check.main,
+        "data check": realism.main,
     }
 
 

@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from moe.data.atomic import AtomicFile
 from moe.data.bins import SNR_BIN_NAMES, SNR_BIN_RULE, SNR_EDGES, snr_bin
+from moe.shared.atomic import AtomicFile
 
 # Paul Tol "muted" and Okabe-Ito: distinguishable under the common colour-vision deficiencies.
 INDIGO, CYAN, TEAL, GREEN, OLIVE = "#332288", "#88CCEE", "#44AA99", "#117733", "#999933"
@@ -619,8 +619,8 @@ def gain_per_bin(
 
 
 def save(fig: Figure, path) -> Path:
-    """Write ``fig`` as PNG atomically (:class:`moe.data.atomic.AtomicFile`: a failed write is one
-    :class:`~moe.data.errors.WriteError` naming ``path``, and no temporary file is left)."""
+    """Write ``fig`` as PNG atomically (:class:`moe.shared.atomic.AtomicFile`: a failed write is one
+    :class:`~moe.shared.errors.WriteError` naming ``path``, and no temporary file is left)."""
     path = Path(path)
     with AtomicFile(path, "the figure", body_failures=(OSError,)) as tmp:
         fig.savefig(tmp, dpi=DPI, format="png")

@@ -1,7 +1,7 @@
 """The gate inputs as they were first defined: dense over all D pixels, from the noisy flux.
 
 Kept as the test reference for the window-pixel features and the cached, per-epoch-noised
-gate inputs (:mod:`moe.features.inputs`), which must equal these to float tolerance.
+gate inputs (:mod:`moe.features.gate_inputs`), which must equal these to float tolerance.
 """
 
 from __future__ import annotations

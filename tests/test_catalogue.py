@@ -131,7 +131,7 @@ def _writer_batch(n: int, start: int = 0) -> dict:
 
 
 def test_catalogue_temp_is_atomic_stale_ones_removed_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
-    """The catalogue is appended batch by batch to a temporary file of moe.data.atomic's naming, renamed at
+    """The catalogue is appended batch by batch to a temporary file of moe.shared.atomic's naming, renamed at
     the end; a temporary file an interrupted predict left is removed first; a write that fails is one
     WriteError naming the catalogue, and neither the catalogue nor a temporary file is left."""
     import errno
@@ -139,9 +139,9 @@ def test_catalogue_temp_is_atomic_stale_ones_removed_and_a_full_disk_is_one_erro
     import sys
     from types import SimpleNamespace
 
-    from moe.data.atomic import HOST
-    from moe.data.errors import WriteError
     from moe.gates.callbacks import CatalogueWriter
+    from moe.shared.atomic import HOST
+    from moe.shared.errors import WriteError
 
     out = tmp_path / "cat.csv"
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

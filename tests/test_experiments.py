@@ -393,9 +393,9 @@ def test_report_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
     from matplotlib.figure import Figure
 
-    from moe.data.errors import WriteError
     from moe.experiments.common import Report
     from moe.plots import bar
+    from moe.shared.errors import WriteError
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -19,10 +19,11 @@ from moe.data.datamodule import SpectraDataModule
 from moe.data.synth import SpectrumModel, generate
 from moe.experts import fit as fit_module
 from moe.experts import groups
-from moe.experts.bundle import ExpertBundle, ExpertsMismatchError, load_or_fit
+from moe.experts.bundle import ExpertBundle, ExpertsMismatchError
+from moe.experts.cache import load_or_fit
 from moe.experts.fit import FitConfig, GroupTooSmallError, accumulate_stats, fit_families, pca_basis, training_blocks
-from moe.experts.module import RidgeExperts
 from moe.experts.ridge import Standardized, fit_sweep, solve_path
+from moe.experts.ridge_experts import RidgeExperts
 from moe.experts.stats import accumulate, in_memory_blocks
 
 RTOL = 1e-6
@@ -339,7 +340,8 @@ def test_heap_setting_is_made_only_in_the_child_that_fits(tiny_dir, tmp_path, mo
     """load_or_fit fits in a child process: the same experts as an in-process fit, and the calling process's
     malloc settings are never touched (glibc cannot undo them)."""
     from moe.experts import heap
-    from moe.experts.bundle import ExpertBundle, load_or_fit
+    from moe.experts.bundle import ExpertBundle
+    from moe.experts.cache import load_or_fit
 
     calls = []
     monkeypatch.setattr(heap, "_glibc", lambda: calls.append("mallopt") or None)
@@ -355,7 +357,7 @@ def test_heap_setting_is_made_only_in_the_child_that_fits(tiny_dir, tmp_path, mo
 
 
 def test_an_error_in_the_child_fit_is_raised_by_the_caller(tiny_dir, tmp_path):
-    from moe.experts.bundle import load_or_fit
+    from moe.experts.cache import load_or_fit
 
     dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None, max_train_rows=400)
     with pytest.raises(GroupTooSmallError, match=r"fewer than 60 training rows"):

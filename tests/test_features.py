@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe.data.quality import quality_stats
+from moe.data.error_stats import quality_stats
 from moe.data.synth import SpectrumModel, generate
 from moe.features import PhysicsFeatures, Standardizer, quality_features
 from moe.features.physics import LINES

@@ -16,7 +16,7 @@ from moe.data.noise import NOISE_KEYS, add_input_noise, noisy_inputs
 from moe.data.row_cache import read_rows
 from moe.data.synth import SpectrumModel, generate
 from moe.features import PhysicsFeatures
-from moe.features.inputs import row_inputs
+from moe.features.gate_inputs import row_inputs
 from moe.gates import GatedMoE
 from moe.prepare import ensure_inputs, prepare
 

@@ -25,15 +25,15 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from moe.data import row_check, shards
-from moe.data.atomic import HOST, remove_stale_temps
 from moe.data.datamodule import SpectraDataModule
-from moe.data.errors import ShardError, WriteError
 from moe.data.folder import SpectraFolder, ensure_dataset
 from moe.data.noise_cache import ensure_noisy
 from moe.data.shards import ERROR_KEY, FLUX_KEY, PARAMS_KEY, WAVE_KEY, read_block, read_params, write_shard
 from moe.data.synth import MANIFEST, SpectrumModel, SynthConfig, create_dataset, write_dataset
 from moe.experts.bundle import ExpertBundle
 from moe.experts.fit import FitConfig
+from moe.shared.atomic import HOST, remove_stale_temps
+from moe.shared.errors import ShardError, WriteError
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = SynthConfig(n_train=200, n_val=60, n_test=60, shard_size=100, n_pixels=64, seed=7)
@@ -434,7 +434,7 @@ DISK_FULL = textwrap.dedent("""
     import resource, signal, sys
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit: write() fails with EFBIG, as on a full disk
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
-    from moe.data.errors import WriteError
+    from moe.shared.errors import WriteError
     from moe.data.synth import SynthConfig, create_dataset
     try:
         create_dataset(sys.argv[1], SynthConfig(n_train=400, n_val=100, n_test=100, shard_size=400, n_pixels=512, seed=1),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from moe.cli import cli_main
-from moe.data.check import Bounds, Split, run_checks
 from moe.data.synth import SpectrumModel, SynthConfig, generate, write_dataset
+from moe.experiments.realism import Bounds, Split, run_checks
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

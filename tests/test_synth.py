@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe.data.check import Bounds, Split, run_checks, spectra_figure
 from moe.data.shards import find_split, read_block, read_params, validate_shard
 from moe.data.synth import SpectrumModel, SynthConfig, generate, make_wave, write_dataset
+from moe.experiments.realism import Bounds, Split, run_checks, spectra_figure
 
 
 def test_wave_grid():

@@ -13,7 +13,7 @@ By the output's suffix:
   come; the row count in the header is set when prediction ends.
 
 Each writer has ``append(frame)``, ``commit()`` and ``abort()``; a failed write (disk full) is one
-:class:`~moe.data.errors.WriteError` naming the catalogue, and nothing is left behind.
+:class:`~moe.shared.errors.WriteError` naming the catalogue, and nothing is left behind.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pandas as pd
 from tables import HDF5ExtError
 
 from moe.catalogue.flags import describe as flag_bits
-from moe.data.atomic import AtomicFile
+from moe.shared.atomic import AtomicFile
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
@@ -153,7 +153,7 @@ class CSVCatalogue(_Catalogue):
     def commit(self) -> bool:
         done = super().commit()
         if done:
-            from moe.data.atomic import write_text
+            from moe.shared.atomic import write_text
 
             write_text(self.sidecar, json.dumps(self.meta(), indent=2) + "\n", "the catalogue's sidecar")
         return done

@@ -3,7 +3,7 @@
 ``noisy = flux + noise_level * error * N(0, 1)``;
 ``SNR = ||flux||_2 / ||noise_level * error||_2`` (infinite when noise_level is 0).
 
-The same noise on cached gate inputs (:mod:`moe.features.inputs` says what they are): a clean
+The same noise on cached gate inputs (:mod:`moe.features.gate_inputs` says what they are): a clean
 row holds its window pixels ``win`` [W] with their errors ``win_error`` [W], and its
 projections ``proj`` [P] with the factor ``chol`` [P, P] of their noise covariance outside
 the window; an epoch draws ``z_w`` [W] and ``u = chol @ xi`` [P].

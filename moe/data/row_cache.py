@@ -4,7 +4,7 @@ A cache records what it was built from as attributes (the source shard's name, s
 ``mtime_ns``, rows, pixels, a format version and whatever key the builder adds). It is
 valid when every expected attribute matches and every dataset has the shard's row count;
 otherwise it is rebuilt -- written block by block to a temporary name, then renamed
-(atomic, :mod:`moe.data.atomic`: a failure leaves no file and is one error naming the cache), with a
+(atomic, :mod:`moe.shared.atomic`: a failure leaves no file and is one error naming the cache), with a
 log line saying why. Datasets are contiguous, so a block of rows is one read.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from moe.data.atomic import atomic_h5
+from moe.shared.atomic import atomic_h5
 
 log = logging.getLogger(__name__)
 

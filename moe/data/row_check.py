@@ -4,7 +4,7 @@ Before a :class:`~moe.data.folder.SpectraFolder` is used -- before the experts a
 cache is built -- every row it will read is checked (:func:`moe.data.shards.check_rows`: NaN/Inf
 flux; error with no finite pixel, infinite, <= 0 or NaN inside the spectrum; NaN labels or labels
 outside :data:`moe.data.bins.LABEL_BOUNDS`). With ``bad_rows="error"`` the first shard with bad rows
-is a :class:`~moe.data.errors.ShardError` naming the file, each field, what is wrong and its first
+is a :class:`~moe.shared.errors.ShardError` naming the file, each field, what is wrong and its first
 rows; with ``"drop"`` those rows are left out of the split (:meth:`ShardSet.drop`) with one warning
 per shard.
 
@@ -28,10 +28,10 @@ from typing import Literal, get_args
 import numpy as np
 from filelock import FileLock
 
-from moe.data.atomic import write_text
-from moe.data.errors import ShardError, WriteError
 from moe.data.shards import RowCheck, RowProblem, ShardInfo, check_rows, content_hash
 from moe.data.stream import ShardSet
+from moe.shared.atomic import write_text
+from moe.shared.errors import ShardError, WriteError
 
 log = logging.getLogger(__name__)
 

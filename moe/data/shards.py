@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 
 from moe.arguments import ToolParser, positive_int, run_tool
-from moe.data.atomic import AtomicFile, close_quietly, ensure_space, is_write_failure
-from moe.data.errors import ShardError, WriteError, reason
+from moe.shared.atomic import AtomicFile, close_quietly, ensure_space, is_write_failure
+from moe.shared.errors import ShardError, WriteError, reason
 
 WAVE_KEY = "spectrumdataset/wave"
 FLUX_KEY = "dataset/arrays/flux/value"
@@ -448,7 +448,7 @@ class ShardWriter:
 
     An exception inside the block removes the temp file, so an interrupted run never leaves a
     half-written ``dataset.h5``; a failed write (disk full) is one :class:`WriteError` naming
-    ``path`` (:mod:`moe.data.atomic`). The arrays are stored contiguous, as the simulator writes them.
+    ``path`` (:mod:`moe.shared.atomic`). The arrays are stored contiguous, as the simulator writes them.
     """
 
     def __init__(self, path: str | os.PathLike, wave: np.ndarray, n_rows: int):

@@ -14,7 +14,7 @@ read; slots are then truncated to the smallest number of kept rows.
 Batches are assembled here (use ``DataLoader(batch_size=None)``): dicts of tensors
 ``flux [B, D], error [B, D], log_g, T_eff, M_H, snr [B] (float32), phys_bin, snr_bin,
 row [B] (int64)``. A stream over per-row gate-input caches (``inputs``) yields their arrays
-(:mod:`moe.features.inputs`: ``proj, win, quality, var`` and, for clean rows,
+(:mod:`moe.features.gate_inputs`: ``proj, win, quality, var`` and, for clean rows,
 ``win_error, chol``) in place of ``flux`` and ``error``, with the same labels and rows.
 """
 

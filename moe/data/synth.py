@@ -110,9 +110,9 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from moe.arguments import ToolParser, positive_int, run_tool
-from moe.data.atomic import ensure_space, write_text
-from moe.data.errors import ShardError, WriteError, reason
 from moe.data.shards import SHARD_FILE, ShardWriter
+from moe.shared.atomic import ensure_space, write_text
+from moe.shared.errors import ShardError, WriteError, reason
 
 log = logging.getLogger(__name__)
 

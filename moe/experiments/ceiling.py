@@ -35,7 +35,8 @@ from moe.experiments.common import (
     load_splits,
     seed_mean_std,
 )
-from moe.experts.bundle import ExpertBundle, load_or_fit
+from moe.experts.bundle import ExpertBundle
+from moe.experts.cache import load_or_fit
 from moe.experts.nonlinear import LGBM_PARAMS, CNNExpert, fit_lgbm
 from moe.experts.scores import r2
 from moe.plots import bar, expert_selection, gain_per_bin, grouped_bar, method_colour, pred_vs_true

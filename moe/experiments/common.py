@@ -2,7 +2,7 @@
 
 A report folder holds ``report.md`` (question, verdicts computed from the numbers, tables,
 embedded figures, config and data fingerprint), every table as CSV, and the PNG figures.
-Files are written atomically (:mod:`moe.data.atomic`: a failed write is one WriteError, nothing left behind).
+Files are written atomically (:mod:`moe.shared.atomic`: a failed write is one WriteError, nothing left behind).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moe.data.atomic import write_text
 from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise_np
 from moe.data.synth import SynthConfig
 from moe.experts.fit import FitConfig
 from moe.experts.scores import r2, r2_from_sums
 from moe.plots import save as save_figure
+from moe.shared.atomic import write_text
 
 
 class SettingsError(argparse.ArgumentError, ValueError):

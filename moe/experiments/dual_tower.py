@@ -23,7 +23,7 @@ import torch
 
 from moe.data import bins
 from moe.data.datamodule import SpectraDataModule
-from moe.data.quality import QUALITY_NAMES, QUALITY_SUBSET5
+from moe.data.error_stats import QUALITY_NAMES, QUALITY_SUBSET5
 from moe.experiments.common import (
     DataSummary,
     ExperimentSettings,

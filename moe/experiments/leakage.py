@@ -4,7 +4,7 @@ Models on the 1-sigma error vector only: OLS, Ridge (alpha 1e-3 ... 100, standar
 LightGBM (100 trees, depth 6, lr 0.1). Sanity checks: a shuffle test (error vectors permuted
 among stars of the same SNR bin, labels kept: what survives is what the SNR level explains),
 a mask-only test (binary mask of flagged pixels, error > 3x the row median), the aggregate
-test (the quality statistics of ``moe.data.quality``) and those statistics' own R^2 for log10 SNR. Feature
+test (the quality statistics of ``moe.data.error_stats``) and those statistics' own R^2 for log10 SNR. Feature
 importance against wavelength and the share of the top-40 pixels.
 
 About the noise levels 0 / 0.5 / 1: the error vector is the same at every noise level (it
@@ -26,8 +26,7 @@ from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
 from moe.data import bins
-from moe.data.check import ridge_sweep
-from moe.data.quality import QUALITY_NAMES, quality_stats
+from moe.data.error_stats import QUALITY_NAMES, quality_stats
 from moe.experiments.common import (
     Arrays,
     DataSummary,
@@ -40,6 +39,7 @@ from moe.experiments.common import (
     require_train_rows,
     seed_mean_std,
 )
+from moe.experiments.realism import ridge_sweep
 from moe.experts.nonlinear import fit_lgbm
 from moe.experts.scores import r2, regression_metrics
 from moe.features.physics import LINES

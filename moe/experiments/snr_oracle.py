@@ -24,7 +24,7 @@ from moe.experiments.common import (
     bootstrap_delta_r2,
     seed_mean_std,
 )
-from moe.experts.bundle import load_or_fit
+from moe.experts.cache import load_or_fit
 from moe.experts.evaluate import oracle_predictions, regression_metrics
 from moe.experts.groups import FAMILY_SIZES
 from moe.plots import bar, delta_r2_column, grouped_bar, method_colour, pred_vs_true

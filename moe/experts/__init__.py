@@ -3,6 +3,6 @@
 Knows nothing of Lightning or gates.
 """
 
-from moe.experts.module import RidgeExperts
+from moe.experts.ridge_experts import RidgeExperts
 
 __all__ = ["RidgeExperts"]

@@ -17,7 +17,8 @@ import pandas as pd
 from moe.arguments import ToolParser, non_negative_float, positive_float, positive_int, run_tool
 from moe.data.folder import BAD_ROWS, SpectraFolder
 from moe.data.synth import SynthConfig
-from moe.experts.bundle import default_path, load_or_fit
+from moe.experts.bundle import default_path
+from moe.experts.cache import load_or_fit
 from moe.experts.evaluate import compare_noise_modes, oracle_predictions, oracle_table, zscore_table
 from moe.experts.fit import NOISE_MODES, FitConfig
 from moe.experts.ridge import DEFAULT_ALPHAS

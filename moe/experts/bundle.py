@@ -1,10 +1,11 @@
 """A fitted set of expert families, saved with the fingerprint of the data it came from.
 
-``load_or_fit(folder, cfg)`` is fit-on-first-use: the bundle lives under
-``<data_dir>/experts/experts-<key>.pt`` where ``key`` hashes the data fingerprint (train
-and val shards with sizes and rows, noise level, val seed) and the fit config. Loading a
-file made from other data or another config is an :class:`ExpertsMismatchError`, never
-a silent refit. Files are written atomically (:mod:`moe.data.atomic`) and read with ``torch.load(weights_only=True)``.
+A bundle's file is ``<data_dir>/experts/experts-<key>.pt`` (:func:`bundle_path`) where ``key``
+hashes the data fingerprint (train and val shards with sizes and rows, noise level, val seed) and
+the fit config. Loading a file made from other data or another config is an
+:class:`ExpertsMismatchError`, never a silent refit (fit-on-first-use is
+:func:`moe.experts.cache.load_or_fit`). Files are written atomically (:mod:`moe.shared.atomic`) and
+read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moe.data.atomic import AtomicFile, write_text
 from moe.data.folder import SpectraFolder
 from moe.experts.fit import FamilyFit, FitConfig, fit_families
-from moe.experts.isolated import fit_in_child
-from moe.experts.module import RidgeExperts
+from moe.experts.ridge_experts import RidgeExperts
 from moe.experts.scores import r2_from_sums
+from moe.shared.atomic import AtomicFile, write_text
 
 log = logging.getLogger(__name__)
 BUNDLE_VERSION = 2
@@ -205,20 +205,3 @@ def fit_bundle(folder: SpectraFolder, cfg: FitConfig = FitConfig(), progress: bo
     """Fit all requested families on ``folder`` (no caching)."""
     fits, (mean, comps, var), timings = fit_families(folder, cfg, progress)
     return ExpertBundle(fits, mean, comps, var, folder.wave, folder.fingerprint(), cfg, timings)
-
-
-def load_or_fit(
-    folder: SpectraFolder, cfg: FitConfig = FitConfig(), path: str | os.PathLike | None = None, progress: bool = True
-) -> ExpertBundle:
-    """The experts for ``folder`` and ``cfg``: loaded from ``path`` (default: the cache) or fitted and saved there.
-
-    An existing file that does not match the data or config raises :class:`ExpertsMismatchError`.
-    """
-    target = Path(path) if path is not None else default_path(folder, cfg)
-    if target.is_file():
-        return ExpertBundle.load(target, folder.fingerprint(), cfg)
-    log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
-    fit_in_child(folder, cfg, target, progress)
-    bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
-    log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
-    return bundle

@@ -354,7 +354,7 @@ def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, n
 def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
     """Run the whole fit: (families {name: FamilyFit}, (pca mean, components, variances), timings).
 
-    In this process; the cached path (:func:`moe.experts.bundle.load_or_fit`) runs it in a child process
+    In this process; the cached path (:func:`moe.experts.cache.load_or_fit`) runs it in a child process
     with the heap setting of :mod:`moe.experts.heap`."""
     t0 = time.perf_counter()
     stats, partition = accumulate_stats(folder, cfg, progress)

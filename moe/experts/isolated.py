@@ -22,7 +22,9 @@ import tempfile
 from pathlib import Path
 
 from moe.data.folder import SpectraFolder
+from moe.experts.bundle import fit_bundle
 from moe.experts.fit import FitConfig
+from moe.experts.heap import retain_freed_blocks
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +63,6 @@ def fit_in_child(folder: SpectraFolder, cfg: FitConfig, target: str | os.PathLik
 
 
 def _run(job: Path) -> None:
-    from moe.experts.bundle import fit_bundle
-    from moe.experts.heap import retain_freed_blocks
-
     folder, cfg, target, progress, level, outcome = pickle.loads(job.read_bytes())
     moe_log = logging.getLogger("moe")
     moe_log.setLevel(level)

@@ -17,7 +17,7 @@ Windows are stored as fixed-shape ``[L, D]`` weight buffers built from the wavel
 of D pixels. The features are computed on the few hundred *window pixels* only (every
 pixel some side-band, core or EW window uses; ``pixels [W]``, with the weights restricted
 to them, ``[L, W]``): :meth:`PhysicsFeatures.window_features` takes ``flux[:, pixels]``,
-which is what the per-row gate-input caches store (:mod:`moe.features.inputs`).
+which is what the per-row gate-input caches store (:mod:`moe.features.gate_inputs`).
 """
 
 from __future__ import annotations

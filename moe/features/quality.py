@@ -1,4 +1,4 @@
-"""The 10 aggregate statistics of the error vector, in torch (twin of ``moe.data.quality``).
+"""The 10 aggregate statistics of the error vector, in torch (twin of ``moe.data.error_stats``).
 
 mean, std (population), min, max, median, sum, q25, q75 (linear interpolation, as numpy),
 skew (population, scipy's ``bias=True``) and excess kurtosis (scipy's default). Computed in
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moe.data.quality import QUALITY_NAMES
+from moe.data.error_stats import QUALITY_NAMES
 
 __all__ = ["QUALITY_NAMES", "quality_features"]
 

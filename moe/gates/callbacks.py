@@ -26,7 +26,7 @@ class CatalogueWriter(BasePredictionWriter):
     readable with ``pandas.read_hdf(path)`` when ``output`` ends in ``.h5``, or a FITS binary table with units,
     descriptions and provenance when it ends in ``.fits`` (:mod:`moe.catalogue.writers`). Written to a
     temporary name (stale ones of interrupted runs removed first) and renamed when prediction ends; a write
-    that fails (disk full, quota, read-only) is one :class:`~moe.data.errors.WriteError` naming the
+    that fails (disk full, quota, read-only) is one :class:`~moe.shared.errors.WriteError` naming the
     catalogue, and nothing is left.
 
     Args:

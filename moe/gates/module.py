@@ -38,7 +38,7 @@ the preparation step (:func:`moe.prepare.prepare`, run by the CLI before the tra
 checkpoint made on other data is refused when loaded.
 
 A batch is either spectra (``flux``, ``error``: the gate inputs are computed from them) or
-cached gate inputs (``proj``, ``win``, ``quality``, ``var``; :mod:`moe.features.inputs`),
+cached gate inputs (``proj``, ``win``, ``quality``, ``var``; :mod:`moe.features.gate_inputs`),
 already noisy: both give the same numbers.
 """
 
@@ -63,10 +63,10 @@ from moe.experts.bundle import ExpertsMismatchError
 from moe.experts.calibration import apply_sigma_map, sigma_map, validation_check
 from moe.experts.fit import FitConfig, NoiseMode
 from moe.experts.groups import Family
-from moe.experts.module import RidgeExperts
 from moe.experts.ridge import DEFAULT_ALPHAS
+from moe.experts.ridge_experts import RidgeExperts
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
-from moe.features.inputs import NOISE_KEYS, gate_features, input_map, row_inputs
+from moe.features.gate_inputs import NOISE_KEYS, gate_features, projection_map, row_inputs
 from moe.gates.checkpoints import check_state_fits
 from moe.gates.fusions import FUSIONS, Fusion, ProductGate, build_gate, mlp
 from moe.gates.metrics import LatestRows, SplitMetrics, gate_entropy
@@ -269,8 +269,8 @@ class GatedMoE(pl.LightningModule):
         self.prepared.fill_(True)
 
     def input_map(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The affine map ``weight [P, D], bias [P]`` of the gate's linear inputs (:func:`moe.features.inputs.input_map`)."""
-        return input_map(self.experts, self.global_expert, self.physics)
+        """The affine map ``weight [P, D], bias [P]`` of the gate's linear inputs (:func:`moe.features.gate_inputs.projection_map`)."""
+        return projection_map(self.experts, self.global_expert, self.physics)
 
     def on_fit_start(self) -> None:
         if not bool(self.prepared):

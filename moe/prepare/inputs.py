@@ -1,7 +1,7 @@
 """Per-row gate-input caches of a dataset, built once for one gate's projection map.
 
 For every shard of a split, one HDF5 row cache (:mod:`moe.data.row_cache`) holds what
-:func:`moe.features.inputs.row_inputs` computes from the spectra -- from the clean flux for
+:func:`moe.features.gate_inputs.row_inputs` computes from the spectra -- from the clean flux for
 the training split (plus what its per-epoch noise needs), from the pre-noised copies for
 val/test -- and the SNR. It lives next to the pre-noised copies, is named by a hash of the
 map (experts, global expert, PCA basis, window pixels), the noise level and the seed, and
@@ -23,7 +23,7 @@ from moe.data.folder import SpectraFolder
 from moe.data.noise_cache import cache_path
 from moe.data.row_cache import ensure_row_cache, source_attrs
 from moe.data.shards import SPLITS
-from moe.features.inputs import rest_covariance_weights, row_inputs
+from moe.features.gate_inputs import rest_covariance_weights, row_inputs
 
 log = logging.getLogger(__name__)
 INPUTS_VERSION = 1

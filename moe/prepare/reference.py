@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from moe.data.atomic import AtomicFile
 from moe.data.folder import SpectraFolder
 from moe.data.shards import LABEL_COLUMNS, read_params
 from moe.features.lowrank import LowRankSpectra
+from moe.shared.atomic import AtomicFile
 
 log = logging.getLogger(__name__)
 

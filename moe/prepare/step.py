@@ -30,12 +30,13 @@ from filelock import FileLock
 
 from moe.data.folder import SpectraFolder
 from moe.experts import groups
-from moe.experts.bundle import ExpertBundle, bundle_path, load_or_fit
+from moe.experts.bundle import ExpertBundle, bundle_path
+from moe.experts.cache import load_or_fit
 from moe.experts.calibration import model_error_variance
 from moe.experts.fit import FitConfig
-from moe.experts.module import RidgeExperts
+from moe.experts.ridge_experts import RidgeExperts
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
-from moe.features.inputs import gate_features, input_map
+from moe.features.gate_inputs import gate_features, projection_map
 from moe.prepare.inputs import attach_inputs
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,10 @@ class Prepared:
     inputs: dict[str, dict[int, Path]]
     data_fingerprint: str
 
-    def input_map(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return input_map(self.experts, self.global_expert, self.physics)
-
     def attach(self, folder: SpectraFolder) -> None:
         """Have ``folder`` stream these gate-input caches (and noise them with this map)."""
-        folder.attach_inputs(self.inputs, self.input_map()[0][:, self.physics.pixels])
+        weight, _ = projection_map(self.experts, self.global_expert, self.physics)
+        folder.attach_inputs(self.inputs, weight[:, self.physics.pixels])
 
 
 def experts_file(folder: SpectraFolder, cfg: PrepareConfig) -> Path:
@@ -103,7 +102,7 @@ def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bo
     physics.set_wave(folder.wave)
     physics.set_pca(bundle.pca_mean, bundle.pca_components)
     experts, global_expert = bundle.experts(cfg.family), bundle.experts("global")
-    weight, bias = input_map(experts, global_expert, physics)
+    weight, bias = projection_map(experts, global_expert, physics)
     inputs = attach_inputs(folder, weight, bias, physics.pixels, progress=progress)
     phys_scaler, qual_scaler = fit_scalers(folder, physics, experts.n_experts, cfg.feature_rows)
     model_var = validation_model_variance(folder, cfg.family, experts.n_experts)

@@ -28,9 +28,9 @@ from sklearn.preprocessing import StandardScaler
 
 from moe.arguments import ToolParser, non_negative_float, positive_int, run_tool
 from moe.data import bins
+from moe.data.error_stats import quality_stats
 from moe.data.noise import add_noise_np
 from moe.data.noise import snr as snr_of
-from moe.data.quality import quality_stats
 from moe.data.shards import find_split, inspect_shard, read_block, read_params
 
 ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)

@@ -34,8 +34,8 @@ __all__ = [
     "INPUT_KEYS",
     "NOISE_KEYS",
     "gate_features",
-    "input_map",
     "noisy_inputs",
+    "projection_map",
     "rest_covariance_weights",
     "row_inputs",
 ]
@@ -104,7 +104,7 @@ def row_inputs(
     return out
 
 
-def input_map(experts, global_expert, physics) -> tuple[torch.Tensor, torch.Tensor]:
+def projection_map(experts, global_expert, physics) -> tuple[torch.Tensor, torch.Tensor]:
     """The affine map ``weight [P, D], bias [P]`` of a gate's linear inputs: rows are the K experts,
     the global expert and PCA1-4 (P = K + 5); ``experts``/``global_expert`` hold ``weight``/``bias``,
     ``physics`` is a :class:`~moe.features.PhysicsFeatures` with its PCA basis set."""

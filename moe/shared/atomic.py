@@ -6,7 +6,7 @@ row-check markers) goes through :class:`AtomicFile` or :func:`atomic_h5`:
 - the temporary file is ``.<name>.tmp-<host>-<pid>`` in the target's folder, so a crash never
   leaves a half-written file under the real name;
 - it is removed on every failure path (an exception, Ctrl-C); a failure of the write itself --
-  disk full, quota, a read-only folder -- becomes one :class:`~moe.data.errors.WriteError`
+  disk full, quota, a read-only folder -- becomes one :class:`~moe.shared.errors.WriteError`
   naming the target;
 - before writing, temporary files of the same target left by an earlier run are removed: those
   of this host whose process is gone (or whose pid now belongs to a process started after the
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import h5py
 
-from moe.data.errors import WRITE_ERRNOS, WriteError, reason
+from moe.shared.errors import WRITE_ERRNOS, WriteError, reason
 
 log = logging.getLogger(__name__)
 
