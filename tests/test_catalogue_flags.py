@@ -271,3 +271,22 @@ def test_predict_masked_stars_fits_round_trip_and_sidecars(trained, tiny_dir, tm
         assert json.loads(attrs.flag_bits) == side["flag_bits"]
         assert json.loads(attrs.provenance)["checkpoint"] == str(trained[1])
     pd.testing.assert_frame_equal(pd.read_hdf(h5)[["row", "flags"]], cat[["row", "flags"]], check_dtype=False)
+
+
+def test_synth_draws_labels_outside_the_training_ranges(tmp_path):
+    """``moe data synth --teff LO HI`` draws T_eff there and records it in the manifest; the default
+    manifest has no range keys (datasets generated before stay valid); LO >= HI is one error."""
+    from moe.data.synth import SynthConfig, main, manifest_of, read_manifest, sample_labels
+
+    labels = sample_labels(np.random.default_rng(0), 500, {"T_eff": (6500.0, 8000.0)})
+    assert labels["T_eff"].between(6500, 8000).all() and labels["log_g"].between(1, 5).all()
+    assert not any(k.endswith("_range") for k in manifest_of(SynthConfig()))
+    out = tmp_path / "hot"
+    args = ["--out", str(out), "--train", "1", "--val", "1", "--test", "20", "--pixels", "256", "--log-g", "5", "6"]
+    assert main(args) == 0
+    assert read_manifest(out)["log_g_range"] == [5.0, 6.0]
+    assert read_params(find_split(out, "test")[0])["log_g"].between(5, 6).all()
+    from moe.arguments import ToolArgumentError
+
+    with pytest.raises(ToolArgumentError, match="--teff: LO must be below HI"):
+        main(["--out", str(tmp_path / "x"), "--teff", "8000", "6500"])

@@ -28,7 +28,7 @@ import pandas as pd
 from tables import HDF5ExtError
 
 from moe.catalogue.flags import describe as flag_bits
-from moe.shared.atomic import AtomicFile
+from moe.shared.atomic import AtomicFile, write_text
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
@@ -101,6 +101,11 @@ class _Catalogue:
         self.columns: list[str] | None = None
         self.rows = 0
 
+    @property
+    def tmp(self) -> Path:
+        """The temporary file being written."""
+        return self.file.tmp
+
     def append(self, df: pd.DataFrame) -> None:
         try:
             self._append(df)
@@ -153,8 +158,6 @@ class CSVCatalogue(_Catalogue):
     def commit(self) -> bool:
         done = super().commit()
         if done:
-            from moe.shared.atomic import write_text
-
             write_text(self.sidecar, json.dumps(self.meta(), indent=2) + "\n", "the catalogue's sidecar")
         return done
 

@@ -10,7 +10,9 @@ Labels (uniform, independent)
     airmass in [1.0, 1.6], sky continuum scale s_sky ~ logN(0, 0.25), OH strength
     s_OH ~ logN(0, 0.3), fibre/field throughput eta_field in [0.75, 1.0], telluric
     correction residual r_tell in [0.03, 0.20]. These nuisance columns are stored in the
-    parameter table next to the contract columns.
+    parameter table next to the contract columns. ``moe data synth --teff LO HI`` (``--log-g``,
+    ``--m-h``; :class:`SynthConfig` ``teff_range`` ...) draws a label from another range: stars
+    outside the training labels, which ``predict`` takes and a training run refuses.
 
 Wavelength grid
     D = 4096 output pixels on 7100-8850 A, non-uniform: ``wave = 7100 (8850/7100)^x``,
