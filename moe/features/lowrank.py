@@ -17,10 +17,14 @@ observed spectrum is ``y = x + n`` with ``n ~ N(0, diag(s^2 e^2))`` (s the noise
   the noise of the usable pixels, what the imputation does not know, their covariance, and the rest of the
   masked pixels (:meth:`LowRankSpectra.map_variance`). For a star without masked pixels it is the plain
   noise variance ``s^2 sum A^2 e^2``.
-- :meth:`LowRankSpectra.ood_score`: the reduced chi^2 of the usable pixels against the model,
-  ``mean_o (y - mean - U^T a_ls)^2 / (resid_var + s^2 e^2)`` with ``a_ls`` the plain least-squares
-  coefficients on the usable pixels. About 1 for a spectrum like the training ones; a spectrum the
-  training set does not explain (another kind of star, a reversed grid, noise) scores higher.
+- :meth:`LowRankSpectra.ood_parts`: two ways a spectrum can be unlike the training spectra, from the
+  plain least-squares coefficients ``a_ls`` on the usable pixels. ``distance``: how far its leading
+  ``n_coef`` coefficients lie from those of the nearest of the training stars ``train_coef [N, n_coef]``, in
+  units of their noise, ``min_j mean_r (a_r - t_jr)^2 / nv_r`` with ``nv_r = s^2 sum_o U_ri^2 e_i^2`` (a star
+  outside the training labels, a reversed grid, pure noise: coefficients no training star has);
+  ``chi2``: the reduced chi^2 of what the R axes leave, ``mean_o (y - mean - U^T a_ls)^2 / (resid_var +
+  s^2 e^2)`` (features no training spectrum has). :meth:`LowRankSpectra.ood_score` is the larger of the
+  two, each divided by its threshold ``ood_scale`` (set on training-like stars): above 1 is unlike them.
 
 Shapes: B batch, D pixels, R axes, P rows of a linear map.
 """
@@ -35,14 +39,17 @@ CHUNK = 64  # masked stars per solve (bounds the [B, R, D] temporaries)
 
 class LowRankSpectra(nn.Module):
     """Buffers of the model (module docstring): ``mean [D]``, ``components [R, D]``, ``variance [R]``,
-    ``resid_var [D]``."""
+    ``resid_var [D]``, ``train_coef [N, C]`` (leading coefficients of N clean training spectra) and
+    ``ood_scale [2]`` (the thresholds of distance and chi^2)."""
 
-    def __init__(self, n_pixels: int, rank: int):
+    def __init__(self, n_pixels: int, rank: int, n_train: int = 0, n_coef: int = 8):
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_pixels, dtype=torch.float64))
         self.register_buffer("components", torch.zeros(rank, n_pixels, dtype=torch.float64))
         self.register_buffer("variance", torch.ones(rank, dtype=torch.float64))
         self.register_buffer("resid_var", torch.zeros(n_pixels, dtype=torch.float64))
+        self.register_buffer("train_coef", torch.zeros(n_train, min(n_coef, rank), dtype=torch.float64))
+        self.register_buffer("ood_scale", torch.ones(2, dtype=torch.float64))
 
     @property
     def rank(self) -> int:
@@ -54,11 +61,11 @@ class LowRankSpectra(nn.Module):
         return v.clamp_min(1e-12)
 
     @torch.no_grad()
-    def ood_score(
+    def ood_parts(
         self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float
-    ) -> torch.Tensor:
-        """Reduced chi^2 [B] of flux [B, D] (error [B, D]) on its ``usable`` pixels [B, D] (bool) against the
-        model, after the least-squares fit of the R coefficients on those pixels; NaN without usable pixels."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``distance`` and ``chi2`` [B] (float64; module docstring) of flux [B, D] (error [B, D]) on its
+        ``usable`` pixels [B, D] (bool); NaN without usable pixels."""
         y = torch.where(usable, flux.double() - self.mean, 0.0)
         u = self.components
         rhs = y @ u.T  # [B, R]
@@ -71,8 +78,25 @@ class LowRankSpectra(nn.Module):
             coef[partial] = torch.linalg.lstsq(gram, rhs[partial][..., None]).solution[..., 0]
         resid = torch.where(usable, y - coef @ u, 0.0)
         n = usable.sum(1)
-        chi2 = (resid.square() / self._pixel_var(error, noise_level)).sum(1)
-        return torch.where(n > 0, chi2 / n.clamp_min(1), torch.nan).float()
+        err2 = torch.where(usable, noise_level**2 * error.double().square(), 0.0)
+        chi2 = (resid.square() / self._pixel_var(error, noise_level)).sum(1) / n.clamp_min(1)
+        c = self.train_coef.shape[1]
+        a = coef[:, :c]
+        w = 1.0 / (err2 @ u[:c].square().T).clamp_min(1e-12)  # [B, C] inverse noise variance of each coefficient
+        t = self.train_coef
+        dist = (w * a.square()).sum(1, keepdim=True) - 2.0 * (w * a) @ t.T + w @ t.square().T  # [B, N]
+        distance = dist.amin(1).clamp_min(0) / c if len(t) else torch.zeros_like(chi2)
+        none = n == 0
+        return torch.where(none, torch.nan, distance), torch.where(none, torch.nan, chi2)
+
+    @torch.no_grad()
+    def ood_score(
+        self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float
+    ) -> torch.Tensor:
+        """``max(distance / ood_scale[0], chi2 / ood_scale[1])`` [B] (float32): above 1 is unlike the training
+        spectra; NaN without usable pixels."""
+        distance, chi2 = self.ood_parts(flux, error, usable, noise_level)
+        return torch.maximum(distance / self.ood_scale[0], chi2 / self.ood_scale[1]).float()
 
     @torch.no_grad()
     def impute(

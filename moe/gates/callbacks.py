@@ -126,6 +126,8 @@ def provenance(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         out["predicted"] = ", ".join(map(str, dm.predict_path)) if getattr(dm, "predict_path", None) else "test split"
     if ref is not None:
         out["ood_threshold"] = float(ref.ood_threshold)
+        out["ood_distance_scale"] = float(ref.spectra.ood_scale[0])
+        out["ood_chi2_scale"] = float(ref.spectra.ood_scale[1])
         for label, (lo, hi) in ref.label_ranges.items():
             out[f"train_{label}_range"] = f"[{lo:.6g}, {hi:.6g}]"
     return out

@@ -453,13 +453,20 @@ class GatedMoE(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         """Per star: split row, prediction, sigma, truth (NaN when unknown), SNR and bins, gate weights,
         each expert's prediction, entropy, masked pixels, OOD score, flags and the shard's numeric id columns
-        (``id_*``) -- from the usable pixels (:mod:`moe.catalogue.predict`; needs :attr:`catalogue_reference`)."""
-        if self.catalogue_reference is None:
-            raise RuntimeError(
-                "GatedMoE.predict_step needs model.catalogue_reference = "
-                "moe.prepare.reference.load_or_build(folder, cache) (the CLI sets it)"
-            )
-        values = catalogue_rows(self, batch, self.catalogue_reference)
+        (``id_*``) -- from the usable pixels (:mod:`moe.catalogue.predict`, with :attr:`catalogue_reference`; without
+        one, spectra without masked pixels and no ``n_masked``, ``ood_score``, ``flags``)."""
+        if self.catalogue_reference is not None:
+            values = catalogue_rows(self, batch, self.catalogue_reference)
+        else:  # no reference (a bare Trainer): whole spectra only, no catalogue columns
+            usable = batch.get("usable")
+            if usable is not None and not bool(usable.all()):
+                raise RuntimeError(
+                    "spectra with masked pixels need model.catalogue_reference = "
+                    "moe.prepare.reference.load_or_build(folder, cache) (the CLI sets it)"
+                )
+            out = self(batch)
+            values = {"log_g_pred": out.pred, "log_g_sigma": out.sigma, "log_g_true": batch["log_g"]}
+            values |= {"weights": out.weights, "expert_preds": out.expert_preds, "entropy": out.entropy}
         keep = ("row", "snr", "snr_bin", "phys_bin")
         return values | {k: v for k, v in batch.items() if k in keep or k.startswith("id_")}
 

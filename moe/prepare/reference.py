@@ -3,10 +3,11 @@ training labels' ranges, built once per dataset and cached.
 
 - :class:`~moe.features.lowrank.LowRankSpectra` of rank ``rank`` fitted on ``fit_rows`` clean training
   spectra (whole blocks drawn at random, the same rows in every run): their mean, the top principal axes
-  (``torch.svd_lowrank``) with the variance of each star's coefficient, and each pixel's variance left over;
-- the OOD threshold: the ``OOD_QUANTILE`` quantile of the OOD score of the validation split's pre-noised
-  spectra -- stars of the training distribution the model was not fitted on -- so that about 0.5 % of
-  training-like stars exceed it;
+  (``torch.svd_lowrank``) with the variance of each star's coefficient, each pixel's variance left over,
+  and the leading ``N_COEF`` coefficients of those spectra (the OOD distance's neighbours);
+- the OOD thresholds, from the validation split's pre-noised spectra -- stars of the training distribution
+  the model was not fitted on: chi^2's at its 99.9 % quantile, the distance's such that 0.5 % of those stars
+  exceed one or the other (``ood_score > 1``);
 - the range ``[min, max]`` of every label in the training parameter tables (``LABEL_EDGE``).
 
 Cached as ``reference_<key>.npz`` beside the expert bundles, keyed by the data fingerprint and the settings;
@@ -33,8 +34,10 @@ from moe.shared.atomic import AtomicFile
 
 log = logging.getLogger(__name__)
 
-REFERENCE_VERSION = 1
-OOD_QUANTILE = 0.995  # share of training-like stars below the OOD threshold
+REFERENCE_VERSION = 2
+OOD_SHARE = 0.005  # share of training-like stars above the OOD threshold
+CHI2_SHARE = 0.001  # of which above the chi^2 threshold
+N_COEF = 8  # leading coefficients the OOD distance compares
 RANK = 32
 FIT_ROWS = 16_384
 FIT_SEED = 21
@@ -57,7 +60,9 @@ def _key(folder: SpectraFolder, rank: int, fit_rows: int) -> dict:
         "rank": int(rank),
         "fit_rows": int(fit_rows),
         "seed": FIT_SEED,
-        "quantile": OOD_QUANTILE,
+        "ood_share": OOD_SHARE,
+        "chi2_share": CHI2_SHARE,
+        "n_coef": N_COEF,
     }
 
 
@@ -89,6 +94,8 @@ def load_or_build(
             components=ref.spectra.components.numpy(),
             variance=ref.spectra.variance.numpy(),
             resid_var=ref.spectra.resid_var.numpy(),
+            train_coef=ref.spectra.train_coef.numpy(),
+            ood_scale=ref.spectra.ood_scale.numpy(),
             ood_threshold=ref.ood_threshold,
             label_ranges=json.dumps(ref.label_ranges),
         )
@@ -105,8 +112,8 @@ def _load(path: Path, key: dict, n_pixels: int) -> CatalogueReference | None:
             if json.loads(str(z["key"])) != key:
                 log.info("rebuilding %s: made for other data or settings", path)
                 return None
-            spectra = LowRankSpectra(n_pixels, int(z["components"].shape[0]))
-            for name in ("mean", "components", "variance", "resid_var"):
+            spectra = LowRankSpectra(n_pixels, int(z["components"].shape[0]), *z["train_coef"].shape)
+            for name in ("mean", "components", "variance", "resid_var", "train_coef", "ood_scale"):
                 getattr(spectra, name).copy_(torch.from_numpy(z[name]))
             ranges = {k: tuple(v) for k, v in json.loads(str(z["label_ranges"])).items()}
             return CatalogueReference(spectra, float(z["ood_threshold"]), ranges, key["data"])
@@ -129,17 +136,23 @@ def build(folder: SpectraFolder, rank: int = RANK, fit_rows: int = FIT_ROWS) -> 
     variance = s[:r].square() / max(len(flux) - 1, 1)
     resid = flux - (flux @ comps.T) @ comps
     resid_var = resid.square().mean(0)
-    spectra = LowRankSpectra(folder.n_pixels, r)
+    spectra = LowRankSpectra(folder.n_pixels, r, len(flux), N_COEF)
     spectra.mean.copy_(mean)
     spectra.components.copy_(comps)
     spectra.variance.copy_(variance)
     spectra.resid_var.copy_(resid_var)
+    spectra.train_coef.copy_(flux @ comps[: spectra.train_coef.shape[1]].T)
     del flux, resid
-    scores = []
-    for batch in folder.stream("val", batch_size=4096).all_batches():
+    parts = []
+    for batch in folder.stream("val", batch_size=1024).all_batches():
         usable = torch.ones_like(batch["flux"], dtype=torch.bool)
-        scores.append(spectra.ood_score(batch["flux"], batch["error"], usable, folder.noise_level))
-    threshold = float(np.quantile(torch.cat(scores).numpy(), OOD_QUANTILE))
+        parts.append(torch.stack(spectra.ood_parts(batch["flux"], batch["error"], usable, folder.noise_level), 1))
+    distance, chi2 = torch.cat(parts).numpy().T
+    t_chi2 = float(np.quantile(chi2, 1 - CHI2_SHARE))
+    rest = distance[chi2 <= t_chi2]
+    t_distance = float(np.quantile(rest, 1 - (OOD_SHARE - CHI2_SHARE) * len(chi2) / max(len(rest), 1)))
+    spectra.ood_scale.copy_(torch.tensor([t_distance, t_chi2], dtype=torch.float64))
+    threshold = 1.0  # ood_score is in units of the thresholds
     return CatalogueReference(spectra, threshold, training_label_ranges(folder), folder.fingerprint_hash())
 
 
