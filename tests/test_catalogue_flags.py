@@ -273,7 +273,7 @@ def test_predict_masked_stars_fits_round_trip_and_sidecars(trained, tiny_dir, tm
     assert table.meta["MOE CHECKPOINT"] == str(trained[1]) and len(table.meta["MOE DATA_FINGERPRINT"]) == 12
     # the CSV's sidecar and the HDF5 attributes
     side = json.loads((tmp_path / "cat.meta.json").read_text())
-    assert side["flag_bits"]["8 OOD"].startswith("ood_score above") and side["columns"]["log_g_pred"]["unit"] == "dex"
+    assert side["flag_bits"]["8 OOD"].startswith("ood_score > 1") and side["columns"]["log_g_pred"]["unit"] == "dex"
     with pd.HDFStore(h5, "r") as store:
         attrs = store.get_storer("catalogue").attrs
         assert json.loads(attrs.flag_bits) == side["flag_bits"]

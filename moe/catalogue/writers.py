@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ FIXED_META = {
     "snr": ("", "signal-to-noise ratio of the usable pixels, |flux| / |noise_level * error| (clean estimate)"),
     "snr_bin": ("", "SNR bin: X <= 2 < L <= 4 < M <= 7 < H"),
     "n_masked": ("pix", "masked pixels (NaN/Inf flux, error NaN/Inf/<= 0, or non-zero mask); imputed"),
-    "ood_score": ("", "reduced chi^2 of the spectrum against the training spectra's low-rank model"),
+    "ood_score": ("", "unlikeness to the training spectra in units of its threshold: > 1 is OOD"),
     "flags": ("", "flag bits (FLAGBITn / flag_bits): 0 = nothing to warn about"),
 }
 
@@ -226,6 +227,7 @@ class FITSCatalogue(_Catalogue):
         with fits.open(buf) as hdus:
             header = hdus[1].header.copy()
         header["EXTNAME"] = ("CATALOGUE", "moe predict: one row per star")
+        header["DATE"] = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "file creation date (UTC)")
         for i, c in enumerate(df.columns, start=1):
             unit, description = column_meta(c)
             if unit == "dex":  # not a FITS-standard unit, but the one surveys write (Gaia's mh_gspphot)

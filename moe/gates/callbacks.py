@@ -115,15 +115,16 @@ def provenance(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
     hparams = getattr(pl_module, "hparams", {})
     out = {
         "moe_version": moe.__version__,
-        "checkpoint": str(getattr(trainer, "ckpt_path", None) or "none (model prepared in this run)"),
+        "checkpoint": str(Path(ckpt).resolve()) if (ckpt := getattr(trainer, "ckpt_path", None)) else "none (this run)",
         "data_fingerprint": str(getattr(pl_module, "data_fingerprint", None)),
         "noise_level": float(hparams.get("noise_level", float("nan"))),
         "fusion": str(hparams.get("fusion")),
         "experts": str(getattr(pl_module, "family", None)),
     }
     if dm is not None:
-        out["data_dir"] = str(getattr(dm, "data_dir", ""))
-        out["predicted"] = ", ".join(map(str, dm.predict_path)) if getattr(dm, "predict_path", None) else "test split"
+        out["data_dir"] = str(Path(getattr(dm, "data_dir", "")).resolve())
+        paths = getattr(dm, "predict_path", None)
+        out["predicted"] = ", ".join(str(Path(p).resolve()) for p in paths) if paths else "the test split"
     if ref is not None:
         out["ood_threshold"] = float(ref.ood_threshold)
         out["ood_distance_scale"] = float(ref.spectra.ood_scale[0])
