@@ -77,8 +77,9 @@ def reference_epoch(dm: SpectraDataModule, model: GatedMoE, rows: int, device: t
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         flux = add_noise(batch["flux"], batch["error"], dm.noise_level)
-        ref = reference_inputs(model, flux, batch["error"])
-        gate = model.gate(model.phys_scaler(ref["phys"]), model.qual_scaler(ref["quality"]))
+        ref = reference_inputs(model.mixture, flux, batch["error"])
+        mixture = model.mixture
+        gate = mixture.gate(mixture.phys_scaler(ref["phys"]), mixture.qual_scaler(ref["quality"]))
         loss = F.mse_loss((gate.weights * ref["experts"]).sum(-1), batch["log_g"])
         opt.zero_grad()
         loss.backward()
@@ -138,7 +139,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=a.data) as tmp:
         fresh = SpectraDataModule(a.data, max_train_rows=a.rows, synth=None, cache_dir=tmp)
         t = time.perf_counter()
-        attach_inputs(fresh, *model.input_map(), model.physics.pixels)
+        attach_inputs(fresh, *model.mixture.projection(), model.mixture.physics.pixels)
         prepare_s = time.perf_counter() - t
     warm(dm.train_set.paths)
     warm(p for paths in dm.inputs.values() for p in paths.values())
@@ -162,13 +163,13 @@ def main() -> None:
         "ours_spec_s": n / ours_s,
         "floor_over_ours": floor_s / ours_s,
         "ours_over_reference_speed": (n / ours_s) / (ref_rows / ref_s),
-        "window_pixels": model.physics.n_window_pixels,
-        "projections": model.input_map()[0].shape[0],
+        "window_pixels": model.mixture.physics.n_window_pixels,
+        "projections": model.mixture.projection()[0].shape[0],
     }
     fig = {k: round(v, 3) if isinstance(v, float) else v for k, v in fig.items()}
 
     print(
-        f"gate epoch, concat gate over {model.experts.n_experts} experts: {n} rows x {dm.n_pixels} px, "
+        f"gate epoch, concat gate over {model.mixture.experts.n_experts} experts: {n} rows x {dm.n_pixels} px, "
         f"batch {dm.batch_size}, {dm.num_workers} loader workers, {a.device}"
     )
     print(f"{'part':<52}{'seconds':>9}{'spectra/s':>11}")

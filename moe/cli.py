@@ -20,26 +20,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 from moe.data.datamodule import SpectraDataModule
 from moe.data.shards import check_grid, read_wave
-from moe.experts.bundle import ExpertsMismatchError, default_dir
+from moe.experts.bundle import default_dir
 from moe.gates.callbacks import CatalogueWriter, RunSummary
 from moe.gates.checkpoints import (
     RUNS_DIR,
     CheckpointError,
-    check_state_fits,
+    check_checkpoint,
+    check_variant,
     find_checkpoint,
     read_checkpoint,
     run_name,
     version_of,
 )
-from moe.gates.module import GatedMoE, default_family, summary_table
+from moe.gates.metrics import summary_table
+from moe.gates.module import GatedMoE
 from moe.gates.quiet import quiet_lightning
 from moe.prepare import attach_inputs, prepare
 from moe.prepare.reference import load_or_build
@@ -73,6 +77,15 @@ def experts_dir(data_dir: str) -> str:
     return str(default_dir(data_dir))
 
 
+class SaveFitConfig(SaveConfigCallback):
+    """Saves the config into the run folder on ``fit`` only: evaluating a run leaves the config it was trained
+    with."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:
+            super().setup(trainer, pl_module, stage)
+
+
 class MoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.n_pixels", "model.n_pixels", apply_on="instantiate")
@@ -91,17 +104,15 @@ class MoECLI(LightningCLI):
         parser.add_lightning_class_args(CatalogueWriter, "predict_writer")
         parser.add_argument("--test_after_fit", type=bool, default=False, help="test the best checkpoint after fit")
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning replaces the model settings with a checkpoint's own; a checkpoint of another gate variant
-        than the command asks for is refused first, naming both (it would otherwise silently win)."""
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then refuse a ``--ckpt_path`` file of another gate variant than the command asks for, naming
+        both: Lightning next replaces the model settings with the checkpoint's own (which would otherwise
+        silently win)."""
+        super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(ckpt).is_file():
-            model = self.config[sub]["model"]
-            self._check_same_variant(
-                ckpt, self._checkpoint(ckpt), model["fusion"], model.get("experts"), model.get("variance_head", True)
-            )
-        super()._parse_ckpt_path()
+            check_variant(self._checkpoint(ckpt).get("hyper_parameters", {}), self.config[sub]["model"], ckpt)
 
     def _checkpoint(self, path: str) -> dict:
         """The contents of checkpoint ``path``, read once per command (the parse check and the preparation
@@ -111,30 +122,24 @@ class MoECLI(LightningCLI):
             states[path] = read_checkpoint(path)
         return states[path]
 
-    def _instantiate_trainer(self, config, callbacks):
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        """The trainer of the command's run: a TensorBoardLogger in the run's folder (fit: a new version, or
+        the resumed one; evaluation: the checkpoint's own version, or none for a file from elsewhere), a
+        RichProgressBar and the run's TensorBoard summary (:class:`~moe.gates.callbacks.RunSummary`)."""
+        config = self.config_init[self.subcommand]["trainer"]
         root = config.get("default_root_dir") or os.getcwd()
         run = run_name(self.model.hparams.fusion, self.model.family)
         version = self._resolve_checkpoint(root, run)
         if config.get("logger") in (None, True):
-            # fit: a new version of the run (or the resumed one); evaluation: the checkpoint's own version
             keep = self.subcommand == "fit" or version is not None
-            config["logger"] = (
-                TensorBoardLogger(Path(root) / RUNS_DIR, name=run, version=version, default_hp_metric=False)
-                if keep
-                else False
-            )
-        if config.get("enable_progress_bar") is not False and not any(
-            isinstance(c, RichProgressBar) for c in callbacks
-        ):
+            logger = TensorBoardLogger(Path(root) / RUNS_DIR, name=run, version=version, default_hp_metric=False)
+            kwargs["logger"] = logger if keep else False
+        callbacks = config.get("callbacks") or []
+        callbacks = [*callbacks] if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar())
-        callbacks.append(RunSummary())
-        save_config = self.save_config_callback
-        if self.subcommand != "fit":  # the run folder keeps the config it was trained with
-            self.save_config_callback = None
-        try:
-            return super()._instantiate_trainer(config, callbacks)
-        finally:
-            self.save_config_callback = save_config
+        kwargs["callbacks"] = [*callbacks, RunSummary()]
+        return super().instantiate_trainer(**kwargs)
 
     def _resolve_checkpoint(self, root: str, run: str) -> int | None:
         """Turn ``--ckpt_path best|last`` into the file of this run (said in one line), check that a given
@@ -156,33 +161,29 @@ class MoECLI(LightningCLI):
     # ---- prepared artefacts, before the trainer runs -------------------------------------------
     def _prepare(self) -> None:
         """Hand the model what is not learned: from the preparation step, or -- for validate/test/predict
-        with a checkpoint -- from the checkpoint itself, with the gate-input caches built for its experts."""
+        with a checkpoint -- from the checkpoint itself, with the gate-input caches built for its experts.
+        A checkpoint that does not fit (:func:`~moe.gates.checkpoints.check_checkpoint`) is refused first."""
         cfg = self.config_init[self.subcommand]
         ckpt = cfg.get("ckpt_path")
         if self.subcommand == "predict":  # the catalogue is written batch by batch: keep nothing in memory
             cfg["return_predictions"] = False
+        state = self._checked(ckpt) if ckpt is not None else None  # refused before any work
         if self.subcommand == "fit" or ckpt is None:
-            state = self._fitting_checkpoint(ckpt) if ckpt is not None else None  # refused before any work
             self.model.load_prepared(prepare(self.datamodule, self.model.prepare_config()))
-            if state is not None:
-                self._check_resumed_experts(ckpt, state)
+            if state is not None:  # resumed: its experts must be the ones just prepared
+                self._checked(ckpt)
             self._catalogue_reference()
             return
-        state = self._fitting_checkpoint(ckpt)
-        stored, here = state.get("moe_data_fingerprint"), self.datamodule.fingerprint_hash()
-        if stored and stored != here:
-            raise ExpertsMismatchError(
-                f"{ckpt}: trained on data {stored}, but --data holds data {here}: "
-                "its experts do not belong to this data"
-            )
         self.model.load_state_dict(state["state_dict"])
-        self.model.data_fingerprint = stored or here
+        self.model.data_fingerprint = state.get("moe_data_fingerprint") or self.datamodule.fingerprint_hash()
         if self.subcommand == "predict":
+            wave = self.model.mixture.physics.wave.cpu().numpy()
             for path in self.datamodule.predict_set().paths:
-                check_grid(path, read_wave(path), self.model.physics.wave.cpu().numpy(), f"the checkpoint's ({ckpt})")
+                check_grid(path, read_wave(path), wave, f"the checkpoint's ({ckpt})")
         # predict reads the spectra themselves (masked pixels, the OOD score): no gate-input caches
         splits = {"validate": ("val",), "test": ("test",)}.get(self.subcommand, ())
-        attach_inputs(self.datamodule, *self.model.input_map(), self.model.physics.pixels, splits)
+        mixture = self.model.mixture
+        attach_inputs(self.datamodule, *mixture.projection(), mixture.physics.pixels, splits)
         self._catalogue_reference()
 
     def _catalogue_reference(self) -> None:
@@ -192,59 +193,11 @@ class MoECLI(LightningCLI):
             cache = self.model.prepare_config().experts_dir or default_dir(self.datamodule.data_dir)
             self.model.catalogue_reference = load_or_build(self.datamodule, cache)
 
-    def _fitting_checkpoint(self, ckpt: str) -> dict:
-        """The contents of ``ckpt`` once they are known to fit this model: the same gate variant, and (after
-        filling in what an earlier moe's state lacks) tensors of this model's shapes; else one error naming it."""
+    def _checked(self, ckpt: str) -> dict:
+        """The contents of ``ckpt`` once they fit this model and data (upgraded in place), else one error."""
         state = self._checkpoint(ckpt)
-        self._check_same_variant(ckpt, state)
-        self.model.upgrade_state(state["state_dict"])
-        check_state_fits(self.model, state["state_dict"], ckpt)
+        check_checkpoint(self.model, state, ckpt, self.datamodule.fingerprint_hash(), "--data")
         return state
-
-    def _check_same_variant(
-        self,
-        ckpt: str,
-        state: dict,
-        fusion: str | None = None,
-        experts: str | None = None,
-        variance_head: bool | None = None,
-    ) -> None:
-        """A checkpoint of another gate variant (fusion, experts family, or -- for gates that learn -- with or
-        without the variance head) than the command's (by default the instantiated model's) is refused, naming
-        both."""
-        saved = state.get("hyper_parameters", {})
-        if "fusion" not in saved:
-            return
-        if fusion is None:
-            fusion, experts = self.model.hparams.fusion, self.model.family
-            variance_head = self.model.hparams.variance_head
-        checks = [
-            ("--model.fusion", fusion, saved["fusion"]),
-            (
-                "--model.experts",
-                experts or default_family(fusion),
-                saved.get("experts") or default_family(saved["fusion"]),
-            ),
-        ]
-        if fusion not in ("oracle", "global"):  # the gates that learn nothing have no head either way
-            checks.append(("--model.variance_head", bool(variance_head), bool(saved.get("variance_head", True))))
-        for flag, here, there in checks:
-            if there != here:
-                raise CheckpointError(
-                    f"{ckpt}: trained with {flag} {there}, but this command has {flag} {here}; "
-                    f"pass {flag} {there} (or the config it was trained with)"
-                )
-
-    def _check_resumed_experts(self, ckpt: str, state: dict) -> None:
-        """A run resumed from ``ckpt`` must find the same experts the checkpoint was trained with: the
-        cached gate inputs were built for the prepared ones."""
-        saved = state["state_dict"]
-        for name, buf in (("experts.weight", self.model.experts.weight), ("experts.bias", self.model.experts.bias)):
-            if name in saved and not torch.equal(saved[name], buf.detach().cpu()):
-                raise ExpertsMismatchError(
-                    f"{ckpt}: its experts differ from those prepared for this run (other --model.expert_* "
-                    "settings or a refitted bundle); resume with the settings it was trained with"
-                )
 
     before_fit = before_validate = before_test = before_predict = _prepare
 
@@ -262,7 +215,7 @@ class MoECLI(LightningCLI):
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
             print(
                 f"\ntest: fusion {self.model.hparams.fusion}, experts {self.model.family} "
-                f"({self.model.experts.n_experts}), noise_level {self.datamodule.noise_level}"
+                f"({self.model.mixture.experts.n_experts}), noise_level {self.datamodule.noise_level}"
             )
             print(summary_table(metrics))
 
@@ -275,6 +228,7 @@ def cli_main(args: list[str] | None = None) -> MoECLI:
         GatedMoE,
         SpectraDataModule,
         seed_everything_default=42,
+        save_config_callback=SaveFitConfig,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"max_epochs": 8, "log_every_n_steps": 20},
         args=args,

@@ -11,8 +11,9 @@ import torch
 
 from moe.cli import cli_main
 from moe.data import bins
-from moe.experts.calibration import coverage_scale, model_error_variance, sigma_map, validation_check
+from moe.experts.model_error import model_error_variance
 from moe.gates.metrics import LatestRows, SplitMetrics
+from moe.gates.sigma_map import coverage_scale, sigma_map, validation_check
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -93,12 +94,14 @@ def test_trained_gate_sigma_is_calibrated_at_small_n(tmp_path, tiny_dir):
     # tiny experts (R^2 about 0.3) leave nearly uniform residuals, lighter-tailed than any Gaussian: 2 sigma
     # covers 97-99% of these 300 stars (the full-size targets are met at 5k stars, see test_sigma_map_*)
     assert 0.88 <= m["test/coverage_2sigma"] <= 0.995, m
-    assert cli.model.sigma_scale.min() > 0 and not torch.equal(cli.model.sigma_scale, torch.ones(4))
-    assert torch.isfinite(cli.model.sigma_ref).all() and (cli.model.sigma_power > 0).all()
+    assert cli.model.mixture.calibration.scale.min() > 0 and not torch.equal(
+        cli.model.mixture.calibration.scale, torch.ones(4)
+    )
+    assert torch.isfinite(cli.model.mixture.calibration.ref).all() and (cli.model.mixture.calibration.power > 0).all()
 
 
 def test_coverage_scale_is_exact_for_gaussian_z_and_balances_heavy_tails():
-    from moe.experts.calibration import GAUSS_1SIGMA, GAUSS_2SIGMA, coverage_scale
+    from moe.gates.sigma_map import GAUSS_1SIGMA, GAUSS_2SIGMA, coverage_scale
 
     rng = np.random.default_rng(2)
     z = rng.normal(0, 2.5, 200_000)

@@ -32,7 +32,7 @@ def trained(tmp_path_factory, tiny_dir):
         "false",
     ]
     cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_epochs", "1", *args])
-    return root, args, Path(cli.trainer.checkpoint_callback.best_model_path), cli.model.experts.names
+    return root, args, Path(cli.trainer.checkpoint_callback.best_model_path), cli.model.mixture.experts.names
 
 
 def _predict(ckpt: Path, args: list[str], predict_path: str, output: str) -> None:
@@ -150,7 +150,7 @@ def test_catalogue_temp_is_atomic_stale_ones_removed_and_a_full_disk_is_one_erro
     trainer = SimpleNamespace(
         world_size=1, global_rank=0, log_dir=None, default_root_dir=str(tmp_path), datamodule=None
     )
-    module = SimpleNamespace(experts=SimpleNamespace(names=["a", "b"]))
+    module = SimpleNamespace(mixture=SimpleNamespace(experts=SimpleNamespace(names=["a", "b"])))
     writer = CatalogueWriter(str(out))
     writer.on_predict_start(trainer, module)
     assert not stale.exists()

@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent('''
             self.rows = []
 
         def on_fit_end(self, trainer, module):
-            torch.save({"experts": module.experts.weight.cpu(), "scaler": module.phys_scaler.mean.cpu()},
+            torch.save({"experts": module.mixture.experts.weight.cpu(), "scaler": module.mixture.phys_scaler.mean.cpu()},
                        f"{OUT}/buffers_rank{trainer.global_rank}.pt")
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

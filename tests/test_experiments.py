@@ -300,6 +300,9 @@ def test_min_samples_and_fallback_reach_every_expert_fit(exp_dir, tmp_path, monk
             [name, "--data", exp_dir, "--out", str(tmp_path), "--min-samples", "7", "--fallback", "global"]
         )
     assert seen and seen[0].min_samples == 7 and seen[0].fallback == "global"
+    # only the families an experiment's questions use must meet the minimum (dual-tower: all, its gates mix each)
+    uses = {"ceiling": ("global", "phys"), "snr-oracle": ("global", "snr"), "dual-tower": None}
+    assert seen[0].required == uses[name]
     assert ExperimentSettings().fit_config(("global", "phys")).min_samples == 50  # the default of moe experts
 
 
@@ -323,6 +326,14 @@ def test_min_samples_and_fallback_reach_every_expert_fit(exp_dir, tmp_path, monk
         (
             ["dual-tower", "--n-train", "100"],
             r"^moe: error: \d+ expert group\(s\) have fewer than 50 training rows: phys/.*--min-samples N / --fallback global",
+        ),
+        (  # the physical groups are as short, but this experiment routes the SNR experts only
+            ["snr-oracle", "--n-train", "100"],
+            r"^moe: error: \d expert group\(s\) have fewer than 50 training rows: (snr/SNR-\w \(\d+\)(, )?)+; use ",
+        ),
+        (  # and this one the physical experts only
+            ["ceiling", "--n-train", "100"],
+            r"^moe: error: \d expert group\(s\) have fewer than 50 training rows: (phys/\w+-\w+ \(\d+\)(, )?)+; use ",
         ),
         (
             ["dual-tower", "--n-train", "10", "--fallback", "global"],

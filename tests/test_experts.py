@@ -112,7 +112,7 @@ def test_noise_marginalised_is_the_augmentation_limit():
     assert errs[1] < errs[0] / 2.5  # and it shrinks ~ 1/sqrt(K)
 
 
-def test_small_group_error_and_fallback(tiny_dir, caplog, monkeypatch):
+def test_small_group_error_and_fallback(tiny_dir, monkeypatch):
     dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None, max_train_rows=400)
     cfg = FitConfig(families=("global", "phys"), min_samples=60, block_rows=128)
 
@@ -127,9 +127,7 @@ def test_small_group_error_and_fallback(tiny_dir, caplog, monkeypatch):
             r"--model\.expert_min_samples N / --model\.expert_fallback global.*--min-samples N / --fallback global",
         ):
             fit_families(dm, cfg, progress=False)
-    with caplog.at_level(logging.WARNING):
-        fits, _, _ = fit_families(dm, replace(cfg, fallback="global"), progress=False)
-    assert "using the global expert" in caplog.text
+    fits, _, _ = fit_families(dm, replace(cfg, fallback="global"), progress=False)
     fell = [g for g, note in enumerate(fits["phys"].fallback) if note == "global"]
     assert fell and all(fits["phys"].n_train[g] < 60 for g in fell)
     stats, _ = accumulate_stats(dm, cfg, progress=False)
@@ -137,6 +135,41 @@ def test_small_group_error_and_fallback(tiny_dir, caplog, monkeypatch):
     for g in fell:
         a = list(cfg.alphas).index(fits["phys"].alpha[g])
         np.testing.assert_allclose(fits["phys"].weight[g], w_global[a], rtol=1e-12)
+
+
+def test_a_short_group_of_a_family_not_relied_on_takes_the_global_expert(tiny_dir, tmp_path, caplog, monkeypatch):
+    """At noise level 0.5 the tiny set's SNR-X bin holds 2 training rows, every physical bin at least 72.
+    A fit for a gate over the physical experts trains (SNR-X is the global expert, said in one INFO line,
+    marked in the alpha table); a fit relying on the SNR or cell experts stops before any solve, and the
+    cached bundle is refused to it with the same line."""
+    dm = SpectraDataModule(tiny_dir, noise_level=0.5, num_workers=0, synth=None)
+    phys, snr = (FitConfig(("phys", "snr"), block_rows=256, required=groups.relies_on(f)) for f in ("phys", "snr"))
+    cells = FitConfig(("snr", "cells"), block_rows=256, required=groups.relies_on("cells"))
+    assert cells.required == ("global", "phys", "snr", "cells") and phys.required == ("global", "phys")
+    assert phys.key_dict() == snr.key_dict() == replace(phys, required=None).key_dict()  # one cached fit serves all
+    message = (
+        r"^1 expert group\(s\) have fewer than 50 training rows: snr/SNR-X \(2\); use more training rows, .*"
+        r"--model\.expert_fallback global; moe experiments: --min-samples N / --fallback global\)$"
+    )
+    with monkeypatch.context() as m:
+        m.setattr(
+            fit_module, "fit_sweep", lambda *a, **k: pytest.fail("a solve ran before the group sizes were checked")
+        )
+        for relying in (snr, cells):
+            with pytest.raises(GroupTooSmallError, match=message):
+                fit_families(dm, relying, progress=False)
+    caplog.set_level(logging.INFO, logger="moe")
+    bundle = load_or_fit(dm, phys, tmp_path / "experts.pt", progress=False)
+    stand_in = "expert snr/SNR-X has 2 training rows, fewer than 50: the global expert stands in for it"
+    assert caplog.text.count(stand_in) == 1 and "cells/" not in caplog.text
+    assert bundle.stand_ins() == [("snr", "SNR-X", 2)]
+    table = bundle.alpha_table().set_index(["family", "expert"])["fallback"]
+    assert table[("snr", "SNR-X")] == "global" and (table.drop(("snr", "SNR-X")) != "global").all()
+    snr_fit, x = bundle.families["snr"], bundle.families["snr"].names.index("SNR-X")
+    a = list(phys.alphas).index(snr_fit.alpha[x])
+    np.testing.assert_allclose(snr_fit.weight[x], bundle.families["global"].path_weight[0, a], rtol=1e-12)
+    with pytest.raises(GroupTooSmallError, match=message):  # the cached fit made for the physical gate
+        load_or_fit(dm, snr, tmp_path / "experts.pt", progress=False)
 
 
 def test_fit_in_single_mode_matches_sklearn_on_the_same_rows(tiny_dir):

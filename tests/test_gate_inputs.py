@@ -35,8 +35,8 @@ def prepared(tiny_dir, tmp_path_factory):
 
 def _full_draw_parts(model, error, z, noise_level):
     """The window normals and the rest-pixel projection noise of one full-spectrum draw z [B, D]."""
-    weight, _ = model.input_map()
-    pixels = model.physics.pixels
+    weight, _ = model.mixture.projection()
+    pixels = model.mixture.physics.pixels
     n_rest = error * z
     n_rest[:, pixels] = 0
     return z[:, pixels], n_rest @ weight.T
@@ -69,12 +69,12 @@ def test_noised_cached_inputs_equal_reference_on_the_same_draw(prepared, noise_l
     assert torch.equal(spectra["row"], cached["row"]) and "flux" not in cached
     torch.manual_seed(3)
     z = torch.randn(spectra["flux"].shape)
-    ref = reference_inputs(model, spectra["flux"] + noise_level * spectra["error"] * z, spectra["error"])
-    weight, _ = model.input_map()
+    ref = reference_inputs(model.mixture, spectra["flux"] + noise_level * spectra["error"] * z, spectra["error"])
+    weight, _ = model.mixture.projection()
     z_w, u = _full_draw_parts(model, spectra["error"], z, noise_level)
-    got = add_input_noise(cached, weight[:, model.physics.pixels], noise_level, z_w, u)
-    phys, qual = model.raw_features(got)
-    k = model.experts.n_experts
+    got = add_input_noise(cached, weight[:, model.mixture.physics.pixels], noise_level, z_w, u)
+    phys, qual = model.mixture.raw_features(got)
+    k = model.mixture.experts.n_experts
     torch.testing.assert_close(phys, ref["phys"], rtol=1e-4, atol=2e-4)
     torch.testing.assert_close(qual, ref["quality"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["proj"][:, :k], ref["experts"], rtol=1e-4, atol=2e-4)
@@ -100,9 +100,9 @@ def test_rest_noise_factor_matches_closed_form_covariance(prepared):
     dm, model = prepared
     cached = next(iter(dm.stream("train", shuffle=False, batch_size=5, cached=True)))
     spectra = next(iter(dm.stream("train", shuffle=False, batch_size=5)))
-    weight = model.input_map()[0].double().numpy()
+    weight = model.mixture.projection()[0].double().numpy()
     rest = np.ones(dm.n_pixels, bool)
-    rest[model.physics.pixels.numpy()] = False
+    rest[model.mixture.physics.pixels.numpy()] = False
     e = spectra["error"].double().numpy()
     for i in range(5):  # numpy closed form: A_r diag(e_r^2) A_r^T
         cov = (weight[:, rest] * e[i, rest] ** 2) @ weight[:, rest].T
@@ -122,12 +122,12 @@ def test_rest_noise_factor_matches_closed_form_covariance(prepared):
 
 def test_caches_equal_recomputed_inputs(prepared):
     dm, model = prepared
-    weight, bias = model.input_map()
+    weight, bias = model.mixture.projection()
     for split in ("train", "val"):
         spectra = next(iter(dm.stream(split, shuffle=False, batch_size=300)))
         cached = next(iter(dm.stream(split, shuffle=False, batch_size=300, cached=True)))
         fresh = row_inputs(
-            spectra["flux"], spectra["error"], weight, bias, model.physics.pixels, noise_factor=split == "train"
+            spectra["flux"], spectra["error"], weight, bias, model.mixture.physics.pixels, noise_factor=split == "train"
         )
         for name, v in fresh.items():
             torch.testing.assert_close(cached[name], v, rtol=0, atol=0)

@@ -15,7 +15,7 @@ from moe.data.datamodule import SpectraDataModule
 from moe.experts.bundle import ExpertsMismatchError
 from moe.gates import FUSIONS, GatedMoE, normalized_product
 from moe.gates.fusions import ProductGate, TemperatureGate
-from moe.gates.module import summary_table
+from moe.gates.metrics import summary_table
 from moe.prepare import prepare
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -53,7 +53,7 @@ def test_fusion_learns_and_experts_stay_frozen(dm, fusion):
     torch.manual_seed(0)
     model = _model(dm, fusion)
     batch = _noisy_batch(dm)
-    experts_before = model.experts.weight.clone()
+    experts_before = model.mixture.experts.weight.clone()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(40):
@@ -64,8 +64,8 @@ def test_fusion_learns_and_experts_stay_frozen(dm, fusion):
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0] * 0.97, losses[::10]
-    assert torch.equal(model.experts.weight, experts_before)
-    assert model.experts.weight.grad is None and not model.experts.weight.requires_grad
+    assert torch.equal(model.mixture.experts.weight, experts_before)
+    assert model.mixture.experts.weight.grad is None and not model.mixture.experts.weight.requires_grad
     assert all(not b.requires_grad for b in model.buffers())
     w = model(batch).weights
     assert torch.allclose(w.sum(-1), torch.ones(len(w)), atol=1e-5) and (w >= 0).all()
@@ -78,8 +78,8 @@ def test_nothing_learned_baselines(dm):
     assert torch.equal(out.weights.argmax(-1), batch["phys_bin"]) and torch.all(out.entropy < 1e-6)
     assert not list(oracle.parameters()) and oracle.configure_optimizers() is None
     glob = _model(dm, "global")
-    assert glob.experts.n_experts == 1
-    torch.testing.assert_close(glob(batch).pred, glob.global_expert(batch["flux"]).squeeze(1))
+    assert glob.mixture.experts.n_experts == 1
+    torch.testing.assert_close(glob(batch).pred, glob.mixture.global_expert(batch["flux"]).squeeze(1))
     snr_oracle = _model(dm, "oracle", experts="snr")
     assert torch.equal(snr_oracle(batch).weights.argmax(-1), batch["snr_bin"])
     with pytest.raises(ValueError, match="unknown fusion"):
@@ -119,22 +119,22 @@ def test_mixture_sigma(dm):
     model = _model(dm, "concat", variance_head=False)
     batch = _noisy_batch(dm, 32)
     out = model(batch)
-    assert (model.model_var > 0).all()  # prepared: every expert has a model error on validation
+    assert (model.mixture.model_var > 0).all()  # prepared: every expert has a model error on validation
     with torch.no_grad():
-        model.sigma_scale.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
+        model.mixture.calibration.scale.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
     out = model(batch)
-    noise = model.experts.predictive_variance(batch["error"], dm.noise_level).double()
-    var = noise + model.model_var.double().T[batch["snr_bin"]]  # noise + model error of the star's SNR bin
+    noise = model.mixture.experts.predictive_variance(batch["error"], dm.noise_level).double()
+    var = noise + model.mixture.model_var.double().T[batch["snr_bin"]]  # noise + model error of the star's SNR bin
     mu, w = out.expert_preds.double(), out.weights.double()
     m = (w * mu).sum(-1)
     spread = ((w * (var + (mu - m[:, None]) ** 2)).sum(-1)).sqrt()  # law of total variance
-    expect = spread * model.sigma_scale.double()[batch["snr_bin"]]
+    expect = spread * model.mixture.calibration.scale.double()[batch["snr_bin"]]
     torch.testing.assert_close(out.sigma.double(), expect, rtol=1e-3, atol=1e-4)
     with torch.no_grad():  # the recalibration's exponent about each bin's reference sigma
-        model.sigma_ref.copy_(torch.tensor([0.5, 0.8, 1.2, 2.0]))
-        model.sigma_power.fill_(1.5)
-    ref = model.sigma_ref.double()[batch["snr_bin"]]
-    expect = model.sigma_scale.double()[batch["snr_bin"]] * ref * (spread / ref) ** 1.5
+        model.mixture.calibration.ref.copy_(torch.tensor([0.5, 0.8, 1.2, 2.0]))
+        model.mixture.calibration.power.fill_(1.5)
+    ref = model.mixture.calibration.ref.double()[batch["snr_bin"]]
+    expect = model.mixture.calibration.scale.double()[batch["snr_bin"]] * ref * (spread / ref) ** 1.5
     torch.testing.assert_close(model(batch).sigma.double(), expect, rtol=1e-3, atol=1e-4)
     # with the variance head: the experts' noise variances mixed (their disagreement left out) plus the
     # head's model-error variance, then the same recalibration
@@ -143,9 +143,11 @@ def test_mixture_sigma(dm):
     w = out.weights.double()
     noise_s = (w * noise).sum(-1).sqrt()
     torch.testing.assert_close(out.noise_spread.double(), noise_s, rtol=1e-3, atol=1e-5)
-    expect = (noise_s.square() + out.log_model_var.double().exp()).sqrt() * head.sigma_scale.double()[batch["snr_bin"]]
+    expect = (noise_s.square() + out.log_model_var.double().exp()).sqrt() * head.mixture.calibration.scale.double()[
+        batch["snr_bin"]
+    ]
     torch.testing.assert_close(out.sigma.double(), expect, rtol=1e-3, atol=1e-4)
-    assert _model(dm, "oracle").variance_head is None  # nothing learned there: the prepared estimate
+    assert _model(dm, "oracle").mixture.variance_head is None  # nothing learned there: the prepared estimate
 
 
 def _cli(tmp_path, *extra, tiny_dir):
@@ -245,7 +247,7 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     assert [p.name for p in run_dir.iterdir()] == ["version_0"]
     rows = list(csv.DictReader(pred_csv.open()))
     assert len(rows) == 300
-    names = test.model.experts.names
+    names = test.model.mixture.experts.names
     assert list(rows[0]) == [
         "shard",
         "row",
@@ -261,7 +263,7 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
         "ood_score",
         "flags",
     ]
-    assert abs(sum(float(rows[0][f"w_{n}"]) for n in test.model.experts.names) - 1) < 1e-4
+    assert abs(sum(float(rows[0][f"w_{n}"]) for n in test.model.mixture.experts.names) - 1) < 1e-4
     assert {r["snr_bin"] for r in rows} <= {"X", "L", "M", "H"}
 
 
@@ -302,20 +304,66 @@ def test_checkpoint_from_other_data_is_refused(concat_checkpoint):
 def test_checkpoint_of_an_earlier_moe_is_one_error_naming_the_tensor(concat_checkpoint, tmp_path):
     ckpt, args = concat_checkpoint
     state = torch.load(ckpt, weights_only=True)
-    state["state_dict"]["variance_head.0.weight"] = state["state_dict"]["variance_head.0.weight"][:, :-1]  # old head
+    head = "mixture.variance_head.0.weight"
+    state["state_dict"][head] = state["state_dict"][head][:, :-1]  # an older head
     old = tmp_path / "old.ckpt"
     torch.save(state, old)
     message = (
-        r"old\.ckpt: its variance_head\.0\.weight has shape \(32, 25\), this model's is \(32, 26\); the checkpoint "
+        r"old\.ckpt: its mixture\.variance_head\.0\.weight has shape \(32, 25\), this model's is \(32, 26\); the checkpoint "
         r"was saved by another version of moe or edited: retrain it"
     )
     for command in ("test", "fit"):  # evaluated or resumed: refused, naming the file, before any work
         with pytest.raises(ExpertsMismatchError, match=message):
             cli_main([command, "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(old), *args])
-    del state["state_dict"]["variance_head.0.weight"]
+    del state["state_dict"][head]
     torch.save(state, old)
-    with pytest.raises(ExpertsMismatchError, match=r"old\.ckpt: has no variance_head\.0\.weight, which this model"):
+    with pytest.raises(
+        ExpertsMismatchError, match=r"old\.ckpt: has no mixture\.variance_head\.0\.weight, which this model"
+    ):
         cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(old), *args])
+
+
+def _earlier_layout(state: dict, power_map: bool = True) -> dict:
+    """A state_dict as moe saved it before GatedMoE held its network in ``mixture``: every tensor at the top,
+    the sigma map as ``sigma_scale / sigma_ref / sigma_power`` (only ``sigma_scale`` before the power map)."""
+    old = {}
+    for name, value in state.items():
+        name = name.removeprefix("mixture.")
+        if name.startswith("calibration."):
+            if not power_map and name != "calibration.scale":
+                continue
+            name = "sigma_" + name.removeprefix("calibration.")
+        old[name] = value
+    return old
+
+
+def test_checkpoint_of_the_earlier_layout_loads_and_tests_the_same(concat_checkpoint, tmp_path, capsys):
+    ckpt, args = concat_checkpoint
+    state = torch.load(ckpt, weights_only=True)
+    assert {"mixture.calibration.scale", "mixture.calibration.ref", "mixture.calibration.power"} <= set(
+        state["state_dict"]
+    )
+    tables = []
+    for path in (ckpt, tmp_path / "earlier.ckpt"):
+        if path != ckpt:
+            torch.save(state | {"state_dict": _earlier_layout(state["state_dict"])}, path)
+        cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(path), *args])
+        tables.append(capsys.readouterr().out.split("\ntest: ")[-1])
+    assert "rho =" in tables[0] and tables[1] == tables[0]  # the same experts, gate, head and sigma map
+    resumed = cli_main(  # and a run continues from it (its optimiser state follows the same parameters)
+        ["fit", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(tmp_path / "earlier.ckpt"), *args]
+        + ["--trainer.max_epochs", "2"]
+    )
+    assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 4
+    # through Lightning's own loading (the load hook upgrades it), and from before the power map
+    loaded = GatedMoE.load_from_checkpoint(tmp_path / "earlier.ckpt", weights_only=False)
+    for name, value in state["state_dict"].items():
+        if torch.is_tensor(value):  # (an expert's extra state is its names)
+            torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    torch.save(state | {"state_dict": _earlier_layout(state["state_dict"], power_map=False)}, tmp_path / "plain.ckpt")
+    calibration = GatedMoE.load_from_checkpoint(tmp_path / "plain.ckpt", weights_only=False).mixture.calibration
+    assert torch.equal(calibration.scale, state["state_dict"]["mixture.calibration.scale"])
+    assert torch.equal(calibration.ref, torch.ones(4)) and torch.equal(calibration.power, torch.ones(4))
 
 
 def test_checkpoint_without_the_variance_head_names_the_flag(concat_checkpoint):
@@ -351,6 +399,8 @@ def test_resume_from_last_checkpoint(tmp_path, tiny_dir):
 def test_summary_table_lists_bins():
     text = summary_table({"test/r2": 0.6, "test/rho": 0.8, "test/r2_snr_X": 0.2, "test/entropy_snr_X": 1.5})
     assert "SNR X" in text and "0.2000" in text and "rho = 0.800" in text
+    snr_h = text.splitlines()[2]
+    assert snr_h.startswith("SNR H") and snr_h.endswith("no spectra in this bin") and "nan" not in snr_h
 
 
 def test_all_fusions_listed():
@@ -382,7 +432,7 @@ def test_resume_with_other_experts_is_refused(tmp_path, tiny_dir):
     args = _cli(tmp_path, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", tiny_dir=tiny_dir)
     first = cli_main(["fit", "--config", str(CONFIG_DIR / "logit_add.yaml"), "--trainer.max_epochs", "1", *args])
     state = torch.load(Path(first.trainer.log_dir, "checkpoints", "last.ckpt"), weights_only=False)  # our own file
-    state["state_dict"]["experts.weight"] += 0.01  # trained with other experts than those prepared now
+    state["state_dict"]["mixture.experts.weight"] += 0.01  # trained with other experts than those prepared now
     other = tmp_path / "other.ckpt"
     torch.save(state, other)
     with pytest.raises(ExpertsMismatchError, match="other.ckpt: its experts differ from those prepared for this run"):
@@ -429,30 +479,61 @@ def test_planted_checkpoint_is_never_executed(tmp_path, tiny_dir):
     assert not marker.exists()
 
 
-def test_calibration_residuals_from_kept_inputs_equal_a_fresh_pass(dm, monkeypatch):
-    from types import SimpleNamespace
+def _sample_residuals(model, source):
+    """The calibration sample's residuals as the fit's recalibration computes them."""
+    mixture = model.mixture
+    return mixture.calibration.sample_residuals(source, model.device, mixture.mix_inputs, mixture.mix)
 
+
+def test_calibration_residuals_from_kept_inputs_equal_a_fresh_pass(dm):
     model = _model(dm, "concat").eval()
-    model._trainer = SimpleNamespace(datamodule=dm)  # all the recalibration reads of its trainer
-    abs_r, spread, snr_bin = model._calibration_residuals()
+    abs_r, spread, snr_bin = _sample_residuals(model, dm.calibration_batches)
     with torch.no_grad():  # the reference: every calibration batch through the whole model
         outs = [(model(b), b) for b in dm.calibration_batches(65_536, 2)]
     np.testing.assert_allclose(abs_r, torch.cat([(o.pred - b["log_g"]).abs() for o, b in outs]).numpy(), rtol=1e-6)
     np.testing.assert_allclose(spread, torch.cat([o.spread for o, _ in outs]).numpy(), rtol=1e-6)
     assert np.array_equal(snr_bin, torch.cat([b["snr_bin"] for _, b in outs]).numpy())
     assert len(abs_r) == 2 * dm.train_set.n_kept  # the tiny split is smaller than the sample: all of it, twice
-    monkeypatch.setattr(dm, "calibration_batches", None)  # later epochs reuse the kept inputs: no reads
     with torch.no_grad():
-        for p in model.gate.parameters():
+        for p in model.mixture.gate.parameters():
             p.add_(0.1)  # the model moves on; its residuals follow
-    again = model._calibration_residuals()
+    again = _sample_residuals(model, None)  # later epochs reuse the kept inputs: no reads
     assert not np.allclose(again[0], abs_r) and np.array_equal(again[2], snr_bin)
 
 
 def test_no_calibration_stars_leave_sigma_unfitted_not_a_crash(dm):
-    from types import SimpleNamespace
-
     model = _model(dm, "concat").eval()
-    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(calibration_batches=lambda *a: iter(())))
-    abs_r, spread, snr_bin = model._calibration_residuals()  # e.g. every training row dropped as bad
-    assert len(abs_r) == len(spread) == len(snr_bin) == 0 and model._calibration is None
+    abs_r, spread, snr_bin = _sample_residuals(model, lambda *a: iter(()))  # e.g. every training row dropped
+    assert len(abs_r) == len(spread) == len(snr_bin) == 0 and model.mixture.calibration._sample is None
+    scale = model.mixture.calibration.scale.clone()
+    assert model.mixture.calibration.refit(abs_r, spread, snr_bin) is None  # no held-out rows either
+    assert torch.equal(model.mixture.calibration.scale, scale)  # sigma = spread
+
+
+def test_a_tiny_snr_bin_stops_only_the_gates_that_mix_the_snr_experts(tmp_path, tiny_dir, capsys):
+    """At noise level 0.5 the tiny set's SNR-X bin holds 2 training rows (every physical bin >= 72): with
+    default settings the dual-tower gate trains (SNR-X, fitted alongside, is the global expert: one INFO
+    line) and the quality-only and 36-cell gates, which mix the SNR groups, stop with one line each."""
+    import shutil
+
+    from moe.main import main
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dir, data, ignore=shutil.ignore_patterns("noisy_*", "gate_inputs_*", "experts", ".*"))
+    args = [
+        *("--data.data_dir", str(data), "--data.noise_level", "0.5", "--data.num_workers", "0"),
+        *("--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1"),
+        *("--trainer.enable_progress_bar", "false"),
+    ]
+    assert main(["fit", "--config", "dual_tower", *args]) == 0
+    err = capsys.readouterr().err  # the project's log lines
+    assert err.count("expert snr/SNR-X has 2 training rows, fewer than 50: the global expert stands in") == 1
+    assert "moe: error" not in err and "expert phys/" not in err
+    for config in ("quality_only", "experts36"):
+        assert main(["fit", "--config", config, *args]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("moe: error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert errors[0].startswith(
+            "moe: error: 1 expert group(s) have fewer than 50 training rows: snr/SNR-X (2); use more training rows"
+        ), errors[0]

@@ -10,7 +10,8 @@ on the clean one -- the usable pixels' noise plus what the imputation does not k
 the variance head and the SNR-bin recalibration carry the cost of the masking into sigma. A star with fewer
 than ``MIN_USABLE_FRACTION`` usable pixels gets NaN labels and ``NO_PREDICTION``; nothing stops the catalogue.
 
-``model`` is a :class:`~moe.gates.GatedMoE` (its input map, features, ``mix_inputs`` and ``mix``);
+``mixture`` is a :class:`~moe.gates.mixture.GatedMixture` (its projection map, physics windows, ``mix_inputs``
+and ``mix``);
 ``reference`` a :class:`~moe.prepare.reference.CatalogueReference`. B batch, D pixels, K experts.
 """
 
@@ -62,25 +63,25 @@ def flag_word(
 
 
 @torch.no_grad()
-def catalogue_rows(model, batch: dict, reference) -> dict[str, torch.Tensor]:
+def catalogue_rows(mixture, batch: dict, reference) -> dict[str, torch.Tensor]:
     """One batch of spectra (``flux, error [B, D]``, optional ``usable [B, D]``) as catalogue values."""
     flux, error = batch["flux"], batch["error"]
     usable = batch.get("usable")
     if usable is None:
         usable = torch.ones_like(flux, dtype=torch.bool)
-    noise_level = float(model.hparams.noise_level)
+    noise_level = float(mixture.noise_level)
     n_pixels = flux.shape[1]
     n_usable = usable.sum(1)
     predicted = n_usable >= MIN_USABLE_FRACTION * n_pixels
     fit_usable = usable | ~predicted[:, None]  # rows without a prediction: any finite numbers, NaN'd below
     spectra = reference.spectra.to(flux.device)
-    weight, _ = model.input_map()
+    weight, _ = mixture.projection()
     filled, var = spectra.impute(flux, error, fit_usable, noise_level, weight)
-    k = model.experts.n_experts
-    out = model.mix(model.mix_inputs(batch | {"flux": filled}, noise_var=var[:, :k].to(flux.dtype)))
+    k = mixture.experts.n_experts
+    out = mixture.mix(mixture.mix_inputs(batch | {"flux": filled}, noise_var=var[:, :k].to(flux.dtype)))
     ood = spectra.ood_score(flux, error, usable, noise_level)
     masked = ~usable
-    windows = window_masks(model.physics).to(flux.dtype)
+    windows = window_masks(mixture.physics).to(flux.dtype)
     window_share = (masked.to(flux.dtype) @ windows.T / windows.sum(1)).amax(1)
     nan = torch.tensor(float("nan"), device=flux.device)
     keep = predicted[:, None]

@@ -51,7 +51,8 @@ R2_COLUMN = {"Ridge": "r2_ridge", "LightGBM": "r2_lgbm", "1D-CNN": "r2_cnn"}
 HYBRID_TARGET = 0.70
 GAIN_TARGET = 0.05
 GLOBAL, RIDGE_ORACLE, HYBRID = "Global Ridge", f"Ridge-Oracle ({bins.N_PHYS_BINS} bins)", "Oracle-Hybrid"
-FAMILIES = ("global", "phys", "snr")  # the expert families fitted (the Ridge rows use phys)
+FAMILIES = ("global", "phys", "snr")  # the expert families fitted (one bundle with the gates' fits)
+USES = ("global", "phys")  # the families its Ridge rows use: only these must meet --min-samples
 BIN_AXIS = (
     f"physical bin (0 {bins.PHYS_BIN_NAMES[0]} … {bins.N_PHYS_BINS - 1} {bins.PHYS_BIN_NAMES[-1]}; T_eff × [M/H])"
 )
@@ -264,7 +265,7 @@ def compute(settings: ExperimentSettings) -> CeilingResults:
     """Fit every expert type per physical bin and route the test split by the oracle; no file is written."""
     started = time.time()
     dm = settings.datamodule()
-    bundle = load_or_fit(dm, settings.fit_config(FAMILIES), progress=settings.progress)
+    bundle = load_or_fit(dm, settings.fit_config(FAMILIES, USES), progress=settings.progress)
     train, val, test = load_splits(dm, settings, keep_clean=True)
     bin_rows = _bin_rows(train, val, test)
     ridge, ridge_sweep = _ridge_per_bin(bundle, val, test, bin_rows)
@@ -374,7 +375,7 @@ def write_report(results: CeilingResults, settings: ExperimentSettings) -> dict:
         settings,
         results.data,
         {
-            "fit": settings.fit_config(FAMILIES).key_dict(),
+            "fit": settings.fit_config(FAMILIES, USES).key_dict(),
             "lgbm": LGBM_PARAMS,
             "cnn_bins": list(CNN_BINS),
             "cnn_epochs_max": settings.cnn_epochs,

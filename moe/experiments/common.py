@@ -84,10 +84,12 @@ class ExperimentSettings:
             **kw,
         )
 
-    def fit_config(self, families: tuple[str, ...]) -> FitConfig:
+    def fit_config(self, families: tuple[str, ...], required: tuple[str, ...] | None = None) -> FitConfig:
         """The expert fit of an experiment over ``families``, with the group-size rule of ``--min-samples`` /
-        ``--fallback`` (a group short of rows stops the fit before any solve, naming these flags)."""
-        return FitConfig(families=families, min_samples=self.min_samples, fallback=self.fallback)
+        ``--fallback``: a short group of a ``required`` family (those the experiment's questions use; all
+        when None) stops the fit before any solve, naming these flags; one of another family takes the
+        global expert."""
+        return FitConfig(families=families, min_samples=self.min_samples, fallback=self.fallback, required=required)
 
     @property
     def memory_train_rows(self) -> int:

@@ -233,7 +233,7 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
     started = time.time()
     dm = settings.datamodule()
     require_train_rows(dm.train_set.n_kept, MIN_TRAIN, "dual-tower", "the gate features are standardised on them")
-    fit = settings.fit_config(FAMILIES)
+    fit = settings.fit_config(FAMILIES)  # its gates mix every family: each must meet --min-samples
     prepared = prepare_families(dm, FAMILIES, fit, settings.progress)
     test = test_rows(dm)
     log_g = test["log_g"].astype(np.float64)
@@ -514,11 +514,11 @@ def _tower_analysis(run: GateRun, dm: SpectraDataModule, log_g: np.ndarray) -> p
     model = run.model.eval()
     phys_parts, quality_parts, expert_parts = [], [], []
     for batch in dm.stream("test", batch_size=4096, cached=True):
-        phys_features, quality_features = model.standardised_features(batch)
-        phys_batch, quality_batch = model.gate.logits(phys_features, quality_features)
+        phys_features, quality_features = model.mixture.standardised_features(batch)
+        phys_batch, quality_batch = model.mixture.gate.logits(phys_features, quality_features)
         phys_parts.append(phys_batch)
         quality_parts.append(quality_batch)
-        expert_parts.append(batch["proj"][:, : model.experts.n_experts])
+        expert_parts.append(batch["proj"][:, : model.mixture.experts.n_experts])
     phys_logits, quality_logits = torch.cat(phys_parts), torch.cat(quality_parts)  # [N, K]
     expert_pred = torch.cat(expert_parts)  # [N, K]
     p_phys, p_quality = torch.softmax(phys_logits, -1), torch.softmax(quality_logits, -1)

@@ -33,7 +33,8 @@ EXPERIMENT_ID = "LOGG-SNR-ORACLE-01"
 GAIN_THRESHOLD = 0.02
 GLOBAL = "Global Ridge"
 ORACLE = f"Oracle SNR-MoE ({FAMILY_SIZES['snr']} experts)"
-FAMILIES = ("global", "phys", "snr")  # the expert families fitted (the oracle routes global and snr)
+FAMILIES = ("global", "phys", "snr")  # the expert families fitted (one bundle with the gates' fits)
+USES = ("global", "snr")  # the families the oracle routes: only these must meet --min-samples
 TITLE = "Oracle SNR-binned Ridge experts vs global Ridge"
 QUESTION = (
     f"Does splitting the Ridge experts by SNR ({bins.SNR_BIN_RULE}) leave headroom: "
@@ -80,7 +81,7 @@ def compute(settings: ExperimentSettings) -> SnrOracleResults:
     runs = []
     for i, seed in enumerate(settings.seeds):
         dm = settings.datamodule() if i == 0 else settings.datamodule(test_seed=seed)
-        bundle = load_or_fit(dm, settings.fit_config(FAMILIES), progress=settings.progress)
+        bundle = load_or_fit(dm, settings.fit_config(FAMILIES, USES), progress=settings.progress)
         runs.append(oracle_predictions(dm, bundle, "test", ("global", "snr")))
     first = runs[0]
     log_g = first.y
@@ -157,7 +158,7 @@ def write_report(results: SnrOracleResults, settings: ExperimentSettings) -> dic
     rep.table("per_bin", results.slices, "Per SNR bin (oracle routing: each spectrum to its own bin's expert)")
     rep.table("alphas", results.alphas, "Ridge alpha per expert (picked on the pre-noised validation split)")
     _figures(rep, results, settings.seeds[0])
-    rep.write(settings, results.data, {"fit": settings.fit_config(FAMILIES).key_dict()})
+    rep.write(settings, results.data, {"fit": settings.fit_config(FAMILIES, USES).key_dict()})
     return {
         "report": rep.out,
         "headline": results.headline,

@@ -3,6 +3,10 @@
 - ``fit``: fit (or load from the cache) the expert families and print the alpha table.
 - ``report``: oracle-routed R^2 of the families on the test split, per bin with counts,
   and the z-score spread of the per-star uncertainties.
+
+This tool gates nothing: a physical or SNR group with fewer than ``--min-samples`` training rows
+takes the global expert, said in one line and marked (``fallback`` column of the alpha table, a
+line under the report). Only the global expert must have that many rows.
 - ``compare-noise``: noise-marginalised vs one draw vs K draws, R^2 on val and test.
 """
 
@@ -72,14 +76,8 @@ def _parser() -> argparse.ArgumentParser:
             "--min-samples",
             type=positive_int,
             default=50,
-            help="fewest training rows a Ridge expert needs: fewer stop the fit before any solve, naming the short "
-            "groups (a physical or SNR group may take the global expert instead: --fallback global)",
-        )
-        s.add_argument(
-            "--fallback",
-            choices=("global",),
-            default=None,
-            help="'global': a group with fewer than --min-samples training rows uses the global expert",
+            help="fewest training rows a Ridge expert needs: a physical or SNR group with fewer takes the global "
+            "expert (marked as a fallback); a global expert with fewer stops the fit before any solve",
         )
         s.add_argument(
             "--max-train-rows",
@@ -108,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         noise_mode=a.noise_mode,
         products=a.products,
         min_samples=a.min_samples,
-        fallback=a.fallback,
+        required=("global",),  # nothing is gated here: a short group is the global expert, marked
     )
     if a.cmd == "compare-noise":
         table = compare_noise_modes(folder, cfg, a.draws)
@@ -134,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     wide = table.pivot_table(index="slice", columns="experts", values="r2", sort=False)
     wide.insert(0, "n", table[table.experts == table.experts.iloc[0]].set_index("slice")["n"])
     print(wide.round(4).to_string())
+    for fam, name, n in bundle.stand_ins():
+        print(
+            f"fallback: {fam}/{name} has {n} training rows (< --min-samples {a.min_samples}): its rows use the global expert"
+        )
     print("\nper-star uncertainty: z = (pred - log g) / sigma_k, sigma_k^2 = noise_level^2 sum_i (w_ki error_i)^2")
     print(zscore_table(res).round(3).to_string(index=False))
     return 0

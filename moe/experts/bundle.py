@@ -63,6 +63,15 @@ class ExpertBundle:
         f = self.families[family]
         return RidgeExperts.from_arrays(f.weight, f.bias, f.names)
 
+    def stand_ins(self) -> list[tuple[str, str, int]]:
+        """(family, group, training rows) of every group that had too few rows and is the global expert."""
+        return [
+            (fam, name, int(f.n_train[g]))
+            for fam, f in self.families.items()
+            for g, name in enumerate(f.names)
+            if f.fallback and f.fallback[g] == "global"
+        ]
+
     def alpha_table(self) -> pd.DataFrame:
         """One row per expert: training/val counts, chosen alpha, val R^2 at it, fallback."""
         rows = []

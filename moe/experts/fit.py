@@ -39,7 +39,15 @@ EDGE_GAIN = 1e-4  # validation R^2 an expert must still gain at an end of the al
 
 @dataclass(frozen=True)
 class FitConfig:
-    """How the experts are fitted (part of the cache key)."""
+    """How the experts are fitted (part of the cache key, except ``required``).
+
+    A group with fewer than ``min_samples`` training rows stops the fit before any solve when a run relies
+    on it -- the global expert always, a group of a ``required`` family (the families a gate mixes,
+    :func:`moe.experts.groups.relies_on`; every fitted family when None) unless ``fallback`` is 'global'.
+    Any other short group takes the global expert (its ``fallback`` note says so). Either way a fit that
+    succeeds holds the same experts, so ``required`` is not part of the cache key; a cached bundle is
+    checked against it when loaded (:func:`refuse_fallbacks`).
+    """
 
     families: tuple[str, ...] = ("global", "phys", "snr")
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
@@ -49,6 +57,7 @@ class FitConfig:
     method: str = "auto"
     min_samples: int = 50
     fallback: str | None = None
+    required: tuple[str, ...] | None = None
     n_pca: int = 4
     block_rows: int = 4096
     seed: int = 0
@@ -56,6 +65,8 @@ class FitConfig:
     def __post_init__(self):
         object.__setattr__(self, "families", groups.check_families(self.families))
         object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        if self.required is not None:
+            object.__setattr__(self, "required", groups.check_families(self.required))
         if self.noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {self.noise_mode!r}")
         if self.products not in PRODUCTS:
@@ -70,9 +81,16 @@ class FitConfig:
     def key_dict(self) -> dict:
         d = asdict(self)
         d.pop("block_rows")
+        d.pop("required")
         if self.noise_mode != "augment":
             d.pop("n_draws")
         return d
+
+    def needs_minimum(self, family: str) -> bool:
+        """Whether a group of ``family`` short of ``min_samples`` rows stops the fit (else: the global expert)."""
+        if family == "global":
+            return True
+        return self.fallback != "global" and (self.required is None or family in self.required)
 
 
 @dataclass
@@ -99,14 +117,21 @@ class GroupTooSmallError(ValueError):
 FLAGS_HINT = (
     "use more training rows, a smaller minimum or the global expert for small groups "
     "(moe fit: --model.expert_min_samples N / --model.expert_fallback global; "
-    "moe experts and moe experiments: --min-samples N / --fallback global)"
+    "moe experiments: --min-samples N / --fallback global)"
 )
 
 
+def short_groups_error(short: list[str], min_samples: int) -> GroupTooSmallError:
+    """The one-line error naming the short groups (``family/name (rows)``) a run relies on, and the flags."""
+    return GroupTooSmallError(
+        f"{len(short)} expert group(s) have fewer than {min_samples} training rows: {', '.join(short)}; {FLAGS_HINT}"
+    )
+
+
 def check_group_sizes(stats: CellStats, partition: str, cfg: FitConfig) -> None:
-    """The global expert and every group of the requested families have ``min_samples`` training rows
-    (the groups may fall back to the global expert instead, with ``fallback``): checked after the
-    statistics pass and before any solve, naming every group that is short."""
+    """The global expert and every group the run relies on (:meth:`FitConfig.needs_minimum`) have
+    ``min_samples`` training rows: checked after the statistics pass and before any solve, naming every
+    group that is short. Short groups of the other families take the global expert."""
     n_all = int(stats.n.sum())
     if n_all < cfg.min_samples:  # nothing to fall back to
         raise GroupTooSmallError(
@@ -114,20 +139,23 @@ def check_group_sizes(stats: CellStats, partition: str, cfg: FitConfig) -> None:
             "or a smaller minimum (moe fit: --model.expert_min_samples N; moe experts and moe experiments: "
             "--min-samples N)"
         )
-    if cfg.fallback == "global":
-        return
     short = []
     for fam in ("phys", "snr"):
-        if fam in cfg.families:
+        if fam in cfg.families and cfg.needs_minimum(fam):
             for name, cells in zip(groups.group_names(fam), groups.members(fam, partition)):
                 n = int(stats.n[cells].sum())
                 if n < cfg.min_samples:
                     short.append(f"{fam}/{name} ({n})")
     if short:
-        raise GroupTooSmallError(
-            f"{len(short)} expert group(s) have fewer than {cfg.min_samples} training rows: "
-            f"{', '.join(short)}; {FLAGS_HINT}"
-        )
+        raise short_groups_error(short, cfg.min_samples)
+
+
+def refuse_fallbacks(found: list[tuple[str, str, int]], cfg: FitConfig) -> None:
+    """The check of :func:`check_group_sizes` on a fitted bundle's stand-ins ``found`` (family, group,
+    training rows): a cached fit made for a run that did not rely on those groups may not serve one that does."""
+    short = [f"{fam}/{name} ({n})" for fam, name, n in found if cfg.needs_minimum(fam)]
+    if short:
+        raise short_groups_error(short, cfg.min_samples)
 
 
 def training_blocks(folder: SpectraFolder, cfg: FitConfig, partition: str) -> Iterator[tuple]:
@@ -206,16 +234,9 @@ def _paths(
                 continue
             w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, prior[g // bins.N_SNR_BINS][0], cfg.method, info)
         elif n[g] < cfg.min_samples:
-            if cfg.fallback == "global" and fallback_path is not None:
-                weight[g], bias[g] = fallback_path
+            if not cfg.needs_minimum(family) and fallback_path is not None:
+                weight[g], bias[g] = fallback_path  # said once per run by the bundle's loader
                 notes[g] = "global"
-                log.warning(
-                    "expert %s/%s has %d training samples (< min_samples=%d): using the global expert",
-                    family,
-                    names[g],
-                    n[g],
-                    cfg.min_samples,
-                )
                 continue
             raise GroupTooSmallError(
                 f"expert {family}/{names[g]} has {int(n[g])} training rows, fewer than {cfg.min_samples}; {FLAGS_HINT}"

@@ -39,6 +39,13 @@ def check_families(families) -> tuple[str, ...]:
     return tuple(f for f in FAMILIES if f in fams)
 
 
+def relies_on(family: str) -> tuple[str, ...]:
+    """The families whose groups a gate over ``family`` is made of: the family itself and the global expert;
+    the 36 ``cells`` also their physical and SNR groups (the cells refine both, their shrinkage alpha is
+    pooled per SNR bin). A gate mixing a stand-in for one of these groups has to be asked for."""
+    return check_families((family, "snr") if family == "cells" else (family,))
+
+
 def partition_for(families) -> str:
     """Coarsest partition ('joint', 'phys', 'snr' or 'none') that serves ``families``."""
     fams = set(check_families(families))

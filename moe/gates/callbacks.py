@@ -1,5 +1,5 @@
-"""Lightning callbacks of the gate module: the per-star catalogue written by ``predict`` and the run's
-TensorBoard summary (clean hyperparameters, ``hp_metric`` = best ``val/r2``)."""
+"""Lightning callbacks of the gate module: the per-star catalogue written by ``predict``, the run's
+TensorBoard summary (clean hyperparameters, ``hp_metric`` = best ``val/r2``) and its validation figures."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -53,7 +54,7 @@ class CatalogueWriter(BasePredictionWriter):
         self._path = self._target(trainer)
         dm = trainer.datamodule
         self._shards = dm.predict_set() if hasattr(dm, "predict_set") else None
-        self._names = list(pl_module.experts.names)
+        self._names = list(pl_module.mixture.experts.names)
         self._labelled = None
         widths = {"snr_bin": 1}
         if self._shards is not None:
@@ -174,3 +175,60 @@ class RunSummary(pl.Callback):
     def _best(trainer: pl.Trainer) -> float | None:
         score = getattr(trainer.checkpoint_callback, "best_model_score", None)
         return None if score is None else float(score)
+
+
+class ValidationFigures(pl.Callback):
+    """TensorBoard figures of every validation epoch of a run (not the sanity check), from the first
+    ``max_rows`` validation stars: the gate weights' histogram (``val/gate_weights``), gate entropy against
+    SNR (``val/entropy_vs_snr``) and the calibration of sigma (``val/calibration``: z of the epoch's sigma;
+    the recalibration refitted at its end applies from the next epoch on). Reads what
+    ``GatedMoE.validation_step`` returns (a ``MoEOutput``); nothing without a TensorBoardLogger."""
+
+    def __init__(self, max_rows: int = 20_000):
+        self.max_rows = max_rows
+        self._rows: list[dict[str, torch.Tensor]] = []
+
+    @staticmethod
+    def _active(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        return isinstance(pl_module.logger, TensorBoardLogger) and not trainer.sanity_checking
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rows = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if outputs is None or not self._active(trainer, pl_module):
+            return
+        if sum(len(r["snr"]) for r in self._rows) < self.max_rows:
+            self._rows.append(
+                {
+                    "snr": batch["snr"].detach().cpu(),
+                    "entropy": outputs.entropy.detach().cpu(),
+                    "weights": outputs.weights.detach().cpu(),
+                    "snr_bin": batch["snr_bin"].detach().cpu(),
+                    "z": ((outputs.pred - batch["log_g"]) / outputs.sigma).detach().cpu(),
+                }
+            )
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows, self._rows = self._rows, []
+        if not rows or not self._active(trainer, pl_module):
+            return
+        from moe.plots import calibration, entropy_vs_snr
+
+        step, epoch, fusion = pl_module.global_step, pl_module.current_epoch, pl_module.hparams.fusion
+        weights = torch.cat([r["weights"] for r in rows])
+        tb = pl_module.logger.experiment
+        tb.add_histogram("val/gate_weights", weights.flatten(), global_step=step)
+        fig = entropy_vs_snr(
+            torch.cat([r["snr"] for r in rows]).numpy(),
+            torch.cat([r["entropy"] for r in rows]).numpy(),
+            weights.shape[1],
+            title=f"Gate entropy vs SNR ({fusion}, epoch {epoch})",
+        )
+        tb.add_figure("val/entropy_vs_snr", fig, global_step=step, close=True)
+        fig = calibration(
+            torch.cat([r["z"] for r in rows]).numpy(),
+            torch.cat([r["snr_bin"] for r in rows]).numpy(),
+            title=f"Calibration of sigma on validation ({fusion}, epoch {epoch})",
+        )
+        tb.add_figure("val/calibration", fig, global_step=step, close=True)

@@ -1,5 +1,6 @@
-"""Checkpoint files: read safely (tensors, plain types and the project's settings, nothing else) and
-found by name within one run's own folder.
+"""Checkpoint files: read safely (tensors, plain types and the project's settings, nothing else),
+checked against the model that loads them (:func:`check_checkpoint`, called by the CLI and by
+``GatedMoE.on_load_checkpoint``) and found by name within one run's own folder.
 
 A run's folder is ``<default_root_dir>/lightning_logs/<fusion>-<experts>/version_N`` (TensorBoard
 events, ``hparams.yaml``, ``checkpoints/``). ``--ckpt_path best`` / ``last`` look only in the newest
@@ -16,6 +17,7 @@ import torch
 
 from moe.data.synth import SynthConfig
 from moe.experts.bundle import ExpertsMismatchError
+from moe.gates.fusions import default_family
 
 RUNS_DIR = "lightning_logs"
 LAST = "last.ckpt"
@@ -34,6 +36,75 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: not a loadable moe checkpoint ({exc})") from exc
+
+
+def check_checkpoint(
+    model, checkpoint: dict, source: str | os.PathLike, data: str | None = None, data_source: str = "the datamodule"
+) -> None:
+    """Refuse a checkpoint that does not fit ``model`` (a ``GatedMoE``), with one line naming ``source`` and
+    what differs, in this order: the gate variant (:func:`check_variant`), the data its experts were fitted
+    on (fingerprints; when ``data``, the fingerprint of ``data_source``, is known), the tensors' names and
+    shapes (:func:`check_state_fits`, after :func:`upgrade_state` has brought an earlier moe's
+    ``state_dict`` up to date, in place) and, once ``model`` holds prepared experts, that they are the
+    checkpoint's (gate inputs were cached for them)."""
+    check_variant(checkpoint.get("hyper_parameters", {}), model.hparams, source)
+    stored = checkpoint.get("moe_data_fingerprint")
+    if stored and data and stored != data:
+        raise ExpertsMismatchError(
+            f"{source}: trained on data {stored}, but {data_source} holds data {data}: "
+            "its experts do not belong to this data"
+        )
+    state = checkpoint.get("state_dict", {})
+    upgrade_state(state)
+    check_state_fits(model, state, source)
+    if bool(model.mixture.prepared):
+        for name, own in model.mixture.experts.state_dict(prefix="mixture.experts.").items():
+            if torch.is_tensor(own) and not torch.equal(state[name].detach().cpu(), own.detach().cpu()):
+                raise ExpertsMismatchError(
+                    f"{source}: its experts differ from those prepared for this run (other --model.expert_* "
+                    "settings or a refitted bundle); resume with the settings it was trained with"
+                )
+
+
+def variant(hparams) -> dict[str, object]:
+    """What makes a gate variant, by the flag that sets it: the fusion, the expert family and, for gates that
+    learn, whether it has the variance head (``hparams``: a model's, a checkpoint's or a parsed config's)."""
+    fusion = hparams["fusion"]
+    out = {"--model.fusion": fusion, "--model.experts": hparams.get("experts") or default_family(fusion)}
+    if fusion not in ("oracle", "global"):  # the gates that learn nothing have no head either way
+        out["--model.variance_head"] = bool(hparams.get("variance_head", True))
+    return out
+
+
+def check_variant(saved, hparams, source: str | os.PathLike) -> None:
+    """Refuse a checkpoint (hyperparameters ``saved``) of another gate variant than ``hparams``, naming the
+    flag and both values (a checkpoint that saved none is let through to the tensor checks)."""
+    if "fusion" not in saved:
+        return
+    theirs = variant(saved)
+    for flag, here in variant(hparams).items():
+        if flag in theirs and theirs[flag] != here:
+            raise CheckpointError(
+                f"{source}: trained with {flag} {theirs[flag]}, but this command has {flag} {here}; "
+                f"pass {flag} {theirs[flag]} (or the config it was trained with)"
+            )
+
+
+# what an earlier moe saved under another name: every tensor at the top level before the mixture was a module
+# of its own, and the sigma map's buffers as sigma_*
+_MOVED = {"sigma_scale": "calibration.scale", "sigma_ref": "calibration.ref", "sigma_power": "calibration.power"}
+
+
+def upgrade_state(state: dict) -> None:
+    """Bring a ``state_dict`` saved by an earlier moe up to date, in place: its tensors renamed to where
+    this version keeps them, and what it lacks and has a meaning for filled in."""
+    if "prepared" in state:  # saved before GatedMoE held its network in ``mixture``
+        for name in list(state):
+            state["mixture." + _MOVED.get(name, name)] = state.pop(name)
+    scale = state.get("mixture.calibration.scale")
+    for name in ("ref", "power"):  # saved before the power map: the plain factor
+        if scale is not None and f"mixture.calibration.{name}" not in state:
+            state[f"mixture.calibration.{name}"] = torch.ones_like(scale)
 
 
 def check_state_fits(model: torch.nn.Module, state: dict, source: str | os.PathLike) -> None:

@@ -34,6 +34,11 @@ Fusion = Literal["concat", "logit_add", "product", "temperature", "phys_only", "
 FUSIONS: tuple[str, ...] = get_args(Fusion)
 
 
+def default_family(fusion: str) -> str:
+    """The expert family a fusion gates over unless ``experts`` says otherwise."""
+    return {"quality_only": "snr", "global": "global"}.get(fusion, "phys")
+
+
 class GateOutput(NamedTuple):
     weights: torch.Tensor  # [B, K]
     tau: torch.Tensor | None = None  # [B] temperature (temperature gate only)

@@ -11,6 +11,8 @@ z = (pred - true) / sigma; 1 when calibrated), ``coverage_1sigma`` / ``coverage_
 
 ``LatestRows`` keeps the most recent rows of each SNR bin in fixed-size rings (bounded memory whatever the
 split's size), gathered across DDP ranks: the validation residuals of the sigma check.
+
+``summary_table`` prints a split's logged metrics as the text table of ``moe test``.
 """
 
 from __future__ import annotations
@@ -170,3 +172,30 @@ class LatestRows(nn.Module):
     def reset(self) -> None:
         self.ring.fill_(float("nan"))
         self.seen.zero_()
+
+
+def summary_table(metrics: dict[str, float], prefix: str = "test") -> str:
+    """A text table from logged metrics: overall and per-SNR-bin R^2, mean gate entropy, the calibration
+    of sigma (z std, share of |z| <= 1 and <= 2) and tau; then rho, the oracle and global R^2, MAE, RMSE."""
+
+    def get(key):
+        v = metrics.get(f"{prefix}/{key}")
+        return float(v) if v is not None else float("nan")
+
+    def row(label: str, suffix: str) -> str:
+        if suffix and not any(k.startswith(f"{prefix}/") and k.endswith(suffix) for k in metrics):
+            return f"{label:<8}{'no spectra in this bin':>25}"  # e.g. SNR X at a low noise level
+        tau = get(f"tau{suffix}") if suffix else float("nan")
+        return (
+            f"{label:<8}{get(f'r2{suffix}'):>9.4f}{get(f'entropy{suffix}'):>10.3f}{get(f'z_std{suffix}'):>8.2f}"
+            f"{get(f'coverage_1sigma{suffix}'):>9.1%}{get(f'coverage_2sigma{suffix}'):>9.1%}"
+            f"{(f'{tau:>8.2f}' if math.isfinite(tau) else ''):>8}"
+        )
+
+    lines = [f"{'slice':<8}{'R2':>9}{'entropy':>10}{'z std':>8}{'|z|<=1':>9}{'|z|<=2':>9}{'tau':>8}", row("all", "")]
+    lines += [row(f"SNR {name}", f"_snr_{name}") for name in reversed(bins.SNR_BIN_NAMES)]
+    lines.append(
+        f"rho = {get('rho'):.3f}   (R2 oracle {get('r2_oracle'):.4f}, R2 global {get('r2_global'):.4f}, "
+        f"MAE {get('mae'):.4f}, RMSE {get('rmse'):.4f})"
+    )
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ family: the fitted expert bundle (loaded from its fingerprinted cache or fitted,
 family of the fit), the physics windows and PCA basis, the per-row gate-input caches of
 every split (which ``folder`` then streams) and the feature standardisation, fitted on the
 first ``feature_rows`` training rows with one fixed noise draw, and each expert's
-model-error variance per SNR bin on the validation split (:mod:`moe.experts.calibration`). It knows nothing of
+model-error variance per SNR bin on the validation split (:mod:`moe.experts.model_error`). It knows nothing of
 Lightning: the CLI and the experiments call it before a trainer runs and hand the result
 to :meth:`moe.gates.GatedMoE.load_prepared`.
 
@@ -32,8 +32,8 @@ from moe.data.folder import SpectraFolder
 from moe.experts import groups
 from moe.experts.bundle import ExpertBundle, bundle_path
 from moe.experts.cache import load_or_fit
-from moe.experts.calibration import model_error_variance
 from moe.experts.fit import FitConfig
+from moe.experts.model_error import model_error_variance
 from moe.experts.ridge_experts import RidgeExperts
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
 from moe.features.gate_inputs import gate_features, projection_map
@@ -122,7 +122,7 @@ def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bo
 
 def validation_model_variance(folder: SpectraFolder, family: str, n_experts: int) -> np.ndarray:
     """Each expert's model-error variance [K, 4] per SNR bin, from the cached validation inputs
-    (:func:`moe.experts.calibration.model_error_variance`)."""
+    (:func:`moe.experts.model_error.model_error_variance`)."""
     parts = {k: [] for k in ("y", "pred", "var", "group", "snr_bin")}
     for batch in folder.stream("val", batch_size=4096, cached=True).all_batches():  # all rows on every rank
         parts["y"].append(batch["log_g"].numpy())

@@ -1,19 +1,11 @@
-"""Each expert's model-error variance, so that its predictive variance covers more than the noise.
+"""The sigma map: the per-SNR-bin recalibration of a per-star sigma against residuals r.
 
-An expert's error on a star is its noise part -- exactly ``noise_level^2 sum_i (w_ki error_i)^2``
--- plus its model error (bias from a linear model of a non-linear sky, label interactions),
-which does not shrink with the noise. On the pre-noised validation split the model-error
-variance of expert k in SNR bin s is estimated from the stars routed to it (its own group):
-
-    m_ks = max(mean((y - mu_k)^2) - mean(v_k), floor)
-
-with ``v_k`` the noise variance; a (k, s) cell with fewer than ``min_rows`` stars takes
-expert k's estimate over all SNR bins. Shapes: N stars, K experts, S = 4 SNR bins.
-
-Recalibration of a per-star sigma against residuals r (``sigma_map``, ``validation_check``): the
-target is z = r / sigma with 68.3% of |z| <= 1, 95.4% <= 2 and std 1, as for a Gaussian. Misses are
-measured in units of their tolerance (``TOLERANCE``: 3 and 2 percentage points, 0.1 in std), the std
-weighted down (``STD_WEIGHT``) because a few outliers move it.
+``sigma' = scale_b * ref_b * (sigma / ref_b) ** gamma`` per SNR bin b (:func:`sigma_map` fits it,
+:func:`apply_sigma_map` applies it), then one factor for all bins from held-out residuals
+(:func:`validation_check`). The target is z = r / sigma with 68.3% of |z| <= 1, 95.4% <= 2 and std 1,
+as for a Gaussian. Misses are measured in units of their tolerance (``TOLERANCE``: 3 and 2 percentage
+points, 0.1 in std), the std weighted down (``STD_WEIGHT``) because a few outliers move it. Numpy in,
+numpy out (``apply_sigma_map`` also takes tensors); :mod:`moe.gates.calibration` holds the fitted map.
 """
 
 from __future__ import annotations
@@ -22,46 +14,7 @@ import numpy as np
 
 from moe.data import bins
 
-MIN_ROWS = 20
-FLOOR = 1e-6
-
-
-def model_error_variance(
-    y: np.ndarray,
-    pred: np.ndarray,
-    noise_var: np.ndarray,
-    group: np.ndarray,
-    snr_bin: np.ndarray,
-    min_rows: int = MIN_ROWS,
-) -> np.ndarray:
-    """Model-error variance [K, S] of K experts from validation stars.
-
-    y [N] truth; pred, noise_var [N, K] every expert's prediction and noise variance;
-    group [N] each star's own expert; snr_bin [N].
-    """
-    y, pred, noise_var = (np.asarray(a, np.float64) for a in (y, pred, noise_var))
-    keep = np.isfinite(y) & (np.asarray(group) >= 0)  # stars without labels have no residual
-    y, pred, noise_var, group, snr_bin = (
-        y[keep],
-        pred[keep],
-        noise_var[keep],
-        np.asarray(group)[keep],
-        np.asarray(snr_bin)[keep],
-    )
-    k_experts = pred.shape[1]
-    out = np.full((k_experts, bins.N_SNR_BINS), np.nan)
-    rows = np.arange(len(y))
-    resid2 = (y - pred[rows, group]) ** 2
-    v = noise_var[rows, group]
-    pooled_all = max(float(np.mean(resid2 - v)), FLOOR) if len(y) else FLOOR
-    for k in range(k_experts):
-        own = group == k
-        pooled = max(float(np.mean(resid2[own] - v[own])), FLOOR) if own.sum() >= min_rows else pooled_all
-        for s in range(bins.N_SNR_BINS):
-            cell = own & (snr_bin == s)
-            out[k, s] = max(float(np.mean(resid2[cell] - v[cell])), FLOOR) if cell.sum() >= min_rows else pooled
-    return out
-
+MIN_ROWS = 20  # fewest residuals of a group to fit its factor to the targets; fewer: the RMS of z
 
 GAUSS_1SIGMA, GAUSS_2SIGMA = 0.682689, 0.954500  # P(|z| <= 1), P(|z| <= 2) of a standard normal
 TOLERANCE = (0.03, 0.02, 0.1)  # the calibration targets' tolerances: 1-sigma, 2-sigma coverage, z std

@@ -1,0 +1,131 @@
+"""The recalibration of sigma: its buffers, its calibration sample, its fit and how it is applied.
+
+``sigma = scale_b * ref_b * (spread / ref_b) ** gamma`` per SNR bin b (:mod:`moe.gates.sigma_map`),
+refitted after every validation epoch of a fit (a checkpoint keeps its epoch's; validate and test
+keep the checkpoint's). The fit uses a fixed sample of training stars (``rows``, each in ``draws``
+seeded noise draws; :meth:`moe.data.folder.SpectraFolder.calibration_batches`) run through the model
+as it stands at the end of the epoch, such that z = (pred - true) / sigma has 68.3% within 1 and
+95.4% within 2 and std 1 in every bin. The sample outnumbers the validation split several times,
+so the fit is that much less noisy: per-bin factors fitted on a 5k-star validation split move each
+bin's test coverage by about its own sampling error. The same stars and noise every epoch and in a
+resumed run: the fit depends on the model alone. ``gamma`` (one for all bins) sets the tails of z:
+a well-trained head leaves residuals lighter-tailed than a Gaussian (log g is bounded), and a scale
+alone cannot then hit both coverages. Then one factor for all bins from the validation split's
+residuals (:func:`~moe.gates.sigma_map.validation_check`), shrunk to 1 within its sampling error:
+the held-out guard against experts or a head that fit the training stars better than new ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe.data import bins
+from moe.gates.metrics import LatestRows
+from moe.gates.sigma_map import apply_sigma_map, sigma_map, validation_check
+
+CHUNK = 16384  # calibration rows per forward pass
+HELD_OUT_ROWS = 16384  # validation residuals kept per SNR bin (the whole split when it is smaller)
+Source = Callable[[int, int, torch.device], Iterable[dict]]  # (rows, draws, device) -> noisy batches
+
+
+class SigmaCalibration(nn.Module):
+    """The per-SNR-bin map from a star's raw spread [B] to its sigma [B] (module docstring).
+
+    Buffers ``scale``, ``ref``, ``power`` [S] (saved in checkpoints; the identity until the first fit).
+    ``held_out`` keeps this validation epoch's (|residual|, spread) per bin (not saved).
+
+    Args:
+        rows: training stars in the calibration sample (0: no sample, only the validation check).
+        draws: noise draws of each of those stars.
+    """
+
+    def __init__(self, rows: int = 65_536, draws: int = 2, n_bins: int = bins.N_SNR_BINS):
+        super().__init__()
+        self.rows, self.draws = rows, draws
+        self.register_buffer("scale", torch.ones(n_bins))
+        self.register_buffer("ref", torch.ones(n_bins))
+        self.register_buffer("power", torch.ones(n_bins))
+        self.held_out = LatestRows(HELD_OUT_ROWS, 2, n_bins)
+        self._sample: tuple[Any, torch.Tensor] | None = None  # the sample's mixture inputs and log g, per fit
+
+    def forward(self, spread: torch.Tensor, snr_bin: torch.Tensor) -> torch.Tensor:
+        """``scale * ref * (spread / ref) ** power`` of each star's SNR bin [B]."""
+        return apply_sigma_map(spread, self.scale[snr_bin], self.ref[snr_bin], self.power[snr_bin])
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to sigma = spread, the sample forgotten (new experts or data)."""
+        for buf in (self.scale, self.ref, self.power):
+            buf.fill_(1.0)
+        self.forget_sample()
+
+    def forget_sample(self) -> None:
+        """Drop the sample's kept inputs (rebuilt on the next fit's first refit)."""
+        self._sample = None
+
+    @torch.no_grad()
+    def observe(self, abs_residual: torch.Tensor, spread: torch.Tensor, snr_bin: torch.Tensor) -> None:
+        """Keep validation stars' |pred - true| and raw spread [B] for this epoch's held-out check."""
+        self.held_out.update(torch.stack([abs_residual, spread], -1), snr_bin)
+
+    @torch.no_grad()
+    def sample_residuals(
+        self,
+        source: Source | None,
+        device: torch.device,
+        encode: Callable[[dict], Any],
+        mix: Callable[[Any], Any],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """|residual|, raw spread and SNR bin [N] of the calibration stars (``source``: the datamodule's
+        ``calibration_batches``) under the model as it stands; empty without a source, with ``rows`` 0 or
+        when the source yields nothing. Every rank computes the same rows.
+
+        A star's mixture inputs (``encode``: a ``MixInputs`` of features, expert predictions, noise variances)
+        do not change while the experts and scalers are fixed, so they are encoded once per fit and kept until it ends
+        (23 + 2K + 3 numbers a row: 24 MB for the default 65,536 rows x 2 draws and K = 9 experts); each
+        epoch only runs the gate and the head (``mix``: a ``MoEOutput`` with ``pred`` and ``spread``).
+        """
+        empty = np.zeros(0), np.zeros(0), np.zeros(0, np.int64)
+        if self._sample is None:
+            if source is None or not self.rows:
+                return empty
+            parts = [(encode(batch), batch["log_g"]) for batch in source(self.rows, self.draws, device)]
+            if not parts:  # no training rows to sample (all dropped as bad, or no draws asked for)
+                return empty
+            self._sample = type(parts[0][0]).cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        inputs, target = self._sample
+        chunks = []
+        for lo in range(0, len(target), CHUNK):
+            out = mix(inputs.slice(lo, lo + CHUNK))
+            chunks.append(torch.stack([(out.pred - target[lo : lo + CHUNK]).abs(), out.spread], -1))
+        table = torch.cat(chunks).double().cpu().numpy()
+        return table[:, 0], table[:, 1], inputs.snr_bin.cpu().numpy().astype(np.int64)
+
+    @torch.no_grad()
+    def refit(
+        self, abs_r: np.ndarray, spread: np.ndarray, snr_bin: np.ndarray, gather: Callable | None = None
+    ) -> float | None:
+        """Fit the map on the sample's residuals [N], then scale it by the held-out check of this epoch's
+        validation residuals (gathered across ranks with ``gather``, ``LightningModule.all_gather``: the
+        same numbers on every rank) and store it. Returns that check's factor (None: no held-out rows)."""
+        n_bins = len(self.scale)
+        scale, ref, power = np.ones(n_bins), np.ones(n_bins), np.ones(n_bins)
+        if len(abs_r):
+            scale, ref, gamma = sigma_map(abs_r, spread, snr_bin, n_bins)
+            power[:] = gamma
+        held_out = [r.cpu().double().numpy() for r in self.held_out.rows(gather)]
+        check = None
+        if any(len(p) for p in held_out):  # one factor for all bins: the held-out check of the training fit
+            abs_z = np.concatenate(
+                [p[:, 0] / apply_sigma_map(p[:, 1], scale[i], ref[i], power[i]) for i, p in enumerate(held_out)]
+            )
+            check = validation_check(abs_z)
+            scale = scale * check
+        for buf, value in ((self.scale, scale), (self.ref, ref), (self.power, power)):
+            buf.copy_(torch.as_tensor(value, dtype=buf.dtype))
+        return check

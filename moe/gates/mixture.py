@@ -1,0 +1,239 @@
+"""The gated mixture, a plain module: frozen Ridge experts, gate features, a fusion gate, sigma.
+
+``log g = sum_k w_k(phys, qual) * expert_k(noisy flux)``, and sigma, the per-star uncertainty of log g:
+
+- the raw spread: by default ``spread^2 = sum_k w_k v_k + m``, the experts' exact noise variances
+  ``v_k`` mixed by the gate plus a model-error variance ``m`` from a variance head (an MLP on the
+  standardised gate features, ``log sum_k w_k v_k``, the log disagreement ``sum_k w_k (mu_k - mu)^2``
+  and the prediction), trained on the training stream (fresh noise every epoch) with a beta-NLL
+  (beta = 0.5) on the detached prediction's residual, so the gate's own objective stays MSE. The
+  disagreement is not added to the variance: the prediction is the weighted mean, not a draw of one
+  expert, and where the gate hedges between experts that disagree the mean is often right (added, it
+  swamps sigma where experts disagree most and the head cannot take it back). Without the head (and
+  for the oracle / global gates, which learn nothing): the mixture of each expert's noise plus
+  model-error variance in the star's SNR bin (estimated on the validation split by the preparation
+  step), law of total variance.
+- its recalibration per SNR bin (:class:`moe.gates.calibration.SigmaCalibration`).
+
+The experts (:mod:`moe.experts`), features (:mod:`moe.features`) and gates (:mod:`moe.gates.fusions`)
+are plain modules. What is not learned -- experts, feature windows, PCA basis, feature scalers,
+model-error variances -- comes from the preparation step (:func:`moe.prepare.prepare`) through
+:meth:`GatedMixture.load_prepared` into buffers, so a checkpoint carries it.
+
+A batch is either spectra (``flux``, ``error``: the gate inputs are computed from them) or cached gate
+inputs (``proj``, ``win``, ``quality``, ``var``; :mod:`moe.features.gate_inputs`), already noisy: both give
+the same numbers. B batch, K experts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from moe.data import bins
+from moe.experts import groups
+from moe.experts.ridge_experts import RidgeExperts
+from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
+from moe.features.gate_inputs import NOISE_KEYS, gate_features, projection_map, row_inputs
+from moe.gates.calibration import SigmaCalibration
+from moe.gates.fusions import FUSIONS, build_gate, mlp
+from moe.gates.metrics import gate_entropy
+from moe.prepare import Prepared
+
+
+class MixInputs(NamedTuple):
+    """A batch's inputs to the gate and the mixture (B batch, K experts); fixed once the batch is noisy."""
+
+    phys: torch.Tensor  # [B, 13] standardised physics features
+    qual: torch.Tensor  # [B, 10] standardised quality features
+    mu: torch.Tensor  # [B, K] each expert's prediction
+    noise_var: torch.Tensor  # [B, K] each expert's exact variance under the noise
+    snr_bin: torch.Tensor  # [B]
+    route: torch.Tensor | None  # [B] true group (oracle gate only)
+    global_pred: torch.Tensor  # [B] the global expert
+
+    @classmethod
+    def cat(cls, parts: list[MixInputs]) -> MixInputs:
+        """Batches' inputs as one (rows concatenated)."""
+        fields = zip(*parts)
+        return cls(*(None if f[0] is None else torch.cat(f) for f in fields))
+
+    def slice(self, lo: int, hi: int) -> MixInputs:
+        """Rows ``lo:hi``."""
+        return type(self)(*(None if f is None else f[lo:hi] for f in self))
+
+
+class MoEOutput(NamedTuple):
+    """Everything one forward pass produces (B batch, K experts)."""
+
+    pred: torch.Tensor  # [B] log g
+    sigma: torch.Tensor  # [B] calibrated uncertainty of pred (1 sigma)
+    weights: torch.Tensor  # [B, K]
+    expert_preds: torch.Tensor  # [B, K]
+    entropy: torch.Tensor  # [B] nats
+    tau: torch.Tensor | None  # [B] (temperature gate)
+    global_pred: torch.Tensor  # [B] the global expert (the baseline of rho)
+    spread: torch.Tensor  # [B] sigma before the per-SNR-bin recalibration
+    noise_spread: torch.Tensor  # [B] sqrt(sum_k w_k v_k): the experts' noise spreads, mixed
+    log_model_var: torch.Tensor | None  # [B] the variance head's output
+
+
+class GatedMixture(nn.Module):
+    """A gate over frozen Ridge experts with a per-star sigma (module docstring); forward(batch) -> MoEOutput.
+
+    Args (as :class:`moe.gates.GatedMoE`'s): ``fusion``, ``family`` (the expert family gated over),
+    ``n_pixels`` D, ``noise_level``, ``drop_features``, ``variance_head``, ``calibration_rows`` and
+    ``calibration_draws`` (:class:`~moe.gates.calibration.SigmaCalibration`).
+    """
+
+    def __init__(
+        self,
+        fusion: str,
+        family: str,
+        n_pixels: int,
+        noise_level: float = 1.0,
+        drop_features: list[str] | None = None,
+        variance_head: bool = True,
+        calibration_rows: int = 65_536,
+        calibration_draws: int = 2,
+    ):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose from {FUSIONS}")
+        names = PHYSICS_NAMES + QUALITY_NAMES
+        unknown = sorted(set(drop_features or ()) - set(names))
+        if unknown:
+            raise ValueError(f"unknown gate features {unknown}; choose from {list(names)}")
+        if family not in groups.FAMILIES:
+            raise ValueError(f"unknown expert family {family!r}; choose from {groups.FAMILIES}")
+        if fusion == "global" and family != "global":
+            raise ValueError("fusion 'global' uses the global expert: leave experts unset or set it to 'global'")
+        self.fusion, self.family, self.noise_level = fusion, family, noise_level
+        self.register_buffer(
+            "feature_mask",
+            torch.tensor([n not in (drop_features or ()) for n in names], dtype=torch.float32),
+            persistent=False,
+        )
+        k = groups.FAMILY_SIZES[family]
+        self.experts = RidgeExperts(k, n_pixels, groups.group_names(family))
+        self.global_expert = RidgeExperts(1, n_pixels, ["global"])
+        self.physics = PhysicsFeatures(n_pixels)
+        self.phys_scaler = Standardizer(len(PHYSICS_NAMES))
+        self.qual_scaler = Standardizer(len(QUALITY_NAMES))
+        self.gate = build_gate(fusion, len(PHYSICS_NAMES), len(QUALITY_NAMES), k)
+        learned = any(p.requires_grad for p in self.gate.parameters())
+        # [phys, qual, log noise variance, log expert disagreement, prediction] -> log model-error variance
+        self.variance_head = (
+            mlp(len(PHYSICS_NAMES) + len(QUALITY_NAMES) + 3, [32], 1) if variance_head and learned else None
+        )
+        self.register_buffer("prepared", torch.tensor(False))
+        self.register_buffer("model_var", torch.zeros(k, bins.N_SNR_BINS))  # [K, 4] model-error variance
+        self.calibration = SigmaCalibration(calibration_rows, calibration_draws)
+
+    @torch.no_grad()
+    def load_prepared(self, prepared: Prepared) -> None:
+        """Copy the prepared experts, feature windows, PCA basis, scalers and model-error variances into
+        buffers; sigma's recalibration starts again from the identity."""
+        if prepared.family != self.family:
+            raise ValueError(f"prepared for expert family {prepared.family!r}, this gate uses {self.family!r}")
+        if prepared.experts.weight.shape[1] != self.experts.weight.shape[1]:
+            raise ValueError(
+                f"model was built for {self.experts.weight.shape[1]} pixels, "
+                f"the data has {prepared.experts.weight.shape[1]}"
+            )
+        self.experts.load_arrays(prepared.experts.weight, prepared.experts.bias)
+        self.global_expert.load_arrays(prepared.global_expert.weight, prepared.global_expert.bias)
+        self.physics.load_state_dict(prepared.physics.state_dict())
+        self.phys_scaler.load_state_dict(prepared.phys_scaler.state_dict())
+        self.qual_scaler.load_state_dict(prepared.qual_scaler.state_dict())
+        self.model_var.copy_(torch.as_tensor(prepared.model_var, dtype=self.model_var.dtype))
+        self.calibration.reset()
+        self.prepared.fill_(True)
+
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The affine map ``weight [P, D], bias [P]`` of the gate's linear inputs (:func:`moe.features.gate_inputs.projection_map`)."""
+        return projection_map(self.experts, self.global_expert, self.physics)
+
+    def gate_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The batch's (noisy) gate inputs ``proj, win, quality, var``: cached, or computed from its spectra."""
+        if "proj" in batch:
+            if any(k in batch for k in NOISE_KEYS):
+                raise ValueError(
+                    "clean training rows reached the model: noise them first (SpectraDataModule.add_noise)"
+                )
+            return batch
+        weight, bias = self.projection()
+        return row_inputs(batch["flux"], batch["error"], weight, bias, self.physics.pixels)
+
+    def raw_features(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physics [B, 13] and quality [B, 10] features before standardisation."""
+        return gate_features(self.physics, inputs, self.experts.n_experts)
+
+    def standardised_features(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the towers read: standardised physics [B, 13] and quality [B, 10], dropped features at 0."""
+        phys, qual = self.raw_features(inputs)
+        n = phys.shape[1]
+        return self.phys_scaler(phys) * self.feature_mask[:n], self.qual_scaler(qual) * self.feature_mask[n:]
+
+    def route(self, batch: dict) -> torch.Tensor:
+        """True group of each sample in this mixture's expert family [B] (oracle routing)."""
+        return groups.group_of(self.family, batch["phys_bin"], batch["snr_bin"])
+
+    def mix_inputs(self, batch: dict, noise_var: torch.Tensor | None = None) -> MixInputs:
+        """What the gate and the mixture read from a batch (all fixed once the batch is noisy); ``noise_var``
+        [B, K] replaces the experts' noise variances (a star with imputed pixels: :mod:`moe.catalogue.predict`)."""
+        x = self.gate_inputs(batch)
+        phys, qual = self.standardised_features(x)
+        k = self.experts.n_experts
+        return MixInputs(
+            phys,
+            qual,
+            x["proj"][:, :k],
+            self.noise_level**2 * x["var"][:, :k] if noise_var is None else noise_var,
+            batch["snr_bin"],
+            self.route(batch) if self.fusion == "oracle" else None,
+            x["proj"][:, k],
+        )
+
+    def forward(self, batch: dict) -> MoEOutput:
+        return self.mix(self.mix_inputs(batch))
+
+    def mix(self, m: MixInputs) -> MoEOutput:
+        """Gate weights, prediction and sigma from the mixture's inputs."""
+        phys, qual, mu, noise_var, snr_bin = m.phys, m.qual, m.mu, m.noise_var, m.snr_bin
+        gate = self.gate(phys, qual, m.route)
+        w = gate.weights
+        pred = (w * mu).sum(-1)
+        noise_s2 = (w * noise_var).sum(-1).clamp_min(1e-12)  # the experts' exact noise variances, mixed
+        log_model_var = None
+        if self.variance_head is not None:
+            disagreement = (w * (mu - pred[:, None]).square()).sum(-1)  # the experts' spread about the prediction
+            head_in = torch.cat(
+                [
+                    phys,
+                    qual,
+                    noise_s2.detach().log()[:, None],
+                    (disagreement.detach() + 1e-4).log()[:, None],
+                    pred.detach()[:, None] - 3.0,
+                ],
+                dim=-1,
+            )
+            log_model_var = self.variance_head(head_in).squeeze(-1).clamp(-20, 10)
+            spread = (noise_s2 + log_model_var.exp()).sqrt()
+        else:
+            var = noise_var + self.model_var.T[snr_bin]
+            spread = ((w * (var + mu.square())).sum(-1) - pred.square()).clamp_min(1e-12).sqrt()
+        return MoEOutput(
+            pred,
+            self.calibration(spread, snr_bin),
+            w,
+            mu,
+            gate_entropy(w),
+            gate.tau,
+            m.global_pred,
+            spread,
+            noise_s2.sqrt(),
+            log_model_var,
+        )
