@@ -25,6 +25,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -75,6 +77,20 @@ SUBCOMMANDS = {
 
 def experts_dir(data_dir: str) -> str:
     return str(default_dir(data_dir))
+
+
+def start_ranks(trainer: pl.Trainer) -> None:
+    """Start the run's processes and their process group now, before the preparation, so that it splits over
+    the ranks (:mod:`moe.data.ranks`): Lightning's DDP launcher starts the other local ranks here (not again
+    when the trainer runs), torchrun / SLURM have started them already, and the trainer later finds the process
+    group initialised and uses it. Other strategies (one device, ``ddp_spawn``) prepare in one process."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.launcher, _SubprocessScriptLauncher):
+        return
+    if strategy.num_processes * strategy.num_nodes < 2 or torch.distributed.is_initialized():
+        return
+    strategy.launcher.launch(lambda: None, trainer=trainer)
+    strategy.setup_environment()
 
 
 class SaveFitConfig(SaveConfigCallback):
@@ -165,6 +181,7 @@ class MoECLI(LightningCLI):
         A checkpoint that does not fit (:func:`~moe.gates.checkpoints.check_checkpoint`) is refused first."""
         cfg = self.config_init[self.subcommand]
         ckpt = cfg.get("ckpt_path")
+        start_ranks(self.trainer)
         if self.subcommand == "predict":  # the catalogue is written batch by batch: keep nothing in memory
             cfg["return_predictions"] = False
         state = self._checked(ckpt) if ckpt is not None else None  # refused before any work
@@ -183,7 +200,7 @@ class MoECLI(LightningCLI):
         # predict reads the spectra themselves (masked pixels, the OOD score): no gate-input caches
         splits = {"validate": ("val",), "test": ("test",)}.get(self.subcommand, ())
         mixture = self.model.mixture
-        attach_inputs(self.datamodule, *mixture.projection(), mixture.physics.pixels, splits)
+        attach_inputs(self.datamodule, *mixture.projection(), mixture.physics.pixels, splits, shared=True)
         self._catalogue_reference()
 
     def _catalogue_reference(self) -> None:

@@ -172,3 +172,35 @@ def test_catalogue_temp_is_atomic_stale_ones_removed_and_a_full_disk_is_one_erro
         writer.write_on_batch_end(trainer, module, _writer_batch(4, 4), None, None, 0)
     writer.on_exception(trainer, module, info.value)  # what Lightning calls next
     assert "\n" not in str(info.value) and not failing.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".h5"])
+def test_catalogue_parts_of_ranks_join_into_one_file_in_rank_order(tmp_path, suffix):
+    """The parts ranks write (rank r: the r-th share of the rows) become one catalogue, rows in rank order,
+    columns the union (a part of unlabelled shards has no *_true column), the parts removed; a rank without
+    rows wrote no part."""
+    from moe.gates.catalogue_join import HDF5_KEY, join_parts, part_path
+
+    target = tmp_path / f"catalogue{suffix}"
+    frames = [
+        pd.DataFrame({"shard": ["a/x.h5"] * 3, "row": [0, 1, 2], "log_g_pred": [1.5, 2.25, 3.0], "log_g_true": 1.0}),
+        pd.DataFrame({"shard": ["a/longer_name.h5"] * 2, "row": [0, 1], "log_g_pred": [4.5, 0.125]}),
+    ]
+    parts = [part_path(target, r) for r in range(3)]  # rank 2 had no rows
+    for frame, part in zip(frames, parts):
+        if suffix == ".h5":
+            width = {"shard": int(frame["shard"].str.len().max())}  # as narrow as the writer makes each part
+            frame.to_hdf(part, key=HDF5_KEY, format="table", index=False, min_itemsize=width)
+        else:
+            frame.to_csv(part, index=False)
+    assert join_parts(parts, target) == 5
+    cat = pd.read_hdf(target) if suffix == ".h5" else pd.read_csv(target)
+    expected = pd.concat(frames, ignore_index=True)
+    pd.testing.assert_frame_equal(cat.reset_index(drop=True), expected, check_dtype=False)
+    assert not any(p.exists() for p in parts)
+    # parts with one header are joined as they are, byte for byte
+    for r, frame in enumerate(frames):
+        frame.assign(log_g_true=float("nan")).to_csv(part_path(tmp_path / "b.csv", r), index=False)
+    texts = [part_path(tmp_path / "b.csv", r).read_text() for r in range(2)]
+    join_parts([part_path(tmp_path / "b.csv", r) for r in range(2)], tmp_path / "b.csv")
+    assert (tmp_path / "b.csv").read_text() == texts[0] + texts[1].split("\n", 1)[1]

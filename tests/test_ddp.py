@@ -1,5 +1,5 @@
-"""DDP on CPU (gloo, 2 ranks): preparation happens once, both ranks hold the same experts, and every
-training row is seen exactly once per epoch across the ranks."""
+"""DDP on CPU (gloo, 2 ranks): preparation happens once, split over both ranks, both ranks hold the same
+experts, and every training row is seen exactly once per epoch across the ranks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -20,10 +22,20 @@ SCRIPT = textwrap.dedent('''
     import torch
     from pytorch_lightning import Callback
     from moe.cli import MoECLI
+    from moe.data import stream
     from moe.data.datamodule import SpectraDataModule
     from moe.gates import GatedMoE
 
     OUT = sys.argv[1]
+    READ = []  # blocks of training spectra this rank read (the preparation: caches; the fit is a child)
+    _read_block = stream.read_block
+
+    def read_block(path, start, stop, *args, **kwargs):
+        if "train" in str(path):
+            READ.append((str(path), start, stop))
+        return _read_block(path, start, stop, *args, **kwargs)
+
+    stream.read_block = read_block
 
     class RecordRows(Callback):
         """Saves, per rank and epoch, the training rows it saw; and its expert buffers at the end."""
@@ -39,8 +51,8 @@ SCRIPT = textwrap.dedent('''
             self.rows = []
 
         def on_fit_end(self, trainer, module):
-            torch.save({"experts": module.mixture.experts.weight.cpu(), "scaler": module.mixture.phys_scaler.mean.cpu()},
-                       f"{OUT}/buffers_rank{trainer.global_rank}.pt")
+            torch.save({"experts": module.mixture.experts.weight.cpu(), "scaler": module.mixture.phys_scaler.mean.cpu(),
+                        "read": READ}, f"{OUT}/buffers_rank{trainer.global_rank}.pt")
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     MoECLI(GatedMoE, SpectraDataModule, seed_everything_default=42, save_config_kwargs={"overwrite": True},
@@ -91,8 +103,32 @@ def test_ddp_two_ranks_prepare_once_and_split_rows_exactly(tmp_path):
     assert log.count("fitting experts") == 1, log[-3000:]  # one rank fitted, the other loaded its files
     a, b = (torch.load(out / f"buffers_rank{r}.pt") for r in (0, 1))
     assert torch.equal(a["experts"], b["experts"]) and torch.equal(a["scaler"], b["scaler"])
+    # the ranks built the training caches together, each from its own rows
+    rows = [{(p, r) for p, start, stop in x["read"] for r in range(start, stop)} for x in (a, b)]
+    assert rows[0] and rows[1] and not rows[0] & rows[1] and len(rows[0] | rows[1]) == 1200
     for epoch in (0, 1):
         r0, r1 = (torch.load(out / f"rows_rank{r}_epoch{epoch}.pt") for r in (0, 1))
         assert len(r0) == len(r1) == 600  # same number of batches per rank (DDP would hang otherwise)
         seen = torch.cat([r0, r1])
         assert torch.equal(seen.sort().values, torch.arange(1200)), "a row was skipped or seen twice"
+
+    # predict over 2 ranks: one catalogue per format, the rows in input order, equal to one rank's
+    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+    common = args[1:11] + args[15:17] + args[19:]  # data, model, accelerator, root dir, no progress bar
+    catalogues = {}
+    for name, ranks in (("two.csv", 2), ("two.h5", 2), ("one.csv", 1)):
+        extra = ["--trainer.strategy", "ddp"] if ranks > 1 else []
+        run = subprocess.run(
+            [sys.executable, str(script), str(out), "predict", *common, "--ckpt_path", str(ckpt),
+             "--trainer.devices", str(ranks), *extra, "--predict_writer.output", str(out / name)],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        catalogues[name] = pd.read_hdf(out / name) if name.endswith(".h5") else pd.read_csv(out / name)
+    assert not list(out.glob(".two*")) and not list(out.glob("two*rank*")), "part files left"
+    one = catalogues["one.csv"]
+    assert list(one["row"]) == list(range(300))
+    pd.testing.assert_frame_equal(catalogues["two.csv"], one)
+    h5 = catalogues["two.h5"].reset_index(drop=True)
+    assert list(h5.columns) == list(one.columns) and list(h5["row"]) == list(range(300))
+    np.testing.assert_allclose(h5["log_g_pred"], one["log_g_pred"], rtol=1e-6)

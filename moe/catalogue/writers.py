@@ -81,6 +81,28 @@ def describe_columns(columns) -> dict[str, dict[str, str]]:
     return {c: dict(zip(("unit", "description"), column_meta(c))) for c in columns}
 
 
+def sidecar(path: Path) -> Path:
+    """The ``.meta.json`` sidecar of a CSV catalogue."""
+    return path.with_name(path.stem + ".meta.json")
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    """The meanings and provenance ``meta`` of a finished catalogue (a table joined from the ranks' parts):
+    HDF5 attributes of its table, or the sidecar of a CSV."""
+    suffix = path.suffix.lower()
+    if suffix in HDF5_SUFFIXES:
+        _hdf5_attrs(path, meta)
+    elif suffix not in FITS_SUFFIXES:
+        write_text(sidecar(path), json.dumps(meta, indent=2) + "\n", "the catalogue's sidecar")
+
+
+def _hdf5_attrs(path: Path, meta: dict) -> None:
+    with pd.HDFStore(path, mode="a") as store:
+        attrs = store.get_storer(HDF5_KEY).attrs
+        for name, value in meta.items():
+            setattr(attrs, name, json.dumps(value))
+
+
 def writer_for(path: Path, provenance: dict, string_widths: dict[str, int]):
     """The writer of ``path``'s format (by suffix; anything else is CSV)."""
     suffix = path.suffix.lower()
@@ -148,10 +170,6 @@ class _Catalogue:
 class CSVCatalogue(_Catalogue):
     """Plain CSV; meanings and provenance in the sidecar ``<name>.meta.json``."""
 
-    @property
-    def sidecar(self) -> Path:
-        return self.path.with_name(self.path.stem + ".meta.json")
-
     def _append(self, df: pd.DataFrame) -> None:
         tmp = self.file.tmp
         df.to_csv(tmp, mode="a", header=not tmp.exists(), index=False, float_format="%.7g")
@@ -159,7 +177,7 @@ class CSVCatalogue(_Catalogue):
     def commit(self) -> bool:
         done = super().commit()
         if done:
-            write_text(self.sidecar, json.dumps(self.meta(), indent=2) + "\n", "the catalogue's sidecar")
+            write_meta(self.path, self.meta())
         return done
 
 
@@ -174,10 +192,7 @@ class HDF5Catalogue(_Catalogue):
             store.append(HDF5_KEY, df, format="table", index=False, min_itemsize=widths)
 
     def _finish(self) -> None:
-        with pd.HDFStore(self.file.tmp, mode="a") as store:
-            attrs = store.get_storer(HDF5_KEY).attrs
-            for name, value in self.meta().items():
-                setattr(attrs, name, json.dumps(value))
+        _hdf5_attrs(self.file.tmp, self.meta())
 
 
 def _is_text(series: pd.Series) -> bool:

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from moe.data.noise import add_noise, noisy_inputs
-from moe.data.noise_cache import ensure_noisy
+from moe.data.noise_cache import noisy_job
 from moe.data.resume import batch_seed
+from moe.data.row_cache import ensure_row_caches
 from moe.data.row_check import BAD_ROWS, BadRows, screen
 from moe.data.shards import (
     SPLITS,
@@ -171,11 +172,12 @@ class SpectraFolder:
         return hashlib.sha1(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
 
     # ---- pre-noised splits -------------------------------------------------------
-    def noisy_caches(self, split: str) -> dict[int, Path]:
-        """Pre-noised cache path per shard of ``split`` ('val' or 'test'), built if needed."""
+    def noisy_caches(self, split: str, shared: bool = False) -> dict[int, Path]:
+        """Pre-noised cache path per shard of ``split`` ('val' or 'test'), built if needed (``shared``:
+        collective, the rows split over the ranks, :func:`moe.data.row_cache.ensure_row_caches`)."""
         s = self.val_set if split == "val" else self.test_set
-        return {
-            k: ensure_noisy(
+        jobs = [
+            noisy_job(
                 info.path,
                 info.n_rows,
                 info.n_pixels,
@@ -185,7 +187,8 @@ class SpectraFolder:
                 dead_ok=s.dropped_in(k) > 0,
             )
             for k, info in enumerate(s.infos)
-        }
+        ]
+        return dict(enumerate(ensure_row_caches(jobs, shared)))
 
     def split_set(self, split: str) -> ShardSet:
         """The shards of ``split`` ('train', 'val', 'test'; 'predict' is the test split)."""

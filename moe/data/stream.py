@@ -33,6 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from moe.data import bins
 from moe.data.noise import snr as snr_of
+from moe.data.ranks import rank_world
 from moe.data.row_cache import read_rows
 from moe.data.shards import (
     ID_COLUMNS,
@@ -159,13 +160,6 @@ def observed_snr(flux: np.ndarray, error: np.ndarray, usable: np.ndarray, noise_
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(e2 > 0, y2 / e2, np.inf)
     return np.where(usable.any(1), np.sqrt(np.clip(ratio - 1.0, 0.0, None)), 0.0)
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _slot() -> tuple[int, int, int]:

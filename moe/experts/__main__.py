@@ -8,18 +8,25 @@ This tool gates nothing: a physical or SNR group with fewer than ``--min-samples
 takes the global expert, said in one line and marked (``fallback`` column of the alpha table, a
 line under the report). Only the global expert must have that many rows.
 - ``compare-noise``: noise-marginalised vs one draw vs K draws, R^2 on val and test.
+
+Started by torchrun (``torchrun --nproc-per-node N $(which moe) experts fit ...``; the environment
+names the rank and world size), ``fit`` joins the ranks in a gloo process group and splits the fit over
+them by rows (:mod:`moe.experts.fit`); rank 0 prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 
 import pandas as pd
+import torch
 
 from moe.arguments import ToolParser, non_negative_float, positive_float, positive_int, run_tool
 from moe.data.folder import BAD_ROWS, SpectraFolder
+from moe.data.ranks import PREPARE_TIMEOUT, rank_world
 from moe.data.synth import SynthConfig
 from moe.experts.bundle import default_path
 from moe.experts.cache import load_or_fit
@@ -93,8 +100,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def join_ranks() -> bool:
+    """Join the process group torchrun's environment describes (``WORLD_SIZE`` > 1); False when there is none
+    to join or one exists already."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("gloo", timeout=PREPARE_TIMEOUT)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    joined = join_ranks() if a.cmd == "fit" else False
+    try:
+        return _main(a)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _main(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pd.set_option("display.width", 160)
     folder = SpectraFolder(
@@ -115,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     bundle = load_or_fit(folder, cfg, a.out)
     path = a.out or default_path(folder, cfg)
+    if a.cmd == "fit" and rank_world()[0] > 0:  # rank 0 prints for the group
+        return 0
     if a.cmd == "fit":
         print(f"experts: {path}")
         print(bundle.alpha_table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))

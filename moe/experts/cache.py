@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from moe.data import ranks
 from moe.data.folder import SpectraFolder
 from moe.experts.bundle import ExpertBundle, default_path
 from moe.experts.fit import FitConfig, refuse_fallbacks
@@ -23,18 +24,25 @@ def load_or_fit(
     An existing file that does not match the data or config raises
     :class:`~moe.experts.bundle.ExpertsMismatchError`; one that stands the global expert in for a short
     group ``cfg`` relies on (fitted for a run that did not) raises :class:`~moe.experts.fit.GroupTooSmallError`,
-    as a fresh fit would. Each stand-in is one INFO line.
+    as a fresh fit would. Each stand-in is one INFO line. Collective over the ranks of a process group
+    (:mod:`moe.data.ranks`): they fit together, each its share of the rows
+    (:func:`moe.experts.isolated.fit_in_child`), and all load what rank 0 wrote.
     """
     target = Path(path) if path is not None else default_path(folder, cfg)
-    if target.is_file():
+    rank = ranks.rank_world()[0]
+    if ranks.broadcast(target.is_file() if rank == 0 else None):
         bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
         refuse_fallbacks(bundle.stand_ins(), cfg)
     else:
-        log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
+        if rank == 0:
+            log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
+        folder.noisy_caches("val", shared=True)  # the alphas are chosen on it: its rows split over the ranks too
         fit_in_child(folder, cfg, target, progress)
+        ranks.barrier()  # rank 0's child has written the bundle
         bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
-        log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
-    for fam, name, n in bundle.stand_ins():
+        if rank == 0:
+            log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
+    for fam, name, n in bundle.stand_ins() if rank == 0 else ():
         log.info(
             "expert %s/%s has %d training rows, fewer than %d: the global expert stands in for it "
             "(fallback 'global' in the alpha table)",

@@ -9,6 +9,12 @@
    shrunk toward their selected physical expert (``w = argmin |y - Xw|^2 + a |w - w_phys|^2``)
    with one alpha per SNR bin, pooled over its nine cells.
 4. The global group's (noisy-flux) covariance gives the PCA basis of the physics features.
+
+Over several ranks (a torch.distributed process group, :mod:`moe.data.ranks`) every pass is split by
+rows -- each rank reads its own share of the training and validation rows -- and its sums are added
+up across the ranks; the group solves are dealt out round-robin and each one's result is sent to every
+rank, so all ranks end with the same experts, each solved once. One process computes the same thing
+alone.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.sparse.linalg import eigsh
 
-from moe.data import bins
+from moe.data import bins, ranks
 from moe.data.folder import SpectraFolder
 from moe.data.noise import add_noise_np
 from moe.data.stream import SpectraStream
@@ -158,10 +164,13 @@ def refuse_fallbacks(found: list[tuple[str, str, int]], cfg: FitConfig) -> None:
         raise short_groups_error(short, cfg.min_samples)
 
 
+def training_stream(folder: SpectraFolder, cfg: FitConfig) -> SpectraStream:
+    return SpectraStream(folder.train_set, cfg.block_rows, folder.noise_level, cfg.block_rows, shuffle=False)
+
+
 def training_blocks(folder: SpectraFolder, cfg: FitConfig, partition: str) -> Iterator[tuple]:
     """(x [m, D], error, y, cell) blocks of this rank's share of the training split."""
-    stream = SpectraStream(folder.train_set, cfg.block_rows, folder.noise_level, cfg.block_rows, shuffle=False)
-    for b in stream.rank_blocks():
+    for b in training_stream(folder, cfg).rank_blocks():
         cell = groups.cell_index(partition, b["phys_bin"], b["snr_bin"])
         y = b["log_g"].astype(np.float64)
         if cfg.noise_mode == "marginal":
@@ -173,17 +182,20 @@ def training_blocks(folder: SpectraFolder, cfg: FitConfig, partition: str) -> It
 
 
 def accumulate_stats(folder: SpectraFolder, cfg: FitConfig, progress: bool = True) -> tuple[CellStats, str]:
-    """Per-cell statistics of the training split (summed over DDP ranks)."""
+    """Per-cell statistics of the training split: this rank's rows, summed over the ranks."""
     partition = groups.partition_for(cfg.families)
     draws = cfg.n_draws if cfg.noise_mode == "augment" else 1
+    rank, world = ranks.rank_world()
+    own = folder.train_set.kept(*folder.train_set.slot_range(rank, world))
+    shift = common_shift(folder, cfg) if rank == 0 else None  # read by one rank, the same for all
     stats = accumulate(
         training_blocks(folder, cfg, partition),
         groups.n_cells(partition),
         folder.n_pixels,
         cfg.products,
-        total=folder.train_set.n_kept * draws,
+        total=own * draws,
         progress=progress,
-        shift=common_shift(folder, cfg),
+        shift=ranks.broadcast(shift),
     )
     return stats.all_reduce(), partition
 
@@ -207,57 +219,72 @@ def noise_variance(folder: SpectraFolder, cfg: FitConfig) -> float:
 def _paths(
     stats: CellStats,
     partition: str,
-    family: str,
+    families: list[str],
     cfg: FitConfig,
     noise_var: float,
-    prior: np.ndarray | None = None,
-    fallback_path: tuple | None = None,
+    prior: list | None = None,
     solver: dict | None = None,
-):
-    """Every group x alpha of ``family``: weight [G, A, D], bias [G, A], n [G], fallback notes.
+) -> dict[str, tuple]:
+    """Every group x alpha of ``families``: per family (weight [G, A, D], bias [G, A], n [G], fallback notes).
 
-    ``solver`` (a dict) accumulates ``systems``, ``factorizations`` and ``cg_steps``.
+    The solves are dealt out over the ranks round-robin and each result is broadcast from the rank that
+    solved it (collective). A group too small takes the global expert (``fallback``) or, for ``cells``,
+    its ``prior`` physical expert. ``solver`` (a dict) accumulates ``systems``, ``factorizations`` and
+    ``cg_steps``.
     """
-    names = groups.group_names(family)
-    cells = groups.members(family, partition)
     d, a = stats.n_pixels, len(cfg.alphas)
-    weight, bias = np.zeros((len(cells), a, d)), np.zeros((len(cells), a))
-    n = np.array([stats.n[c].sum() for c in cells])
-    notes = [""] * len(cells)
-    for g, c in enumerate(cells):
-        info: dict = {}
-        if family == "cells":
-            if n[g] < 2:
-                weight[g], bias[g] = prior[g // bins.N_SNR_BINS][0], prior[g // bins.N_SNR_BINS][1]
-                notes[g] = "phys"
-                log.warning("expert %s has %d training samples: using its physical expert", names[g], n[g])
-                continue
-            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, prior[g // bins.N_SNR_BINS][0], cfg.method, info)
-        elif n[g] < cfg.min_samples:
-            if not cfg.needs_minimum(family) and fallback_path is not None:
-                weight[g], bias[g] = fallback_path  # said once per run by the bundle's loader
-                notes[g] = "global"
-                continue
-            raise GroupTooSmallError(
-                f"expert {family}/{names[g]} has {int(n[g])} training rows, fewer than {cfg.min_samples}; {FLAGS_HINT}"
+    out, solve = {}, []
+    for family in families:
+        names, cells = groups.group_names(family), groups.members(family, partition)
+        weight, bias = np.zeros((len(cells), a, d)), np.zeros((len(cells), a))
+        n = np.array([stats.n[c].sum() for c in cells])
+        notes = [""] * len(cells)
+        for g in range(len(cells)):
+            if family == "cells":
+                if n[g] < 2:
+                    weight[g], bias[g] = prior[g // bins.N_SNR_BINS][0], prior[g // bins.N_SNR_BINS][1]
+                    notes[g] = "phys"
+                    log.warning("expert %s has %d training samples: using its physical expert", names[g], n[g])
+                    continue
+            elif n[g] < cfg.min_samples:
+                if not cfg.needs_minimum(family):
+                    notes[g] = "global"  # filled in once the global expert is solved; said by the bundle's loader
+                    continue
+                raise GroupTooSmallError(
+                    f"expert {family}/{names[g]} has {int(n[g])} training rows, fewer than {cfg.min_samples}; "
+                    f"{FLAGS_HINT}"
+                )
+            solve.append((family, g))
+        out[family] = (weight, bias, n, notes)
+    rank, world = ranks.rank_world()
+    done = np.zeros(3)  # systems, factorizations, CG steps
+    for j, (family, g) in enumerate(solve):
+        if j % world == rank:
+            info: dict = {}
+            cells = groups.members(family, partition)[g]
+            parent = prior[g // bins.N_SNR_BINS][0] if family == "cells" else None
+            out[family][0][g], out[family][1][g], _ = fit_sweep(
+                stats.group(cells), cfg.alphas, noise_var, parent, cfg.method, info
             )
-        else:
-            w, b, _ = fit_sweep(stats.group(c), cfg.alphas, noise_var, None, cfg.method, info)
-        weight[g], bias[g] = w, b
-        if solver is not None:
-            for k, v in (
-                ("systems", len(cfg.alphas)),
-                ("factorizations", info["factorizations"]),
-                ("cg_steps", sum(info["iterations"])),
-            ):
-                solver[k] = solver.get(k, 0) + v
-    return weight, bias, n, notes
+            done += (len(cfg.alphas), info["factorizations"], sum(info["iterations"]))
+    for j, (family, g) in enumerate(solve):
+        ranks.broadcast_array(out[family][0][g], src=j % world)
+        ranks.broadcast_array(out[family][1][g], src=j % world)
+    for family in families:
+        for g, note in enumerate(out[family][3]):
+            if note == "global":
+                out[family][0][g], out[family][1][g] = out["global"][0][0], out["global"][1][0]
+    if solver is not None:
+        for k, v in zip(("systems", "factorizations", "cg_steps"), ranks.all_reduce_sum(done)):
+            solver[k] = solver.get(k, 0) + int(v)
+    return out
 
 
 def validation_sse(folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple]:
     """One pass over the pre-noised val split: per family, (sse [G, A], n [G], sst [G]).
 
-    Reads all rows on every rank, so DDP ranks pick the same alphas.
+    Each rank reads its share of the rows and the sums are added up over the ranks (collective), so every
+    rank picks the same alphas.
     """
     fams = list(paths)
     flat_w = np.concatenate([paths[f][0].reshape(-1, paths[f][0].shape[-1]) for f in fams])
@@ -272,7 +299,7 @@ def validation_sse(folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.
         ]
         for f in fams
     }
-    for tensors in folder.stream("val", batch_size=2048).all_batches():  # every val row on every rank
+    for tensors in folder.stream("val", batch_size=2048):  # this rank's rows (all of them in one process)
         batch = {k: v.numpy() for k, v in tensors.items()}
         x = batch["flux"].astype(np.float64)
         y = batch["log_g"].astype(np.float64)
@@ -287,7 +314,8 @@ def validation_sse(folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.
             np.add.at(out[f][2], grp, y)
             np.add.at(out[f][3], grp, y**2)
     res = {}
-    for f, (sse, n, sy, syy) in out.items():
+    for f, sums in out.items():
+        sse, n, sy, syy = (ranks.all_reduce_sum(v) for v in sums)
         sst = syy - np.divide(sy**2, n, out=np.zeros_like(sy), where=n > 0)
         res[f] = (sse, n, sst)
     return res
@@ -302,12 +330,17 @@ def _select(family: str, sse: np.ndarray, n_val: np.ndarray) -> np.ndarray:
     return np.array([int(np.argmin(sse[g])) if n_val[g] > 0 else pooled for g in range(sse.shape[0])])
 
 
-def _family_fit(family: str, path, n_train, notes, val, alphas) -> FamilyFit:
+def _family_fit(family: str, path, n_train, notes, val, alphas, global_idx: int | None = None) -> FamilyFit:
+    """The selected experts of ``family``; a group standing in with the global expert (note 'global') takes
+    the global expert's alpha ``global_idx`` -- the global expert itself, not an alpha picked on its few rows."""
     weight, bias = path
     sse, n_val, sst = val
     idx = _select(family, sse, n_val)
+    stand_in = np.array([note == "global" for note in notes], dtype=bool)
+    if global_idx is not None:
+        idx[stand_in] = global_idx
     g = np.arange(weight.shape[0])
-    _warn_at_grid_edge(family, idx, alphas, sse, sst)
+    _warn_at_grid_edge(family, np.where(stand_in, -1, idx), alphas, sse, sst)
     return FamilyFit(
         groups.group_names(family),
         weight[g, idx],
@@ -382,36 +415,31 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
     check_group_sizes(stats, partition, cfg)
     t1 = time.perf_counter()
     noise_var = noise_variance(folder, cfg)
-    paths, counts = {}, {}
     solver: dict = {}
-    _say(progress, "solving the global expert for %d alpha values", len(cfg.alphas))
-    paths["global"], counts["global"] = _split(_paths(stats, partition, "global", cfg, noise_var, solver=solver))
-    for fam in ("phys", "snr"):
-        if fam in cfg.families:
-            _say(
-                progress,
-                "solving the %d %s experts for %d alpha values each",
-                groups.FAMILY_SIZES[fam],
-                fam,
-                len(cfg.alphas),
-            )
-            g_path = tuple(p[0] for p in paths["global"])
-            paths[fam], counts[fam] = _split(
-                _paths(stats, partition, fam, cfg, noise_var, fallback_path=g_path, solver=solver)
-            )
+    fams = [f for f in ("global", "phys", "snr") if f in cfg.families]
+    _say(
+        progress,
+        "solving %s for %d alpha values each",
+        ", ".join(f"{groups.FAMILY_SIZES[f]} {f} expert{'s' if groups.FAMILY_SIZES[f] > 1 else ''}" for f in fams),
+        len(cfg.alphas),
+    )
+    paths, counts = {}, {}
+    for fam, result in _paths(stats, partition, fams, cfg, noise_var, solver=solver).items():
+        paths[fam], counts[fam] = _split(result)
     t2 = time.perf_counter()
     _say(progress, "choosing each expert's alpha on the validation split")
     val = validation_sse(folder, paths)
     fits = {}
-    for fam in paths:
-        fits[fam] = _family_fit(fam, paths[fam], *counts[fam], val[fam], cfg.alphas)
+    for fam in paths:  # global first: its chosen alpha serves the groups it stands in for
+        g_idx = None if fam == "global" else list(cfg.alphas).index(fits["global"].alpha[0])
+        fits[fam] = _family_fit(fam, paths[fam], *counts[fam], val[fam], cfg.alphas, g_idx)
     t3 = time.perf_counter()
     if "cells" in cfg.families:
         prior = [(fits["phys"].weight[k], fits["phys"].bias[k]) for k in range(bins.N_PHYS_BINS)]
         _say(
             progress, "solving the %d cell experts (shrunk toward their physical expert)", groups.FAMILY_SIZES["cells"]
         )
-        cpath, ccount = _split(_paths(stats, partition, "cells", cfg, noise_var, prior=prior, solver=solver))
+        cpath, ccount = _split(_paths(stats, partition, ["cells"], cfg, noise_var, prior=prior, solver=solver)["cells"])
         cval = validation_sse(folder, {"cells": cpath})["cells"]
         fits["cells"] = _family_fit("cells", cpath, *ccount, cval, cfg.alphas)
     t4 = time.perf_counter()

@@ -26,9 +26,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
-import torch
 from scipy.linalg.lapack import dsfrk, dtfttr, ssfrk
 from tqdm.auto import tqdm
+
+from moe.data import ranks
 
 PRODUCTS = ("float64", "float32")
 
@@ -81,15 +82,15 @@ class CellStats:
         return unpack(self.xtx[cell], self.n_pixels)
 
     def all_reduce(self) -> CellStats:
-        """Sum over DDP ranks (no-op without an initialised process group)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        """Sum over the ranks, in place (collective over :mod:`moe.data.ranks`' CPU group, one cell's row at a
+        time so no copy of the Grams is made; no-op in one process)."""
+        if not ranks.distributed():
             return self
         for f in fields(self):
-            if f.name == "shift":
-                continue
-            t = torch.from_numpy(getattr(self, f.name))
-            torch.distributed.all_reduce(t)
-            setattr(self, f.name, t.numpy())
+            if f.name != "shift":
+                a = getattr(self, f.name)
+                for row in a if a.ndim > 1 else [a]:
+                    ranks.all_reduce_sum(row)
         return self
 
 

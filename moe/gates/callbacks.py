@@ -14,6 +14,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from moe.catalogue import writers
 from moe.data import bins
+from moe.gates.catalogue_join import join_parts, part_path
+from moe.shared.errors import WriteError
 
 
 class CatalogueWriter(BasePredictionWriter):
@@ -30,9 +32,12 @@ class CatalogueWriter(BasePredictionWriter):
     that fails (disk full, quota, read-only) is one :class:`~moe.shared.errors.WriteError` naming the
     catalogue, and nothing is left.
 
+    Under DDP each rank writes its share of the rows as a part (:mod:`moe.gates.catalogue_join`) and rank 0
+    joins the parts, in rank order -- the input order -- into the one catalogue (the output folder must be
+    one every rank sees).
+
     Args:
-        output: catalogue path (``.csv``, ``.h5`` or ``.fits``); default ``<log_dir>/predictions.csv``
-            (``.rank{r}`` added under DDP).
+        output: catalogue path (``.csv``, ``.h5`` or ``.fits``); default ``<log_dir>/predictions.csv``.
     """
 
     def __init__(self, output: str | None = None):
@@ -43,15 +48,21 @@ class CatalogueWriter(BasePredictionWriter):
         self._labelled: bool | None = None
 
     def _target(self, trainer: pl.Trainer) -> Path:
-        base = (
+        """The catalogue's path (one file, whatever the number of ranks)."""
+        return (
             Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
         )
-        if trainer.world_size > 1:
-            base = base.with_name(f"{base.stem}.rank{trainer.global_rank}{base.suffix}")
-        return base
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._path = self._target(trainer)
+        if trainer.world_size > 1:  # this rank's share, joined by rank 0 at the end
+            if self._path.suffix.lower() in writers.FITS_SUFFIXES:
+                raise WriteError(
+                    self._path,
+                    "a FITS catalogue is written by one process: predict on one device, or write .h5 / .csv "
+                    "(joined from every rank) and convert",
+                )
+            self._path = part_path(self._path, trainer.global_rank)
         dm = trainer.datamodule
         self._shards = dm.predict_set() if hasattr(dm, "predict_set") else None
         self._names = list(pl_module.mixture.experts.names)
@@ -96,9 +107,21 @@ class CatalogueWriter(BasePredictionWriter):
         self._file.append(self.frame(prediction))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._file is not None and self._file.commit():
+        if self._file is not None and self._file.commit() and trainer.world_size == 1:
             print(f"catalogue written to {self._path}")
+        meta = self._file.meta() if self._file is not None else None
         self._file = None
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("catalogue parts")
+            if trainer.is_global_zero:
+                target = self._target(trainer)
+                rows = join_parts([part_path(target, r) for r in range(trainer.world_size)], target)
+                for r in range(trainer.world_size):  # the parts' sidecars; the catalogue gets one
+                    writers.sidecar(part_path(target, r)).unlink(missing_ok=True)
+                if meta is not None:
+                    writers.write_meta(target, meta)
+                print(f"catalogue written to {target} ({rows} rows from {trainer.world_size} ranks)")
+            trainer.strategy.barrier("catalogue joined")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._file is not None:

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from moe.data import ranks
 from moe.data.folder import SpectraFolder
 from moe.data.noise_cache import cache_path
-from moe.data.row_cache import ensure_row_cache, source_attrs
+from moe.data.row_cache import RowCacheJob, ensure_row_caches, source_attrs
 from moe.data.shards import SPLITS
 from moe.features.gate_inputs import rest_covariance_weights, row_inputs
 
@@ -45,24 +46,24 @@ def inputs_path(folder: SpectraFolder, split: str, shard: Path, n_rows: int, key
     return noisy.with_name(f"gate_inputs_{kind}_{key}_rows{n_rows}.h5")
 
 
-@torch.no_grad()
-def ensure_inputs(
+def input_jobs(
     folder: SpectraFolder,
     split: str,
     weight: torch.Tensor,
     bias: torch.Tensor,
     pixels: torch.Tensor,
     progress: bool = True,
-) -> dict[int, Path]:
-    """Path of a valid gate-input cache per shard index of ``split``, building what is absent or stale."""
+) -> list[RowCacheJob]:
+    """The gate-input cache of every shard of ``split`` as a row-cache job (pieces start on read blocks)."""
     weight, bias, pixels = weight.detach().cpu(), bias.detach().cpu(), pixels.detach().cpu()
     key = map_key(weight, bias, pixels)
     clean = split == "train"
     stream = folder.stream(split, shuffle=False)
     shards = stream.shards
     rest = rest_covariance_weights(weight.double(), pixels) if clean else None
-    out: dict[int, Path] = {}
-    bar = None  # one progress bar for the split, opened by the first shard that needs building
+    jobs = []
+    bar = None  # one progress bar for the split, opened by the first piece that is built
+
     for k, info in enumerate(shards.infos):
         n = int(shards.counts[k])
         path = inputs_path(folder, split, info.path, n, key)
@@ -73,16 +74,16 @@ def ensure_inputs(
             "noise_level": float(folder.noise_level),
             "clean": clean,
         }
-        lo = int(shards.offsets[k])
 
-        def blocks(k=k, lo=lo, n=n, path=path):
+        @torch.no_grad()
+        def blocks(start: int, stop: int, k=k, path=path):
             nonlocal bar
             log.info("caching %s gate inputs of %s -> %s", split, shards.infos[k].path, path.name)
             if bar is None:
-                bar = tqdm(
-                    total=shards.n_rows, initial=lo, desc=f"gate inputs ({split})", unit="spec", disable=not progress
-                )
-            for block in shards.blocks(lo, lo + n, folder.block_rows):
+                total = shards.n_rows if not ranks.distributed() else None  # a rank builds only its share
+                bar = tqdm(total=total, desc=f"gate inputs ({split})", unit="spec", disable=not progress)
+            lo = int(shards.offsets[k])
+            for block in shards.blocks(lo + start, lo + stop, folder.block_rows):
                 part = stream.read(block, snr_dtype=np.float64, keep_all=True)  # one cache row per shard row
                 keep = shards.keep_mask(block.offset, block.offset + block.stop - block.start)
                 if keep is not None:  # bad rows, never streamed: harmless stand-ins keep the maths finite
@@ -99,12 +100,25 @@ def ensure_inputs(
                 arrays = {name: v.numpy() for name, v in x.items()}
                 arrays["snr"] = part["snr"]
                 bar.update(block.stop - block.start)
+                if bar.total is not None and bar.n >= bar.total:
+                    bar.close()
                 yield block.start, block.stop, arrays
 
-        out[k] = ensure_row_cache(path, expected, blocks, f"{split} gate inputs")
-    if bar is not None:
-        bar.close()
-    return out
+        jobs.append(RowCacheJob(path, expected, blocks, f"{split} gate inputs", align=folder.block_rows))
+    return jobs
+
+
+@torch.no_grad()
+def ensure_inputs(
+    folder: SpectraFolder,
+    split: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pixels: torch.Tensor,
+    progress: bool = True,
+) -> dict[int, Path]:
+    """Path of a valid gate-input cache per shard index of ``split``, building what is absent or stale."""
+    return dict(enumerate(ensure_row_caches(input_jobs(folder, split, weight, bias, pixels, progress))))
 
 
 def attach_inputs(
@@ -114,8 +128,17 @@ def attach_inputs(
     pixels: torch.Tensor,
     splits=SPLITS,
     progress: bool = True,
+    shared: bool = False,
 ) -> dict[str, dict[int, Path]]:
-    """Build (or find) the gate-input caches of ``splits`` for one map and have ``folder`` stream them."""
-    inputs = {split: ensure_inputs(folder, split, weight, bias, pixels, progress) for split in splits}
+    """Build (or find) the gate-input caches of ``splits`` for one map and have ``folder`` stream them.
+
+    With ``shared`` (collective: every rank calls it) the pre-noised copies and then the gate inputs of all
+    ``splits`` are built together, their rows split over the ranks (:func:`moe.data.row_cache.ensure_row_caches`)."""
+    for split in ("val", "test"):
+        if split in splits:
+            folder.noisy_caches(split, shared)
+    jobs = {split: input_jobs(folder, split, weight, bias, pixels, progress) for split in splits}
+    paths = iter(ensure_row_caches([j for split in splits for j in jobs[split]], shared))
+    inputs = {split: {k: next(paths) for k in range(len(jobs[split]))} for split in splits}
     folder.attach_inputs(inputs, weight[:, pixels])
     return inputs

@@ -13,9 +13,12 @@ The data it gets have been checked row by row already: a ``SpectraFolder`` check
 uses when it is built (:mod:`moe.data.row_check`), so bad values stop here before any expert
 solve, or are left out with ``bad_rows="drop"``.
 
-Concurrent callers -- two processes on a fresh folder, or the ranks of a DDP run, which
-each execute the CLI -- take a file lock next to the experts cache: the first one fits and
-writes, the others wait and then load what it wrote.
+Concurrent callers -- two runs on a fresh folder -- take a file lock next to the experts cache:
+the first one fits and writes, the others wait and then load what it wrote. The ranks of one run
+(DDP, torchrun, SLURM: a torch.distributed process group, :mod:`moe.data.ranks`) prepare together
+under one lock that their rank 0 holds: the experts' passes and the per-row caches are split over
+them by rows (:func:`moe.experts.bundle.load_or_fit`, :func:`moe.prepare.inputs.attach_inputs`), and
+each rank then loads the same files.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 
+from moe.data import ranks
 from moe.data.folder import SpectraFolder
 from moe.experts import groups
 from moe.experts.bundle import ExpertBundle, bundle_path
@@ -89,7 +92,8 @@ def prepare(folder: SpectraFolder, cfg: PrepareConfig = PrepareConfig(), progres
     """Build or load everything a gate over ``cfg.family`` needs on ``folder`` (see module docstring)."""
     path = experts_file(folder, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.parent / ".prepare.lock")):
+    progress = progress and ranks.rank_world()[0] == 0
+    with ranks.rank_lock(path.parent / ".prepare.lock"):
         return _prepare(folder, cfg, path, progress)
 
 
@@ -103,7 +107,7 @@ def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bo
     physics.set_pca(bundle.pca_mean, bundle.pca_components)
     experts, global_expert = bundle.experts(cfg.family), bundle.experts("global")
     weight, bias = projection_map(experts, global_expert, physics)
-    inputs = attach_inputs(folder, weight, bias, physics.pixels, progress=progress)
+    inputs = attach_inputs(folder, weight, bias, physics.pixels, progress=progress, shared=True)
     phys_scaler, qual_scaler = fit_scalers(folder, physics, experts.n_experts, cfg.feature_rows)
     model_var = validation_model_variance(folder, cfg.family, experts.n_experts)
     return Prepared(
