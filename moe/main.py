@@ -12,15 +12,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
-from moe.data.shards import ShardError
 from moe.experts.bundle import ExpertsMismatchError
 from moe.experts.fit import GroupTooSmallError
+from moe.shared.arguments import ToolArgumentError, find_mistake
+from moe.shared.errors import ShardError
 
 TRAINING = ("fit", "validate", "test", "predict")
 USAGE = """\
@@ -89,27 +90,26 @@ def _config_path(value: str, shipped: dict[str, Path]) -> str:
     )
 
 
-def argument_error_line(exc: argparse.ArgumentError) -> str:
-    """jsonargparse's multi-line parse error as one line naming the flag, the value and what it takes."""
-    text = str(exc)
-    match = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
-    if not match:
-        return " ".join(text.split())
-    key, rest = match.groups()
-    restriction = re.search(r"(\S+) does not conform to restriction (\S+)", rest)
-    if restriction:  # jsonargparse.typing restricted numbers, e.g. v>=0
-        return f"--{key} {restriction.group(1)}: must satisfy {restriction.group(2).replace('v', 'value')}"
-    given = re.search(r"(?:Given|Got) value: (.*)", rest)
-    choices = re.search(r"Literal\[(.*?)\]", rest)
-    types = re.findall(r"Expected a (?:<class ')?([\w.]+)", rest)
-    if choices:
-        wanted = "one of " + choices.group(1).replace("'", "")
-    elif types:
-        wanted = " or ".join(dict.fromkeys("null" if t == "NoneType" else t.split(".")[-1] for t in types))
-    else:
-        wanted = rest.strip().splitlines()[0]
-    value = given.group(1).strip() if given else "?"
-    return f"--{key} {value}: expected {wanted}"
+def training_options() -> dict[str, object]:
+    """The declared type of every ``--model.*`` and ``--data.*`` flag of the training commands: the signatures of
+    the LightningModule and the DataModule that LightningCLI builds its options from."""
+    from moe.data.datamodule import SpectraDataModule
+    from moe.gates.module import GatedMoE
+
+    return {
+        f"--{section}.{name}": hint
+        for section, cls in (("model", GatedMoE), ("data", SpectraDataModule))
+        for name, hint in typing.get_type_hints(cls.__init__).items()
+        if name != "return"
+    }
+
+
+def argument_error_line(exc: argparse.ArgumentError, argv: Sequence[str]) -> str:
+    """A training command's refused command line as one line naming the flag, the value and what it takes: the
+    first value of ``argv`` that does not fit its flag's declared type (:func:`moe.shared.arguments.find_mistake`);
+    a mistake elsewhere (a config file, a flag of the trainer) is the parser's own text on one line."""
+    mistake = find_mistake(argv, training_options())
+    return mistake.training_line() if mistake is not None else " ".join(str(exc).split())
 
 
 def _tools() -> dict[str, Callable[[list[str]], int]]:
@@ -176,12 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]
     try:
         return run(args)
-    except (*USER_ERRORS, ConfigError, argparse.ArgumentError) as exc:
+    except (*USER_ERRORS, ConfigError, ToolArgumentError, argparse.ArgumentError) as exc:
         if debug:
             raise
-        if isinstance(exc, argparse.ArgumentError):
-            prog = getattr(exc, "prog", f"moe {args[0]}")  # a tool's own parser names its command
-            print(f"moe: error: {argument_error_line(exc)} ({prog} --help lists the options)", file=sys.stderr)
+        if isinstance(exc, ToolArgumentError):  # a tool's own parser names its command
+            print(f"moe: error: {exc} ({exc.prog} --help lists the options)", file=sys.stderr)
+        elif isinstance(exc, argparse.ArgumentError):
+            line = argument_error_line(exc, args[1:])
+            print(f"moe: error: {line} (moe {args[0]} --help lists the options)", file=sys.stderr)
         else:
             print(f"moe: error: {exc}", file=sys.stderr)
         return 2

@@ -294,7 +294,7 @@ def test_synth_draws_labels_outside_the_training_ranges(tmp_path):
     assert main(args) == 0
     assert read_manifest(out)["log_g_range"] == [5.0, 6.0]
     assert read_params(find_split(out, "test")[0])["log_g"].between(5, 6).all()
-    from moe.arguments import ToolArgumentError
+    from moe.shared.arguments import ToolArgumentError
 
-    with pytest.raises(ToolArgumentError, match="--teff: LO must be below HI"):
+    with pytest.raises(ToolArgumentError, match="--teff: give LO HI with LO below HI"):
         main(["--out", str(tmp_path / "x"), "--teff", "8000", "6500"])

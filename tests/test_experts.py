@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from dataclasses import replace
 
 import numpy as np
@@ -226,6 +227,27 @@ def test_pca_basis_matches_sklearn(small):
     np.testing.assert_allclose(var, ref.explained_variance_ * (len(x) - 1) / len(x), rtol=1e-6)
 
 
+def test_in_memory_ridge_sweep_chooses_the_alpha_sklearn_scores_best_on_validation():
+    """fit_ridge_sweep against one scikit-learn pipeline (StandardScaler + Ridge) per alpha, scored with
+    sklearn's r2_score: the same chosen alpha, the same predictions and coefficients."""
+    from sklearn.metrics import r2_score
+
+    from moe.experts.sklearn_ridge import fit_ridge_sweep
+
+    rng = np.random.default_rng(7)  # 40 features, 100 training rows: the validation wants an interior alpha
+    x = rng.normal(size=(300, 40)) * rng.uniform(0.1, 10, 40)
+    y = x @ (rng.normal(size=40) / np.arange(1, 41)) + rng.normal(scale=3.0, size=300)
+    alphas = (1e-2, 1.0, 30.0, 1e3, 1e5)
+    sweep = fit_ridge_sweep(x[:100], y[:100], x[100:200], y[100:200], alphas)
+    scaler = StandardScaler().fit(x[:100])
+    refs = [Ridge(alpha=a).fit(scaler.transform(x[:100]), y[:100]) for a in alphas]
+    z_val, z_test = scaler.transform(x[100:200]), scaler.transform(x[200:])
+    best = int(np.argmax([r2_score(y[100:200], m.predict(z_val)) for m in refs]))
+    assert 0 < best < len(alphas) - 1 and sweep.alpha == alphas[best]  # an interior alpha: the choice matters
+    np.testing.assert_allclose(sweep.predict(x[200:]), refs[best].predict(z_test), rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(sweep.coef, [m.coef_ for m in refs], rtol=1e-8, atol=1e-10)
+
+
 def test_ridge_experts_module_and_variance():
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(3, 10)), rng.normal(size=3)
@@ -372,23 +394,26 @@ def test_float32_unusable_falls_back_to_float64():
 
 
 def test_heap_setting_is_made_only_in_the_child_that_fits(tiny_dir, tmp_path, monkeypatch):
-    """load_or_fit fits in a child process: the same experts as an in-process fit, and the calling process's
-    malloc settings are never touched (glibc cannot undo them)."""
-    from moe.experts import heap
+    """load_or_fit fits in a child process: the same experts as an in-process fit; the child starts with glibc's
+    malloc thresholds in its environment, the calling process's own environment stays as it was."""
+    from moe.experts import isolated
     from moe.experts.bundle import ExpertBundle
     from moe.experts.cache import load_or_fit
 
-    calls = []
-    monkeypatch.setattr(heap, "_glibc", lambda: calls.append("mallopt") or None)
+    started, popen = [], subprocess.Popen
+    monkeypatch.setattr(isolated.subprocess, "Popen", lambda *a, **kw: started.append(kw["env"]) or popen(*a, **kw))
+    for name in isolated.HEAP_ENV:
+        monkeypatch.delenv(name, raising=False)
     dm = SpectraDataModule(tiny_dir, num_workers=0, synth=None)
     cfg = FitConfig(("global", "phys"), min_samples=10, block_rows=256)
     bundle = load_or_fit(dm, cfg, path=tmp_path / "experts.pt", progress=False)
-    assert calls == []  # the parent process never set the heap thresholds
+    assert len(started) == 1 and started[0]["MALLOC_MMAP_THRESHOLD_"] == str(1 << 30)
+    assert started[0]["MALLOC_TRIM_THRESHOLD_"] == str(2**31 - 1)
+    assert not set(isolated.HEAP_ENV) & set(os.environ)  # the parent never set them for itself
     here, _, _ = fit_families(dm, cfg, progress=False)
     for fam in ("global", "phys"):
         np.testing.assert_allclose(bundle.families[fam].weight, here[fam].weight, rtol=1e-10, atol=1e-12)
     assert isinstance(ExpertBundle.load(tmp_path / "experts.pt", dm.fingerprint(), cfg), ExpertBundle)
-    assert heap.retain_freed_blocks() is False  # (patched: not glibc) a no-op elsewhere
 
 
 def test_an_error_in_the_child_fit_is_raised_by_the_caller(tiny_dir, tmp_path):

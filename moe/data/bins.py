@@ -58,6 +58,14 @@ def snr_bin(snr: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.asarray(SNR_EDGES), np.asarray(snr, dtype=np.float64), side="left").astype(np.int64)
 
 
+def snr_slices(snr_idx: np.ndarray, high_first: bool = False, prefix: str = "") -> list[tuple[str, np.ndarray]]:
+    """The rows of an "all, then every SNR bin" table: ("all", every row), then (``prefix`` + bin name, its rows)
+    per SNR bin, X to H (H to X with ``high_first``). ``snr_idx`` [N] SNR bin indices -> boolean masks [N]."""
+    snr_idx = np.asarray(snr_idx)
+    order = range(N_SNR_BINS - 1, -1, -1) if high_first else range(N_SNR_BINS)
+    return [("all", np.ones(snr_idx.shape, dtype=bool))] + [(prefix + SNR_BIN_NAMES[i], snr_idx == i) for i in order]
+
+
 def cell(phys: np.ndarray, snr_idx: np.ndarray) -> np.ndarray:
     """Joint (physical, SNR) cell index in 0..35."""
     return N_SNR_BINS * np.asarray(phys, dtype=np.int64) + np.asarray(snr_idx, dtype=np.int64)

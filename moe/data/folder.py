@@ -13,8 +13,6 @@ an existing folder is only read (:func:`ensure_dataset`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -39,6 +37,7 @@ from moe.data.shards import (
 )
 from moe.data.stream import ShardSet, SpectraStream, rank_world
 from moe.data.synth import MANIFEST, SynthConfig, create_dataset, manifest_of, read_manifest
+from moe.shared.keys import json_key
 
 log = logging.getLogger(__name__)
 # Salt of the per-epoch training shuffle; the randomness itself comes from torch's seed
@@ -169,7 +168,8 @@ class SpectraFolder:
         return fp
 
     def fingerprint_hash(self) -> str:
-        return hashlib.sha1(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+        """The short key of :meth:`fingerprint` (:func:`moe.shared.keys.json_key`)."""
+        return json_key(self.fingerprint())
 
     # ---- pre-noised splits -------------------------------------------------------
     def noisy_caches(self, split: str, shared: bool = False) -> dict[int, Path]:

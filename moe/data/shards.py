@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from moe.arguments import ToolParser, positive_int, run_tool
+from moe.shared.arguments import PositiveInt, ToolParser, run_tool
 from moe.shared.atomic import AtomicFile, close_quietly, ensure_space, is_write_failure
 from moe.shared.errors import ShardError, WriteError, reason
 
@@ -565,12 +565,12 @@ def iter_paths(paths: Sequence[str]) -> Iterator[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ToolParser(prog="moe data", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    val = sub.add_parser("validate", help="check shards and print a one-line summary per shard")
-    val.add_argument("paths", nargs="+", help="dataset.h5 files or dataset folders")
-    val.add_argument("--block-rows", type=positive_int, default=4096, help="rows read at a time (default %(default)s)")
-    args = parser.parse_args(argv)
+    parser = ToolParser("moe data", description=__doc__.split("\n")[0])
+    val = ToolParser("moe data validate", description="check shards and print a one-line summary per shard")
+    val.add_argument("paths", type=str, nargs="+", help="dataset.h5 files or dataset folders")
+    val.add_argument("--block-rows", type=PositiveInt, default=4096, help="rows read at a time")
+    parser.add_tool_subcommands({"validate": val})
+    args = parser.parse_args(argv).validate
     try:
         for path in iter_paths(args.paths):
             print(validate_shard(path, args.block_rows).line(), flush=True)

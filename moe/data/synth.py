@@ -111,8 +111,8 @@ import scipy.sparse as sp
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from moe.arguments import ToolParser, positive_int, run_tool
 from moe.data.shards import SHARD_FILE, ShardWriter
+from moe.shared.arguments import PositiveInt, ToolArgumentError, ToolParser, run_tool
 from moe.shared.atomic import ensure_space, write_text
 from moe.shared.errors import ShardError, WriteError, reason
 
@@ -615,34 +615,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write a synthetic PFS MR dataset (pfsspec shards, train/val/test) into a new folder.",
     )
     d = SynthConfig()
-    p.add_argument("--out", required=True, help="the dataset folder to create (must not exist yet)")
-    p.add_argument("--train", type=positive_int, default=d.n_train, help="training spectra (default %(default)s)")
-    p.add_argument("--val", type=positive_int, default=d.n_val, help="validation spectra (default %(default)s)")
-    p.add_argument("--test", type=positive_int, default=d.n_test, help="test spectra (default %(default)s)")
-    p.add_argument(
-        "--shard-size", type=positive_int, default=d.shard_size, help="spectra per shard file (default %(default)s)"
-    )
-    p.add_argument(
-        "--pixels", type=positive_int, default=d.n_pixels, help="pixels over 7100-8850 A (default %(default)s)"
-    )
-    p.add_argument(
-        "--seed", type=int, default=d.seed, help="random seed of labels, spectra and errors (default %(default)s)"
-    )
+    p.add_argument("--out", type=str, required=True, help="the dataset folder to create (must not exist yet)")
+    p.add_argument("--train", type=PositiveInt, default=d.n_train, help="training spectra")
+    p.add_argument("--val", type=PositiveInt, default=d.n_val, help="validation spectra")
+    p.add_argument("--test", type=PositiveInt, default=d.n_test, help="test spectra")
+    p.add_argument("--shard-size", type=PositiveInt, default=d.shard_size, help="spectra per shard file")
+    p.add_argument("--pixels", type=PositiveInt, default=d.n_pixels, help="pixels over 7100-8850 A")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed of labels, spectra and errors")
     for flag, label in (("--teff", "T_eff"), ("--log-g", "log_g"), ("--m-h", "M_H")):
         lo, hi = LABEL_RANGES[label]
         p.add_argument(
             flag,
             type=float,
-            nargs=2,
-            metavar=("LO", "HI"),
+            nargs="+",
             default=None,
-            help=f"draw {label} uniformly in [LO, HI] instead of [{lo:g}, {hi:g}] (stars outside the training "
-            "labels, for predict; such rows cannot train a model)",
+            help=f"LO HI: draw {label} uniformly in [LO, HI] instead of [{lo:g}, {hi:g}] (stars outside the "
+            "training labels, for predict; such rows cannot train a model)",
         )
     a = p.parse_args(argv)
     for flag, pair in (("--teff", a.teff), ("--log-g", a.log_g), ("--m-h", a.m_h)):
-        if pair is not None and not pair[0] < pair[1]:
-            p.error(f"{flag}: LO must be below HI, got {pair[0]:g} {pair[1]:g}")
+        if pair is not None and (len(pair) != 2 or not pair[0] < pair[1]):
+            raise ToolArgumentError(f"{flag}: give LO HI with LO below HI, got {' '.join(map(str, pair))}", p.prog)
     cfg = SynthConfig(
         a.train,
         a.val,

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from moe.arguments import ToolParser, run_tool
 from moe.experiments import EXPERIMENTS
 from moe.experiments.common import ExperimentSettings
 from moe.gates.quiet import quiet_lightning, quiet_repeated_trainers
+from moe.shared.arguments import ToolParser, run_tool
 
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
 
@@ -39,42 +39,45 @@ def _runner(name: str):
 
 
 def _parser() -> argparse.ArgumentParser:
+    d = ExperimentSettings()
     p = ToolParser(prog="moe experiments", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=(*EXPERIMENTS, "all"), help="the experiment to run ('all': the four in order)")
-    p.add_argument("--data", default="data/synth", help="dataset folder (the default is generated on first use)")
+    p.add_argument("--data", default=d.data, help="dataset folder (the default is generated on first use)")
     p.add_argument("--n-train", type=int, default=None, help="training spectra to use (default: all; 'all': 20000)")
     p.add_argument(
         "--seeds",
         type=int,
         nargs="+",
-        default=[42],
+        default=list(d.seeds),
         help="one run per seed (gate training, in-memory models, snr-oracle's test noise); results are averaged",
     )
     p.add_argument("--out", default=None, help="report folder (default reports/NAME; for 'all' the parent folder)")
     p.add_argument(
         "--noise-level",
         type=float,
-        default=1.0,
+        default=d.noise_level,
         help="multiplier of the 1-sigma error for the noise on every split (fresh train draws, pre-noised val/test)",
     )
-    p.add_argument("--max-memory-rows", type=int, default=50_000, help="cap for models that need rows in memory")
+    p.add_argument(
+        "--max-memory-rows", type=int, default=d.max_memory_rows, help="cap for models that need rows in memory"
+    )
     p.add_argument(
         "--epochs",
         type=int,
-        default=30,
+        default=d.epochs,
         help="most gate training epochs (dual-tower; each run stops early once val R^2 stalls)",
     )
     p.add_argument(
         "--cnn-epochs",
         type=int,
         default=None,
-        help="1D-CNN epochs (ceiling; default 50, 'all': 20; 0 skips)",
+        help=f"1D-CNN epochs (ceiling; default {d.cnn_epochs}, 'all': {ALL_DEFAULTS['cnn_epochs']}; 0 skips)",
     )
-    p.add_argument("--lgbm-device", default="cpu", help="LightGBM device_type (cpu, gpu, cuda)")
+    p.add_argument("--lgbm-device", default=d.lgbm_device, help="LightGBM device_type (cpu, gpu, cuda)")
     p.add_argument(
         "--min-samples",
         type=int,
-        default=50,
+        default=d.min_samples,
         help="fewest training rows a Ridge expert needs: fewer stop the expert fit before any solve, naming the "
         "short groups (a physical or SNR group may take the global expert instead: --fallback global)",
     )
@@ -100,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         noise_level=a.noise_level,
         max_memory_rows=a.max_memory_rows,
         epochs=a.epochs,
-        cnn_epochs=a.cnn_epochs if a.cnn_epochs is not None else 50,
+        cnn_epochs=a.cnn_epochs if a.cnn_epochs is not None else ExperimentSettings.cnn_epochs,
         lgbm_device=a.lgbm_device,
         min_samples=a.min_samples,
         fallback=a.fallback,

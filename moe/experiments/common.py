@@ -22,6 +22,7 @@ from moe.data.datamodule import SpectraDataModule
 from moe.data.noise import add_noise_np
 from moe.data.synth import SynthConfig
 from moe.experts.fit import FitConfig
+from moe.experts.nonlinear import CNNExpert
 from moe.experts.scores import r2, r2_from_sums
 from moe.plots import save as save_figure
 from moe.shared.atomic import write_text
@@ -50,9 +51,9 @@ class ExperimentSettings:
     noise_level: float = 1.0
     max_memory_rows: int = 50_000
     epochs: int = 30
-    cnn_epochs: int = 50
+    cnn_epochs: int = CNNExpert.epochs
     lgbm_device: str = "cpu"
-    min_samples: int = 50  # fewest training rows of a phys/snr expert group (--min-samples)
+    min_samples: int = FitConfig.min_samples  # fewest training rows of a phys/snr expert group (--min-samples)
     fallback: str | None = None  # "global": a smaller group takes the global expert (--fallback)
     progress: bool = True
 

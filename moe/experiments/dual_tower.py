@@ -41,7 +41,7 @@ from moe.experiments.gates import (
     test_rows,
     train_gate,
 )
-from moe.experts.scores import r2
+from moe.experts.scores import r2, z_calibration
 from moe.features import PHYSICS_NAMES
 from moe.plots import (
     GAIN,
@@ -472,18 +472,12 @@ def run(settings: ExperimentSettings) -> dict:
 
 def calibration_table(z: np.ndarray, snr_bin: np.ndarray) -> pd.DataFrame:
     """z std and 1/2-sigma coverage overall and per SNR bin (rows: all, H, M, L, X)."""
-    rows = []
-    for name, sel in [("all", np.ones_like(z, dtype=bool))] + [(n, snr_bin == i) for i, n in SNR_HIGH_TO_LOW]:
-        rows.append(
-            {
-                "slice": name,
-                "n": int(sel.sum()),
-                "z_std": float(z[sel].std()),
-                "coverage_1sigma": float((np.abs(z[sel]) <= 1).mean()),
-                "coverage_2sigma": float((np.abs(z[sel]) <= 2).mean()),
-            }
-        )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(
+        [
+            {"slice": name, "n": int(sel.sum()), **z_calibration(z[sel])}
+            for name, sel in bins.snr_slices(snr_bin, high_first=True)
+        ]
+    )
 
 
 def inconclusive_reason(results: dict[str, list[GateRun]], r2_global: float, y: np.ndarray) -> str:

@@ -39,9 +39,9 @@ from moe.experiments.common import (
     require_train_rows,
     seed_mean_std,
 )
-from moe.experiments.realism import ridge_sweep
 from moe.experts.nonlinear import fit_lgbm
 from moe.experts.scores import r2, regression_metrics
+from moe.experts.sklearn_ridge import fit_ridge_sweep
 from moe.features.physics import LINES
 from moe.plots import bar, importance_hist, importance_spectrum, leakage_checks, method_colour
 
@@ -82,17 +82,6 @@ class LeakageResults(Results):
     error_only_ci: tuple[float, float]  # bootstrap 95% CI of the test R^2 of the best error-only model
     aggregate_ci: tuple[float, float]  # ... of ``aggregate_r2``
     shuffle_ci: tuple[float, float]  # ... of ``shuffle_r2`` (averaged over seeds)
-
-
-def _ridge_sweep(z_train, y_train, z_by_split: dict[str, np.ndarray], alphas=RIDGE_ALPHAS) -> tuple[dict, np.ndarray]:
-    """Standardised Ridge for every alpha from one X^T X: predictions per split [N, A] and coefs [A, D]."""
-    model = ridge_sweep(z_train, y_train, alphas)
-    return {k: model.predict(z) for k, z in z_by_split.items()}, model.coef_
-
-
-def _best_alpha_index(y_val: np.ndarray, pred_val: np.ndarray) -> int:
-    """The column of ``pred_val`` [N, A] with the highest validation R^2."""
-    return int(np.argmax([r2(y_val, pred_val[:, i]) for i in range(pred_val.shape[1])]))
 
 
 def _ols(z_train, y_train, z_by_split: dict[str, np.ndarray]) -> dict:
@@ -152,7 +141,8 @@ def _error_only_models(
     )
     ols_pred = _ols(z["train"], log_g["train"], z)
     rows, test_preds = [_model_row("OLS", log_g, ols_pred)], [ols_pred["test"]]
-    ridge_pred, ridge_coefs = _ridge_sweep(z["train"], log_g["train"], z)
+    sweep = fit_ridge_sweep(z["train"], log_g["train"], z["val"], log_g["val"], RIDGE_ALPHAS, standardise=False)
+    ridge_pred = {k: sweep.predict_sweep(v) for k, v in z.items()}
     for i, alpha in enumerate(RIDGE_ALPHAS):
         rows.append(_model_row(f"Ridge a={alpha:g}", log_g, {k: p[:, i] for k, p in ridge_pred.items()}))
         test_preds.append(ridge_pred["test"][:, i])
@@ -161,9 +151,8 @@ def _error_only_models(
         _model_row("LightGBM", log_g, lgbm_pred) | {"note": f"test R2 over seeds {seed_mean_std(lgbm_test_r2)}"}
     )
     test_preds.append(lgbm_pred["test"])
-    best = _best_alpha_index(log_g["val"], ridge_pred["val"])
     top = int(np.argmax([r["r2_test"] for r in rows]))
-    return pd.DataFrame(rows).fillna(""), ridge_coefs, best, lgbm_gain, test_preds[top]
+    return pd.DataFrame(rows).fillna(""), sweep.coef, sweep.best, lgbm_gain, test_preds[top]
 
 
 def _check_row(
@@ -249,12 +238,8 @@ def _mask_only_check(train: Arrays, test: Arrays, alpha: float) -> dict:
 
 def _aggregates_check(stats: dict[str, np.ndarray], log_g: dict[str, np.ndarray]) -> dict:
     """Standardised Ridge from the aggregate statistics to log g, alpha picked on val."""
-    scaler = StandardScaler().fit(stats["train"])
-    pred, _ = _ridge_sweep(
-        scaler.transform(stats["train"]), log_g["train"], {k: scaler.transform(v) for k, v in stats.items()}
-    )
-    best = _best_alpha_index(log_g["val"], pred["val"])
-    test_pred = pred["test"][:, best]
+    sweep = fit_ridge_sweep(stats["train"], log_g["train"], stats["val"], log_g["val"], RIDGE_ALPHAS)
+    test_pred = sweep.predict(stats["test"])
     return _check_row(
         f"{AGGREGATES} -> log g", r2(log_g["test"], test_pred), ci=bootstrap_delta_r2(log_g["test"], [test_pred])
     )

@@ -16,24 +16,21 @@ This is a verification tool: it loads ``--n-train`` rows into memory (about 3.5 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import Ridge
-from sklearn.metrics import r2_score
-from sklearn.preprocessing import StandardScaler
 
-from moe.arguments import ToolParser, non_negative_float, positive_int, run_tool
 from moe.data import bins
 from moe.data.error_stats import quality_stats
 from moe.data.noise import add_noise_np
 from moe.data.noise import snr as snr_of
 from moe.data.shards import find_split, inspect_shard, read_block, read_params
-
-ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
+from moe.experts.scores import r2
+from moe.experts.sklearn_ridge import fit_ridge_sweep
+from moe.shared.arguments import NonNegativeFloat, PositiveInt, ToolParser, run_tool
 
 
 @dataclass(frozen=True)
@@ -83,27 +80,6 @@ def load_rows(data_dir: str | os.PathLike, split: str, n: int | None) -> Split:
     return Split(np.concatenate(fluxes), np.concatenate(errors), pd.concat(tables, ignore_index=True))
 
 
-def ridge_sweep(z_train: np.ndarray, y_train: np.ndarray, alphas: Sequence[float]) -> Ridge:
-    """scikit-learn Ridge for every alpha at once (one X^T X): target column a uses ``alphas[a]``.
-
-    ``predict`` gives [N, A]; ``coef_`` is [A, D]. Inputs are expected standardised.
-    """
-    alphas = np.asarray(alphas, dtype=np.float64)
-    return Ridge(alpha=alphas, solver="cholesky").fit(
-        z_train, np.repeat(np.asarray(y_train)[:, None], alphas.size, axis=1)
-    )
-
-
-def fit_ridge(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, alphas: Sequence[float] = ALPHAS
-) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
-    """Standardised Ridge with alpha picked on val: (predict(x) -> [N], chosen alpha)."""
-    scaler = StandardScaler().fit(x_train)
-    sweep = ridge_sweep(scaler.transform(x_train), y_train, alphas)
-    best = int(np.argmax([r2_score(y_val, p) for p in sweep.predict(scaler.transform(x_val)).T]))
-    return (lambda x: sweep.predict(scaler.transform(x))[:, best]), float(alphas[best])
-
-
 def run_checks(
     train: Split, val: Split, test: Split, noise_level: float = 1.0, seed: int = 0, bounds: Bounds = Bounds()
 ) -> list[CheckLine]:
@@ -124,8 +100,7 @@ def run_checks(
     low = float(np.mean(snr_all <= 7))
     lines.append(CheckLine("share with SNR <= 7", low, "> 0.50", low > 0.5))
 
-    predict, _ = fit_ridge(x_tr, y_tr, x_va, y_va)
-    r2_global = r2_score(y_te, predict(x_te))
+    r2_global = r2(y_te, fit_ridge_sweep(x_tr, y_tr, x_va, y_va).predict(x_te))
     lo, hi = bounds.global_r2
     lines.append(CheckLine("global Ridge R2 (noisy flux)", r2_global, f"in [{lo}, {hi}]", lo <= r2_global <= hi))
 
@@ -139,21 +114,18 @@ def run_checks(
             raise ValueError(
                 f"physical bin {k} ({bins.PHYS_BIN_NAMES[k]}) has {m_tr.sum()} train / {m_va.sum()} val rows"
             )
-        predict_k, _ = fit_ridge(x_tr[m_tr], y_tr[m_tr], x_va[m_va], y_va[m_va])
-        pred[m_te] = predict_k(x_te[m_te])
-    r2_oracle = r2_score(y_te, pred)
+        pred[m_te] = fit_ridge_sweep(x_tr[m_tr], y_tr[m_tr], x_va[m_va], y_va[m_va]).predict(x_te[m_te])
+    r2_oracle = r2(y_te, pred)
     need = r2_global + bounds.oracle_gain
     lines.append(CheckLine("9-bin oracle Ridge R2", r2_oracle, f">= {need:.4f}", r2_oracle >= need))
 
-    predict, _ = fit_ridge(train.error, y_tr, val.error, y_va)
-    r2_err = r2_score(y_te, predict(test.error))
+    r2_err = r2(y_te, fit_ridge_sweep(train.error, y_tr, val.error, y_va).predict(test.error))
     lines.append(
         CheckLine("error-only Ridge R2", r2_err, f">= {bounds.error_only_min}", r2_err >= bounds.error_only_min)
     )
 
     q_tr, q_va, q_te = (quality_stats(s.error) for s in (train, val, test))
-    predict, _ = fit_ridge(q_tr, y_tr, q_va, y_va)
-    r2_q = r2_score(y_te, predict(q_te))
+    r2_q = r2(y_te, fit_ridge_sweep(q_tr, y_tr, q_va, y_va).predict(q_te))
     lines.append(
         CheckLine(
             "10 aggregate error statistics Ridge R2", r2_q, f"<= {bounds.quality_max}", r2_q <= bounds.quality_max
@@ -190,25 +162,20 @@ def spectra_figure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = ToolParser(prog="moe data check", description="Realism check of a dataset folder.")
-    ap.add_argument("data_dir", help="dataset folder (train_*/, val*/, test*/ shards)")
+    ap = ToolParser("moe data check", description="Realism check of a dataset folder.")
+    ap.add_argument("data_dir", type=str, help="dataset folder (train_*/, val*/, test*/ shards)")
+    ap.add_argument("--n-train", type=PositiveInt, default=50_000, help="training spectra the Ridge checks use")
+    ap.add_argument("--n-test", type=PositiveInt, default=5_000, help="test spectra the checks score")
     ap.add_argument(
-        "--n-train",
-        type=positive_int,
-        default=50_000,
-        help="training spectra the Ridge checks use (default %(default)s)",
+        "--noise-level", type=NonNegativeFloat, default=1.0, help="multiplier of the 1-sigma error for the noise"
     )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     ap.add_argument(
-        "--n-test", type=positive_int, default=5_000, help="test spectra the checks score (default %(default)s)"
+        "--figure",
+        type=str | None,
+        default=None,
+        help="spectra-by-log-g figure path (default: DIR/spectra_by_logg.png)",
     )
-    ap.add_argument(
-        "--noise-level",
-        type=non_negative_float,
-        default=1.0,
-        help="multiplier of the 1-sigma error for the noise (default 1)",
-    )
-    ap.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
-    ap.add_argument("--figure", default=None, help="spectra-by-log-g figure path (default: DIR/spectra_by_logg.png)")
     a = ap.parse_args(argv)
     from moe.data.shards import read_wave
 

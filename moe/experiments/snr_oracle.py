@@ -93,12 +93,11 @@ def compute(settings: ExperimentSettings) -> SnrOracleResults:
     pred_oracle = np.mean([r.pred["snr"] for r in runs], 0)
     snr_family, global_family = bundle.families["snr"], bundle.families["global"]
     n_train = snr_family.n_train
-    slices = [_slice_row("all", int(n_train.sum()), log_g, pred_global, pred_oracle)]
-    for i, name in enumerate(bins.SNR_BIN_NAMES):
-        in_bin = first.snr_bin == i
-        slices.append(
-            _slice_row(f"SNR {name}", int(n_train[i]), log_g[in_bin], pred_global[in_bin], pred_oracle[in_bin])
-        )
+    n_rows = [int(n_train.sum()), *map(int, n_train)]  # training rows of the global expert, then of each bin's
+    slices = [
+        _slice_row(name, n, log_g[rows], pred_global[rows], pred_oracle[rows])
+        for (name, rows), n in zip(bins.snr_slices(first.snr_bin, prefix="SNR "), n_rows)
+    ]
     overall = slices[0]
     headline = pd.DataFrame(
         [

@@ -3,11 +3,11 @@
 - ``fit``: fit (or load from the cache) the expert families and print the alpha table.
 - ``report``: oracle-routed R^2 of the families on the test split, per bin with counts,
   and the z-score spread of the per-star uncertainties.
+- ``compare-noise``: noise-marginalised vs one draw vs K draws, R^2 on val and test.
 
 This tool gates nothing: a physical or SNR group with fewer than ``--min-samples`` training rows
 takes the global expert, said in one line and marked (``fallback`` column of the alpha table, a
 line under the report). Only the global expert must have that many rows.
-- ``compare-noise``: noise-marginalised vs one draw vs K draws, R^2 on val and test.
 
 Started by torchrun (``torchrun --nproc-per-node N $(which moe) experts fit ...``; the environment
 names the rank and world size), ``fit`` joins the ranks in a gloo process group and splits the fit over
@@ -16,15 +16,14 @@ them by rows (:mod:`moe.experts.fit`); rank 0 prints the table.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Sequence
 
 import pandas as pd
 import torch
+from jsonargparse import Namespace
 
-from moe.arguments import ToolParser, non_negative_float, positive_float, positive_int, run_tool
 from moe.data.folder import BAD_ROWS, SpectraFolder
 from moe.data.ranks import PREPARE_TIMEOUT, rank_world
 from moe.data.synth import SynthConfig
@@ -32,16 +31,18 @@ from moe.experts.bundle import default_path
 from moe.experts.cache import load_or_fit
 from moe.experts.evaluate import compare_noise_modes, oracle_predictions, oracle_table, zscore_table
 from moe.experts.fit import NOISE_MODES, FitConfig
-from moe.experts.ridge import DEFAULT_ALPHAS
+from moe.experts.stats import PRODUCTS
+from moe.shared.arguments import NonNegativeFloat, PositiveFloat, PositiveInt, ToolParser, run_tool
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = ToolParser(prog="moe experts", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _parser() -> ToolParser:
+    fit = FitConfig()
+    commands = {}
     for name in ("fit", "report", "compare-noise"):
-        s = sub.add_parser(name)
+        s = ToolParser(f"moe experts {name}")
         s.add_argument(
             "--data",
+            type=str,
             default="data/synth",
             help="dataset folder; a synthetic dataset is generated only where no folder exists yet "
             "(an existing folder is read, never written into except for caches)",
@@ -53,50 +54,56 @@ def _parser() -> argparse.ArgumentParser:
             help="rows with NaN/Inf flux, error <= 0 or NaN inside the spectrum, NaN or out-of-range labels: "
             "stop with an error naming them (error) or leave them out (drop)",
         )
-        s.add_argument("--groups", default="global,phys,snr", help="families: global,phys,snr,cells")
+        s.add_argument("--groups", type=str, default=",".join(fit.families), help="families: global,phys,snr,cells")
         s.add_argument(
             "--noise-level",
-            type=non_negative_float,
+            type=NonNegativeFloat,
             default=1.0,
             help="multiplier of the 1-sigma error for the noise on every split (1: as observed)",
         )
         s.add_argument(
             "--noise-mode",
             choices=NOISE_MODES,
-            default="marginal",
+            default=fit.noise_mode,
             help="training noise: in closed form (marginal), one draw per spectrum (single) or several (augment)",
         )
         s.add_argument(
             "--alphas",
-            type=positive_float,
+            type=PositiveFloat,
             nargs="+",
-            default=list(DEFAULT_ALPHAS),
+            default=list(fit.alphas),
             help="the Ridge alpha sweep; each expert keeps the alpha best on the validation split",
         )
         s.add_argument(
             "--products",
-            choices=("float64", "float32"),
-            default="float64",
+            choices=PRODUCTS,
+            default=fit.products,
             help="precision of the per-block products of the statistics pass (summed in float64 either way)",
         )
         s.add_argument(
             "--min-samples",
-            type=positive_int,
-            default=50,
+            type=PositiveInt,
+            default=fit.min_samples,
             help="fewest training rows a Ridge expert needs: a physical or SNR group with fewer takes the global "
             "expert (marked as a fallback); a global expert with fewer stops the fit before any solve",
         )
         s.add_argument(
             "--max-train-rows",
-            type=positive_int,
+            type=PositiveInt | None,
             default=None,
             help="use only the first N training rows (default: all)",
         )
-        s.add_argument("--out", default=None, help="experts file (default: cached under DATA/experts)")
+        s.add_argument("--out", type=str | None, default=None, help="experts file (default: cached under DATA/experts)")
         if name == "compare-noise":
             s.add_argument(
-                "--draws", type=positive_int, default=4, help="noise draws per spectrum of the K-draws training"
+                "--draws",
+                type=PositiveInt,
+                default=fit.n_draws,
+                help="noise draws per spectrum of the K-draws training",
             )
+        commands[name] = s
+    p = ToolParser("moe experts", description=__doc__.split("\n")[0])
+    p.add_tool_subcommands(commands)
     return p
 
 
@@ -110,16 +117,17 @@ def join_ranks() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
-    joined = join_ranks() if a.cmd == "fit" else False
+    parsed = _parser().parse_args(argv)
+    joined = join_ranks() if parsed.cmd == "fit" else False
     try:
-        return _main(a)
+        return _main(parsed.cmd, parsed[parsed.cmd])
     finally:
         if joined:
             torch.distributed.destroy_process_group()
 
 
-def _main(a: argparse.Namespace) -> int:
+def _main(cmd: str, a: Namespace) -> int:
+    """Run subcommand ``cmd`` with its options ``a``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pd.set_option("display.width", 160)
     folder = SpectraFolder(
@@ -133,16 +141,16 @@ def _main(a: argparse.Namespace) -> int:
         min_samples=a.min_samples,
         required=("global",),  # nothing is gated here: a short group is the global expert, marked
     )
-    if a.cmd == "compare-noise":
+    if cmd == "compare-noise":
         table = compare_noise_modes(folder, cfg, a.draws)
         wide = table.pivot_table(index=["training"], columns=["split", "experts"], values="r2", sort=False)
         print(wide.round(4).to_string())
         return 0
     bundle = load_or_fit(folder, cfg, a.out)
     path = a.out or default_path(folder, cfg)
-    if a.cmd == "fit" and rank_world()[0] > 0:  # rank 0 prints for the group
+    if cmd == "fit" and rank_world()[0] > 0:  # rank 0 prints for the group
         return 0
-    if a.cmd == "fit":
+    if cmd == "fit":
         print(f"experts: {path}")
         print(bundle.alpha_table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         if bundle.timings:

@@ -10,7 +10,6 @@ read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from moe.experts.fit import FamilyFit, FitConfig, fit_families
 from moe.experts.ridge_experts import RidgeExperts
 from moe.experts.scores import r2_from_sums
 from moe.shared.atomic import AtomicFile, write_text
+from moe.shared.keys import json_key
 
 log = logging.getLogger(__name__)
 BUNDLE_VERSION = 2
@@ -36,8 +36,7 @@ class ExpertsMismatchError(ValueError):
 
 
 def bundle_key(fingerprint: dict, cfg: FitConfig) -> str:
-    blob = json.dumps({"data": fingerprint, "fit": cfg.key_dict(), "version": BUNDLE_VERSION}, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+    return json_key({"data": fingerprint, "fit": cfg.key_dict(), "version": BUNDLE_VERSION})
 
 
 @dataclass

@@ -68,8 +68,7 @@ def oracle_predictions(
 def oracle_table(res: OracleResult) -> pd.DataFrame:
     """Rows: family x slice (all, each SNR bin, each physical bin); columns n, r2, mae, rmse."""
     rows = []
-    slices = [("all", np.ones_like(res.y, dtype=bool))]
-    slices += [(f"SNR {n}", res.snr_bin == i) for i, n in enumerate(bins.SNR_BIN_NAMES)]
+    slices = bins.snr_slices(res.snr_bin, prefix="SNR ")
     slices += [(bins.PHYS_BIN_NAMES[k], res.phys_bin == k) for k in range(bins.N_PHYS_BINS)]
     for fam, pred in res.pred.items():
         for name, m in slices:
@@ -82,8 +81,7 @@ def zscore_table(res: OracleResult) -> pd.DataFrame:
     rows = []
     for fam, pred in res.pred.items():
         z = (pred - res.y) / np.sqrt(np.maximum(res.var[fam], 1e-300))
-        for i, name in [(-1, "all")] + list(enumerate(bins.SNR_BIN_NAMES)):
-            m = np.ones_like(z, dtype=bool) if i < 0 else res.snr_bin == i
+        for name, m in bins.snr_slices(res.snr_bin):
             if not m.any():
                 continue
             rows.append(

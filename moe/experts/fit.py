@@ -34,7 +34,7 @@ from moe.data.folder import SpectraFolder
 from moe.data.noise import add_noise_np
 from moe.data.stream import SpectraStream
 from moe.experts import groups
-from moe.experts.ridge import DEFAULT_ALPHAS, METHODS, fit_sweep
+from moe.experts.ridge import DEFAULT_ALPHAS, METHODS, best_alpha_index, fit_sweep
 from moe.experts.stats import PRODUCTS, CellStats, accumulate
 
 log = logging.getLogger(__name__)
@@ -323,11 +323,11 @@ def validation_sse(folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.
 
 def _select(family: str, sse: np.ndarray, n_val: np.ndarray) -> np.ndarray:
     """Index of the chosen alpha per group: own val samples; cells pooled per SNR bin; no val -> pooled."""
-    pooled = int(np.argmin(sse.sum(0)))
+    pooled = best_alpha_index(sse.sum(0))
     if family == "cells":
-        per_snr = [int(np.argmin(sse[s :: bins.N_SNR_BINS].sum(0))) for s in range(bins.N_SNR_BINS)]
+        per_snr = [best_alpha_index(sse[s :: bins.N_SNR_BINS].sum(0)) for s in range(bins.N_SNR_BINS)]
         return np.array([per_snr[g % bins.N_SNR_BINS] for g in range(sse.shape[0])])
-    return np.array([int(np.argmin(sse[g])) if n_val[g] > 0 else pooled for g in range(sse.shape[0])])
+    return np.array([best_alpha_index(sse[g]) if n_val[g] > 0 else pooled for g in range(sse.shape[0])])
 
 
 def _family_fit(family: str, path, n_train, notes, val, alphas, global_idx: int | None = None) -> FamilyFit:
@@ -409,7 +409,7 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
     """Run the whole fit: (families {name: FamilyFit}, (pca mean, components, variances), timings).
 
     In this process; the cached path (:func:`moe.experts.cache.load_or_fit`) runs it in a child process
-    with the heap setting of :mod:`moe.experts.heap`."""
+    with the heap setting of :data:`moe.experts.isolated.HEAP_ENV`."""
     t0 = time.perf_counter()
     stats, partition = accumulate_stats(folder, cfg, progress)
     check_group_sizes(stats, partition, cfg)

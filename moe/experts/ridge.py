@@ -40,6 +40,13 @@ EIGH_BREAKEVEN = 40
 METHODS = ("auto", "cholesky", "eigh")
 
 
+def best_alpha_index(val_sse: np.ndarray) -> int:
+    """The alpha a validation chooses: the least squared error (the highest R^2) -- ``val_sse`` [A] -> index,
+    the first of equals. The expert fit applies it per group, the in-memory sweep (:mod:`moe.experts.sklearn_ridge`)
+    to its one model."""
+    return int(np.argmin(val_sse))
+
+
 @dataclass
 class Standardized:
     """A group's problem in standardised coordinates."""

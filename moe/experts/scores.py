@@ -1,4 +1,4 @@
-"""Regression scores of the whole project: the one R^2 formula, MAE and RMSE (numpy)."""
+"""Regression scores of the whole project: the one R^2 formula, MAE and RMSE, the calibration of sigma (numpy)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,17 @@ def r2(y: np.ndarray, pred: np.ndarray) -> float:
     if y.size == 0:
         return float("nan")
     return float(r2_from_sums(((pred - y) ** 2).sum(), ((y - y.mean()) ** 2).sum(), y.size))
+
+
+def z_calibration(z: np.ndarray) -> dict[str, float]:
+    """How well sigma describes the errors, from z = (pred - true) / sigma [N]: ``z_std`` (1 when calibrated) and
+    the shares ``coverage_1sigma`` / ``coverage_2sigma`` with |z| <= 1 and <= 2 (0.683 / 0.954 for a Gaussian)."""
+    z = np.asarray(z, dtype=float)
+    return {
+        "z_std": float(z.std()),
+        "coverage_1sigma": float((np.abs(z) <= 1).mean()),
+        "coverage_2sigma": float((np.abs(z) <= 2).mean()),
+    }
 
 
 def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:

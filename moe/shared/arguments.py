@@ -1,0 +1,235 @@
+"""The tools' command lines (``moe experts``, ``moe experiments``, ``moe data ...``) on jsonargparse, the parser
+of the training commands (LightningCLI), and the one-line message of a mistake on either.
+
+Each option is declared once: flag, type with its range (:mod:`jsonargparse.typing`: ``PositiveInt``,
+``NonNegativeFloat``, ...; ``Literal`` for choices), default (taken from the config dataclass it fills) and help.
+jsonargparse checks the values; its exceptions carry only text, so the message of a mistake is not read from
+them: :func:`find_mistake` checks the given values against the declared types and names the first that does not
+fit (:class:`Mistake`), and the library's text, whitespace-joined, serves only when no value is at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from jsonargparse import ArgumentParser, Namespace
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+__all__ = [
+    "Mistake",
+    "NonNegativeFloat",
+    "NonNegativeInt",
+    "PositiveFloat",
+    "PositiveInt",
+    "ToolArgumentError",
+    "ToolParser",
+    "find_mistake",
+    "run_tool",
+]
+
+# the ranges of jsonargparse's restricted numbers: type -> (bound, strict), i.e. value >= bound or value > bound
+RANGES: dict[type, tuple[float, bool]] = {
+    PositiveInt: (0, True),
+    NonNegativeInt: (0, False),
+    PositiveFloat: (0, True),
+    NonNegativeFloat: (0, False),
+}
+_NUMBER_BASE = {PositiveInt: int, NonNegativeInt: int, PositiveFloat: float, NonNegativeFloat: float}
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A value that does not fit its option's declared type: ``kind`` is "type" (not a ``base``, of a number
+    type with a range when ``ranged``), "range" (outside ``bound``/``strict``) or "choice" (not among ``choices``)."""
+
+    flag: str
+    value: str
+    kind: Literal["type", "range", "choice"]
+    base: type | None = None
+    bound: float = 0
+    strict: bool = False
+    choices: tuple = ()
+    ranged: bool = False
+
+    def tool_line(self) -> str:
+        """The tools' wording (argparse's): ``argument --n-train: must be at least 1, got 0``."""
+        if self.kind == "type" and self.ranged:
+            return f"argument {self.flag}: {self.value!r} is not {'an integer' if self.base is int else 'a number'}"
+        if self.kind == "type":
+            return f"argument {self.flag}: invalid {self.base.__name__} value: {self.value!r}"
+        if self.kind == "choice":
+            listed = ", ".join(repr(c) for c in self.choices)
+            return f"argument {self.flag}: invalid choice: {self.value!r} (choose from {listed})"
+        if self.strict and self.base is int:  # an integer above 0 is one of at least 1
+            return f"argument {self.flag}: must be at least {int(self.bound) + 1}, got {self.value}"
+        wanted = f"> {self.bound:g}" if self.strict else f"at least {self.bound:g}"
+        return f"argument {self.flag}: must be {wanted}, got {self.value}"
+
+    def training_line(self) -> str:
+        """The training commands' wording: ``--data.batch_size 0: must satisfy value>0``."""
+        if self.kind == "type":
+            return f"{self.flag} {self.value}: expected {self.base.__name__}"
+        if self.kind == "choice":
+            return f"{self.flag} {self.value}: expected one of {', '.join(str(c) for c in self.choices)}"
+        return f"{self.flag} {self.value}: must satisfy value{'>' if self.strict else '>='}{self.bound:g}"
+
+
+def _check(flag: str, hint, text: str) -> Mistake | None:
+    """The mistake of ``text`` as a value of type ``hint`` (None when it fits or the type is not one checked here)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if type(None) in args and text.lower() in ("null", "none"):
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _check(flag, options[0], text) if len(options) == 1 else None
+    if typing.get_origin(hint) is Literal:
+        return None if text in {str(a) for a in args} else Mistake(flag, text, "choice", choices=args)
+    base = _NUMBER_BASE.get(hint, hint if hint in (int, float) else None)
+    if base is None:
+        return None
+    try:
+        value = base(text)
+    except ValueError:
+        return Mistake(flag, text, "type", base=base, ranged=hint in RANGES)
+    if hint in RANGES:
+        bound, strict = RANGES[hint]
+        if not (value > bound if strict else value >= bound):  # NaN fails too
+            return Mistake(flag, text, "range", base=base, bound=bound, strict=strict)
+    return None
+
+
+def _given(argv: Sequence[str], flags: Iterable[str], many: Iterable[str] = ()) -> Iterable[tuple[str, str]]:
+    """(flag, value) of every value ``argv`` gives one of ``flags``: ``--flag v``, ``--flag=v``, or ``--flag v1 v2``
+    for the flags in ``many``."""
+    flags, many, argv = set(flags), set(many), list(argv)
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag not in flags:
+            continue
+        if eq:
+            yield flag, value
+            continue
+        for value in argv[i + 1 : None if flag in many else i + 2]:
+            if value.startswith("--"):
+                break
+            yield flag, value
+
+
+def find_mistake(argv: Sequence[str], declared: dict[str, object], many: Iterable[str] = ()) -> Mistake | None:
+    """The first value in ``argv`` that does not fit the type ``declared`` for its flag (flag -> type hint);
+    the flags in ``many`` take several values."""
+    for flag, value in _given(argv, declared, many):
+        found = _check(flag, declared[flag], value)
+        if found is not None:
+            return found
+    return None
+
+
+class ToolArgumentError(ValueError):
+    """A mistake on a tool's command line; ``prog`` is the command whose ``--help`` lists the options."""
+
+    def __init__(self, message: str, prog: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class ToolParser(ArgumentParser):
+    """A jsonargparse parser of a tool whose mistakes are one :class:`ToolArgumentError` for the ``moe`` command
+    to print as one line (``moe: error: ...``), not a usage block and an exit."""
+
+    def __init__(self, prog: str, description: str | None = None):
+        self.declared: dict[str, object] = {}  # flag or positional name -> its type
+        self.positionals: list[str] = []  # in order
+        self.required_positionals: list[str] = []
+        self.many: set[str] = set()  # flags that take several values
+        self.subcommands: dict[str, ToolParser] = {}
+        self.tool_prog = prog
+        super().__init__(prog=prog, description=description, exit_on_error=False)
+
+    def add_tool_subcommands(self, parsers: dict[str, ToolParser], dest: str = "cmd") -> None:
+        """Subcommands (``moe experts fit|report|...``), each a :class:`ToolParser` of its own."""
+        sub = self.add_subcommands(dest=dest, required=True)
+        for name, parser in parsers.items():
+            sub.add_subcommand(name, parser)
+            parser.prog = parser.tool_prog  # its usage line names the command a user types
+        self.subcommands = dict(parsers)
+
+    def add_argument(self, *names: str, **kwargs):
+        action = super().add_argument(*names, **kwargs)
+        if "choices" in kwargs:
+            hint = Literal[tuple(kwargs["choices"])]
+        else:
+            hint = kwargs.get("type", str)
+        for name in names:
+            self.declared[name] = hint
+            if kwargs.get("nargs") in ("+", "*"):
+                self.many.add(name)
+        if not names[0].startswith("-"):
+            self.positionals.append(names[0])
+            if kwargs.get("nargs") not in ("?", "*"):
+                self.required_positionals.append(names[0])
+        return action
+
+    def parse_args(self, args: Sequence[str] | None = None, *more, **options) -> Namespace:
+        """The parsed options of ``args`` (default ``sys.argv[1:]``), or a :class:`ToolArgumentError`."""
+        args = list(sys.argv[1:] if args is None else args)
+        try:
+            return super().parse_args(args, *more, **options)
+        except argparse.ArgumentError as exc:
+            raise self.mistake(args, exc) from None
+
+    def mistake(self, argv: list[str], exc: argparse.ArgumentError) -> ToolArgumentError:
+        """The one-line error of ``argv`` that jsonargparse refused with ``exc``, from the declared options;
+        a subcommand's own parser words its mistakes and names its ``--help``."""
+        for i, arg in enumerate(argv):
+            if arg in self.subcommands:
+                return self.subcommands[arg].mistake(argv[i + 1 :], exc)
+        return ToolArgumentError(self._line(argv, exc), self.tool_prog)
+
+    def _line(self, argv: list[str], exc: argparse.ArgumentError) -> str:
+        if self.subcommands:
+            listed = ", ".join(repr(c) for c in self.subcommands)
+            given = next((a for a in argv if not a.startswith("-")), None)
+            if given is None:
+                return f"the following arguments are required: {{{','.join(self.subcommands)}}}"
+            return f"argument {{{','.join(self.subcommands)}}}: invalid choice: {given!r} (choose from {listed})"
+        mistake = find_mistake(argv, {k: v for k, v in self.declared.items() if k.startswith("-")}, self.many)
+        words = self._free_words(argv)
+        for name, word in zip(self.positionals, words):
+            mistake = mistake or _check(name, self.declared[name], word)
+        if mistake is not None:
+            return mistake.tool_line()
+        missing = [name for name in self.positionals[len(words) :] if name in self.required_positionals]
+        if missing:
+            return f"the following arguments are required: {', '.join(missing)}"
+        return " ".join(str(exc).split())
+
+    def _free_words(self, argv: list[str]) -> list[str]:
+        """The words of ``argv`` that no flag takes: the positionals' values, in order."""
+        takes_value = {flag for flag in self.declared if flag.startswith("-")}
+        free, skip = [], 0  # skip: how many words the last flag still takes (-1: all up to the next flag)
+        for arg in argv:
+            if arg.startswith("-"):
+                flag = arg.partition("=")[0]
+                skip = 0 if ("=" in arg or flag not in takes_value) else (-1 if flag in self.many else 1)
+                continue
+            if skip:
+                skip -= skip > 0
+                continue
+            free.append(arg)
+        return free
+
+
+def run_tool(main: Callable[[Sequence[str] | None], int | None], prog: str) -> int:
+    """A tool's ``main`` run as its own program (``python -m ...``): a mistake is one line and status 2."""
+    try:
+        return int(main(None) or 0)
+    except ToolArgumentError as exc:
+        print(f"moe: error: {exc} ({exc.prog or prog} --help lists the options)", file=sys.stderr)
+        return 2
