@@ -10,7 +10,10 @@ Steps, as a user runs them on a fresh folder (shards of 200k rows, val 5k, test 
 4. gate epoch -- ``train.py fit`` for one epoch (concat gate, validation, checkpoint);
 5. predict   -- ``train.py predict`` of the test split from that checkpoint (CSV);
 6. catalogue -- ``train.py predict --data.predict_path`` over one 200k-row training shard, then over
-   all of them, taken as observations (HDF5 catalogues): peak RSS must not grow with the rows.
+   all of them, taken as observations (HDF5 catalogues): peak RSS must not grow with the rows;
+7. masked    -- a copy of the first training shard as observations with 5 % of each star's pixels masked
+   (``dataset/arrays/mask/value``) and every tenth star's Ca II 8542 block of 100 pixels NaN, predicted
+   into a FITS catalogue (imputation, OOD score and flags on every star).
 
 Each step runs in a fresh process under a wrapper that reports its wall time and the
 step's peak RSS; later steps find what earlier ones cached. The last line is one JSON object.
@@ -44,6 +47,34 @@ CACHES = (
     "from moe.prepare import prepare; folder = SpectraFolder(sys.argv[1], synth=None); "
     "prepare(folder, GatedMoE('concat', n_pixels=folder.n_pixels).prepare_config(), progress=False)"
 )
+
+# a copy of a shard as observations with masked pixels, written block by block (memory flat in rows)
+MASKED = r"""
+import sys, h5py, numpy as np
+from moe.data.shards import ERROR_KEY, FLUX_KEY, MASK_KEY, WAVE_KEY, read_params, write_shard
+src, dst = sys.argv[1], sys.argv[2]
+params = read_params(src)
+n = len(params)
+with h5py.File(src, "r") as f:
+    wave = f[WAVE_KEY][()]
+write_shard(dst, wave, np.zeros((0, wave.size), np.float32), np.zeros((0, wave.size), np.float32),
+            params.iloc[:0], labelled=False)
+rng = np.random.default_rng(0)
+centre = int(np.argmin(np.abs(wave - 8542.09)))
+with h5py.File(src, "r") as f, h5py.File(dst, "a") as g:
+    for key in (FLUX_KEY, ERROR_KEY):
+        del g[key]
+        g.create_dataset(key, shape=(n, wave.size), dtype=np.float32)
+    g.create_dataset(MASK_KEY, shape=(n, wave.size), dtype=np.uint8)
+    for s in range(0, n, 8192):
+        e = min(s + 8192, n)
+        flux = f[FLUX_KEY][s:e]
+        flux[::10, centre - 50 : centre + 50] = np.nan
+        g[FLUX_KEY][s:e] = flux
+        g[ERROR_KEY][s:e] = f[ERROR_KEY][s:e]
+        g[MASK_KEY][s:e] = rng.random((e - s, wave.size)) < 0.05
+params.to_hdf(dst, key="dataset/params", mode="a", format="table")
+"""
 
 
 def step(name: str, cmd: list[str]) -> dict:
@@ -102,6 +133,23 @@ def main() -> None:
                 str(Path(data) / f"catalogue{len(paths)}.h5"),
             ],
         )
+    masked = str(Path(data) / "observed_masked" / "dataset.h5")
+    Path(masked).parent.mkdir(exist_ok=True)
+    subprocess.run([py, "-c", MASKED, shards[0], masked], check=True, cwd=ROOT)
+    fig["masked"] = step(
+        "masked",
+        train
+        + [
+            "predict",
+            *common,
+            "--ckpt_path",
+            "best",
+            "--data.predict_path",
+            masked,
+            "--predict_writer.output",
+            str(Path(data) / "catalogue_masked.fits"),
+        ],
+    )
     print(json.dumps(fig))
 
 

@@ -10,7 +10,8 @@
   last`` continues that version where it stopped, and evaluation of a run's checkpoint logs into the
   run's own folder (an evaluation of a file from elsewhere logs nothing);
 - a ModelCheckpoint on ``val/r2`` (max, plus ``last.ckpt``) and the per-star catalogue of ``predict``
-  (``--data.predict_path``: any shards, labels optional; CSV or HDF5);
+  (``--data.predict_path``: any shards, labels optional, masked pixels honoured; CSV, HDF5 or FITS; the
+  training set's low-rank model and OOD threshold, :mod:`moe.prepare.reference`, built once per dataset);
 - ``--test_after_fit true`` tests the best checkpoint right after ``fit``.
 """
 
@@ -47,6 +48,7 @@ from moe.gates.metrics import summary_table
 from moe.gates.module import GatedMoE
 from moe.gates.quiet import quiet_lightning
 from moe.prepare import attach_inputs, prepare
+from moe.prepare.reference import load_or_build
 
 DESCRIPTION = (
     "Train, evaluate and apply a gated mixture of frozen Ridge experts that estimates log g +- sigma "
@@ -187,6 +189,7 @@ class MoECLI(LightningCLI):
             self.model.load_prepared(prepare(self.datamodule, self.model.prepare_config()))
             if state is not None:  # resumed: its experts must be the ones just prepared
                 self._checked(ckpt)
+            self._catalogue_reference()
             return
         self.model.load_state_dict(state["state_dict"])
         self.model.data_fingerprint = state.get("moe_data_fingerprint") or self.datamodule.fingerprint_hash()
@@ -194,9 +197,18 @@ class MoECLI(LightningCLI):
             wave = self.model.mixture.physics.wave.cpu().numpy()
             for path in self.datamodule.predict_set().paths:
                 check_grid(path, read_wave(path), wave, f"the checkpoint's ({ckpt})")
-        splits = ("val",) if self.subcommand == "validate" else ("test",)
+        # predict reads the spectra themselves (masked pixels, the OOD score): no gate-input caches
+        splits = {"validate": ("val",), "test": ("test",)}.get(self.subcommand, ())
         mixture = self.model.mixture
         attach_inputs(self.datamodule, *mixture.projection(), mixture.physics.pixels, splits, shared=True)
+        self._catalogue_reference()
+
+    def _catalogue_reference(self) -> None:
+        """For ``predict``: what the catalogue compares stars with (:mod:`moe.prepare.reference`), cached beside
+        the expert bundles."""
+        if self.subcommand == "predict":
+            cache = self.model.prepare_config().experts_dir or default_dir(self.datamodule.data_dir)
+            self.model.catalogue_reference = load_or_build(self.datamodule, cache)
 
     def _checked(self, ckpt: str) -> dict:
         """The contents of ``ckpt`` once they fit this model and data (upgraded in place), else one error."""

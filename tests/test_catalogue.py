@@ -81,6 +81,9 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
         "log_g_sigma",
         *(f"w_{n}" for n in names),
         *(f"pred_{n}" for n in names),
+        "n_masked",
+        "ood_score",
+        "flags",
     ]  # no labels: no truth
     assert (cat["objid"] == np.arange(300) + 10_000).all()
     assert np.isfinite(cat["log_g_pred"]).all() and (cat["log_g_sigma"] > 0).all()
@@ -121,6 +124,9 @@ def _writer_batch(n: int, start: int = 0) -> dict:
         "weights": torch.full((n, 2), 0.5),
         "expert_preds": torch.full((n, 2), 3.0),
         "log_g_true": torch.full((n,), float("nan")),
+        "n_masked": torch.zeros(n, dtype=torch.long),
+        "ood_score": torch.ones(n),
+        "flags": torch.zeros(n, dtype=torch.long),
     }
 
 

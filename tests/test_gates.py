@@ -259,6 +259,9 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
         *(f"w_{n}" for n in names),
         *(f"pred_{n}" for n in names),
         "log_g_true",
+        "n_masked",
+        "ood_score",
+        "flags",
     ]
     assert abs(sum(float(rows[0][f"w_{n}"]) for n in test.model.mixture.experts.names) - 1) < 1e-4
     assert {r["snr_bin"] for r in rows} <= {"X", "L", "M", "H"}

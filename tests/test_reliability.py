@@ -354,7 +354,8 @@ def test_row_check_is_remembered_and_redone_after_an_edit(small, tmp_path, monke
     assert calls[-1] == shard
 
 
-def test_predict_spectra_are_checked_too(tiny_dir, tmp_path):
+def test_predict_spectra_with_bad_pixels_are_masked_not_refused(tiny_dir, tmp_path):
+    """Spectra to predict are observations: a NaN flux pixel masks that pixel (moe.catalogue), it stops nothing."""
     src = shards.find_split(tiny_dir, "test")[0]
     flux, error = read_block(src, 0, 20)
     flux[4, 2] = np.nan
@@ -363,11 +364,11 @@ def test_predict_spectra_are_checked_too(tiny_dir, tmp_path):
         wave = f[WAVE_KEY][()]
     write_shard(obs, wave, flux, error, pd.DataFrame({"objid": np.arange(20)}), labelled=False)
     dm = SpectraDataModule(tiny_dir, synth=None, predict_path=str(obs))
-    with pytest.raises(ShardError, match=r"night1.h5: flux NaN or Inf in 1 row \(4;"):
-        dm.predict_set()
-    dm = SpectraDataModule(tiny_dir, synth=None, predict_path=str(obs), bad_rows="drop")
-    rows = torch.cat([b["row"] for b in dm.stream("predict")]).numpy()
-    np.testing.assert_array_equal(rows, np.setdiff1d(np.arange(20), [4]))
+    batches = list(dm.stream("predict"))
+    usable = torch.cat([b["usable"] for b in batches]).numpy()
+    np.testing.assert_array_equal(torch.cat([b["row"] for b in batches]).numpy(), np.arange(20))
+    assert np.argwhere(~usable).tolist() == [[4, 2]]
+    assert all(torch.isfinite(b["flux"]).all() for b in batches)
 
 
 # ---- 6. writes that clean up --------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
   in ``on_after_batch_transfer``, i.e. on the batch's device (the GPU when there is one);
 - val/test: pre-noised once with fixed seeds, cached next to the data (:mod:`moe.data.noise_cache`);
 - predict: the test split, or the spectra at ``predict_path`` (a folder of shards or shard
-  files; labels optional): taken as observed, i.e. used as they are, without added noise.
+  files; labels optional): taken as observed, i.e. used as they are, without added noise, their
+  masked pixels honoured (:func:`moe.data.shards.read_observed`).
 
 Once the gate inputs of each split are cached per row (:meth:`SpectraFolder.attach_inputs`,
 done by the preparation step), the loaders read those instead of the spectra, and the
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from moe.data.folder import SpectraFolder
 from moe.data.resume import EpochPosition, TrainLoader, batch_seed
-from moe.data.row_check import BadRows, screen
+from moe.data.row_check import BadRows
 from moe.data.shards import ShardError, check_grid, read_wave
 from moe.data.stream import ShardSet, SpectraStream
 from moe.data.synth import SynthConfig
@@ -67,7 +68,7 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
             never generates. An existing folder is only read (a missing split is an error).
         bad_rows: rows with NaN/Inf flux, error <= 0 or NaN inside the spectrum, NaN or out-of-range labels
             (checked before any work, cached per shard): ``error`` stops naming the file, field and rows;
-            ``drop`` leaves them out (of the predicted spectra too).
+            ``drop`` leaves them out. Spectra to predict are not screened: ``predict`` masks bad pixels instead.
         predict_path: spectra to predict: a folder (searched for ``*.h5`` shards), a shard file, or a list
             of them (``[a.h5, b.h5]``);
             default: the pre-noised test split. They must share the training data's pixel grid.
@@ -115,7 +116,8 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
             predict_set = ShardSet(predict_files(self.predict_path), labelled=False)
             for path in predict_set.paths:
                 check_grid(path, read_wave(path), self.wave, "the training data's")
-            screen([predict_set], self.bad_rows, self.cache_dir)  # flux and error; labels are optional here
+            # no row screening: predict honours masked pixels (NaN/Inf flux, bad error, the mask array), and labels
+            # are optional here and may lie outside the training range (the catalogue reports them)
             self._predict_set = predict_set
         return self._predict_set
 
@@ -135,7 +137,9 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
         (``predict`` with a ``predict_path``: those spectra as they are)."""
         bs, nw = batch_size or self.batch_size, self.num_workers if num_workers is None else num_workers
         if split == "predict" and self.predict_path:
-            return SpectraStream(self.predict_set(), bs, self.noise_level, self.block_rows, num_workers=nw, ids=True)
+            return SpectraStream(
+                self.predict_set(), bs, self.noise_level, self.block_rows, num_workers=nw, ids=True, observed=True
+            )
         return super().stream(split, shuffle, bs, cached, nw)
 
     def _loader(self, split: str) -> DataLoader:

@@ -214,10 +214,11 @@ class SpectraFolder:
         num_workers: int = 0,
     ) -> SpectraStream:
         """The batch stream of ``split`` (train: clean; val/test/predict: pre-noised): of the spectra,
-        or with ``cached`` of the attached gate-input caches when there are some (the loaders do)."""
+        or with ``cached`` of the attached gate-input caches when there are some (the loaders do).
+        ``predict`` always reads the spectra, as observations (masked pixels honoured, :class:`SpectraStream`)."""
         bs = batch_size
         name = "test" if split == "predict" else split
-        inputs = self.inputs.get(name) if cached else None
+        inputs = self.inputs.get(name) if cached and split != "predict" else None
         if split == "train":
             return SpectraStream(
                 self.train_set,
@@ -240,6 +241,7 @@ class SpectraFolder:
             num_workers=num_workers,
             inputs=inputs,
             ids=split == "predict",
+            observed=split == "predict",
         )
 
     def add_noise(self, batch: dict, generator: torch.Generator | None = None) -> dict:

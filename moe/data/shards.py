@@ -6,6 +6,8 @@ A shard is one ``dataset.h5``:
 - ``dataset/arrays/flux/value``  (N, D) float32, median-normalised (clipped at 0 on load)
 - ``dataset/arrays/error/value`` (N, D) float32, 1 sigma (NaN filled from the nearest
   finite pixel on load)
+- ``dataset/arrays/mask/value`` (N, D) integer, optional: non-zero = masked pixel (honoured by
+  ``predict`` only, :func:`read_observed`; training data stay strict)
 - a pandas table with columns ``T_eff, log_g, M_H, a_M, C_M, mag, redshift, snr``
   (N rows) that ``pandas.read_hdf(path)`` reads without a key.
 
@@ -40,6 +42,7 @@ from moe.shared.errors import ShardError, WriteError, reason
 WAVE_KEY = "spectrumdataset/wave"
 FLUX_KEY = "dataset/arrays/flux/value"
 ERROR_KEY = "dataset/arrays/error/value"
+MASK_KEY = "dataset/arrays/mask/value"  # optional, (N, D) integer: non-zero = masked pixel
 PARAMS_KEY = "dataset/params"
 PARAM_COLUMNS = ("T_eff", "log_g", "M_H", "a_M", "C_M", "mag", "redshift", "snr")
 LABEL_COLUMNS = ("log_g", "T_eff", "M_H")
@@ -127,6 +130,12 @@ def inspect_shard(path: str | os.PathLike, labelled: bool = True) -> ShardInfo:
             if ds.dtype.kind not in "fiu":
                 raise ShardError(path, f"{key} has dtype {ds.dtype}, expected real numbers (float32 / float64)")
         n_rows, n_pixels = flux.shape
+        if MASK_KEY in f:
+            mask = f[MASK_KEY]
+            if mask.shape != flux.shape:
+                raise ShardError(path, f"{MASK_KEY} shape {mask.shape} disagrees with {FLUX_KEY} shape {flux.shape}")
+            if mask.dtype.kind not in "iub":
+                raise ShardError(path, f"{MASK_KEY} has dtype {mask.dtype}, expected integers (non-zero = masked)")
         _check_wave(path, wave[()])
     if n_pixels == 0:
         raise ShardError(path, f"{FLUX_KEY} has no pixels (shape {flux.shape})")
@@ -229,6 +238,33 @@ def read_block(
         with np.errstate(invalid="ignore"):
             np.maximum(values, 0.0, out=values)
     return values, fill_nan_nearest(error).astype(np.float32, copy=False)
+
+
+def read_observed(
+    path: str | os.PathLike, start: int, stop: int, flux: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows [start, stop) as observations: (flux, error, usable), [n, D] float32, float32, bool.
+
+    A pixel is masked (``usable`` False) when its flux is NaN/Inf, its error NaN, Inf or <= 0, or the shard's
+    optional ``MASK_KEY`` array is non-zero there. Usable flux is clipped at 0 (as :func:`read_block`), masked flux
+    is 0; a masked pixel's error is that of the
+    nearest usable pixel (1 in a row without any), so every value downstream is finite. ``flux`` replaces
+    the shard's flux (a pre-noised copy of it). Nothing here raises on bad values: ``predict`` honours masks.
+    """
+    with h5py.File(path, "r") as f:
+        values = np.asarray(f[FLUX_KEY][start:stop], dtype=np.float32) if flux is None else np.array(flux, np.float32)
+        error = np.asarray(f[ERROR_KEY][start:stop], dtype=np.float32)
+        flagged = np.asarray(f[MASK_KEY][start:stop]) != 0 if MASK_KEY in f else None
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(values) & np.isfinite(error) & (error > 0)
+    if flagged is not None:
+        usable &= ~flagged
+    values = np.where(usable, values, np.float32(0.0))
+    if flux is None:  # the shard's flux is clipped at 0 on load (a noisy copy is used as it is)
+        np.maximum(values, 0.0, out=values)
+    error = np.where(usable, error, np.float32(np.nan))
+    error[~usable.any(1)] = 1.0
+    return values.astype(np.float32, copy=False), fill_nan_nearest(error).astype(np.float32, copy=False), usable
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from moe.data.shards import (
     inspect_shard,
     numeric_columns,
     read_block,
+    read_observed,
     read_params,
 )
 from moe.data.shards import (
@@ -149,6 +150,18 @@ class ShardSet:
         return out
 
 
+def observed_snr(flux: np.ndarray, error: np.ndarray, usable: np.ndarray, noise_level: float) -> np.ndarray:
+    """SNR [N] of observed (noisy) spectra on their usable pixels: ``sqrt(max(|y|^2 / |s e|^2 - 1, 0))``, the
+    estimate of the clean spectrum's ``|x| / |s e|`` (``E |y|^2 = |x|^2 + |s e|^2``), so that an observation
+    falls in the SNR bin its clean spectrum would; 0 without usable pixels."""
+    y2 = np.einsum("ij,ij->i", flux, flux, dtype=np.float64)  # masked flux is 0
+    e = np.where(usable, error, 0.0)
+    e2 = float(noise_level) ** 2 * np.einsum("ij,ij->i", e, e, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(e2 > 0, y2 / e2, np.inf)
+    return np.where(usable.any(1), np.sqrt(np.clip(ratio - 1.0, 0.0, None)), 0.0)
+
+
 def _slot() -> tuple[int, int, int]:
     """(this slot's index, number of slots, worker id) from torch.distributed and the worker info."""
     rank, world = rank_world()
@@ -165,6 +178,9 @@ class SpectraStream(IterableDataset):
     of a gate-input cache, whose arrays (and ``snr``) replace flux and error altogether. With
     ``ids`` batches also carry the parameter table's numeric id columns (``id_objid``, ``id_mag``...).
     Train batches are clean; the DataModule adds fresh noise after the transfer to the device.
+    With ``observed`` (``predict``) the spectra are read as observations: masked pixels
+    (:func:`moe.data.shards.read_observed`) are no error, batches carry ``usable [B, D]`` (bool), and the SNR
+    is that of the usable pixels (:func:`observed_snr`).
     """
 
     def __init__(
@@ -180,8 +196,10 @@ class SpectraStream(IterableDataset):
         num_workers: int = 0,
         inputs: dict[int, Path] | None = None,
         ids: bool = False,
+        observed: bool = False,
     ):
         self.shards = shards
+        self.observed = observed
         self.batch_size = int(batch_size)
         self.noise_level = float(noise_level)
         self.block_rows = int(block_rows)
@@ -233,6 +251,16 @@ class SpectraStream(IterableDataset):
         if block.shard in self.inputs:  # cached gate inputs replace flux and error, which are not read
             out = read_rows(self.inputs[block.shard], block.start, block.stop)
             snr = out.pop("snr")
+        elif self.observed:
+            noisy, snr = None, None
+            if cache is not None:
+                with h5py.File(cache, "r") as f:
+                    noisy = np.asarray(f["flux"][block.start : block.stop], dtype=np.float32)
+                    snr = np.asarray(f["snr"][block.start : block.stop], dtype=np.float64)
+            flux, error, usable = read_observed(path, block.start, block.stop, noisy)
+            seen = observed_snr(flux, error, usable, self.noise_level)
+            snr = seen if snr is None else np.where(usable.all(1), snr, seen)  # the copy's SNR is the clean one
+            out = {"flux": flux, "error": error, "usable": usable}
         else:
             dead_ok = len(self.shards.dropped) > 0  # a dropped row may have no finite error
             flux, error = read_block(path, block.start, block.stop, flux=cache is None, dead_ok=dead_ok)

@@ -10,7 +10,9 @@ Labels (uniform, independent)
     airmass in [1.0, 1.6], sky continuum scale s_sky ~ logN(0, 0.25), OH strength
     s_OH ~ logN(0, 0.3), fibre/field throughput eta_field in [0.75, 1.0], telluric
     correction residual r_tell in [0.03, 0.20]. These nuisance columns are stored in the
-    parameter table next to the contract columns.
+    parameter table next to the contract columns. ``moe data synth --teff LO HI`` (``--log-g``,
+    ``--m-h``; :class:`SynthConfig` ``teff_range`` ...) draws a label from another range: stars
+    outside the training labels, which ``predict`` takes and a training run refuses.
 
 Wavelength grid
     D = 4096 output pixels on 7100-8850 A, non-uniform: ``wave = 7100 (8850/7100)^x``,
@@ -110,7 +112,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from moe.data.shards import SHARD_FILE, ShardWriter
-from moe.shared.arguments import PositiveInt, ToolParser, run_tool
+from moe.shared.arguments import PositiveInt, ToolArgumentError, ToolParser, run_tool
 from moe.shared.atomic import ensure_space, write_text
 from moe.shared.errors import ShardError, WriteError, reason
 
@@ -404,9 +406,13 @@ class SpectrumModel:
         return var
 
 
-def sample_labels(rng: np.random.Generator, n: int) -> pd.DataFrame:
-    """Labels and observing conditions of ``n`` stars (columns of the parameter table)."""
-    u = lambda k: rng.uniform(*LABEL_RANGES[k], n)  # noqa: E731
+def sample_labels(
+    rng: np.random.Generator, n: int, ranges: dict[str, tuple[float, float]] | None = None
+) -> pd.DataFrame:
+    """Labels and observing conditions of ``n`` stars (columns of the parameter table); ``ranges`` replaces
+    entries of :data:`LABEL_RANGES` (stars outside the training labels, to test what a catalogue says of them)."""
+    bounds = {**LABEL_RANGES, **(ranges or {})}
+    u = lambda k: rng.uniform(*bounds[k], n)  # noqa: E731
     df = pd.DataFrame(
         {
             "T_eff": u("T_eff"),
@@ -446,6 +452,16 @@ class SynthConfig:
     shard_size: int = 10_000
     n_pixels: int = 4096
     seed: int = 42
+    # label ranges other than LABEL_RANGES (None: the standard one). Rows outside [3750, 6000] K, log g [1, 5] or
+    # [M/H] [-2, 0.5] cannot train a model (the row check refuses them); ``predict`` takes them.
+    teff_range: tuple[float, float] | None = None
+    log_g_range: tuple[float, float] | None = None
+    m_h_range: tuple[float, float] | None = None
+
+    def label_ranges(self) -> dict[str, tuple[float, float]]:
+        """The label ranges that differ from :data:`LABEL_RANGES`."""
+        pairs = (("T_eff", self.teff_range), ("log_g", self.log_g_range), ("M_H", self.m_h_range))
+        return {k: (float(v[0]), float(v[1])) for k, v in pairs if v is not None}
 
 
 def shard_plan(cfg: SynthConfig) -> list[tuple[str, int, int]]:
@@ -488,7 +504,7 @@ def write_dataset(
     for name, split_id, rows, _ in todo:
         shard_index = int(name.rsplit("_", 1)[1])
         rng = np.random.default_rng([cfg.seed, split_id, shard_index])
-        labels = sample_labels(rng, rows)
+        labels = sample_labels(rng, rows, cfg.label_ranges())
         snr = np.empty(rows)
         with ShardWriter(out / name / SHARD_FILE, model.wave, rows) as w:
             for start in range(0, rows, chunk):
@@ -508,7 +524,11 @@ def write_dataset(
 
 def manifest_of(cfg: SynthConfig) -> dict:
     """The ``synth.json`` content of a dataset generated with ``cfg``."""
-    return {"generator_version": GENERATOR_VERSION, **asdict(cfg)}
+    ranges = ("teff_range", "log_g_range", "m_h_range")  # recorded only when set (older manifests lack them)
+    return {
+        "generator_version": GENERATOR_VERSION,
+        **{k: list(v) if k in ranges else v for k, v in asdict(cfg).items() if not (k in ranges and v is None)},
+    }
 
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
@@ -602,8 +622,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shard-size", type=PositiveInt, default=d.shard_size, help="spectra per shard file")
     p.add_argument("--pixels", type=PositiveInt, default=d.n_pixels, help="pixels over 7100-8850 A")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed of labels, spectra and errors")
+    for flag, label in (("--teff", "T_eff"), ("--log-g", "log_g"), ("--m-h", "M_H")):
+        lo, hi = LABEL_RANGES[label]
+        p.add_argument(
+            flag,
+            type=float,
+            nargs="+",
+            default=None,
+            help=f"LO HI: draw {label} uniformly in [LO, HI] instead of [{lo:g}, {hi:g}] (stars outside the "
+            "training labels, for predict; such rows cannot train a model)",
+        )
     a = p.parse_args(argv)
-    cfg = SynthConfig(a.train, a.val, a.test, a.shard_size, a.pixels, a.seed)
+    for flag, pair in (("--teff", a.teff), ("--log-g", a.log_g), ("--m-h", a.m_h)):
+        if pair is not None and (len(pair) != 2 or not pair[0] < pair[1]):
+            raise ToolArgumentError(f"{flag}: give LO HI with LO below HI, got {' '.join(map(str, pair))}", p.prog)
+    cfg = SynthConfig(
+        a.train,
+        a.val,
+        a.test,
+        a.shard_size,
+        a.pixels,
+        a.seed,
+        tuple(a.teff) if a.teff else None,
+        tuple(a.log_g) if a.log_g else None,
+        tuple(a.m_h) if a.m_h else None,
+    )
     existed = Path(a.out).exists()
     create_dataset(a.out, cfg)
     found = read_manifest(a.out)

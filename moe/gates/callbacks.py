@@ -11,40 +11,40 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.loggers import TensorBoardLogger
-from tables import HDF5ExtError
 
+from moe.catalogue import writers
 from moe.data import bins
 from moe.gates.catalogue_join import join_parts, part_path
-from moe.shared.atomic import AtomicFile
-
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
-HDF5_KEY = "catalogue"
+from moe.shared.errors import WriteError
 
 
 class CatalogueWriter(BasePredictionWriter):
-    """Writes ``predict`` output as a catalogue, one row per star, chunk by chunk (memory stays flat).
+    """Writes ``predict`` output as a catalogue, one row per star, batch by batch (memory stays flat).
 
     Columns: ``shard`` (file), ``row`` (within the shard), the shard's numeric id columns
-    (``objid``, ``mag``, ... when present), ``snr``, ``snr_bin``, ``log_g_pred``, ``log_g_sigma``,
-    ``w_<expert>`` (gate weights), ``pred_<expert>`` (each expert's prediction) and ``log_g_true``
-    when the shards carry labels. CSV, or an HDF5 table readable with ``pandas.read_hdf(path)``
-    when ``output`` ends in ``.h5``. Written to a temporary name (:class:`moe.shared.atomic.AtomicFile`: stale
-    ones of interrupted runs removed first) and renamed when prediction ends; a write that fails (disk full,
-    quota, read-only) is one :class:`~moe.shared.errors.WriteError` naming the catalogue, and nothing is left.
+    (``objid``, ``mag``, ... when present), ``snr``, ``snr_bin``, per label ``<label>_pred``, ``<label>_sigma``,
+    ``w_<expert>`` (gate weights), ``pred_<expert>`` (each expert's prediction), ``<label>_true`` when the shards
+    carry labels (outside the training range too), ``n_masked``, ``ood_score`` and ``flags``
+    (:class:`moe.catalogue.flags.CatalogueFlag`). CSV (meanings in a ``.meta.json`` sidecar), an HDF5 table
+    readable with ``pandas.read_hdf(path)`` when ``output`` ends in ``.h5``, or a FITS binary table with units,
+    descriptions and provenance when it ends in ``.fits`` (:mod:`moe.catalogue.writers`). Written to a
+    temporary name (stale ones of interrupted runs removed first) and renamed when prediction ends; a write
+    that fails (disk full, quota, read-only) is one :class:`~moe.shared.errors.WriteError` naming the
+    catalogue, and nothing is left.
 
     Under DDP each rank writes its share of the rows as a part (:mod:`moe.gates.catalogue_join`) and rank 0
     joins the parts, in rank order -- the input order -- into the one catalogue (the output folder must be
     one every rank sees).
 
     Args:
-        output: catalogue path; default ``<log_dir>/predictions.csv``.
+        output: catalogue path (``.csv``, ``.h5`` or ``.fits``); default ``<log_dir>/predictions.csv``.
     """
 
     def __init__(self, output: str | None = None):
         super().__init__(write_interval="batch")
         self.output = output
         self._path: Path | None = None
-        self._file: AtomicFile | None = None  # the catalogue being written (its temporary file)
+        self._file = None  # the catalogue being written (moe.catalogue.writers)
         self._labelled: bool | None = None
 
     def _target(self, trainer: pl.Trainer) -> Path:
@@ -56,13 +56,22 @@ class CatalogueWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._path = self._target(trainer)
         if trainer.world_size > 1:  # this rank's share, joined by rank 0 at the end
+            if self._path.suffix.lower() in writers.FITS_SUFFIXES:
+                raise WriteError(
+                    self._path,
+                    "a FITS catalogue is written by one process: predict on one device, or write .h5 / .csv "
+                    "(joined from every rank) and convert",
+                )
             self._path = part_path(self._path, trainer.global_rank)
-        # removes the temporary files of this target that earlier, interrupted runs (or this process) left
-        self._file = AtomicFile(self._path, "the catalogue", body_failures=(OSError, HDF5ExtError))
         dm = trainer.datamodule
         self._shards = dm.predict_set() if hasattr(dm, "predict_set") else None
         self._names = list(pl_module.mixture.experts.names)
         self._labelled = None
+        widths = {"snr_bin": 1}
+        if self._shards is not None:
+            widths["shard"] = max((len(str(p)) for p in self._shards.paths), default=1)
+        # removes the temporary files of this target that earlier, interrupted runs (or this process) left
+        self._file = writers.writer_for(self._path, provenance(trainer, pl_module), widths)
 
     def frame(self, prediction: dict) -> pd.DataFrame:
         """One batch of predictions as catalogue rows."""
@@ -75,53 +84,42 @@ class CatalogueWriter(BasePredictionWriter):
         else:
             cols["row"] = p["row"]
         cols |= {k[3:]: v for k, v in p.items() if k.startswith("id_")}
-        cols |= {
-            "snr": p["snr"],
-            "snr_bin": np.asarray(bins.SNR_BIN_NAMES)[p["snr_bin"]],
-            "log_g_pred": p["log_g_pred"],
-            "log_g_sigma": p["log_g_sigma"],
-        }
+        cols |= {"snr": p["snr"], "snr_bin": np.asarray(bins.SNR_BIN_NAMES)[p["snr_bin"]].astype(object)}
+        labels = [k[: -len("_pred")] for k in p if k.endswith("_pred")]
+        for label in labels:
+            cols |= {f"{label}_pred": p[f"{label}_pred"], f"{label}_sigma": p[f"{label}_sigma"]}
         cols |= {f"w_{n}": p["weights"][:, i] for i, n in enumerate(self._names)}
         cols |= {f"pred_{n}": p["expert_preds"][:, i] for i, n in enumerate(self._names)}
         if self._labelled is None:
-            self._labelled = bool(np.isfinite(p["log_g_true"]).any())
+            self._labelled = any(bool(np.isfinite(p[f"{label}_true"]).any()) for label in labels)
         if self._labelled:
-            cols["log_g_true"] = p["log_g_true"]
+            cols |= {f"{label}_true": p[f"{label}_true"] for label in labels}
+        cols |= {
+            "n_masked": p["n_masked"].astype(np.int32),
+            "ood_score": p["ood_score"],
+            "flags": p["flags"].astype(np.int32),
+        }
         return pd.DataFrame(cols)
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        df = self.frame(prediction)
-        tmp = self._file.tmp
-        try:
-            if self._path.suffix.lower() in HDF5_SUFFIXES:
-                longest = max((len(str(p)) for p in self._shards.paths), default=1) if self._shards is not None else 1
-                with pd.HDFStore(tmp, mode="a") as store:
-                    store.append(
-                        HDF5_KEY,
-                        df,
-                        format="table",
-                        index=False,
-                        min_itemsize={"shard": longest, "snr_bin": 1} if "shard" in df else {"snr_bin": 1},
-                    )
-            else:
-                df.to_csv(tmp, mode="a", header=not tmp.exists(), index=False, float_format="%.7g")
-        except self._file.body_failures as exc:
-            self._file.abort()
-            raise self._file.error(exc) from exc
+        self._file.append(self.frame(prediction))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._file is not None and self._file.tmp.exists():
-            self._file.commit()
-            if trainer.world_size == 1:
-                print(f"catalogue written to {self._path}")
+        if self._file is not None and self._file.commit() and trainer.world_size == 1:
+            print(f"catalogue written to {self._path}")
+        meta = self._file.meta() if self._file is not None else None
         self._file = None
         if trainer.world_size > 1:
             trainer.strategy.barrier("catalogue parts")
             if trainer.is_global_zero:
                 target = self._target(trainer)
                 rows = join_parts([part_path(target, r) for r in range(trainer.world_size)], target)
+                for r in range(trainer.world_size):  # the parts' sidecars; the catalogue gets one
+                    writers.sidecar(part_path(target, r)).unlink(missing_ok=True)
+                if meta is not None:
+                    writers.write_meta(target, meta)
                 print(f"catalogue written to {target} ({rows} rows from {trainer.world_size} ranks)")
             trainer.strategy.barrier("catalogue joined")
 
@@ -129,6 +127,35 @@ class CatalogueWriter(BasePredictionWriter):
         if self._file is not None:
             self._file.abort()
         self._file = None
+
+
+def provenance(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+    """What made a catalogue: moe's version, the checkpoint, the data (folder, fingerprint, noise level), the
+    spectra predicted, and the reference the OOD score and flags compare with."""
+    import moe
+
+    dm = trainer.datamodule
+    ref = getattr(pl_module, "catalogue_reference", None)
+    hparams = getattr(pl_module, "hparams", {})
+    out = {
+        "moe_version": moe.__version__,
+        "checkpoint": str(Path(ckpt).resolve()) if (ckpt := getattr(trainer, "ckpt_path", None)) else "none (this run)",
+        "data_fingerprint": str(getattr(pl_module, "data_fingerprint", None)),
+        "noise_level": float(hparams.get("noise_level", float("nan"))),
+        "fusion": str(hparams.get("fusion")),
+        "experts": str(getattr(pl_module, "family", None)),
+    }
+    if dm is not None:
+        out["data_dir"] = str(Path(getattr(dm, "data_dir", "")).resolve())
+        paths = getattr(dm, "predict_path", None)
+        out["predicted"] = ", ".join(str(Path(p).resolve()) for p in paths) if paths else "the test split"
+    if ref is not None:
+        out["ood_threshold"] = float(ref.ood_threshold)
+        out["ood_distance_scale"] = float(ref.spectra.ood_scale[0])
+        out["ood_chi2_scale"] = float(ref.spectra.ood_scale[1])
+        for label, (lo, hi) in ref.label_ranges.items():
+            out[f"train_{label}_range"] = f"[{lo:.6g}, {hi:.6g}]"
+    return out
 
 
 def plain_hparams(model: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> dict:

@@ -181,8 +181,9 @@ class GatedMixture(nn.Module):
         """True group of each sample in this mixture's expert family [B] (oracle routing)."""
         return groups.group_of(self.family, batch["phys_bin"], batch["snr_bin"])
 
-    def mix_inputs(self, batch: dict) -> MixInputs:
-        """What the gate and the mixture read from a batch (all fixed once the batch is noisy)."""
+    def mix_inputs(self, batch: dict, noise_var: torch.Tensor | None = None) -> MixInputs:
+        """What the gate and the mixture read from a batch (all fixed once the batch is noisy); ``noise_var``
+        [B, K] replaces the experts' noise variances (a star with imputed pixels: :mod:`moe.catalogue.predict`)."""
         x = self.gate_inputs(batch)
         phys, qual = self.standardised_features(x)
         k = self.experts.n_experts
@@ -190,7 +191,7 @@ class GatedMixture(nn.Module):
             phys,
             qual,
             x["proj"][:, :k],
-            self.noise_level**2 * x["var"][:, :k],
+            self.noise_level**2 * x["var"][:, :k] if noise_var is None else noise_var,
             batch["snr_bin"],
             self.route(batch) if self.fusion == "oracle" else None,
             x["proj"][:, k],

@@ -22,6 +22,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
 
+from moe.catalogue.predict import catalogue_rows
 from moe.experts import groups
 from moe.experts.fit import FitConfig, NoiseMode
 from moe.experts.groups import Family
@@ -118,6 +119,7 @@ class GatedMoE(pl.LightningModule):
         self.val_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.test_metrics = SplitMetrics(with_tau=fusion == "temperature")
         self.data_fingerprint: str | None = None
+        self.catalogue_reference = None  # what predict compares stars with (moe.prepare.reference); set by the CLI
 
     # ---- prepared artefacts and checkpoints ----------------------------------------------------
     def prepare_config(self) -> PrepareConfig:
@@ -215,24 +217,23 @@ class GatedMoE(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         """Per star: split row, prediction, sigma, truth (NaN when unknown), SNR and bins, gate weights,
-        each expert's prediction, entropy, and the shard's numeric id columns (``id_*``)."""
-        out = self(batch)
-        ids = {k: v for k, v in batch.items() if k.startswith("id_")}
-        return {
-            "row": batch["row"],
-            "log_g_pred": out.pred,
-            "log_g_sigma": out.sigma,
-            "log_g_true": batch["log_g"],
-            "T_eff": batch["T_eff"],
-            "M_H": batch["M_H"],
-            "snr": batch["snr"],
-            "snr_bin": batch["snr_bin"],
-            "phys_bin": batch["phys_bin"],
-            "weights": out.weights,
-            "expert_preds": out.expert_preds,
-            "entropy": out.entropy,
-            **ids,
-        }
+        each expert's prediction, entropy, masked pixels, OOD score, flags and the shard's numeric id columns
+        (``id_*``) -- from the usable pixels (:mod:`moe.catalogue.predict`, with :attr:`catalogue_reference`; without
+        one, spectra without masked pixels and no ``n_masked``, ``ood_score``, ``flags``)."""
+        if self.catalogue_reference is not None:
+            values = catalogue_rows(self.mixture, batch, self.catalogue_reference)
+        else:  # no reference (a bare Trainer): whole spectra only, no catalogue columns
+            usable = batch.get("usable")
+            if usable is not None and not bool(usable.all()):
+                raise RuntimeError(
+                    "spectra with masked pixels need model.catalogue_reference = "
+                    "moe.prepare.reference.load_or_build(folder, cache) (the CLI sets it)"
+                )
+            out = self(batch)
+            values = {"log_g_pred": out.pred, "log_g_sigma": out.sigma, "log_g_true": batch["log_g"]}
+            values |= {"weights": out.weights, "expert_preds": out.expert_preds, "entropy": out.entropy}
+        keep = ("row", "snr", "snr_bin", "phys_bin")
+        return values | {k: v for k, v in batch.items() if k in keep or k.startswith("id_")}
 
     # ---- epoch ends --------------------------------------------------------------------------
     def _log_split(self, metrics: SplitMetrics, prefix: str) -> dict[str, float]:

@@ -1,0 +1,138 @@
+"""A low-rank model of the training spectra: masked pixels are imputed from it, and the OOD score measures
+how well it explains a spectrum.
+
+Clean training flux ``x [D] = mean + components^T a + r`` with ``a ~ N(0, diag(variance))`` [R] (the top R
+principal axes of the training flux, orthonormal rows of ``components [R, D]``) and an independent per-pixel
+rest ``r ~ N(0, diag(resid_var))`` (what R axes leave unexplained, measured on the training rows). An
+observed spectrum is ``y = x + n`` with ``n ~ N(0, diag(s^2 e^2))`` (s the noise level, e the 1-sigma error).
+
+- :meth:`LowRankSpectra.impute`: for a star with usable pixels ``o`` and masked pixels ``m``, the posterior
+  of ``a`` given ``y_o`` (a Gaussian: ``Sigma_a = (U_o V_o^-1 U_o^T + diag(variance)^-1)^-1``,
+  ``a_hat = Sigma_a U_o V_o^-1 (y_o - mean_o)``, ``V = diag(resid_var + s^2 e^2)``, i.e. least squares on
+  the usable pixels weighted by their errors, with the training spread of ``a`` as prior) fills the masked
+  pixels with ``mean_m + U_m^T a_hat``. A linear map ``A [P, D]`` (the experts, PCA) of the filled spectrum
+  then misses the map of the clean spectrum by ``A_o n_o + g^T (a_hat - a) - A_m r_m`` with ``g = U_m A_m^T``,
+  whose variance is, exactly under the model,
+  ``s^2 sum_o A^2 e^2 + g^T Sigma_a g + 2 g^T Sigma_a U_o (s^2 e_o^2 / v_o * A_o) + sum_m A^2 resid_var``:
+  the noise of the usable pixels, what the imputation does not know, their covariance, and the rest of the
+  masked pixels (:meth:`LowRankSpectra.map_variance`). For a star without masked pixels it is the plain
+  noise variance ``s^2 sum A^2 e^2``.
+- :meth:`LowRankSpectra.ood_parts`: two ways a spectrum can be unlike the training spectra, from the
+  plain least-squares coefficients ``a_ls`` on the usable pixels. ``distance``: how far its leading
+  ``n_coef`` coefficients lie from those of the nearest of the training stars ``train_coef [N, n_coef]``, in
+  units of their noise, ``min_j mean_r (a_r - t_jr)^2 / nv_r`` with ``nv_r = s^2 sum_o U_ri^2 e_i^2`` (a star
+  outside the training labels, a reversed grid, pure noise: coefficients no training star has);
+  ``chi2``: the reduced chi^2 of what the R axes leave, ``mean_o (y - mean - U^T a_ls)^2 / (resid_var +
+  s^2 e^2)`` (features no training spectrum has). :meth:`LowRankSpectra.ood_score` is the larger of the
+  two, each divided by its threshold ``ood_scale`` (set on training-like stars): above 1 is unlike them.
+
+Shapes: B batch, D pixels, R axes, P rows of a linear map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CHUNK = 64  # masked stars per solve (bounds the [B, R, D] temporaries)
+
+
+class LowRankSpectra(nn.Module):
+    """Buffers of the model (module docstring): ``mean [D]``, ``components [R, D]``, ``variance [R]``,
+    ``resid_var [D]``, ``train_coef [N, C]`` (leading coefficients of N clean training spectra) and
+    ``ood_scale [2]`` (the thresholds of distance and chi^2)."""
+
+    def __init__(self, n_pixels: int, rank: int, n_train: int = 0, n_coef: int = 8):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_pixels, dtype=torch.float64))
+        self.register_buffer("components", torch.zeros(rank, n_pixels, dtype=torch.float64))
+        self.register_buffer("variance", torch.ones(rank, dtype=torch.float64))
+        self.register_buffer("resid_var", torch.zeros(n_pixels, dtype=torch.float64))
+        self.register_buffer("train_coef", torch.zeros(n_train, min(n_coef, rank), dtype=torch.float64))
+        self.register_buffer("ood_scale", torch.ones(2, dtype=torch.float64))
+
+    @property
+    def rank(self) -> int:
+        return int(self.components.shape[0])
+
+    def _pixel_var(self, error: torch.Tensor, noise_level: float) -> torch.Tensor:
+        """``resid_var + s^2 e^2`` [B, D] (float64), floored so that no pixel has zero variance."""
+        v = self.resid_var + noise_level**2 * error.double().square()
+        return v.clamp_min(1e-12)
+
+    @torch.no_grad()
+    def ood_parts(
+        self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``distance`` and ``chi2`` [B] (float64; module docstring) of flux [B, D] (error [B, D]) on its
+        ``usable`` pixels [B, D] (bool); NaN without usable pixels."""
+        y = torch.where(usable, flux.double() - self.mean, 0.0)
+        u = self.components
+        rhs = y @ u.T  # [B, R]
+        coef = rhs.clone()
+        partial = ~usable.all(1)
+        if partial.any():  # U_o U_o^T = I - U_m U_m^T is not the identity: solve
+            m = (~usable[partial]).double()
+            gram = torch.eye(self.rank, dtype=u.dtype, device=u.device) - torch.einsum("rd,bd,qd->brq", u, m, u)
+            gram = gram + 1e-9 * torch.eye(self.rank, dtype=u.dtype, device=u.device)
+            coef[partial] = torch.linalg.lstsq(gram, rhs[partial][..., None]).solution[..., 0]
+        resid = torch.where(usable, y - coef @ u, 0.0)
+        n = usable.sum(1)
+        err2 = torch.where(usable, noise_level**2 * error.double().square(), 0.0)
+        chi2 = (resid.square() / self._pixel_var(error, noise_level)).sum(1) / n.clamp_min(1)
+        c = self.train_coef.shape[1]
+        a = coef[:, :c]
+        w = 1.0 / (err2 @ u[:c].square().T).clamp_min(1e-12)  # [B, C] inverse noise variance of each coefficient
+        t = self.train_coef
+        dist = (w * a.square()).sum(1, keepdim=True) - 2.0 * (w * a) @ t.T + w @ t.square().T  # [B, N]
+        distance = dist.amin(1).clamp_min(0) / c if len(t) else torch.zeros_like(chi2)
+        none = n == 0
+        return torch.where(none, torch.nan, distance), torch.where(none, torch.nan, chi2)
+
+    @torch.no_grad()
+    def ood_score(
+        self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float
+    ) -> torch.Tensor:
+        """``max(distance / ood_scale[0], chi2 / ood_scale[1])`` [B] (float32): above 1 is unlike the training
+        spectra; NaN without usable pixels."""
+        distance, chi2 = self.ood_parts(flux, error, usable, noise_level)
+        return torch.maximum(distance / self.ood_scale[0], chi2 / self.ood_scale[1]).float()
+
+    @torch.no_grad()
+    def impute(
+        self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float, maps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked pixels of flux [B, D] filled from the model, and the variance [B, P] of each row of the linear
+        map ``maps [P, D]`` applied to the filled spectrum about its value on the clean spectrum (module
+        docstring). ``usable`` [B, D] bool; every row needs at least one usable pixel. Stars without masked
+        pixels are returned as they are, with the plain noise variance."""
+        flux64, err2 = flux.double(), noise_level**2 * error.double().square()
+        a2 = maps.double().square()
+        filled = flux64.clone()
+        var = (torch.where(usable, err2, 0.0)) @ a2.T  # the usable pixels' noise [B, P]
+        rows = torch.nonzero(~usable.all(1)).flatten()
+        for lo in range(0, len(rows), CHUNK):
+            idx = rows[lo : lo + CHUNK]
+            f, v = self._impute_rows(flux64[idx], err2[idx], usable[idx], maps.double(), a2)
+            filled[idx] = f
+            var[idx] += v
+        return filled.to(flux.dtype), var
+
+    def _impute_rows(self, y, err2, usable, maps, a2):
+        """Filled flux [b, D] and the imputation's share of each map row's variance [b, P] (float64)."""
+        u, mean = self.components, self.mean
+        o, m = usable.double(), (~usable).double()
+        v = (self.resid_var + err2).clamp_min(1e-12)
+        winv = o / v  # [b, D]
+        prec = torch.einsum("rd,bd,qd->brq", u, winv, u) + torch.diag(1.0 / self.variance.clamp_min(1e-30))
+        chol = torch.linalg.cholesky(prec)
+        rhs = ((y - mean) * winv) @ u.T  # [b, R]
+        a_hat = torch.cholesky_solve(rhs[..., None], chol)[..., 0]
+        filled = torch.where(usable, y, mean + a_hat @ u)
+        g = torch.einsum("rd,bd,pd->brp", u, m, maps)  # [b, R, P]
+        h = torch.einsum("rd,bd,pd->brp", u, o * err2 / v, maps)  # [b, R, P]
+        sg = torch.cholesky_solve(g, chol)  # Sigma_a g
+        unknown = (g * sg).sum(1)  # g^T Sigma_a g [b, P]
+        cross = 2.0 * (h * sg).sum(1)
+        rest = (m * self.resid_var) @ a2.T
+        return filled, unknown + cross + rest
