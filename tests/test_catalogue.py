@@ -14,27 +14,6 @@ from moe.data.shards import ShardError, find_split, read_block, read_params, rea
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "dual_tower.yaml")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_dir):
-    root = tmp_path_factory.mktemp("catalogue")
-    args = [
-        "--data.data_dir",
-        tiny_dir,
-        "--data.synth",
-        "null",
-        "--model.expert_min_samples",
-        "10",
-        "--model.feature_rows",
-        "600",
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_epochs", "1", *args])
-    return root, args, Path(cli.trainer.checkpoint_callback.best_model_path), cli.model.mixture.experts.names
-
-
 def _predict(ckpt: Path, args: list[str], predict_path: str, output: str) -> None:
     """``train.py predict`` of the checkpoint on ``predict_path`` into the catalogue ``output``."""
     cli_main(

@@ -169,29 +169,8 @@ def test_each_flag_bit_set_and_not_set():
 # ---- predict end to end ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_dir):
-    root = tmp_path_factory.mktemp("flags")
-    args = [
-        "--data.data_dir",
-        tiny_dir,
-        "--data.synth",
-        "null",
-        "--model.expert_min_samples",
-        "10",
-        "--model.feature_rows",
-        "600",
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_epochs", "1", *args])
-    return args, Path(cli.trainer.checkpoint_callback.best_model_path)
-
-
 def _predict(trained, predict_path: str, output: Path) -> None:
-    args, ckpt = trained
+    _, args, ckpt, _ = trained
     cli_main(
         [
             "predict",
@@ -270,14 +249,14 @@ def test_predict_masked_stars_fits_round_trip_and_sidecars(trained, tiny_dir, tm
     np.testing.assert_allclose(np.asarray(table["log_g_pred"], float), cat["log_g_pred"], rtol=1e-6)
     assert list(table["flags"]) == cat["flags"].tolist()
     assert table.meta["FLAGBIT4"] == "NO_PREDICTION" and table.meta["MOE NOISE_LEVEL"] == 1.0
-    assert table.meta["MOE CHECKPOINT"] == str(trained[1]) and len(table.meta["MOE DATA_FINGERPRINT"]) == 12
+    assert table.meta["MOE CHECKPOINT"] == str(trained[2]) and len(table.meta["MOE DATA_FINGERPRINT"]) == 12
     # the CSV's sidecar and the HDF5 attributes
     side = json.loads((tmp_path / "cat.meta.json").read_text())
     assert side["flag_bits"]["8 OOD"].startswith("ood_score > 1") and side["columns"]["log_g_pred"]["unit"] == "dex"
     with pd.HDFStore(h5, "r") as store:
         attrs = store.get_storer("catalogue").attrs
         assert json.loads(attrs.flag_bits) == side["flag_bits"]
-        assert json.loads(attrs.provenance)["checkpoint"] == str(trained[1])
+        assert json.loads(attrs.provenance)["checkpoint"] == str(trained[2])
     pd.testing.assert_frame_equal(pd.read_hdf(h5)[["row", "flags"]], cat[["row", "flags"]], check_dtype=False)
 
 
