@@ -230,11 +230,12 @@ class MoECLI(LightningCLI):
     def _print_table(self) -> None:
         if self.trainer.is_global_zero:
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
-            print(
-                f"\ntest: fusion {self.model.hparams.fusion}, experts {self.model.family} "
-                f"({self.model.mixture.experts.n_experts}), noise_level {self.datamodule.noise_level}"
-            )
-            print(summary_table(metrics))
+            for label in self.model.labels:  # one table per label
+                print(
+                    f"\ntest {label}: fusion {self.model.hparams.fusion}, experts {self.model.family} "
+                    f"({self.model.mixture.experts.n_experts}), noise_level {self.datamodule.noise_level}"
+                )
+                print(summary_table(metrics, label=label))
 
 
 def cli_main(args: list[str] | None = None) -> MoECLI:
