@@ -90,7 +90,7 @@ def prepare_families(
 ) -> dict[str, Prepared]:
     """One :class:`Prepared` per family, all from the same fit (``fit.families`` must hold them all), for log g
     gates (the experiments ask log g questions, whatever labels the fit holds)."""
-    rows = min(20_000, dm.train_set.n_kept)
+    rows = min(PrepareConfig.feature_rows, dm.train_set.n_kept)
     return {f: prepare(dm, PrepareConfig(f, fit, feature_rows=rows, labels=LABELS), progress) for f in families}
 
 
