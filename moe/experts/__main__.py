@@ -28,7 +28,7 @@ from jsonargparse import Namespace
 from moe.data.folder import BAD_ROWS, SpectraFolder
 from moe.data.ranks import PREPARE_TIMEOUT, rank_world
 from moe.data.synth import SynthConfig
-from moe.experts.bundle import default_path
+from moe.experts.bundle import default_path, wide_alpha_table
 from moe.experts.cache import load_or_fit
 from moe.experts.evaluate import compare_noise_modes, oracle_predictions, oracle_table, zscore_table
 from moe.experts.fit import NOISE_MODES, FitConfig
@@ -162,7 +162,7 @@ def _main(cmd: str, a: Namespace) -> int:
         return 0
     if cmd == "fit":
         print(f"experts: {path}")
-        print(bundle.alpha_table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(wide_alpha_table(bundle.alpha_table()).to_string(float_format=lambda v: f"{v:.4g}"))
         if bundle.timings:
             print(
                 "timings: "

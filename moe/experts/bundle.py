@@ -241,6 +241,17 @@ def _family_from_dict(f: dict) -> FamilyFit:
     )
 
 
+def wide_alpha_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The alpha table with one row per expert and, per label, its alpha and validation R^2 side by side."""
+    keys = ["family", "expert", "n_train", "n_val", "fallback"]
+    labels = list(dict.fromkeys(table["label"]))
+    wide = table.pivot(index=keys, columns="label", values=["alpha", "val_r2"])
+    wide = wide[[(what, label) for label in labels for what in ("alpha", "val_r2")]]
+    wide.columns = [f"{what} {label}" for what, label in wide.columns]
+    order = table[table["label"] == labels[0]].set_index(keys).index  # the families' order, not sorted
+    return wide.reindex(order).reset_index().set_index(["family", "expert"])
+
+
 def default_dir(data_dir: str | os.PathLike) -> Path:
     """The default cache folder of expert bundles of a dataset folder."""
     return Path(data_dir) / "experts"

@@ -10,7 +10,7 @@ from pathlib import Path
 from moe.data import ranks
 from moe.data.folder import SpectraFolder
 from moe.data.labels import check_labels
-from moe.experts.bundle import ExpertBundle, default_path
+from moe.experts.bundle import ExpertBundle, default_path, wide_alpha_table
 from moe.experts.fit import FitConfig, refuse_fallbacks
 from moe.experts.isolated import fit_in_child
 
@@ -43,7 +43,7 @@ def load_or_fit(
         ranks.barrier()  # rank 0's child has written the bundle
         bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
         if rank == 0:
-            log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
+            log.info("experts saved to %s\n%s", target, wide_alpha_table(bundle.alpha_table()).to_string())
     for fam, name, n in bundle.stand_ins() if rank == 0 else ():
         log.info(
             "expert %s/%s has %d training rows, fewer than %d: the global expert stands in for it "
