@@ -47,7 +47,7 @@ from moe.gates.checkpoints import (
 from moe.gates.metrics import summary_table
 from moe.gates.module import GatedMoE
 from moe.gates.quiet import quiet_lightning
-from moe.prepare import attach_inputs, prepare
+from moe.prepare import attach_inputs, prepare, stream_labels
 from moe.prepare.reference import load_or_build
 
 DESCRIPTION = (
@@ -192,6 +192,7 @@ class MoECLI(LightningCLI):
             self._catalogue_reference()
             return
         self.model.load_state_dict(state["state_dict"])
+        stream_labels(self.datamodule, self.model.labels)
         self.model.data_fingerprint = state.get("moe_data_fingerprint") or self.datamodule.fingerprint_hash()
         if self.subcommand == "predict":
             wave = self.model.mixture.physics.wave.cpu().numpy()

@@ -24,6 +24,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
 
 from moe.catalogue.predict import catalogue_rows
+from moe.data.shards import LABEL_COLUMNS
 from moe.experts import groups
 from moe.experts.fit import FitConfig, NoiseMode
 from moe.experts.groups import Family
@@ -96,7 +97,7 @@ class GatedMoE(pl.LightningModule):
         nll_weight: float = 1.0,
         calibration_rows: NonNegativeInt = 65_536,
         calibration_draws: PositiveInt = 2,
-        labels: list[str] = ["log_g"],  # noqa: B006 (LightningCLI shows the default) TEMP: 3 labels with #20a
+        labels: list[str] = list(LABEL_COLUMNS),  # noqa: B006 (LightningCLI shows the default)
         routing: Routing = "shared",
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable = LinearWarmup,
@@ -144,7 +145,7 @@ class GatedMoE(pl.LightningModule):
             min_samples=h.expert_min_samples,
             fallback=h.expert_fallback,
             required=groups.relies_on(self.family),
-            **({"labels": self.labels} if "labels" in FitConfig.__dataclass_fields__ else {}),  # TEMP until #20a
+            labels=self.labels,
         )
         return PrepareConfig(self.family, fit, h.experts_dir, h.experts_path, h.feature_rows, self.labels)
 

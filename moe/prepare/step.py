@@ -32,7 +32,6 @@ import torch
 
 from moe.data import ranks
 from moe.data.folder import SpectraFolder
-from moe.data.shards import read_params
 from moe.experts import groups
 from moe.experts.bundle import ExpertBundle, ExpertsMismatchError, bundle_path
 from moe.experts.cache import load_or_fit
@@ -108,7 +107,8 @@ def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bo
     if cfg.family not in cfg.fit.families:
         raise ValueError(f"the fit settings make {cfg.fit.families}, not the gated family {cfg.family!r}")
     bundle = load_or_fit(folder, cfg.fit, path, progress=progress)
-    labels = cfg.labels if cfg.labels is not None else bundle_labels(bundle)
+    labels = cfg.labels if cfg.labels is not None else bundle.labels
+    stream_labels(folder, labels)
     physics = PhysicsFeatures(folder.n_pixels)
     physics.set_wave(folder.wave)
     physics.set_pca(bundle.pca_mean, bundle.pca_components)
@@ -130,45 +130,33 @@ def _prepare(folder: SpectraFolder, cfg: PrepareConfig, path: Path, progress: bo
         inputs,
         folder.fingerprint_hash(),
         labels,
-        label_statistics(bundle, folder, labels),
+        label_statistics(bundle, labels),
     )
 
 
-def bundle_labels(bundle: ExpertBundle) -> tuple[str, ...]:
-    """The labels a bundle's experts predict (a bundle of one label: log g)."""
-    return tuple(getattr(bundle, "labels", ("log_g",)))
+def stream_labels(folder: SpectraFolder, labels: tuple[str, ...]) -> None:
+    """Have ``folder``'s streams yield ``labels`` too (any parameter-table column the gate predicts)."""
+    folder.labels = tuple(dict.fromkeys((*folder.labels, *labels)))
 
 
 def label_experts(bundle: ExpertBundle, family: str, labels: tuple[str, ...], path: Path) -> RidgeExperts:
     """The experts of ``family`` for ``labels`` (a subset of the bundle's, in this order) [K, L, D]; a label the
     bundle was not fitted for is one error naming ``--model.labels`` and the experts file ``path``."""
-    have = bundle_labels(bundle)
+    have = bundle.labels
     missing = [name for name in labels if name not in have]
     if missing:
         raise ExpertsMismatchError(
             f"{path}: --model.labels asks for {', '.join(missing)}, but these experts were fitted for "
             f"{', '.join(have)} only: drop --model.experts_path or fit experts for those labels"
         )
-    if hasattr(bundle, "weights"):
-        weight, bias = bundle.weights(family)  # [G, L_bundle, D], [G, L_bundle]
-    else:  # TEMP until #20a: a bundle of log g alone
-        f = bundle.families[family]
-        weight, bias = f.weight[:, None], f.bias[:, None]
+    weight, bias = bundle.weights(family)  # [G, L_bundle, D], [G, L_bundle]
     idx = [have.index(name) for name in labels]
-    return RidgeExperts.from_arrays(weight[:, idx], bias[:, idx], bundle.families[family].names, labels)
+    return RidgeExperts.from_arrays(weight[:, idx], bias[:, idx], bundle.family(family).names, labels)
 
 
-def label_statistics(bundle: ExpertBundle, folder: SpectraFolder, labels: tuple[str, ...]) -> dict:
+def label_statistics(bundle: ExpertBundle, labels: tuple[str, ...]) -> dict[str, tuple[float, float]]:
     """Training mean and std of each label (``bundle.label_stats``: from the statistics pass)."""
-    stats = getattr(bundle, "label_stats", None)
-    if stats is None:  # TEMP until #20a: from the training parameter tables
-        s = folder.train_set
-        values = {name: [] for name in labels}
-        for k, info in enumerate(s.infos):
-            p = read_params(info.path, info.params_key).iloc[: int(s.counts[k])]
-            for name in labels:
-                values[name].append(p[name].to_numpy(np.float64))
-        stats = {n: (float(np.mean(np.concatenate(v))), float(np.std(np.concatenate(v)))) for n, v in values.items()}
+    stats = bundle.label_stats
     return {name: (float(stats[name][0]), float(stats[name][1])) for name in labels}
 
 
@@ -211,7 +199,9 @@ def fit_scalers(folder: SpectraFolder, physics: PhysicsFeatures, rows: int) -> t
 
 def describe(prepared: Prepared) -> dict:
     """A short, JSON-able account of what was prepared (for logs and reports)."""
-    alphas = {f: sorted(set(np.asarray(v.alpha).tolist())) for f, v in prepared.bundle.families.items()}
+    alphas = {
+        f: sorted(set(np.asarray(prepared.bundle.family(f).alpha).tolist())) for f in prepared.bundle.family_names
+    }
     return {
         "family": prepared.family,
         "labels": list(prepared.labels),
