@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from moe.cli import cli_main
-from moe.data.shards import ShardError, find_split, read_block, read_params, read_wave, write_shard
+from moe.data.shards import LABEL_COLUMNS, ShardError, find_split, read_block, read_params, read_wave, write_shard
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "dual_tower.yaml")
 
@@ -56,17 +56,17 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
         "mag",
         "snr",
         "snr_bin",
-        "log_g_pred",
-        "log_g_sigma",
-        *(f"w_{n}" for n in names),
-        *(f"pred_log_g_{n}" for n in names),
+        *(f"{label}_{s}" for label in LABEL_COLUMNS for s in ("pred", "sigma")),
+        *(f"w_{label}_{n}" for label in LABEL_COLUMNS for n in names),
+        *(f"pred_{label}_{n}" for label in LABEL_COLUMNS for n in names),
         "n_masked",
         "ood_score",
         "flags",
     ]  # no labels: no truth
     assert (cat["objid"] == np.arange(300) + 10_000).all()
     assert np.isfinite(cat["log_g_pred"]).all() and (cat["log_g_sigma"] > 0).all()
-    np.testing.assert_allclose(cat[[f"w_{n}" for n in names]].sum(1), 1, atol=1e-5)
+    for label in LABEL_COLUMNS:
+        np.testing.assert_allclose(cat[[f"w_{label}_{n}" for n in names]].sum(1), 1, atol=1e-5)
     assert not list(out.parent.glob(".*tmp*"))
 
 

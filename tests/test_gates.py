@@ -12,6 +12,7 @@ import yaml
 
 from moe.cli import cli_main
 from moe.data.datamodule import SpectraDataModule
+from moe.data.shards import LABEL_COLUMNS
 from moe.experts.bundle import ExpertsMismatchError
 from moe.gates import FUSIONS, GatedMoE, normalized_product
 from moe.gates.fusions import ProductGate, TemperatureGate
@@ -213,6 +214,12 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
         "val/z_std_log_g",
         "val/coverage_1sigma_snr_X_log_g",
         "val/sigma_check_log_g",
+        "val/r2_T_eff",
+        "val/r2_snr_X_M_H",
+        "val/z_std_T_eff",
+        "val/coverage_1sigma_M_H",
+        "val/coverage_2sigma_snr_H_T_eff",
+        "val/sigma_check_M_H",
         *(f"val/{m}_snr_{b}" for m in ("r2", "entropy") for b in "HMLX"),
     ):
         assert tag in scalars, tag
@@ -232,6 +239,11 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     assert "test/r2" in test.trainer.callback_metrics
     out = capsys.readouterr().out
     assert "SNR X" in out and "rho =" in out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("test ")] == [
+        f"test {label}"
+        for label in LABEL_COLUMNS  # one table per label
+    ]
+    assert "test/r2_T_eff" in test.trainer.callback_metrics
     # evaluating a run's checkpoint logs into the run's own folder: no new version
     assert [p.name for p in run_dir.iterdir()] == ["version_0"]
     acc = EventAccumulator(str(run_dir / "version_0"), size_guidance={"scalars": 0}).Reload()
@@ -260,16 +272,18 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
         "mag",
         "snr",
         "snr_bin",
-        "log_g_pred",
-        "log_g_sigma",
-        *(f"w_{n}" for n in names),
-        *(f"pred_log_g_{n}" for n in names),
-        "log_g_true",
+        *(f"{label}_{s}" for label in LABEL_COLUMNS for s in ("pred", "sigma")),
+        *(f"w_{label}_{n}" for label in LABEL_COLUMNS for n in names),  # per-label routing: each its own weights
+        *(f"pred_{label}_{n}" for label in LABEL_COLUMNS for n in names),
+        *(f"{label}_true" for label in LABEL_COLUMNS),
         "n_masked",
         "ood_score",
         "flags",
     ]
-    assert abs(sum(float(rows[0][f"w_{n}"]) for n in test.model.mixture.experts.names) - 1) < 1e-4
+    for label in LABEL_COLUMNS:
+        assert abs(sum(float(rows[0][f"w_{label}_{n}"]) for n in names) - 1) < 1e-4
+        pred = sum(float(rows[0][f"w_{label}_{n}"]) * float(rows[0][f"pred_{label}_{n}"]) for n in names)
+        assert pred == pytest.approx(float(rows[0][f"{label}_pred"]), rel=1e-4, abs=1e-4)
     assert {r["snr_bin"] for r in rows} <= {"X", "L", "M", "H"}
 
 

@@ -98,7 +98,7 @@ class GatedMoE(pl.LightningModule):
         calibration_rows: NonNegativeInt = 65_536,
         calibration_draws: PositiveInt = 2,
         labels: list[str] = list(LABEL_COLUMNS),  # noqa: B006 (LightningCLI shows the default)
-        routing: Routing = "shared",
+        routing: Routing = "per_label",
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable = LinearWarmup,
     ):
