@@ -570,7 +570,7 @@ def test_no_calibration_stars_leave_sigma_unfitted_not_a_crash(dm):
     abs_r, spread, snr_bin = _sample_residuals(model, lambda *a: iter(()))  # e.g. every training row dropped
     assert len(abs_r) == len(spread) == len(snr_bin) == 0 and model.mixture.calibration._sample is None
     scale = model.mixture.calibration.scale.clone()
-    assert model.mixture.calibration.refit(abs_r, spread, snr_bin) == [None]  # no held-out rows either
+    assert model.mixture.calibration.refit(abs_r, spread, snr_bin) == [None] * 3  # no held-out rows either
     assert torch.equal(model.mixture.calibration.scale, scale)  # sigma = spread
 
 
