@@ -100,7 +100,7 @@ def test_three_labels_shared_routing_equal_three_one_label_mixtures(dm, one_labe
     that label's experts with the same gate network: the label axis only stacks them."""
     batch = _batch(dm)
     torch.manual_seed(0)
-    three = _model(dm, _prepared(one_label), variance_head=False).eval()
+    three = _model(dm, _prepared(one_label), variance_head=False, routing="shared").eval()
     with torch.no_grad():
         three.mixture.calibration.scale.copy_(torch.rand(3, 4) + 0.5)
         out = three(batch)
@@ -123,11 +123,11 @@ def test_three_labels_shared_routing_equal_three_one_label_mixtures(dm, one_labe
     np.testing.assert_allclose(out.pred.double().numpy(), expect, rtol=1e-4, atol=1e-3)
 
 
-def test_per_label_routing_learns_one_softmax_per_label(dm, one_label):
+def test_per_label_routing_learns_one_gate_per_label(dm, one_label):
     batch = _batch(dm, 256)
     torch.manual_seed(0)
     model = _model(dm, _prepared(one_label), routing="per_label")
-    assert model.mixture.gate.net[-1].out_features == 9 * 3
+    assert len(model.mixture.gate.gates) == 3  # a gate network per label
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(40):
@@ -226,3 +226,19 @@ def test_summary_table_of_a_label_reads_its_own_names():
     text = summary_table(metrics, label="T_eff")
     assert "0.9000" in text and "0.4000" in text and "rho = 1.100" in text and "0.7000" not in text
     assert "no spectra in this bin" in text.splitlines()[2]  # SNR H: none logged for T_eff
+
+
+def test_each_label_gate_learns_from_its_own_label_only(dm, one_label):
+    """Per-label routing: log g's gate network gets the gradient of log g's error alone (what keeps a 3-label
+    gate's log g as good as a log-g-only gate's), T_eff's the gradient of T_eff's."""
+    model = _model(dm, _prepared(one_label))
+    batch = _batch(dm, 64)
+
+    def grads(b, label):
+        model.zero_grad()
+        model._loss(model(b), b)["mse"].backward()
+        return [p.grad.clone() for p in model.mixture.gate.gates[label].parameters()]
+
+    moved = batch | {"T_eff": batch["T_eff"] + 500.0}
+    assert all(torch.equal(a, b) for a, b in zip(grads(batch, 0), grads(moved, 0)))
+    assert not all(torch.equal(a, b) for a, b in zip(grads(batch, 1), grads(moved, 1)))

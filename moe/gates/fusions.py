@@ -2,9 +2,10 @@ r"""Gates: feature towers and how they fuse into weights over K experts.
 
 Every gate maps ``(phys [B, 13], qual [B, 10], route [B])`` to a :class:`GateOutput` with
 weights ``[B, S, K]``, each of the S rows on the simplex: S = 1 routes every label alike (shared
-routing), S = L gives each label its own weights (``sets``; the towers' last layer grows to S K
-outputs, everything before it is shared). ``route`` is the true group of each sample; only the
-oracle gate reads it.
+routing). :class:`PerLabelGates` gives each of L labels a gate network of its own (S = L; ``sets``
+> 1 would instead grow one network's last layer to S K outputs, its hidden layers shared: measured
+worse for log g, docs/training.md). ``route`` is the true group of each sample; only the oracle gate
+reads it.
 
 ========== ===============================================================
 concat     w = softmax(MLP([phys, qual]))          MLP 23 -> 32 -> 16 -> K
@@ -183,6 +184,20 @@ class GlobalGate(nn.Module):
 
     def forward(self, phys, qual, route=None) -> GateOutput:
         return GateOutput(torch.ones(phys.shape[0], 1, 1, dtype=phys.dtype, device=phys.device))
+
+
+class PerLabelGates(nn.Module):
+    """One gate network per label (``gates``, L of them), each trained by its own label's loss alone:
+    weights [B, L, K], tau [B, L] (temperature gates) or None."""
+
+    def __init__(self, gates: Sequence[nn.Module]):
+        super().__init__()
+        self.gates = nn.ModuleList(gates)
+
+    def forward(self, phys, qual, route=None) -> GateOutput:
+        outs = [gate(phys, qual, route) for gate in self.gates]
+        tau = None if outs[0].tau is None else torch.stack([o.tau for o in outs], -1)
+        return GateOutput(torch.cat([o.weights for o in outs], 1), tau)
 
 
 def build_gate(fusion: str, phys_dim: int, qual_dim: int, n_experts: int, sets: int = 1) -> nn.Module:

@@ -70,7 +70,8 @@ class GatedMoE(pl.LightningModule):
         calibration_draws: noise draws of each of those stars.
         labels: the labels predicted, columns of the shards' parameter table (each with its experts, sigma and
             metrics); ``val/r2`` (checkpoints, early stopping) is log g's whenever log g is among them.
-        routing: shared (one set of gate weights for every label) or per_label (one set per label).
+        routing: per_label (a gate network per label, each trained by its label's loss) or shared (one set of
+            gate weights for every label).
         optimizer: optimiser factory (Adam by default).
         scheduler: learning-rate schedule factory, stepped per batch (linear warm-up over 5% of the run).
     """
@@ -218,7 +219,7 @@ class GatedMoE(pl.LightningModule):
                 out.entropy[:, i],
                 batch["snr_bin"],
                 batch["phys_bin"],
-                out.tau,
+                out.tau[:, i] if out.tau is not None and out.tau.ndim == 2 else out.tau,
                 out.sigma[:, i],
             )
         self.log(
