@@ -1,6 +1,6 @@
 """One gate-training epoch of a 3-label gate against the log-g-only gate, side by side in one run.
 
-    python benchmarks/gate_epoch_labels.py [--data data/synth] [--repeats 3] [--routing shared]
+    python benchmarks/gate_epoch_labels.py [--data data/synth] [--repeats 3] [--routing per_label|shared]
 
 Both gates (concat over the 9 physical experts, the DataModule's default loader settings) are prepared
 first (experts and gate-input caches: fitted or found in the cache, not timed), their caches read once
@@ -38,7 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/synth", help="dataset folder (the embedded one by default)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--routing", default="shared", choices=["shared", "per_label"])
+    ap.add_argument("--routing", default="per_label", choices=["shared", "per_label"])
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
