@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from moe.data.bins import SNR_BIN_NAMES, SNR_BIN_RULE, SNR_EDGES, snr_bin
+from moe.data.bins import SNR_BIN_NAMES, SNR_BIN_RULE, SNR_EDGES, snr_bin, snr_slices
 from moe.shared.atomic import AtomicFile
 
 # Paul Tol "muted" and Okabe-Ito: distinguishable under the common colour-vision deficiencies.
@@ -174,20 +174,19 @@ def calibration(z: np.ndarray, snr_bin_index: np.ndarray, title: str = "Calibrat
     fig = _figure((5.6, 5.2))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color=REFERENCE, ls="--", lw=1, label="calibrated (diagonal)")
-    for i, name in enumerate(SNR_BIN_NAMES):
-        sel = ok & (which == i)
-        if sel.sum() >= 10:
+    for name, sel in snr_slices(which):
+        sel = sel & ok
+        overall = name == "all"
+        if sel.sum() >= (1 if overall else 10):  # a bin's curve from 10 stars
             cover = (np.abs(z[sel])[:, None] <= half_width[None]).mean(0)
             ax.plot(
                 nominal,
                 cover,
-                color=SNR_BIN_COLOURS[name],
-                lw=1.5,
-                label=f"SNR {name} (n={int(sel.sum())}, z std {z[sel].std():.2f})",
+                color=BLACK if overall else SNR_BIN_COLOURS[name],
+                lw=2.2 if overall else 1.5,
+                zorder=3 if overall else 2,  # the overall curve on top
+                label=f"{name if overall else f'SNR {name}'} (n={int(sel.sum())}, z std {z[sel].std():.2f})",
             )
-    if ok.any():
-        cover = (np.abs(z[ok])[:, None] <= half_width[None]).mean(0)
-        ax.plot(nominal, cover, color=BLACK, lw=2.2, label=f"all (n={int(ok.sum())}, z std {z[ok].std():.2f})")
     for level in (0.683, 0.954):
         ax.axvline(level, color=GREY, lw=0.8, ls=":")
     ax.set_xlim(0, 1)

@@ -55,11 +55,24 @@ def test_z_metrics_match_numpy():
         m.update(pred[s], pred[s], pred[s], y[s], torch.zeros(len(s)), snr_bin[s], snr_bin[s] * 0, None, sigma[s])
     out = m.compute()
     z = ((pred - y) / sigma).double().numpy()
-    np.testing.assert_allclose(out["z_std"], z.std(), rtol=1e-5)
-    np.testing.assert_allclose(out["coverage_1sigma"], (np.abs(z) <= 1).mean(), rtol=1e-6)
-    np.testing.assert_allclose(out["coverage_2sigma"], (np.abs(z) <= 2).mean(), rtol=1e-6)
-    sel = snr_bin.numpy() == 2
-    np.testing.assert_allclose(out["z_std_snr_M"], z[sel].std(), rtol=1e-5)
+    for name, sel in bins.snr_slices(snr_bin.numpy()):  # all, then every SNR bin, each against numpy
+        suffix = "" if name == "all" else f"_snr_{name}"
+        np.testing.assert_allclose(out[f"z_std{suffix}"], z[sel].std(), rtol=1e-5)
+        np.testing.assert_allclose(out[f"coverage_1sigma{suffix}"], (np.abs(z[sel]) <= 1).mean(), rtol=1e-6)
+        np.testing.assert_allclose(out[f"coverage_2sigma{suffix}"], (np.abs(z[sel]) <= 2).mean(), rtol=1e-6)
+
+
+def test_snr_slices_give_the_same_rows_for_numpy_and_torch():
+    idx = np.array([3, 0, 1, 1, 2, 3, 0])
+    for high_first in (False, True):
+        as_numpy = bins.snr_slices(idx, high_first=high_first, prefix="SNR ")
+        as_torch = bins.snr_slices(torch.from_numpy(idx), high_first=high_first, prefix="SNR ")
+        assert [n for n, _ in as_numpy] == [n for n, _ in as_torch]
+        assert [n for n, _ in as_numpy][:2] == (["all", "SNR H"] if high_first else ["all", "SNR X"])
+        for (_, a), (_, b) in zip(as_numpy, as_torch):
+            assert isinstance(b, torch.Tensor) and b.dtype == torch.bool
+            np.testing.assert_array_equal(a, b.numpy())
+        assert as_numpy[0][1].all() and sum(m.sum() for _, m in as_numpy[1:]) == len(idx)
 
 
 def test_trained_gate_sigma_is_calibrated_at_small_n(tmp_path, tiny_dir):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 import numpy as np
+import torch
 
 TEFF_EDGES = (3750.0, 4500.0, 5250.0, 6000.0)
 MH_EDGES = (-2.0, -1.0, 0.0, 0.5)
@@ -58,12 +59,24 @@ def snr_bin(snr: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.asarray(SNR_EDGES), np.asarray(snr, dtype=np.float64), side="left").astype(np.int64)
 
 
-def snr_slices(snr_idx: np.ndarray, high_first: bool = False, prefix: str = "") -> list[tuple[str, np.ndarray]]:
-    """The rows of an "all, then every SNR bin" table: ("all", every row), then (``prefix`` + bin name, its rows)
-    per SNR bin, X to H (H to X with ``high_first``). ``snr_idx`` [N] SNR bin indices -> boolean masks [N]."""
-    snr_idx = np.asarray(snr_idx)
+def snr_slice_names(high_first: bool = False) -> list[str]:
+    """The row names of an "all, then every SNR bin" table: "all", then the SNR bins X to H (H to X with
+    ``high_first``); the names of :func:`snr_slices`."""
     order = range(N_SNR_BINS - 1, -1, -1) if high_first else range(N_SNR_BINS)
-    return [("all", np.ones(snr_idx.shape, dtype=bool))] + [(prefix + SNR_BIN_NAMES[i], snr_idx == i) for i in order]
+    return ["all"] + [SNR_BIN_NAMES[i] for i in order]
+
+
+def snr_slices(snr_idx, high_first: bool = False, prefix: str = "") -> list[tuple[str, np.ndarray]]:
+    """The rows of an "all, then every SNR bin" table: ("all", every row), then (``prefix`` + bin name, its rows)
+    per SNR bin, X to H (H to X with ``high_first``). ``snr_idx`` [N] SNR bin indices (numpy array, or torch
+    tensor for metrics computed on the device) -> boolean masks [N] of the same kind."""
+    if isinstance(snr_idx, torch.Tensor):
+        every = torch.ones_like(snr_idx, dtype=torch.bool)
+    else:
+        snr_idx = np.asarray(snr_idx)
+        every = np.ones(snr_idx.shape, dtype=bool)
+    _, *snr_names = snr_slice_names(high_first)
+    return [("all", every)] + [(prefix + name, snr_idx == SNR_BIN_NAMES.index(name)) for name in snr_names]
 
 
 def cell(phys: np.ndarray, snr_idx: np.ndarray) -> np.ndarray:

@@ -89,7 +89,10 @@ def prepare_families(
 ) -> dict[str, Prepared]:
     """One :class:`Prepared` per family, all from the same fit (``fit.families`` must hold them all)."""
     return {
-        f: prepare(dm, PrepareConfig(f, fit, feature_rows=min(20_000, dm.train_set.n_kept)), progress) for f in families
+        f: prepare(
+            dm, PrepareConfig(f, fit, feature_rows=min(PrepareConfig.feature_rows, dm.train_set.n_kept)), progress
+        )
+        for f in families
     }
 
 

@@ -31,6 +31,11 @@ def gate_entropy(weights: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return -(weights * weights.clamp_min(eps).log()).sum(-1)
 
 
+def _suffix(slice_name: str) -> str:
+    """The metric-name suffix of a slice of :func:`moe.data.bins.snr_slices`: '' for all, '_snr_<bin>' for an SNR bin."""
+    return "" if slice_name == "all" else f"_snr_{slice_name}"
+
+
 def _r2(metric: R2Score) -> float | None:
     return float(metric.compute()) if int(metric.total) >= 2 else None
 
@@ -49,10 +54,8 @@ class SplitMetrics(nn.Module):
         self.r2_phys = nn.ModuleList(R2Score() for _ in bins.PHYS_BIN_NAMES)
         self.entropy = MeanMetric()
         self.entropy_snr = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
-        # z calibration: mean z, mean z^2, share |z| <= 1, share |z| <= 2; index 0 overall, 1 + i SNR bin i
-        self.z_moments = nn.ModuleList(
-            nn.ModuleList(MeanMetric() for _ in range(4)) for _ in range(1 + len(bins.SNR_BIN_NAMES))
-        )
+        # z calibration: mean z, mean z^2, share |z| <= 1, share |z| <= 2; one set per slice of bins.snr_slices
+        self.z_moments = nn.ModuleList(nn.ModuleList(MeanMetric() for _ in range(4)) for _ in bins.snr_slice_names())
         self.with_tau = with_tau
         if with_tau:
             self.tau_snr = nn.ModuleList(MeanMetric() for _ in bins.SNR_BIN_NAMES)
@@ -74,10 +77,10 @@ class SplitMetrics(nn.Module):
         if sigma is not None:
             z = (pred - target) / sigma.float().clamp_min(1e-12)
             stats = (z, z.square(), (z.abs() <= 1).float(), (z.abs() <= 2).float())
-            for slot, sel in enumerate([None] + [snr_bin == i for i in range(len(bins.SNR_BIN_NAMES))]):
-                if sel is None or sel.any():
-                    for m, v in zip(self.z_moments[slot], stats):
-                        m.update(v if sel is None else v[sel])
+            for moments, (_, sel) in zip(self.z_moments, bins.snr_slices(snr_bin)):
+                if sel.any():
+                    for m, v in zip(moments, stats):
+                        m.update(v[sel])
         self.r2.update(pred, target)
         self.mae.update(pred, target)
         self.rmse.update(pred, target)
@@ -121,8 +124,8 @@ class SplitMetrics(nn.Module):
             v = _r2(m)
             if v is not None:
                 out[f"r2_phys_{k}"] = v
-        for slot, suffix in enumerate([""] + [f"_snr_{n}" for n in bins.SNR_BIN_NAMES]):
-            mean_z, mean_z2, cov1, cov2 = self.z_moments[slot]
+        for name, (mean_z, mean_z2, cov1, cov2) in zip(bins.snr_slice_names(), self.z_moments):
+            suffix = _suffix(name)
             if float(mean_z.weight) > 0:
                 mz = float(mean_z.compute())
                 out[f"z_std{suffix}"] = math.sqrt(max(float(mean_z2.compute()) - mz * mz, 0.0))
@@ -192,8 +195,10 @@ def summary_table(metrics: dict[str, float], prefix: str = "test") -> str:
             f"{(f'{tau:>8.2f}' if math.isfinite(tau) else ''):>8}"
         )
 
-    lines = [f"{'slice':<8}{'R2':>9}{'entropy':>10}{'z std':>8}{'|z|<=1':>9}{'|z|<=2':>9}{'tau':>8}", row("all", "")]
-    lines += [row(f"SNR {name}", f"_snr_{name}") for name in reversed(bins.SNR_BIN_NAMES)]
+    lines = [f"{'slice':<8}{'R2':>9}{'entropy':>10}{'z std':>8}{'|z|<=1':>9}{'|z|<=2':>9}{'tau':>8}"]
+    lines += [
+        row(name if name == "all" else f"SNR {name}", _suffix(name)) for name in bins.snr_slice_names(high_first=True)
+    ]
     lines.append(
         f"rho = {get('rho'):.3f}   (R2 oracle {get('r2_oracle'):.4f}, R2 global {get('r2_global'):.4f}, "
         f"MAE {get('mae'):.4f}, RMSE {get('rmse'):.4f})"
