@@ -103,3 +103,18 @@ def test_console_script_and_train_py_alias_run(tmp_path):
     for cmd in ([sys.executable, "-m", "moe.main", "--help"], [sys.executable, str(ROOT / "train.py"), "--help"]):
         out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "usage: moe COMMAND" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("labels", "shown"),
+    [("[]", r"\[\]"), ("[log_g, log_g]", r"\[log_g, log_g\]")],
+)
+def test_labels_empty_or_repeated_is_one_line(tiny_dir, labels, shown, capsys):
+    """An empty or repeated --model.labels is the user's mistake: one line naming the flag (the data folder's INFO
+    line may precede it), not the mixture's ValueError traceback."""
+    assert main(["test", "--data.data_dir", tiny_dir, "--model.labels", labels]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if "error" in line.lower() or "Traceback" in line] == err[
+        -1:
+    ]  # one line, no traceback
+    assert re.search(rf"--model\.labels {shown}: give at least one label, each once \(moe fit --help", err[-1]), err[-1]

@@ -36,6 +36,7 @@ from moe.gates.metrics import SplitMetrics, label_key
 from moe.gates.mixture import GatedMixture, MoEOutput, Routing
 from moe.gates.schedules import LinearWarmup
 from moe.prepare import PrepareConfig, Prepared
+from moe.shared.arguments import ToolArgumentError
 
 
 class GatedMoE(pl.LightningModule):
@@ -111,6 +112,10 @@ class GatedMoE(pl.LightningModule):
             int(calibration_draws),
         )
         labels = [str(name) for name in labels]
+        if not labels or len(set(labels)) != len(labels):  # a user's mistake: one line, not the mixture's ValueError
+            raise ToolArgumentError(
+                f"--model.labels [{', '.join(labels)}]: give at least one label, each once", "moe fit"
+            )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
