@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -31,6 +32,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 from moe.data.datamodule import SpectraDataModule
+from moe.data.row_check import deferred_screens
 from moe.data.shards import check_grid, read_wave
 from moe.experts.bundle import default_dir
 from moe.gates.callbacks import CatalogueWriter, RunSummary
@@ -79,17 +81,24 @@ def experts_dir(data_dir: str) -> str:
     return str(default_dir(data_dir))
 
 
-def start_ranks(trainer: pl.Trainer) -> None:
+def start_ranks(trainer: pl.Trainer, meanwhile: Callable[[], object] = lambda: None) -> None:
     """Start the run's processes and their process group now, before the preparation, so that it splits over
     the ranks (:mod:`moe.data.ranks`): Lightning's DDP launcher starts the other local ranks here (not again
     when the trainer runs), torchrun / SLURM have started them already, and the trainer later finds the process
-    group initialised and uses it. Other strategies (one device, ``ddp_spawn``) prepare in one process."""
+    group initialised and uses it. Other strategies (one device, ``ddp_spawn``) prepare in one process.
+
+    ``meanwhile`` runs on every rank between starting the other local ranks and waiting for them to join the
+    group (once, in one process too): the row checks, so rank 0 checks shards while the others start up."""
     strategy = trainer.strategy
-    if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.launcher, _SubprocessScriptLauncher):
+    if (
+        not isinstance(strategy, DDPStrategy)
+        or not isinstance(strategy.launcher, _SubprocessScriptLauncher)
+        or strategy.num_processes * strategy.num_nodes < 2
+        or torch.distributed.is_initialized()
+    ):
+        meanwhile()
         return
-    if strategy.num_processes * strategy.num_nodes < 2 or torch.distributed.is_initialized():
-        return
-    strategy.launcher.launch(lambda: None, trainer=trainer)
+    strategy.launcher.launch(meanwhile, trainer=trainer)
     strategy.setup_environment()
 
 
@@ -138,6 +147,17 @@ class MoECLI(LightningCLI):
             states[path] = read_checkpoint(path)
         return states[path]
 
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does, with the datamodule's row checks queued: they run once the run's
+        other processes are starting (:meth:`_check_rows`, from :func:`start_ranks`)."""
+        with deferred_screens() as self._row_checks:
+            super().instantiate_classes()
+
+    def _check_rows(self) -> None:
+        """The queued row checks of the datamodule (:mod:`moe.data.row_check`), before anything reads its rows."""
+        while self._row_checks:
+            self._row_checks.pop(0)()
+
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         """The trainer of the command's run: a TensorBoardLogger in the run's folder (fit: a new version, or
         the resumed one; evaluation: the checkpoint's own version, or none for a file from elsewhere), a
@@ -181,7 +201,7 @@ class MoECLI(LightningCLI):
         A checkpoint that does not fit (:func:`~moe.gates.checkpoints.check_checkpoint`) is refused first."""
         cfg = self.config_init[self.subcommand]
         ckpt = cfg.get("ckpt_path")
-        start_ranks(self.trainer)
+        start_ranks(self.trainer, self._check_rows)
         if self.subcommand == "predict":  # the catalogue is written batch by batch: keep nothing in memory
             cfg["return_predictions"] = False
         state = self._checked(ckpt) if ckpt is not None else None  # refused before any work

@@ -702,3 +702,16 @@ def test_the_dual_tower_trains_three_seeds_unless_told(exp_dir, tmp_path, monkey
         experiments_main(["dual-tower", "--data", exp_dir, "--out", str(tmp_path), "--seeds", "7"])
     assert [s.seeds for s in seen] == [(42, 123, 456), (42,), (7,)]
     assert seen[0].epochs == 200 and not seen[0].quick
+
+
+def test_every_compared_gate_trains_every_seed_and_the_rest_one(computed):
+    """The verdicts' gates (fusions, phys-only, 36 experts) train with every seed; the global expert and the
+    oracle (nothing to learn), the quality-only gate (no verdict reads it) and the ablations with the first."""
+    from moe.experiments.dual_tower import ABLATIONS, COMPARISONS, DUAL, ONE_SEED
+
+    runs = computed("dual-tower").runs
+    seeds = runs.groupby("method").seed.apply(tuple)
+    compared = {name for a, b, _ in COMPARISONS.values() for name in (a, b)}
+    assert compared and all(seeds[m] == SEEDS for m in compared)
+    assert all(seeds[m] == SEEDS[:1] for m in ONE_SEED)
+    assert all(seeds[f"{DUAL} [{name}]"] == SEEDS[:1] for name in ABLATIONS)

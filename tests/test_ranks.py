@@ -82,7 +82,7 @@ def _rank(rank: int, world: int, port: int, data: str, out: str, concurrent: boo
             fits, pca, _ = fit_families(folder, FIT, progress=False)
             result |= {
                 "reads": rec.reads,
-                "fit": {f: (v.weight, v.bias, v.alpha) for f, v in fits.items()},
+                "fit": {(lab, f): (v.weight, v.bias, v.alpha) for lab, fams in fits.items() for f, v in fams.items()},
                 "pca": pca[1],
             }
         torch.save(result, f"{out}/rank{rank}.pt")
@@ -133,7 +133,7 @@ def test_two_ranks_split_the_preparation_and_give_the_one_process_answer(two_cop
     # the one-process answer, on a fresh copy of the same data
     folder = SpectraFolder(str(alone), block_rows=100, synth=None)
     ref = prepare(folder, CONFIG, progress=False)
-    single = ref.bundle.families
+    single = ref.bundle.fits
 
     # each rank read only its own rows: building the caches and fitting, every row exactly once
     assert {"prepare moe.data.stream", "fit moe.data.stream"} <= set(got[0]["reads"]) & set(got[1]["reads"])
@@ -155,17 +155,19 @@ def test_two_ranks_split_the_preparation_and_give_the_one_process_answer(two_cop
 
     # the prepared experts equal the one-process fit: 1e-9 relative, the same alphas; the PCA too
     for g in got:
-        for fam, (w, b, alpha) in g["fit"].items():
-            np.testing.assert_array_equal(alpha, single[fam].alpha)
-            assert _relative(w, single[fam].weight) <= 1e-9, fam
-            assert _relative(b, single[fam].bias) <= 1e-9, fam
+        assert {lab for lab, _ in g["fit"]} == set(FIT.labels) == {"log_g", "T_eff", "M_H"}
+        for (lab, fam), (w, b, alpha) in g["fit"].items():  # every label's sums all-reduced, alphas chosen alike
+            np.testing.assert_array_equal(alpha, single[lab][fam].alpha)
+            assert _relative(w, single[lab][fam].weight) <= 1e-9, (lab, fam)
+            assert _relative(b, single[lab][fam].bias) <= 1e-9, (lab, fam)
         assert _relative(np.abs(g["pca"]), np.abs(ref.bundle.pca_components)) <= 1e-9
-    np.testing.assert_array_equal(got[0]["fit"]["phys"][0], got[1]["fit"]["phys"][0])  # one answer on all ranks
-    ref_experts = ref.bundle.families
-    ranked = torch.load(next((data / "experts").glob("experts-*.pt")), weights_only=True)["families"]
-    for fam, fit in ref_experts.items():
-        np.testing.assert_array_equal(ranked[fam]["alpha"].numpy(), fit.alpha)
-        assert _relative(ranked[fam]["weight"].numpy(), fit.weight) <= 1e-9, fam
+    for key in got[0]["fit"]:  # one answer on all ranks
+        np.testing.assert_array_equal(got[0]["fit"][key][0], got[1]["fit"][key][0])
+    ranked = torch.load(next((data / "experts").glob("experts-*.pt")), weights_only=True)["fits"]
+    for lab, fams in ref.bundle.fits.items():
+        for fam, fit in fams.items():
+            np.testing.assert_array_equal(ranked[lab][fam]["alpha"].numpy(), fit.alpha)
+            assert _relative(ranked[lab][fam]["weight"].numpy(), fit.weight) <= 1e-9, (lab, fam)
 
     # the caches equal the one-process caches (float tolerance), and both ranks hold the same scalers
     for split, paths in ref.inputs.items():

@@ -17,6 +17,7 @@ at construction so the CLI can link them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -132,15 +133,23 @@ class SpectraDataModule(SpectraFolder, pl.LightningDataModule):
         batch_size: int | None = None,
         cached: bool = False,
         num_workers: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> SpectraStream:
         """:meth:`SpectraFolder.stream` with this module's batch size and workers as defaults
         (``predict`` with a ``predict_path``: those spectra as they are)."""
         bs, nw = batch_size or self.batch_size, self.num_workers if num_workers is None else num_workers
         if split == "predict" and self.predict_path:
             return SpectraStream(
-                self.predict_set(), bs, self.noise_level, self.block_rows, num_workers=nw, ids=True, observed=True
+                self.predict_set(),
+                bs,
+                self.noise_level,
+                self.block_rows,
+                num_workers=nw,
+                ids=True,
+                observed=True,
+                labels=self.labels if labels is None else labels,
             )
-        return super().stream(split, shuffle, bs, cached, nw)
+        return super().stream(split, shuffle, bs, cached, nw, labels)
 
     def _loader(self, split: str) -> DataLoader:
         return DataLoader(

@@ -14,7 +14,7 @@ an existing folder is only read (:func:`ensure_dataset`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from moe.data.resume import batch_seed
 from moe.data.row_cache import ensure_row_caches
 from moe.data.row_check import BAD_ROWS, BadRows, screen
 from moe.data.shards import (
+    LABEL_COLUMNS,
     SPLITS,
     ShardError,
     check_grid,
@@ -105,6 +106,8 @@ class SpectraFolder:
         bad_rows: rows with NaN/Inf flux, error <= 0 or NaN inside the spectrum, NaN or out-of-range
             labels: ``"error"`` stops with an error naming the file, field and first rows; ``"drop"``
             leaves them out (:mod:`moe.data.row_check`). Checked at construction, before any work.
+        labels: parameter-table columns its streams yield (float32 [B] each, under the column's name);
+            ``log_g, T_eff, M_H`` always. A fit checks the ones it asks for (:mod:`moe.data.labels`).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class SpectraFolder:
         cache_dir: str | None = None,
         synth: SynthConfig | None = SynthConfig(),
         bad_rows: BadRows = "error",
+        labels: Sequence[str] = LABEL_COLUMNS,
     ):
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
@@ -142,6 +146,7 @@ class SpectraFolder:
                 raise ShardError(s.paths[0], f"has {s.n_pixels} pixels, the train split has {self.n_pixels}")
             check_grid(s.paths[0], read_wave(s.paths[0]), self.wave, "the train split's")
         self.bad_rows = bad_rows
+        self.labels = tuple(labels)
         screen([self.train_set, self.val_set, self.test_set], bad_rows, cache_dir)
 
     # ---- identity ---------------------------------------------------------------
@@ -212,11 +217,14 @@ class SpectraFolder:
         batch_size: int = 2048,
         cached: bool = False,
         num_workers: int = 0,
+        labels: Sequence[str] | None = None,
     ) -> SpectraStream:
         """The batch stream of ``split`` (train: clean; val/test/predict: pre-noised): of the spectra,
         or with ``cached`` of the attached gate-input caches when there are some (the loaders do).
+        ``labels``: the label columns to yield (default: the folder's).
         ``predict`` always reads the spectra, as observations (masked pixels honoured, :class:`SpectraStream`)."""
         bs = batch_size
+        labels = self.labels if labels is None else tuple(labels)
         name = "test" if split == "predict" else split
         inputs = self.inputs.get(name) if cached and split != "predict" else None
         if split == "train":
@@ -230,6 +238,7 @@ class SpectraFolder:
                 equalize_ranks=rank_world()[1] > 1,
                 num_workers=num_workers,
                 inputs=inputs,
+                labels=labels,
             )
         return SpectraStream(
             self.split_set(name),
@@ -242,6 +251,7 @@ class SpectraFolder:
             inputs=inputs,
             ids=split == "predict",
             observed=split == "predict",
+            labels=labels,
         )
 
     def add_noise(self, batch: dict, generator: torch.Generator | None = None) -> dict:

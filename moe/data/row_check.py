@@ -11,8 +11,14 @@ per shard.
 The result is kept in a small JSON marker per shard, ``row_check_<stem>.json`` next to the
 pre-noised copies (the cache folder), keyed by the shard's name, size, ``mtime_ns`` and content
 hash and by how many rows were checked: later runs read the marker instead of the shard. The
-first check of a shard runs under a file lock, so concurrent processes (DDP ranks) check it once.
-A marker that cannot be written (read-only folder) only costs the check again next time.
+first check of a shard runs under a file lock, so concurrent processes (DDP ranks) check it once,
+and they share the shards: each first checks those no other process is checking at that moment,
+then reads the markers of the rest. A marker that cannot be written (read-only folder) only costs
+the check again next time.
+
+Inside :func:`deferred_screens` a screen is only queued, and runs when its caller says: the CLI
+starts the run's other DDP processes first, so that they check the rows together instead of one
+process checking them while the others are not started yet.
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import partial
 from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from moe.data.shards import RowCheck, RowProblem, ShardInfo, check_rows, content_hash
 from moe.data.stream import ShardSet
@@ -41,6 +49,7 @@ CHECK_VERSION = 1
 DROP_HINT = "bad_rows='drop' leaves such rows out (moe fit: --data.bad_rows drop; moe experts: --bad-rows drop)"
 
 _memo: dict[tuple[str, str], RowCheck] = {}
+_queue: ContextVar[list[Callable[[], int]] | None] = ContextVar("row_check_queue", default=None)
 
 
 def marker_path(shard: Path, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -95,25 +104,34 @@ def _write_marker(marker: Path, key: dict, check: RowCheck) -> None:
 
 
 @contextmanager
-def _lock(marker: Path) -> Iterator[None]:
-    """A file lock next to ``marker`` when its folder can hold one; otherwise none."""
+def _lock(marker: Path, wait: bool = True) -> Iterator[bool]:
+    """A file lock next to ``marker`` when its folder can hold one (otherwise none): yields whether this
+    process may go on, False only without ``wait`` while another process holds the lock."""
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(marker.with_name(f".{marker.name}.lock")))
-        lock.acquire()
+        lock.acquire(blocking=wait)
+    except Timeout:
+        yield False
+        return
     except OSError:
-        yield
+        yield True
         return
     try:
-        yield
+        yield True
     finally:
         lock.release()
 
 
 def checked_rows(
-    info: ShardInfo, n_rows: int | None = None, cache_dir: str | os.PathLike | None = None, labelled: bool = True
-) -> RowCheck:
-    """The bad rows among the first ``n_rows`` rows of a shard: from the marker when it matches, else checked."""
+    info: ShardInfo,
+    n_rows: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    labelled: bool = True,
+    wait: bool = True,
+) -> RowCheck | None:
+    """The bad rows among the first ``n_rows`` rows of a shard: from the marker when it matches, else checked.
+    Without ``wait``, None while another process is checking the shard."""
     n = info.n_rows if n_rows is None else int(n_rows)
     key = _key(info, labelled)
     memo_key = (str(info.path.resolve()), json.dumps(key, sort_keys=True))
@@ -123,7 +141,9 @@ def checked_rows(
     marker = marker_path(info.path, cache_dir)
     found = _read_marker(marker, key, info.path)
     if found is None or found.n_rows < n:
-        with _lock(marker):
+        with _lock(marker, wait) as mine:
+            if not mine:
+                return None
             found = _read_marker(marker, key, info.path)  # another process may have checked it meanwhile
             if found is None or found.n_rows < n:
                 log.info("checking the rows of %s", info.path)
@@ -133,20 +153,44 @@ def checked_rows(
     return found.head(n)
 
 
+@contextmanager
+def deferred_screens() -> Iterator[list[Callable[[], int]]]:
+    """Inside the block :func:`screen` queues its check in the yielded list instead of running it; the caller
+    runs each queued check (it returns what :func:`screen` would have) before anything uses those shard sets."""
+    queue: list[Callable[[], int]] = []
+    token = _queue.set(queue)
+    try:
+        yield queue
+    finally:
+        _queue.reset(token)
+
+
 def screen(sets: Sequence[ShardSet], bad_rows: str = "error", cache_dir: str | os.PathLike | None = None) -> int:
-    """Check every row ``sets`` use (see module docstring); return how many rows were dropped.
+    """Check every row ``sets`` use (see module docstring); return how many rows were dropped (0 when queued
+    by :func:`deferred_screens`).
 
     ``bad_rows="error"``: a ShardError naming the first shard with bad rows (and how many others have some);
     ``"drop"``: those rows are left out of their set, one warning per shard.
     """
     if bad_rows not in BAD_ROWS:
         raise ValueError(f"bad_rows must be one of {BAD_ROWS}, got {bad_rows!r}")
-    found = []
-    for s in sets:
-        for k, info in enumerate(s.infos):
-            check = checked_rows(info, int(s.counts[k]), cache_dir, s.labelled)
-            if not check.ok:
-                found.append((s, k, check))
+    queue = _queue.get()
+    if queue is not None:
+        queue.append(partial(_screen, list(sets), bad_rows, cache_dir))
+        return 0
+    return _screen(sets, bad_rows, cache_dir)
+
+
+def _screen(sets: Sequence[ShardSet], bad_rows: str, cache_dir: str | os.PathLike | None) -> int:
+    shards = [(s, k, info) for s in sets for k, info in enumerate(s.infos)]
+    checks: dict[int, RowCheck] = {}
+    for wait in (False, True):  # first the shards no other process is checking now, then the others' markers
+        for i, (s, k, info) in enumerate(shards):
+            if i not in checks:
+                check = checked_rows(info, int(s.counts[k]), cache_dir, s.labelled, wait)
+                if check is not None:
+                    checks[i] = check
+    found = [(s, k, checks[i]) for i, (s, k, _) in enumerate(shards) if not checks[i].ok]
     if not found:
         return 0
     if bad_rows == "error":

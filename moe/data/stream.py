@@ -13,7 +13,8 @@ read; slots are then truncated to the smallest number of kept rows.
 
 Batches are assembled here (use ``DataLoader(batch_size=None)``): dicts of tensors
 ``flux [B, D], error [B, D], log_g, T_eff, M_H, snr [B] (float32), phys_bin, snr_bin,
-row [B] (int64)``. A stream over per-row gate-input caches (``inputs``) yields their arrays
+row [B] (int64)``, plus any further label column asked for (``labels``: float32 [B] under its column
+name, e.g. ``a_M``). A stream over per-row gate-input caches (``inputs``) yields their arrays
 (:mod:`moe.features.gate_inputs`: ``proj, win, quality, var`` and, for clean rows,
 ``win_error, chol``) in place of ``flux`` and ``error``, with the same labels and rows.
 """
@@ -174,7 +175,8 @@ class SpectraStream(IterableDataset):
     """Batches of one split, streamed in contiguous row blocks (see module docstring).
 
     ``noisy`` maps shard index -> path of a pre-noised cache (val/test); its ``flux`` and
-    ``snr`` replace the clean flux and the computed SNR. ``inputs`` maps shard index -> path
+    ``snr`` replace the clean flux and the computed SNR. ``labels``: parameter-table columns yielded
+    besides ``log_g, T_eff, M_H`` (checked by :func:`moe.data.labels.check_labels` before a fit). ``inputs`` maps shard index -> path
     of a gate-input cache, whose arrays (and ``snr``) replace flux and error altogether. With
     ``ids`` batches also carry the parameter table's numeric id columns (``id_objid``, ``id_mag``...).
     Train batches are clean; the DataModule adds fresh noise after the transfer to the device.
@@ -197,8 +199,10 @@ class SpectraStream(IterableDataset):
         inputs: dict[int, Path] | None = None,
         ids: bool = False,
         observed: bool = False,
+        labels: Sequence[str] = LABELS,
     ):
         self.shards = shards
+        self.labels = tuple(dict.fromkeys((*LABELS, *labels)))  # the default labels first, always read
         self.observed = observed
         self.batch_size = int(batch_size)
         self.noise_level = float(noise_level)
@@ -235,7 +239,7 @@ class SpectraStream(IterableDataset):
             p = read_params(info.path, info.params_key, self.shards.labelled) if info.params_key else None
             cols = {
                 c: p[c].to_numpy(np.float64, copy=True)[:n] if p is not None and c in p else np.full(n, np.nan)
-                for c in LABELS
+                for c in self.labels
             }
             if self.ids and p is not None:
                 cols |= {f"id_{c}": p[c].to_numpy(copy=True)[:n] for c in self._id_columns()}
@@ -275,7 +279,7 @@ class SpectraStream(IterableDataset):
         lab = self._shard_labels(block.shard)
         sl = slice(block.start, block.stop)
         out["snr"] = snr.astype(snr_dtype)
-        for c in LABELS:
+        for c in self.labels:
             out[c] = lab[c][sl].astype(np.float32)
         out |= {c: v[sl] for c, v in lab.items() if c.startswith("id_")}
         known = np.isfinite(lab["T_eff"][sl]) & np.isfinite(lab["M_H"][sl])

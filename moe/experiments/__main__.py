@@ -20,6 +20,7 @@ stream; in-memory models -- LightGBM, CNN, the leakage audit -- are capped by
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -130,7 +131,10 @@ def _settings(a: Namespace) -> ExperimentSettings:
 
 
 def _print(outcome: Outcome, seconds: float) -> None:
-    print(f"\n== {outcome.experiment.name}: {outcome.report}/report.md ({seconds:.0f} s)")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux: the budget's second figure
+    print(
+        f"\n== {outcome.experiment.name}: {outcome.report}/report.md ({seconds:.0f} s, peak RSS so far {peak_gb:.2f} GB)"
+    )
     print(outcome.headline.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     for v in outcome.verdicts:
         print(f"  [{v.result}] {v.question} {v.value:+.4f} {v.op} {v.threshold:g} -> {v.decision}")

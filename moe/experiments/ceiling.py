@@ -127,7 +127,7 @@ def _ridge_per_bin(
     bundle: ExpertBundle, val: Arrays, test: Arrays, bin_rows: list[_BinRows]
 ) -> tuple[_PerBin, pd.DataFrame]:
     """Each bin's Ridge expert at its chosen alpha, and the alpha sweep (test R^2 at every alpha of the fit)."""
-    phys, alphas = bundle.families["phys"], np.asarray(bundle.config.alphas)
+    phys, alphas = bundle.family("phys"), np.asarray(bundle.config.alphas)
     ridge, sweep = _PerBin(np.full(test.log_g.shape, np.nan)), []
     for k, in_bin in enumerate(bin_rows):
         test_pred = test.flux[in_bin.test].astype(np.float64) @ phys.path_weight[k].T + phys.path_bias[k]  # [n, A]
@@ -276,9 +276,9 @@ def compute(settings: ExperimentSettings) -> CeilingResults:
         "1D-CNN": _cnn_per_bin(settings, dm.noise_level, train, val, test, bin_rows),
     }
     n_train = np.bincount(train.phys_bin, minlength=bins.N_PHYS_BINS)
-    per_bin, chosen, hybrid = _per_bin_table(fitted, test, n_train, bundle.families["phys"].alpha)
+    per_bin, chosen, hybrid = _per_bin_table(fitted, test, n_train, bundle.family("phys").alpha)
     log_g = test.log_g
-    global_family = bundle.families["global"]
+    global_family = bundle.family("global")
     global_pred = test.flux.astype(np.float64) @ global_family.weight[0] + global_family.bias[0]
     r2_global, r2_ridge_oracle, r2_hybrid = r2(log_g, global_pred), r2(log_g, ridge.test_pred), r2(log_g, hybrid)
     overall = pd.DataFrame(

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import scipy.linalg as sla
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
@@ -40,7 +39,9 @@ from moe.experiments.common import (
     require_train_rows,
     seed_mean_std,
 )
+from moe.experiments.gram_ridge import BLOCK, Gram
 from moe.experts.nonlinear import fit_lgbm
+from moe.experts.ridge import best_alpha_index
 from moe.experts.scores import r2, regression_metrics
 from moe.experts.sklearn_ridge import fit_ridge_sweep
 from moe.features.physics import LINES
@@ -85,16 +86,6 @@ class LeakageResults(Results):
     shuffle_ci: tuple[float, float]  # ... of ``shuffle_r2`` (averaged over seeds)
 
 
-def _ols(z_train, y_train, z_by_split: dict[str, np.ndarray]) -> dict:
-    """OLS via the normal equations (minimum-norm least squares on Z^T Z, which handles rank deficiency)."""
-    centred = z_train - z_train.mean(0)
-    coef = sla.lstsq(
-        centred.T @ centred, centred.T @ (y_train - y_train.mean()), lapack_driver="gelsy", check_finite=False
-    )[0]
-    intercept = y_train.mean() - z_train.mean(0) @ coef
-    return {k: z @ coef + intercept for k, z in z_by_split.items()}
-
-
 def _model_row(model: str, log_g: dict[str, np.ndarray], pred: dict[str, np.ndarray]) -> dict:
     """A row of the models table: R^2 per split, MAE and RMSE on the test split."""
     test = regression_metrics(log_g["test"], pred["test"])
@@ -130,20 +121,25 @@ def _lgbm_on_errors(splits: dict[str, Arrays], settings: ExperimentSettings) -> 
 
 def _error_only_models(
     splits: dict[str, Arrays], settings: ExperimentSettings
-) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray, np.ndarray]:
+) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray, np.ndarray, Gram]:
     """OLS, standardised Ridge at every alpha and LightGBM on the error vector: the models table, the Ridge
-    coefficients [A, D], the index of the alpha best on val, the LightGBM gain per pixel [D] and the test
-    predictions [N] of the model with the highest test R^2 (the one the leakage verdict reads)."""
+    coefficients [A, D], the index of the alpha best on val, the LightGBM gain per pixel [D], the test
+    predictions [N] of the model with the highest test R^2 (the one the leakage verdict reads) and the Gram
+    of the training error vectors (the shuffle test reuses it)."""
     log_g = {k: a.log_g for k, a in splits.items()}
-    scaler = StandardScaler().fit(splits["train"].error.astype(np.float64))
-    z = {k: scaler.transform(a.error.astype(np.float64)) for k, a in splits.items()}
     log.info(
-        "leakage: OLS and Ridge (%d alphas) on the error vectors of %d spectra", len(RIDGE_ALPHAS), len(z["train"])
+        "leakage: OLS and Ridge (%d alphas) on the error vectors of %d spectra",
+        len(RIDGE_ALPHAS),
+        len(splits["train"].error),
     )
-    ols_pred = _ols(z["train"], log_g["train"], z)
+    gram = Gram.of(splits["train"].error)  # float64 in row blocks: no float64 copy of the splits
+    zty, intercept = gram.xty(log_g["train"]), float(np.mean(log_g["train"]))
+    ols_coef = gram.ols(zty)
+    ols_pred = {k: gram.predict(a.error, ols_coef, intercept) for k, a in splits.items()}
     rows, test_preds = [_model_row("OLS", log_g, ols_pred)], [ols_pred["test"]]
-    sweep = fit_ridge_sweep(z["train"], log_g["train"], z["val"], log_g["val"], RIDGE_ALPHAS, standardise=False)
-    ridge_pred = {k: sweep.predict_sweep(v) for k, v in z.items()}
+    coef = gram.ridge(zty, RIDGE_ALPHAS)  # [A, D]
+    ridge_pred = {k: gram.predict(a.error, coef, intercept) for k, a in splits.items()}  # [N, A] each
+    best = best_alpha_index(((ridge_pred["val"] - log_g["val"][:, None]) ** 2).sum(0))
     for i, alpha in enumerate(RIDGE_ALPHAS):
         rows.append(_model_row(f"Ridge a={alpha:g}", log_g, {k: p[:, i] for k, p in ridge_pred.items()}))
         test_preds.append(ridge_pred["test"][:, i])
@@ -153,7 +149,7 @@ def _error_only_models(
     )
     test_preds.append(lgbm_pred["test"])
     top = int(np.argmax([r["r2_test"] for r in rows]))
-    return pd.DataFrame(rows).fillna(""), sweep.coef, sweep.best, lgbm_gain, test_preds[top]
+    return pd.DataFrame(rows).fillna(""), coef, best, lgbm_gain, test_preds[top], gram
 
 
 def _check_row(
@@ -192,14 +188,21 @@ def _snr_at_level(snr: np.ndarray, noise_level: float, level: float) -> np.ndarr
     return snr * noise_level / level if level > 0 else np.full_like(snr, np.inf)
 
 
-def _shuffle_check(train: Arrays, test: Arrays, snr_groups: np.ndarray, level: float, alpha: float, seeds) -> dict:
-    """Ridge on error vectors permuted among the training stars of the same SNR bin, labels kept."""
+def _shuffle_check(
+    gram: Gram, train: Arrays, test: Arrays, snr_groups: np.ndarray, level: float, alpha: float, seeds
+) -> dict:
+    """Ridge on error vectors permuted among the training stars of the same SNR bin, labels kept.
+
+    The rows ``error[perm]`` paired with ``log_g`` are the rows ``error`` paired with ``log_g`` permuted the
+    other way, and a permutation of the rows changes neither the Gram nor the standardisation: each seed
+    is one more right-hand side on ``gram`` (the Gram of ``train.error``)."""
     shuffled_r2, preds = [], []
     for seed in seeds:
-        shuffled = train.error[_shuffled_within(snr_groups, np.random.default_rng(seed))].astype(np.float64)
-        scaler = StandardScaler().fit(shuffled)
-        model = Ridge(alpha=alpha, solver="cholesky").fit(scaler.transform(shuffled), train.log_g)
-        preds.append(model.predict(scaler.transform(test.error.astype(np.float64))))
+        perm = _shuffled_within(snr_groups, np.random.default_rng(seed))
+        y = np.empty_like(train.log_g)
+        y[perm] = train.log_g  # row perm[i] of the error vectors is paired with label i
+        coef = gram.ridge(gram.xty(y), [alpha])[0]
+        preds.append(gram.predict(test.error, coef, float(np.mean(y))))
         shuffled_r2.append(r2(test.log_g, preds[-1]))
     groups = " / ".join(f"{bins.SNR_BIN_NAMES[g]}:{int((snr_groups == g).sum())}" for g in np.unique(snr_groups))
     return _check_row(
@@ -221,20 +224,25 @@ def _snr_from_aggregates_check(stats: dict[str, np.ndarray], snr_train, snr_test
 
 
 def _flagged(error: np.ndarray) -> np.ndarray:
-    """1.0 where a pixel's error exceeds 3x its row's median, else 0.0."""
+    """1.0 where a pixel's error exceeds 3x its row's median, else 0.0 (rows [N, D] -> [N, D] float64)."""
     return (error > 3 * np.median(error, 1, keepdims=True)).astype(np.float64)
 
 
 def _mask_only_check(train: Arrays, test: Arrays, alpha: float) -> dict:
-    """Ridge on the binary mask of flagged pixels."""
-    mask_train, mask_test = _flagged(train.error), _flagged(test.error)
-    scaler = StandardScaler().fit(mask_train)
-    model = Ridge(alpha=alpha).fit(scaler.transform(mask_train), train.log_g)
+    """Ridge on the binary mask of flagged pixels (masks built block by block, never whole)."""
+    gram = Gram.of(train.error, transform=_flagged)
+    coef = gram.ridge(gram.xty(train.log_g), [alpha])[0]
     return _check_row(
         "mask-only (flagged pixels: error > 3x row median)",
-        r2(test.log_g, model.predict(scaler.transform(mask_test))),
-        groups=f"{mask_train.mean() * 100:.1f}% of pixels flagged",
+        r2(test.log_g, gram.predict(test.error, coef, float(np.mean(train.log_g)))),
+        groups=f"{gram.mean.mean() * 100:.1f}% of pixels flagged",
     )
+
+
+def _quality_stats(error: np.ndarray) -> np.ndarray:
+    """:func:`quality_stats` of ``error`` [N, D] in row blocks ([N, 10]): its float64 copy, sorts and moments
+    then cost a block, not the split."""
+    return np.concatenate([quality_stats(error[i : i + BLOCK]) for i in range(0, len(error), BLOCK)])
 
 
 def _aggregates_check(stats: dict[str, np.ndarray], log_g: dict[str, np.ndarray]) -> dict:
@@ -246,16 +254,16 @@ def _aggregates_check(stats: dict[str, np.ndarray], log_g: dict[str, np.ndarray]
     )
 
 
-def _sanity_checks(splits: dict[str, Arrays], noise_level: float, alpha: float, seeds) -> pd.DataFrame:
+def _sanity_checks(splits: dict[str, Arrays], gram: Gram, noise_level: float, alpha: float, seeds) -> pd.DataFrame:
     """Per noise level the shuffle test and the aggregates' R^2 for log10 SNR, then the mask-only and
     aggregates-to-log-g tests."""
     train, test = splits["train"], splits["test"]
     log.info("leakage: sanity checks (shuffle within SNR bins at noise %s, mask only, aggregates)", NOISE_LEVELS)
-    stats = {k: quality_stats(a.error) for k, a in splits.items()}
+    stats = {k: _quality_stats(a.error) for k, a in splits.items()}
     rows = []
     for level in NOISE_LEVELS:
         snr_train, snr_test = _snr_at_level(train.snr, noise_level, level), _snr_at_level(test.snr, noise_level, level)
-        rows.append(_shuffle_check(train, test, bins.snr_bin(snr_train), level, alpha, seeds))
+        rows.append(_shuffle_check(gram, train, test, bins.snr_bin(snr_train), level, alpha, seeds))
         if level > 0:
             rows.append(_snr_from_aggregates_check(stats, snr_train, snr_test, level))
     rows.append(_mask_only_check(train, test, alpha))
@@ -275,9 +283,9 @@ def compute(settings: ExperimentSettings) -> LeakageResults:
     in_memory = min(settings.memory_train_rows, dm.train_set.n_kept)
     require_train_rows(in_memory, MIN_TRAIN, "leakage", "LightGBM fits the error vectors of them", settings.memory_flag)
     splits = dict(zip(SPLITS, load_splits(dm, settings, keep_flux=False)))  # the audit reads the errors only
-    models, ridge_coefs, best, lgbm_gain, top_test_pred = _error_only_models(splits, settings)
+    models, ridge_coefs, best, lgbm_gain, top_test_pred, gram = _error_only_models(splits, settings)
     best_alpha = RIDGE_ALPHAS[best]
-    sanity = _sanity_checks(splits, dm.noise_level, best_alpha, settings.seeds)
+    sanity = _sanity_checks(splits, gram, dm.noise_level, best_alpha, settings.seeds)
     importance = {"Ridge": np.abs(ridge_coefs[best]), "LightGBM": lgbm_gain}
     top_share = {name: _top_share(values) for name, values in importance.items()}
     importance_top = pd.DataFrame(

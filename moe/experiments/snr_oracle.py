@@ -96,7 +96,7 @@ def compute(settings: ExperimentSettings) -> SnrOracleResults:
     delta_ci = bootstrap_delta_r2(log_g, [r.pred["snr"] for r in runs], [r.pred["global"] for r in runs])
     pred_global = np.mean([r.pred["global"] for r in runs], 0)
     pred_oracle = np.mean([r.pred["snr"] for r in runs], 0)
-    snr_family, global_family = bundle.families["snr"], bundle.families["global"]
+    snr_family, global_family = bundle.family("snr"), bundle.family("global")
     n_train = snr_family.n_train
     n_rows = [int(n_train.sum()), *map(int, n_train)]  # training rows of the global expert, then of each bin's
     slices = [

@@ -1,7 +1,8 @@
 """``moe experts {fit,report,compare-noise} --data DIR``.
 
-- ``fit``: fit (or load from the cache) the expert families and print the alpha table.
-- ``report``: oracle-routed R^2 of the families on the test split, per bin with counts,
+- ``fit``: fit (or load from the cache) the expert families of every label (``--labels``) and print the
+  alpha table (one row per label and expert).
+- ``report``: oracle-routed R^2 of the families on the test split, per label and bin with counts,
   and the z-score spread of the per-star uncertainties.
 - ``compare-noise``: noise-marginalised vs one draw vs K draws, R^2 on val and test.
 
@@ -27,7 +28,7 @@ from jsonargparse import Namespace
 from moe.data.folder import BAD_ROWS, SpectraFolder
 from moe.data.ranks import PREPARE_TIMEOUT, rank_world
 from moe.data.synth import SynthConfig
-from moe.experts.bundle import default_path
+from moe.experts.bundle import default_path, wide_alpha_table
 from moe.experts.cache import load_or_fit
 from moe.experts.evaluate import compare_noise_modes, oracle_predictions, oracle_table, zscore_table
 from moe.experts.fit import NOISE_MODES, FitConfig
@@ -55,6 +56,14 @@ def _parser() -> ToolParser:
             "stop with an error naming them (error) or leave them out (drop)",
         )
         s.add_argument("--groups", type=str, default=",".join(fit.families), help="families: global,phys,snr,cells")
+        s.add_argument(
+            "--labels",
+            type=str,
+            nargs="+",
+            default=list(fit.labels),
+            help="the labels to fit, each with its own experts and alphas: numeric columns of the shards' "
+            "parameter table (log_g T_eff M_H a_M ...)",
+        )
         s.add_argument(
             "--noise-level",
             type=NonNegativeFloat,
@@ -139,6 +148,7 @@ def _main(cmd: str, a: Namespace) -> int:
         noise_mode=a.noise_mode,
         products=a.products,
         min_samples=a.min_samples,
+        labels=tuple(a.labels),
         required=("global",),  # nothing is gated here: a short group is the global expert, marked
     )
     if cmd == "compare-noise":
@@ -152,27 +162,32 @@ def _main(cmd: str, a: Namespace) -> int:
         return 0
     if cmd == "fit":
         print(f"experts: {path}")
-        print(bundle.alpha_table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(wide_alpha_table(bundle.alpha_table()).to_string(float_format=lambda v: f"{v:.4g}"))
         if bundle.timings:
             print(
                 "timings: "
                 + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in bundle.timings.items())
             )
         return 0
-    res = oracle_predictions(folder, bundle, "test")
-    table = oracle_table(res)
-    print(
-        f"oracle-routed experts on the test split ({res.y.size} spectra, noise_level {folder.noise_level}); experts: {path}"
-    )
-    wide = table.pivot_table(index="slice", columns="experts", values="r2", sort=False)
-    wide.insert(0, "n", table[table.experts == table.experts.iloc[0]].set_index("slice")["n"])
-    print(wide.round(4).to_string())
+    for label in bundle.labels:
+        res = oracle_predictions(folder, bundle, "test", label=label)
+        table = oracle_table(res)
+        print(
+            f"{label}: oracle-routed experts on the test split ({res.y.size} spectra, noise_level "
+            f"{folder.noise_level}); experts: {path}"
+        )
+        wide = table.pivot_table(index="slice", columns="experts", values="r2", sort=False)
+        wide.insert(0, "n", table[table.experts == table.experts.iloc[0]].set_index("slice")["n"])
+        print(wide.round(4).to_string())
+        print(
+            f"\n{label}: per-star uncertainty, z = (pred - {label}) / sigma_k, "
+            "sigma_k^2 = noise_level^2 sum_i (w_ki error_i)^2"
+        )
+        print(zscore_table(res).round(3).to_string(index=False) + "\n")
     for fam, name, n in bundle.stand_ins():
         print(
             f"fallback: {fam}/{name} has {n} training rows (< --min-samples {a.min_samples}): its rows use the global expert"
         )
-    print("\nper-star uncertainty: z = (pred - log g) / sigma_k, sigma_k^2 = noise_level^2 sum_i (w_ki error_i)^2")
-    print(zscore_table(res).round(3).to_string(index=False))
     return 0
 
 

@@ -1,5 +1,6 @@
 """A fitted set of expert families, saved with the fingerprint of the data it came from.
 
+A bundle holds the experts of every label of ``FitConfig.labels`` (:class:`ExpertBundle`).
 A bundle's file is ``<data_dir>/experts/experts-<key>.pt`` (:func:`bundle_path`) where ``key``
 hashes the data fingerprint (train and val shards with sizes and rows, noise level, val seed) and
 the fit config. Loading a file made from other data or another config is an
@@ -28,7 +29,7 @@ from moe.shared.atomic import AtomicFile, write_text
 from moe.shared.keys import json_key
 
 log = logging.getLogger(__name__)
-BUNDLE_VERSION = 2
+BUNDLE_VERSION = 3  # 3: every label (fits per label, label stats)
 
 
 class ExpertsMismatchError(ValueError):
@@ -41,9 +42,14 @@ def bundle_key(fingerprint: dict, cfg: FitConfig) -> str:
 
 @dataclass
 class ExpertBundle:
-    """Families of experts plus the PCA basis of the same pass."""
+    """Families of experts, per label, plus the PCA basis of the same pass.
 
-    families: dict[str, FamilyFit]
+    ``fits[label][family]`` holds one label's experts of one family (:class:`~moe.experts.fit.FamilyFit`);
+    every label has every family, with the same groups and training rows but its own alphas.
+    Shapes: G groups, L labels, D pixels.
+    """
+
+    fits: dict[str, dict[str, FamilyFit]]  # label -> family -> FamilyFit
     pca_mean: np.ndarray  # [D]
     pca_components: np.ndarray  # [k, D]
     pca_variance: np.ndarray  # [k]
@@ -56,65 +62,80 @@ class ExpertBundle:
     def key(self) -> str:
         return bundle_key(self.fingerprint, self.config)
 
-    def experts(self, family: str) -> RidgeExperts:
-        if family not in self.families:
-            raise KeyError(f"family {family!r} was not fitted (have {sorted(self.families)})")
-        f = self.families[family]
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels fitted, in the order of :meth:`weights` (``FitConfig.labels``)."""
+        return tuple(self.fits)
+
+    @property
+    def family_names(self) -> tuple[str, ...]:
+        """The families fitted (global first), the same for every label."""
+        return tuple(next(iter(self.fits.values())))
+
+    def family(self, family: str, label: str = "log_g") -> FamilyFit:
+        """One label's experts of one family (weight [G, D], alphas [G], validation sums, the alpha path)."""
+        if label not in self.fits:
+            raise KeyError(f"label {label!r} was not fitted (have {list(self.labels)})")
+        if family not in self.fits[label]:
+            raise KeyError(f"family {family!r} was not fitted (have {list(self.family_names)})")
+        return self.fits[label][family]
+
+    def experts(self, family: str, label: str = "log_g") -> RidgeExperts:
+        """One label's experts of ``family`` as a :class:`RidgeExperts` (weight [G, D], bias [G])."""
+        f = self.family(family, label)
         return RidgeExperts.from_arrays(f.weight, f.bias, f.names)
 
+    def weights(self, family: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every label's experts of ``family``: (weight [G, L, D], bias [G, L]), float64, in :attr:`labels` order."""
+        fams = [self.family(family, label) for label in self.labels]
+        return np.stack([f.weight for f in fams], axis=1), np.stack([f.bias for f in fams], axis=1)
+
+    @property
+    def label_stats(self) -> dict[str, tuple[float, float]]:
+        """Per label, (mean, population std) over the training rows of the fit (from the pass's sums), for
+        standardised targets."""
+        return {label: (float(f["global"].y_mean[0]), float(f["global"].y_std[0])) for label, f in self.fits.items()}
+
     def stand_ins(self) -> list[tuple[str, str, int]]:
-        """(family, group, training rows) of every group that had too few rows and is the global expert."""
+        """(family, group, training rows) of every group that had too few rows and is the global expert
+        (the same groups for every label)."""
         return [
             (fam, name, int(f.n_train[g]))
-            for fam, f in self.families.items()
+            for fam, f in next(iter(self.fits.values())).items()
             for g, name in enumerate(f.names)
             if f.fallback and f.fallback[g] == "global"
         ]
 
     def alpha_table(self) -> pd.DataFrame:
-        """One row per expert: training/val counts, chosen alpha, val R^2 at it, fallback."""
+        """One row per label and expert: training/val counts, chosen alpha, val R^2 at it, fallback."""
         rows = []
         alphas = np.asarray(self.config.alphas)
-        for fam, f in self.families.items():
-            for g, name in enumerate(f.names):
-                a = int(np.flatnonzero(alphas == f.alpha[g])[0])
-                r2 = r2_from_sums(f.val_sse[g, a], f.val_sst[g], f.n_val[g])
-                rows.append(
-                    {
-                        "family": fam,
-                        "expert": name,
-                        "n_train": int(f.n_train[g]),
-                        "n_val": int(f.n_val[g]),
-                        "alpha": float(f.alpha[g]),
-                        "val_r2": float(r2),
-                        "fallback": f.fallback[g] if f.fallback else "",
-                    }
-                )
+        for label, fams in self.fits.items():
+            for fam, f in fams.items():
+                for g, name in enumerate(f.names):
+                    a = int(np.flatnonzero(alphas == f.alpha[g])[0])
+                    r2 = r2_from_sums(f.val_sse[g, a], f.val_sst[g], f.n_val[g])
+                    rows.append(
+                        {
+                            "label": label,
+                            "family": fam,
+                            "expert": name,
+                            "n_train": int(f.n_train[g]),
+                            "n_val": int(f.n_val[g]),
+                            "alpha": float(f.alpha[g]),
+                            "val_r2": float(r2),
+                            "fallback": f.fallback[g] if f.fallback else "",
+                        }
+                    )
         return pd.DataFrame(rows)
 
     # ---- persistence --------------------------------------------------------------
     def to_dict(self) -> dict:
-        fams = {}
-        for name, f in self.families.items():
-            fams[name] = {
-                "names": list(f.names),
-                "weight": torch.from_numpy(f.weight),
-                "bias": torch.from_numpy(f.bias),
-                "alpha": torch.from_numpy(np.asarray(f.alpha, float)),
-                "n_train": torch.from_numpy(np.asarray(f.n_train, float)),
-                "n_val": torch.from_numpy(np.asarray(f.n_val, float)),
-                "val_sse": torch.from_numpy(f.val_sse),
-                "val_sst": torch.from_numpy(np.asarray(f.val_sst, float)),
-                "fallback": list(f.fallback),
-            }
-            if f.path_weight is not None:
-                fams[name] |= {
-                    "path_weight": torch.from_numpy(f.path_weight),
-                    "path_bias": torch.from_numpy(f.path_bias),
-                }
+        fits = {label: {name: _family_dict(f) for name, f in fams.items()} for label, fams in self.fits.items()}
         return {
             "version": BUNDLE_VERSION,
-            "families": fams,
+            "labels": list(self.labels),
+            "fits": fits,
             "pca_mean": torch.from_numpy(self.pca_mean),
             "pca_components": torch.from_numpy(self.pca_components),
             "pca_variance": torch.from_numpy(self.pca_variance),
@@ -167,23 +188,9 @@ class ExpertBundle:
         if config is not None and stored_cfg.key_dict() != config.key_dict():
             diff = sorted(k for k, v in config.key_dict().items() if stored_cfg.key_dict().get(k) != v)
             raise ExpertsMismatchError(f"{path}: experts were fitted with another config (differs in {diff})")
-        fams = {}
-        for name, f in d["families"].items():
-            fams[name] = FamilyFit(
-                list(f["names"]),
-                f["weight"].numpy(),
-                f["bias"].numpy(),
-                f["alpha"].numpy(),
-                f["n_train"].numpy(),
-                f["n_val"].numpy(),
-                f["val_sse"].numpy(),
-                f["val_sst"].numpy(),
-                list(f["fallback"]),
-                f["path_weight"].numpy() if "path_weight" in f else None,
-                f["path_bias"].numpy() if "path_bias" in f else None,
-            )
+        fits = {label: {name: _family_from_dict(f) for name, f in d["fits"][label].items()} for label in d["labels"]}
         return cls(
-            fams,
+            fits,
             d["pca_mean"].numpy(),
             d["pca_components"].numpy(),
             d["pca_variance"].numpy(),
@@ -192,6 +199,57 @@ class ExpertBundle:
             stored_cfg,
             json.loads(d["timings"]),
         )
+
+
+def _family_dict(f: FamilyFit) -> dict:
+    """One label's family as tensors and lists (what ``torch.load(weights_only=True)`` reads back)."""
+    out = {
+        "names": list(f.names),
+        "weight": torch.from_numpy(f.weight),
+        "bias": torch.from_numpy(f.bias),
+        "alpha": torch.from_numpy(np.asarray(f.alpha, float)),
+        "n_train": torch.from_numpy(np.asarray(f.n_train, float)),
+        "n_val": torch.from_numpy(np.asarray(f.n_val, float)),
+        "val_sse": torch.from_numpy(f.val_sse),
+        "val_sst": torch.from_numpy(np.asarray(f.val_sst, float)),
+        "fallback": list(f.fallback),
+    }
+    for key in ("path_weight", "path_bias", "y_mean", "y_std"):
+        if getattr(f, key) is not None:
+            out[key] = torch.from_numpy(np.ascontiguousarray(getattr(f, key), dtype=float))
+    return out
+
+
+def _family_from_dict(f: dict) -> FamilyFit:
+    def optional(key: str) -> np.ndarray | None:
+        return f[key].numpy() if key in f else None
+
+    return FamilyFit(
+        list(f["names"]),
+        f["weight"].numpy(),
+        f["bias"].numpy(),
+        f["alpha"].numpy(),
+        f["n_train"].numpy(),
+        f["n_val"].numpy(),
+        f["val_sse"].numpy(),
+        f["val_sst"].numpy(),
+        list(f["fallback"]),
+        optional("path_weight"),
+        optional("path_bias"),
+        optional("y_mean"),
+        optional("y_std"),
+    )
+
+
+def wide_alpha_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The alpha table with one row per expert and, per label, its alpha and validation R^2 side by side."""
+    keys = ["family", "expert", "n_train", "n_val", "fallback"]
+    labels = list(dict.fromkeys(table["label"]))
+    wide = table.pivot(index=keys, columns="label", values=["alpha", "val_r2"])
+    wide = wide[[(what, label) for label in labels for what in ("alpha", "val_r2")]]
+    wide.columns = [f"{what} {label}" for what, label in wide.columns]
+    order = table[table["label"] == labels[0]].set_index(keys).index  # the families' order, not sorted
+    return wide.reindex(order).reset_index().set_index(["family", "expert"])
 
 
 def default_dir(data_dir: str | os.PathLike) -> Path:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from moe.data import ranks
 from moe.data.folder import SpectraFolder
-from moe.experts.bundle import ExpertBundle, default_path
+from moe.data.labels import check_labels
+from moe.experts.bundle import ExpertBundle, default_path, wide_alpha_table
 from moe.experts.fit import FitConfig, refuse_fallbacks
 from moe.experts.isolated import fit_in_child
 
@@ -34,14 +35,15 @@ def load_or_fit(
         bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
         refuse_fallbacks(bundle.stand_ins(), cfg)
     else:
+        check_labels(folder.train_set, folder.val_set, cfg.labels)  # a label mistake before the child starts
         if rank == 0:
-            log.info("fitting experts (%s) -> %s", ", ".join(cfg.families), target)
+            log.info("fitting experts (%s; labels %s) -> %s", ", ".join(cfg.families), ", ".join(cfg.labels), target)
         folder.noisy_caches("val", shared=True)  # the alphas are chosen on it: its rows split over the ranks too
         fit_in_child(folder, cfg, target, progress)
         ranks.barrier()  # rank 0's child has written the bundle
         bundle = ExpertBundle.load(target, folder.fingerprint(), cfg)
         if rank == 0:
-            log.info("experts saved to %s\n%s", target, bundle.alpha_table().to_string(index=False))
+            log.info("experts saved to %s\n%s", target, wide_alpha_table(bundle.alpha_table()).to_string())
     for fam, name, n in bundle.stand_ins() if rank == 0 else ():
         log.info(
             "expert %s/%s has %d training rows, fewer than %d: the global expert stands in for it "

@@ -1,8 +1,8 @@
 """Oracle-routed evaluation of expert families on a pre-noised split.
 
 Each sample is sent to the expert of its true group (global / physical bin / SNR bin /
-cell). Reports R^2, MAE, RMSE overall and per group with counts, and the spread of the
-z-scores ``(prediction - log g) / sqrt(Var_k)`` where ``Var_k = noise_level^2 sum_i (w_ki error_i)^2``
+cell), for one label of the bundle (log g by default). Reports R^2, MAE, RMSE overall and per group
+with counts, and the spread of the z-scores ``(prediction - label) / sqrt(Var_k)`` where ``Var_k = noise_level^2 sum_i (w_ki error_i)^2``
 is the expert's predictive variance under the noise. The spread exceeds 1 because the
 experts are biased (the variance covers the noise only).
 """
@@ -27,7 +27,7 @@ from moe.experts.scores import regression_metrics
 class OracleResult:
     """Per-sample oracle predictions of each family on one split."""
 
-    y: np.ndarray  # [N]
+    y: np.ndarray  # [N] the label's true values
     snr: np.ndarray  # [N]
     snr_bin: np.ndarray  # [N]
     phys_bin: np.ndarray  # [N]
@@ -36,21 +36,25 @@ class OracleResult:
 
 
 def oracle_predictions(
-    folder: SpectraFolder, bundle: ExpertBundle, split: str = "test", families: tuple[str, ...] | None = None
+    folder: SpectraFolder,
+    bundle: ExpertBundle,
+    split: str = "test",
+    families: tuple[str, ...] | None = None,
+    label: str = "log_g",
 ) -> OracleResult:
-    """One pass over ``split``: each family's oracle-routed prediction and predictive variance."""
-    families = families or tuple(bundle.families)
-    experts = {f: bundle.experts(f).double() for f in families}
+    """One pass over ``split``: each family's oracle-routed prediction of ``label`` and predictive variance."""
+    families = families or bundle.family_names
+    experts = {f: bundle.experts(f, label).double() for f in families}
     ys, snr, sb, pb, preds, vars_ = [], [], [], [], {f: [] for f in families}, {f: [] for f in families}
     with torch.no_grad():
-        for batch in folder.stream(split, batch_size=1024):
+        for batch in folder.stream(split, batch_size=1024, labels=bundle.labels):
             flux, err = batch["flux"].double(), batch["error"].double()
             for f, module in experts.items():
                 g = groups.group_of(f, batch["phys_bin"], batch["snr_bin"])
                 rows = torch.arange(len(g))
                 preds[f].append(module(flux)[rows, g].numpy())
                 vars_[f].append(module.predictive_variance(err, folder.noise_level)[rows, g].numpy())
-            ys.append(batch["log_g"].double().numpy())
+            ys.append(batch[label].double().numpy())
             snr.append(batch["snr"].double().numpy())
             sb.append(batch["snr_bin"].numpy())
             pb.append(batch["phys_bin"].numpy())

@@ -1,11 +1,16 @@
 """Fit every expert family from one streamed pass over the training split.
 
+Every label of ``FitConfig.labels`` (log g, T_eff, [M/H], any numeric parameter column; checked first,
+:func:`moe.data.labels.check_labels`) is fitted from the same passes:
+
 1. One pass accumulates per-cell statistics (:mod:`moe.experts.stats`) of the training
    flux -- clean (``noise_mode='marginal'``, the noise enters in closed form), one noise
-   draw per spectrum (``'single'``) or ``n_draws`` draws (``'augment'``).
-2. Every group of every family is solved for the whole alpha sweep (:mod:`moe.experts.ridge`).
-3. One pass over the pre-noised validation split scores every (group, alpha) on the
-   group's own samples; each group keeps its best alpha. The 36 ``cells`` experts are
+   draw per spectrum (``'single'``) or ``n_draws`` draws (``'augment'``) -- with every label's
+   ``Xᵀy``, ``Σy``, ``Σy²`` beside the one Gram.
+2. Every group of every family is solved for the whole alpha sweep, every label from the same
+   factorisations (:mod:`moe.experts.ridge`).
+3. One pass over the pre-noised validation split scores every (group, alpha, label) on the
+   group's own samples; each group keeps its best alpha per label. The 36 ``cells`` experts are
    shrunk toward their selected physical expert (``w = argmin |y - Xw|^2 + a |w - w_phys|^2``)
    with one alpha per SNR bin, pooled over its nine cells.
 4. The global group's (noisy-flux) covariance gives the PCA basis of the physics features.
@@ -31,7 +36,9 @@ from scipy.sparse.linalg import eigsh
 
 from moe.data import bins, ranks
 from moe.data.folder import SpectraFolder
+from moe.data.labels import check_labels
 from moe.data.noise import add_noise_np
+from moe.data.shards import LABEL_COLUMNS
 from moe.data.stream import SpectraStream
 from moe.experts import groups
 from moe.experts.ridge import DEFAULT_ALPHAS, METHODS, best_alpha_index, fit_sweep
@@ -53,6 +60,9 @@ class FitConfig:
     Any other short group takes the global expert (its ``fallback`` note says so). Either way a fit that
     succeeds holds the same experts, so ``required`` is not part of the cache key; a cached bundle is
     checked against it when loaded (:func:`refuse_fallbacks`).
+
+    ``labels``: the parameter-table columns fitted, each with its own experts and alphas (asked twice,
+    fitted once).
     """
 
     families: tuple[str, ...] = ("global", "phys", "snr")
@@ -67,9 +77,12 @@ class FitConfig:
     n_pca: int = 4
     block_rows: int = 4096
     seed: int = 0
+    labels: tuple[str, ...] = LABEL_COLUMNS
 
     def __post_init__(self):
         object.__setattr__(self, "families", groups.check_families(self.families))
+        labels = (self.labels,) if isinstance(self.labels, str) else self.labels
+        object.__setattr__(self, "labels", tuple(dict.fromkeys(str(label) for label in labels)))
         object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
         if self.required is not None:
             object.__setattr__(self, "required", groups.check_families(self.required))
@@ -101,7 +114,7 @@ class FitConfig:
 
 @dataclass
 class FamilyFit:
-    """The selected experts of one family and how they were chosen."""
+    """The selected experts of one family for one label and how they were chosen."""
 
     names: list[str]
     weight: np.ndarray  # [G, D] raw units
@@ -114,6 +127,8 @@ class FamilyFit:
     fallback: list[str] = field(default_factory=list)  # per group: '' or what it fell back to
     path_weight: np.ndarray | None = None  # [G, A, D] every alpha of the sweep (raw units)
     path_bias: np.ndarray | None = None  # [G, A]
+    y_mean: np.ndarray | None = None  # [G] the label's mean over the group's training rows
+    y_std: np.ndarray | None = None  # [G] its (population) standard deviation there
 
 
 class GroupTooSmallError(ValueError):
@@ -165,14 +180,21 @@ def refuse_fallbacks(found: list[tuple[str, str, int]], cfg: FitConfig) -> None:
 
 
 def training_stream(folder: SpectraFolder, cfg: FitConfig) -> SpectraStream:
-    return SpectraStream(folder.train_set, cfg.block_rows, folder.noise_level, cfg.block_rows, shuffle=False)
+    return SpectraStream(
+        folder.train_set, cfg.block_rows, folder.noise_level, cfg.block_rows, shuffle=False, labels=cfg.labels
+    )
+
+
+def label_matrix(batch: dict, labels: tuple[str, ...]) -> np.ndarray:
+    """The label columns of a batch (numpy arrays) as one float64 [m, L] matrix, in ``labels`` order."""
+    return np.stack([np.asarray(batch[label], dtype=np.float64) for label in labels], axis=1)
 
 
 def training_blocks(folder: SpectraFolder, cfg: FitConfig, partition: str) -> Iterator[tuple]:
-    """(x [m, D], error, y, cell) blocks of this rank's share of the training split."""
+    """(x [m, D], error, y [m, L], cell) blocks of this rank's share of the training split."""
     for b in training_stream(folder, cfg).rank_blocks():
         cell = groups.cell_index(partition, b["phys_bin"], b["snr_bin"])
-        y = b["log_g"].astype(np.float64)
+        y = label_matrix(b, cfg.labels)
         if cfg.noise_mode == "marginal":
             yield b["flux"], b["error"], y, cell
             continue
@@ -196,6 +218,7 @@ def accumulate_stats(folder: SpectraFolder, cfg: FitConfig, progress: bool = Tru
         total=own * draws,
         progress=progress,
         shift=ranks.broadcast(shift),
+        n_labels=len(cfg.labels),
     )
     return stats.all_reduce(), partition
 
@@ -225,19 +248,21 @@ def _paths(
     prior: list | None = None,
     solver: dict | None = None,
 ) -> dict[str, tuple]:
-    """Every group x alpha of ``families``: per family (weight [G, A, D], bias [G, A], n [G], fallback notes).
+    """Every group x alpha x label of ``families``: per family (weight [G, A, L, D], bias [G, A, L], n [G],
+    fallback notes, label mean [G, L], label std [G, L]).
 
     The solves are dealt out over the ranks round-robin and each result is broadcast from the rank that
     solved it (collective). A group too small takes the global expert (``fallback``) or, for ``cells``,
-    its ``prior`` physical expert. ``solver`` (a dict) accumulates ``systems``, ``factorizations`` and
-    ``cg_steps``.
+    its ``prior`` physical expert (per physical bin: weight [L, D], bias [L]). ``solver`` (a dict)
+    accumulates ``systems``, ``factorizations`` and ``cg_steps``.
     """
-    d, a = stats.n_pixels, len(cfg.alphas)
+    d, a, n_labels = stats.n_pixels, len(cfg.alphas), stats.n_labels
     out, solve = {}, []
     for family in families:
         names, cells = groups.group_names(family), groups.members(family, partition)
-        weight, bias = np.zeros((len(cells), a, d)), np.zeros((len(cells), a))
+        weight, bias = np.zeros((len(cells), a, n_labels, d)), np.zeros((len(cells), a, n_labels))
         n = np.array([stats.n[c].sum() for c in cells])
+        mean, std = _label_moments(n, [stats.sy[c].sum(0) for c in cells], [stats.syy[c].sum(0) for c in cells])
         notes = [""] * len(cells)
         for g in range(len(cells)):
             if family == "cells":
@@ -255,7 +280,7 @@ def _paths(
                     f"{FLAGS_HINT}"
                 )
             solve.append((family, g))
-        out[family] = (weight, bias, n, notes)
+        out[family] = (weight, bias, n, notes, mean, std)
     rank, world = ranks.rank_world()
     done = np.zeros(3)  # systems, factorizations, CG steps
     for j, (family, g) in enumerate(solve):
@@ -266,7 +291,7 @@ def _paths(
             out[family][0][g], out[family][1][g], _ = fit_sweep(
                 stats.group(cells), cfg.alphas, noise_var, parent, cfg.method, info
             )
-            done += (len(cfg.alphas), info["factorizations"], sum(info["iterations"]))
+            done += (len(cfg.alphas) * n_labels, info["factorizations"], sum(info["iterations"]))
     for j, (family, g) in enumerate(solve):
         ranks.broadcast_array(out[family][0][g], src=j % world)
         ranks.broadcast_array(out[family][1][g], src=j % world)
@@ -280,8 +305,19 @@ def _paths(
     return out
 
 
-def validation_sse(folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple]:
-    """One pass over the pre-noised val split: per family, (sse [G, A], n [G], sst [G]).
+def _label_moments(n: np.ndarray, sy: list, syy: list) -> tuple[np.ndarray, np.ndarray]:
+    """Per group and label, the mean and population std [G, L] from the count [G] and sums; NaN without rows."""
+    sy, syy, n = np.asarray(sy, dtype=np.float64), np.asarray(syy, dtype=np.float64), n[:, None]
+    mean = np.divide(sy, n, out=np.full_like(sy, np.nan), where=n > 0)
+    var = np.divide(syy - sy * mean, n, out=np.full_like(sy, np.nan), where=n > 0)
+    return mean, np.sqrt(np.clip(var, 0.0, None))
+
+
+def validation_sse(
+    folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.ndarray]], labels: tuple[str, ...]
+) -> dict[str, tuple]:
+    """One pass over the pre-noised val split: per family, (sse [G, L, A], n [G], sst [G, L]) for the
+    paths' (weight [G, A, L, D], bias [G, A, L]) of ``labels``.
 
     Each rank reads its share of the rows and the sums are added up over the ranks (collective), so every
     rank picks the same alphas.
@@ -290,39 +326,40 @@ def validation_sse(folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.
     flat_w = np.concatenate([paths[f][0].reshape(-1, paths[f][0].shape[-1]) for f in fams])
     flat_b = np.concatenate([paths[f][1].reshape(-1) for f in fams])
     offsets = np.cumsum([0] + [paths[f][1].size for f in fams])
-    out = {
-        f: [
-            np.zeros(paths[f][1].shape),
-            np.zeros(paths[f][1].shape[0]),
-            np.zeros(paths[f][1].shape[0]),
-            np.zeros(paths[f][1].shape[0]),
+    out = {}
+    for f in fams:
+        g_count, a_count, l_count = paths[f][1].shape
+        out[f] = [
+            np.zeros((g_count, a_count, l_count)),
+            np.zeros(g_count),
+            np.zeros((g_count, l_count)),
+            np.zeros((g_count, l_count)),
         ]
-        for f in fams
-    }
-    for tensors in folder.stream("val", batch_size=2048):  # this rank's rows (all of them in one process)
+    for tensors in folder.stream("val", batch_size=2048, labels=labels):  # this rank's rows (all in one process)
         batch = {k: v.numpy() for k, v in tensors.items()}
         x = batch["flux"].astype(np.float64)
-        y = batch["log_g"].astype(np.float64)
+        y = label_matrix(batch, labels)  # [N, L]
         pred = x @ flat_w.T + flat_b
         for i, f in enumerate(fams):
-            g_count, a_count = paths[f][1].shape
-            p = pred[:, offsets[i] : offsets[i + 1]].reshape(-1, g_count, a_count)
+            g_count, a_count, l_count = paths[f][1].shape
+            p = pred[:, offsets[i] : offsets[i + 1]].reshape(-1, g_count, a_count, l_count)
             grp = groups.group_of(f, batch["phys_bin"], batch["snr_bin"])
-            own = p[np.arange(len(y)), grp]  # [N, A]
-            np.add.at(out[f][0], grp, (own - y[:, None]) ** 2)
+            own = p[np.arange(len(y)), grp]  # [N, A, L]
+            np.add.at(out[f][0], grp, (own - y[:, None, :]) ** 2)
             np.add.at(out[f][1], grp, 1.0)
             np.add.at(out[f][2], grp, y)
             np.add.at(out[f][3], grp, y**2)
     res = {}
     for f, sums in out.items():
         sse, n, sy, syy = (ranks.all_reduce_sum(v) for v in sums)
-        sst = syy - np.divide(sy**2, n, out=np.zeros_like(sy), where=n > 0)
-        res[f] = (sse, n, sst)
+        sst = syy - np.divide(sy**2, n[:, None], out=np.zeros_like(sy), where=n[:, None] > 0)
+        res[f] = (np.ascontiguousarray(sse.transpose(0, 2, 1)), n, sst)
     return res
 
 
 def _select(family: str, sse: np.ndarray, n_val: np.ndarray) -> np.ndarray:
-    """Index of the chosen alpha per group: own val samples; cells pooled per SNR bin; no val -> pooled."""
+    """Index of the chosen alpha per group (one label's ``sse`` [G, A]): own val samples; cells pooled per SNR bin;
+    no val -> pooled."""
     pooled = best_alpha_index(sse.sum(0))
     if family == "cells":
         per_snr = [best_alpha_index(sse[s :: bins.N_SNR_BINS].sum(0)) for s in range(bins.N_SNR_BINS)]
@@ -330,9 +367,35 @@ def _select(family: str, sse: np.ndarray, n_val: np.ndarray) -> np.ndarray:
     return np.array([best_alpha_index(sse[g]) if n_val[g] > 0 else pooled for g in range(sse.shape[0])])
 
 
-def _family_fit(family: str, path, n_train, notes, val, alphas, global_idx: int | None = None) -> FamilyFit:
-    """The selected experts of ``family``; a group standing in with the global expert (note 'global') takes
-    the global expert's alpha ``global_idx`` -- the global expert itself, not an alpha picked on its few rows."""
+def _family_fits(
+    family: str, path, count, val, alphas, labels: tuple[str, ...], global_alpha: dict[str, float] | None = None
+) -> dict[str, FamilyFit]:
+    """Per label, the selected experts of ``family`` (:func:`_family_fit`) from the joint path (weight [G, A, L, D],
+    bias [G, A, L]), counts (n [G], notes, mean [G, L], std [G, L]) and validation sums (sse [G, L, A], n [G],
+    sst [G, L]); ``global_alpha``: each label's global alpha, for the groups the global expert stands in for."""
+    weight, bias = path
+    n_train, notes, mean, std = count
+    sse, n_val, sst = val
+    out = {}
+    for j, label in enumerate(labels):
+        g_idx = None if global_alpha is None else list(alphas).index(global_alpha[label])
+        out[label] = _family_fit(
+            family,
+            label,
+            (np.ascontiguousarray(weight[:, :, j]), np.ascontiguousarray(bias[:, :, j])),
+            n_train,
+            notes,
+            (sse[:, j], n_val, sst[:, j]),
+            alphas,
+            g_idx,
+        )
+        out[label].y_mean, out[label].y_std = mean[:, j].copy(), std[:, j].copy()
+    return out
+
+
+def _family_fit(family: str, label: str, path, n_train, notes, val, alphas, global_idx: int | None = None) -> FamilyFit:
+    """The selected experts of ``family`` for ``label``; a group standing in with the global expert (note 'global')
+    takes the global expert's alpha ``global_idx`` -- the global expert itself, not an alpha picked on its few rows."""
     weight, bias = path
     sse, n_val, sst = val
     idx = _select(family, sse, n_val)
@@ -340,7 +403,7 @@ def _family_fit(family: str, path, n_train, notes, val, alphas, global_idx: int 
     if global_idx is not None:
         idx[stand_in] = global_idx
     g = np.arange(weight.shape[0])
-    _warn_at_grid_edge(family, np.where(stand_in, -1, idx), alphas, sse, sst)
+    _warn_at_grid_edge(family, label, np.where(stand_in, -1, idx), alphas, sse, sst)
     return FamilyFit(
         groups.group_names(family),
         weight[g, idx],
@@ -348,15 +411,15 @@ def _family_fit(family: str, path, n_train, notes, val, alphas, global_idx: int 
         np.asarray(alphas)[idx],
         n_train,
         n_val,
-        sse,
-        sst,
+        np.ascontiguousarray(sse),
+        np.ascontiguousarray(sst),
         notes,
         weight,
         bias,
     )
 
 
-def _warn_at_grid_edge(family: str, idx: np.ndarray, alphas, sse: np.ndarray, sst: np.ndarray) -> None:
+def _warn_at_grid_edge(family: str, label: str, idx: np.ndarray, alphas, sse: np.ndarray, sst: np.ndarray) -> None:
     """One warning per expert whose chosen alpha is the smallest or largest of the sweep while the
     validation R^2 still improves there (by more than ``EDGE_GAIN`` over the neighbouring alpha).
 
@@ -375,11 +438,12 @@ def _warn_at_grid_edge(family: str, idx: np.ndarray, alphas, sse: np.ndarray, ss
         if gain > EDGE_GAIN:
             low = i == order[0]
             log.warning(
-                "expert %s/%s: the validation chose alpha %g, the %s of the sweep, and R^2 still gains %.1e "
+                "expert %s/%s for %s: the validation chose alpha %g, the %s of the sweep, and R^2 still gains %.1e "
                 "there; the best alpha may lie %s it (widen the sweep: --model.expert_alphas, or --alphas of "
                 "the experts command)",
                 family,
                 name,
+                label,
                 alphas[i],
                 "smallest" if low else "largest",
                 gain,
@@ -406,11 +470,13 @@ def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, n
 
 
 def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
-    """Run the whole fit: (families {name: FamilyFit}, (pca mean, components, variances), timings).
+    """Run the whole fit: (fits {label: {family: FamilyFit}}, (pca mean, components, variances), timings).
 
-    In this process; the cached path (:func:`moe.experts.cache.load_or_fit`) runs it in a child process
-    with the heap setting of :data:`moe.experts.isolated.HEAP_ENV`."""
+    The labels are checked against the shards first (:func:`moe.data.labels.check_labels`). In this process;
+    the cached path (:func:`moe.experts.cache.load_or_fit`) runs it in a child process with the heap setting
+    of :data:`moe.experts.isolated.HEAP_ENV`."""
     t0 = time.perf_counter()
+    check_labels(folder.train_set, folder.val_set, cfg.labels)
     stats, partition = accumulate_stats(folder, cfg, progress)
     check_group_sizes(stats, partition, cfg)
     t1 = time.perf_counter()
@@ -419,29 +485,39 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
     fams = [f for f in ("global", "phys", "snr") if f in cfg.families]
     _say(
         progress,
-        "solving %s for %d alpha values each",
+        "solving %s for %d alpha values and %d label%s each",
         ", ".join(f"{groups.FAMILY_SIZES[f]} {f} expert{'s' if groups.FAMILY_SIZES[f] > 1 else ''}" for f in fams),
         len(cfg.alphas),
+        len(cfg.labels),
+        "s" if len(cfg.labels) > 1 else "",
     )
     paths, counts = {}, {}
     for fam, result in _paths(stats, partition, fams, cfg, noise_var, solver=solver).items():
         paths[fam], counts[fam] = _split(result)
     t2 = time.perf_counter()
-    _say(progress, "choosing each expert's alpha on the validation split")
-    val = validation_sse(folder, paths)
-    fits = {}
+    _say(progress, "choosing each expert's alpha per label on the validation split")
+    val = validation_sse(folder, paths, cfg.labels)
+    fits: dict[str, dict[str, FamilyFit]] = {label: {} for label in cfg.labels}
     for fam in paths:  # global first: its chosen alpha serves the groups it stands in for
-        g_idx = None if fam == "global" else list(cfg.alphas).index(fits["global"].alpha[0])
-        fits[fam] = _family_fit(fam, paths[fam], *counts[fam], val[fam], cfg.alphas, g_idx)
+        g_alpha = None if fam == "global" else {label: fits[label]["global"].alpha[0] for label in cfg.labels}
+        for label, fit in _family_fits(fam, paths[fam], counts[fam], val[fam], cfg.alphas, cfg.labels, g_alpha).items():
+            fits[label][fam] = fit
     t3 = time.perf_counter()
     if "cells" in cfg.families:
-        prior = [(fits["phys"].weight[k], fits["phys"].bias[k]) for k in range(bins.N_PHYS_BINS)]
+        prior = [
+            (
+                np.stack([fits[label]["phys"].weight[k] for label in cfg.labels]),
+                np.array([fits[label]["phys"].bias[k] for label in cfg.labels]),
+            )
+            for k in range(bins.N_PHYS_BINS)
+        ]
         _say(
             progress, "solving the %d cell experts (shrunk toward their physical expert)", groups.FAMILY_SIZES["cells"]
         )
         cpath, ccount = _split(_paths(stats, partition, ["cells"], cfg, noise_var, prior=prior, solver=solver)["cells"])
-        cval = validation_sse(folder, {"cells": cpath})["cells"]
-        fits["cells"] = _family_fit("cells", cpath, *ccount, cval, cfg.alphas)
+        cval = validation_sse(folder, {"cells": cpath}, cfg.labels)["cells"]
+        for label, fit in _family_fits("cells", cpath, ccount, cval, cfg.alphas, cfg.labels).items():
+            fits[label]["cells"] = fit
     t4 = time.perf_counter()
     pca = pca_basis(stats, noise_var, cfg.n_pca)
     t5 = time.perf_counter()
@@ -455,5 +531,5 @@ def _say(progress: bool, message: str, *args) -> None:
 
 
 def _split(result):
-    weight, bias, n, notes = result
-    return (weight, bias), (n, notes)
+    weight, bias, n, notes, mean, std = result
+    return (weight, bias), (n, notes, mean, std)

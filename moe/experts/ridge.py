@@ -11,6 +11,10 @@ For one group with statistics from :mod:`moe.experts.stats`:
 - ``Z^T Z = S' / (scale scale^T)``, ``Z^T y = (xty - sx * ybar) / scale``; the coefficients
   ``w_a = (Z^T Z + a I)^{-1} (Z^T y + a m)`` for every ``a`` of the sweep, where ``m`` is an
   optional prior mean (shrinkage toward a parent expert; 0 for plain Ridge).
+- Labels: ``y`` has L columns (log g, T_eff, [M/H], ...). ``Z^T Z`` is shared, so every
+  factorisation below serves all L right-hand sides; each label's solution follows exactly the
+  path its own one-label solve would (the same factors at the same alphas, the same steps), so
+  a label's experts do not depend on which other labels were fitted with it.
 - The sweep costs either float32 Cholesky factors used as preconditioners of a float64 CG
   (:func:`_pcg`; float64 accuracy, falling back to a float64 Cholesky when float32 cannot
   carry the system) -- alphas in ascending order, each factor reused for the next alphas
@@ -55,9 +59,9 @@ class Standardized:
     mean: np.ndarray  # [D] raw-unit feature mean
     scale: np.ndarray  # [D] raw-unit feature std (1 for constant features)
     gram: np.ndarray  # [D, D] Z^T Z
-    zty: np.ndarray  # [D] Z^T (y - ybar)
-    ybar: float
-    syy: float  # sum (y - ybar)^2
+    zty: np.ndarray  # [L, D] Z^T (y - ybar), one row per label
+    ybar: np.ndarray  # [L]
+    syy: np.ndarray  # [L] sum (y - ybar)^2
 
 
 def standardize(stats: CellStats, noise_var: float = 0.0) -> Standardized:
@@ -80,12 +84,12 @@ def standardize(stats: CellStats, noise_var: float = 0.0) -> Standardized:
     eps = np.finfo(np.float64).eps
     constant = var <= n * eps * var + (n * mean * eps) ** 2
     scale = np.where(constant, 1.0, np.sqrt(var))
-    ybar = float(stats.sy[0] / n)
+    ybar = stats.sy[0] / n  # [L]
     inv = 1.0 / scale
     gram *= inv[:, None]
     gram *= inv[None, :]
-    zty = (stats.xty[0] - sx * ybar) / scale
-    syy = float(stats.syy[0] - n * ybar**2)
+    zty = (stats.xty[0] - ybar[:, None] * sx[None, :]) / scale  # [L, D]
+    syy = stats.syy[0] - n * ybar**2
     return Standardized(n, mean, scale, gram, zty, ybar, syy)
 
 
@@ -96,53 +100,75 @@ def solve_path(
     method: str = "auto",
     info: dict | None = None,
 ) -> np.ndarray:
-    """Standardised coefficients for every alpha: [A, D].
+    """Standardised coefficients for every alpha and label: [A, L, D].
 
-    ``info`` (a dict, optional) receives ``factorizations`` (float32 Cholesky factors made)
-    and ``iterations`` (CG steps per alpha, in the order given).
+    ``prior`` [L, D] (standardised) is each label's prior mean. ``info`` (a dict, optional) receives
+    ``factorizations`` (float32 Cholesky factors made, each serving every label) and ``iterations``
+    (CG steps per alpha, summed over the labels, in the order given).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     alphas = np.asarray(alphas, dtype=np.float64)
     if (alphas <= 0).any():
         raise ValueError(f"alphas must be positive, got {alphas.tolist()}")
-    d = std.gram.shape[0]
-    m = np.zeros(d) if prior is None else np.asarray(prior, dtype=np.float64)
+    n_labels, d = std.zty.shape
+    m = np.zeros((n_labels, d)) if prior is None else np.asarray(prior, dtype=np.float64).reshape(n_labels, d)
     if method == "auto":
         method = "eigh" if alphas.size > EIGH_BREAKEVEN else "cholesky"
+    out = np.empty((alphas.size, n_labels, d))
+    steps = np.zeros((alphas.size, n_labels), dtype=np.int64)
+    eigh_labels = list(range(n_labels)) if method == "eigh" else []
+    made = 0
     if method == "cholesky":
-        out = np.empty((alphas.size, d))
-        steps = np.zeros(alphas.size, dtype=np.int64)
-        factor, made, prev = None, 0, None
+        # per label the factor it is on and its last solution, exactly as a one-label solve would keep them;
+        # a factor made at an alpha serves every label that needs one there (in practice: all, the same ones)
+        factor: list[_Float32Cholesky | None] = [None] * n_labels
+        prev: list[np.ndarray | None] = [None] * n_labels
         gram_norm = float(np.linalg.norm(std.gram))
         for i in np.argsort(alphas):  # ascending: each factor preconditions the larger alphas after it
-            a, rhs = alphas[i], std.zty + alphas[i] * m
-            x = None if factor is None else _pcg(std.gram, gram_norm, a, rhs, factor, prev, REUSE_STEPS)
-            if x is None:
-                factor = _Float32Cholesky.of(std.gram, a)
-                made += factor is not None
-                x = None if factor is None else _pcg(std.gram, gram_norm, a, rhs, factor, prev, FRESH_STEPS)
-            if x is None:  # float32 cannot carry this system: plain float64 Cholesky
-                factor = None
-                work = std.gram.copy()
-                work[np.diag_indices(d)] += a
-                try:
-                    f64 = sla.cho_factor(work.T, lower=False, overwrite_a=True, check_finite=False)
-                except np.linalg.LinAlgError:
-                    return solve_path(std, alphas, prior, "eigh", info)
-                x = (sla.cho_solve(f64, rhs, check_finite=False), 0)
-            out[i], steps[i] = x
-            prev = out[i]
-        if info is not None:
-            info.update(factorizations=made, iterations=steps.tolist())
-        return out
-    lam, vec = sla.eigh(std.gram, driver="evd", check_finite=False)
-    lam = np.clip(lam, 0.0, None)
-    vb, vm = vec.T @ std.zty, vec.T @ m
-    coef = (vb[None, :] + alphas[:, None] * vm[None, :]) / (lam[None, :] + alphas[:, None])
+            a = alphas[i]
+            fresh, f64 = _NOT_MADE, None  # this alpha's float32 factor and float64 Cholesky, made when first needed
+            for j in range(n_labels):
+                if j in eigh_labels:
+                    continue
+                rhs = std.zty[j] + a * m[j]
+                x = None if factor[j] is None else _pcg(std.gram, gram_norm, a, rhs, factor[j], prev[j], REUSE_STEPS)
+                if x is None:
+                    if fresh is _NOT_MADE:
+                        fresh = _Float32Cholesky.of(std.gram, a)
+                        made += fresh is not None
+                    factor[j] = fresh
+                    x = None if fresh is None else _pcg(std.gram, gram_norm, a, rhs, fresh, prev[j], FRESH_STEPS)
+                if x is None:  # float32 cannot carry this system: plain float64 Cholesky
+                    factor[j] = None
+                    if f64 is None:
+                        work = std.gram.copy()
+                        work[np.diag_indices(d)] += a
+                        try:
+                            f64 = sla.cho_factor(work.T, lower=False, overwrite_a=True, check_finite=False)
+                        except np.linalg.LinAlgError:
+                            f64 = _SINGULAR
+                    if f64 is _SINGULAR:  # this label's whole sweep by the eigendecomposition, as alone
+                        eigh_labels.append(j)
+                        continue
+                    x = (sla.cho_solve(f64, rhs, check_finite=False), 0)
+                out[i, j], steps[i, j] = x
+                prev[j] = out[i, j]
+    if eigh_labels:
+        lam, vec = sla.eigh(std.gram, driver="evd", check_finite=False)
+        lam = np.clip(lam, 0.0, None)
+        for j in eigh_labels:
+            vb, vm = vec.T @ std.zty[j], vec.T @ m[j]
+            coef = (vb[None, :] + alphas[:, None] * vm[None, :]) / (lam[None, :] + alphas[:, None])
+            out[:, j] = coef @ vec.T
+            steps[:, j] = 0
     if info is not None:
-        info.update(factorizations=0, iterations=[0] * alphas.size)
-    return coef @ vec.T
+        info.update(factorizations=made, iterations=steps.sum(1).tolist())
+    return out
+
+
+_NOT_MADE = object()  # no float32 factor tried yet at this alpha
+_SINGULAR = object()  # the float64 Cholesky failed at this alpha
 
 
 # A CG step (a float32 triangular solve pair + a float64 mat-vec, 0.008 s at D = 4096 on
@@ -236,8 +262,8 @@ def _pcg(
 
 
 def to_raw(coef: np.ndarray, std: Standardized) -> tuple[np.ndarray, np.ndarray]:
-    """Standardised coefficients [A, D] -> raw-unit (weight [A, D], bias [A])."""
-    weight = coef / std.scale[None, :]
+    """Standardised coefficients [A, L, D] -> raw-unit (weight [A, L, D], bias [A, L])."""
+    weight = coef / std.scale
     return weight, std.ybar - weight @ std.mean
 
 
@@ -254,9 +280,9 @@ def fit_sweep(
     method: str = "auto",
     info: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Standardized]:
-    """One group, every alpha: raw (weight [A, D], bias [A]) and its standardised problem.
+    """One group, every alpha and label: raw (weight [A, L, D], bias [A, L]) and its standardised problem.
 
-    ``prior_weight`` [D] (raw units) shrinks the solution toward a parent expert; ``info``
+    ``prior_weight`` [L, D] (raw units) shrinks each label's solution toward a parent expert; ``info``
     as in :func:`solve_path`.
     """
     std = standardize(stats, noise_var)

@@ -2,8 +2,9 @@
 
 For every cell ``c`` (see :mod:`moe.experts.groups`), in float64:
 
-- ``n[c]``, ``sy[c] = sum y``, ``syy[c] = sum y^2``
-- ``sx[c] = sum (x - shift)``, ``xty[c] = sum (x - shift) y``
+- ``n[c]``, ``sy[c] = sum y``, ``syy[c] = sum y^2`` per label ([C, L]: ``y`` holds L label columns)
+- ``sx[c] = sum (x - shift)``, ``xty[c] = sum y (x - shift)^T`` ([C, L, D]; with ``sx`` one matrix
+  product ``[1, y]^T (x - shift)`` per Gram update, so more labels cost almost nothing next to the Gram)
 - ``xtx[c] = sum (x - shift)(x - shift)^T`` in LAPACK's rectangular full packed (RFP) layout:
   the lower triangle, ``D (D + 1) / 2`` numbers, updated in place by the level-3 ``dsfrk``
   (as fast as ``dsyrk`` on a full matrix, half the memory); :meth:`CellStats.gram` and
@@ -39,24 +40,24 @@ class CellStats:
     """Per-cell sums (leading axis: cell) around a common ``shift`` [D]."""
 
     n: np.ndarray  # [C]
-    sy: np.ndarray  # [C]
-    syy: np.ndarray  # [C]
+    sy: np.ndarray  # [C, L]
+    syy: np.ndarray  # [C, L]
     sx: np.ndarray  # [C, D]
     xtx: np.ndarray  # [C, D (D + 1) / 2] lower triangle, RFP layout (see unpack)
-    xty: np.ndarray  # [C, D]
+    xty: np.ndarray  # [C, L, D]
     se2: np.ndarray  # [C, D]
     shift: np.ndarray  # [D]
 
     @classmethod
-    def zeros(cls, n_cells: int, n_pixels: int, shift: np.ndarray) -> CellStats:
-        c, d = n_cells, n_pixels
+    def zeros(cls, n_cells: int, n_pixels: int, shift: np.ndarray, n_labels: int = 1) -> CellStats:
+        c, d, n_l = n_cells, n_pixels, n_labels
         return cls(
             np.zeros(c),
-            np.zeros(c),
-            np.zeros(c),
+            np.zeros((c, n_l)),
+            np.zeros((c, n_l)),
             np.zeros((c, d)),
             np.zeros((c, d * (d + 1) // 2)),
-            np.zeros((c, d)),
+            np.zeros((c, n_l, d)),
             np.zeros((c, d)),
             np.asarray(shift, dtype=np.float64),
         )
@@ -64,6 +65,10 @@ class CellStats:
     @property
     def n_pixels(self) -> int:
         return self.shift.size
+
+    @property
+    def n_labels(self) -> int:
+        return self.sy.shape[1]
 
     def group(self, cells: np.ndarray) -> CellStats:
         """One group: the sum over ``cells`` (leading axis of size 1)."""
@@ -134,7 +139,7 @@ def symmetrize_lower(a: np.ndarray, block: int = 512) -> None:
 
 
 class StatsAccumulator:
-    """Streams blocks ``(x [m, D], error [m, D], y [m], cell [m])`` into :class:`CellStats`.
+    """Streams blocks ``(x [m, D], error [m, D], y [m, L] (or [m]: one label), cell [m])`` into :class:`CellStats`.
 
     Rows are buffered per cell (float32) and flushed ``flush_rows`` at a time into an in-place
     level-3 rank-k update of the cell's Gram, so updates stay efficient whatever the block size
@@ -151,11 +156,16 @@ class StatsAccumulator:
         products: str = "float64",
         flush_rows: int = 2048,
         shift: np.ndarray | None = None,
+        n_labels: int | None = None,
     ):
         if products not in PRODUCTS:
             raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
         self.n_cells, self.n_pixels, self.products, self.flush_rows = n_cells, n_pixels, products, flush_rows
-        self.stats: CellStats | None = None if shift is None else CellStats.zeros(n_cells, n_pixels, shift)
+        self._shift = shift
+        # with the shift and the label count known, the (zero) sums exist before any row: a rank without rows
+        # still takes part in the all-reduce; else they are made from the first block
+        known = shift is not None and n_labels is not None
+        self.stats: CellStats | None = CellStats.zeros(n_cells, n_pixels, shift, n_labels) if known else None
         self._buf: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_cells)]
         self._buf_rows = np.zeros(n_cells, dtype=np.int64)
 
@@ -163,9 +173,16 @@ class StatsAccumulator:
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.n_pixels:
             raise ValueError(f"block has shape {x.shape}, expected (m, {self.n_pixels})")
+        y = np.asarray(y, dtype=np.float64)
+        y = y[:, None] if y.ndim == 1 else y
+        if y.ndim != 2 or len(y) != len(x):
+            raise ValueError(f"labels have shape {y.shape}, expected ({len(x)}, L)")
         if self.stats is None:
-            self.stats = CellStats.zeros(self.n_cells, self.n_pixels, x.mean(0, dtype=np.float64))
+            shift = x.mean(0, dtype=np.float64) if self._shift is None else self._shift
+            self.stats = CellStats.zeros(self.n_cells, self.n_pixels, shift, y.shape[1])
         s = self.stats
+        if y.shape[1] != s.n_labels:
+            raise ValueError(f"block has {y.shape[1]} label columns, the accumulator {s.n_labels}")
         cell = np.asarray(cell, dtype=np.int64)
         if cell.size == 0:
             return
@@ -176,14 +193,14 @@ class StatsAccumulator:
         # their sums and y-weighted sums come from the same shifted rows (see _gram).
         order = np.argsort(cell, kind="stable")
         xs = np.take(np.asarray(x, dtype=np.float32), order, axis=0)
-        ys = np.asarray(y, dtype=np.float64)[order]
+        ys = y[order]  # [m, L]
         bounds = np.searchsorted(cell[order], np.arange(self.n_cells + 1))
         present = np.flatnonzero(np.diff(bounds))
         starts = bounds[present]
         counts = np.diff(bounds)[present]
         s.n[present] += counts
-        s.sy[present] += np.add.reduceat(ys, starts)
-        s.syy[present] += np.add.reduceat(ys * ys, starts)
+        s.sy[present] += np.add.reduceat(ys, starts, axis=0)
+        s.syy[present] += np.add.reduceat(ys * ys, starts, axis=0)
         # the noise variance per pixel only enters the marginalised diagonal: float32 products
         # suffice; the cell-indicator matrix [cells, m] sums the unsorted rows in one BLAS call
         onehot = (cell[None, :] == present[:, None]).astype(np.float32)
@@ -199,13 +216,16 @@ class StatsAccumulator:
                 self._flush(c)
 
     def _gram(self, c: int, rows: np.ndarray, y: np.ndarray) -> None:
-        """Cell c's sums and Gram from raw float32 rows [m, D] and their labels y [m]."""
+        """Cell c's sums and Gram from raw float32 rows [m, D] and their labels y [m, L]."""
         s = self.stats
         shifted = rows.astype(np.float64)
         shifted -= s.shift
-        sums = np.stack([np.ones(len(y)), y]) @ shifted  # [2, D]: sum(x - shift), sum (x - shift) y
+        ones_y = np.empty((1 + y.shape[1], len(y)))  # [1 + L, m]: one GEMM gives sum(x - shift) and every label's
+        ones_y[0] = 1.0
+        ones_y[1:] = y.T
+        sums = ones_y @ shifted  # [1 + L, D]: sum(x - shift), sum y_l (x - shift) per label
         s.sx[c] += sums[0]
-        s.xty[c] += sums[1]
+        s.xty[c] += sums[1:]
         _gram_update(s.xtx[c], shifted if self.products == "float64" else shifted.astype(np.float32), self.products)
 
     def _flush(self, c: int) -> None:
@@ -230,13 +250,15 @@ def accumulate(
     total: int | None = None,
     progress: bool = True,
     shift: np.ndarray | None = None,
+    n_labels: int | None = None,
 ) -> CellStats:
-    """One pass over ``blocks`` -> per-cell statistics (progress bar in spectra).
+    """One pass over ``blocks`` ``(x [m, D], error [m, D], y [m, L] or [m], cell [m])`` -> per-cell statistics
+    (progress bar in spectra).
 
     ``shift`` [D] defaults to the first block's mean; statistics that will be summed
-    (DDP ranks) must share one shift.
+    (DDP ranks) must share one shift, and give ``n_labels`` (L) so that a rank without rows has sums too.
     """
-    acc = StatsAccumulator(n_cells, n_pixels, products, shift=shift)
+    acc = StatsAccumulator(n_cells, n_pixels, products, shift=shift, n_labels=n_labels)
     with tqdm(total=total, unit="spec", desc="expert statistics", disable=not progress) as bar:
         for x, error, y, cell in blocks:
             acc.update(x, error, y, cell)

@@ -157,7 +157,9 @@ def fit_scalers(
 
 def describe(prepared: Prepared) -> dict:
     """A short, JSON-able account of what was prepared (for logs and reports)."""
-    alphas = {f: sorted(set(np.asarray(v.alpha).tolist())) for f, v in prepared.bundle.families.items()}
+    alphas = {
+        f: sorted(set(np.asarray(prepared.bundle.family(f).alpha).tolist())) for f in prepared.bundle.family_names
+    }
     return {
         "family": prepared.family,
         "experts": prepared.experts.n_experts,
