@@ -31,7 +31,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
+
+from moe.experts.bundle import ExpertBundle
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -97,13 +98,13 @@ def command(step: str, data: Path, ranks: int) -> list[str]:
 
 def compare(data: Path, one: int, other: int) -> dict:
     """The ``other``-rank experts and gate-input caches against the ``one``-rank ones."""
-    a = torch.load(next((data / f"experts.{one}").glob("experts-*.pt")), weights_only=True)["families"]
-    b = torch.load(next((data / f"experts.{other}").glob("experts-*.pt")), weights_only=True)["families"]
+    a, b = (ExpertBundle.load(next((data / f"experts.{n}").glob("experts-*.pt"))) for n in (one, other))
     out = {"weight_rel": 0.0, "alpha_equal": True, "cache_rel": 0.0}
-    for fam in a:
-        wa, wb = a[fam]["weight"].numpy(), b[fam]["weight"].numpy()
-        out["weight_rel"] = max(out["weight_rel"], float(np.abs(wa - wb).max() / np.abs(wa).max()))
-        out["alpha_equal"] &= bool(torch.equal(a[fam]["alpha"], b[fam]["alpha"]))
+    for label, fams in a.fits.items():
+        for fam, fa in fams.items():
+            wa, wb = fa.weight, b.fits[label][fam].weight
+            out["weight_rel"] = max(out["weight_rel"], float(np.abs(wa - wb).max() / np.abs(wa).max()))
+            out["alpha_equal"] &= bool(np.array_equal(fa.alpha, b.fits[label][fam].alpha))
     for path in sorted((data / f"caches.{one}").glob("*/gate_inputs_*.h5")):
         prefix, _, rows = path.name.rsplit("_", 2)  # the map key in the middle differs with the experts' last bits
         twin = next((data / f"caches.{other}" / path.parent.name).glob(f"{prefix}_*_{rows}"), None)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,7 +99,11 @@ def start_ranks(trainer: pl.Trainer, meanwhile: Callable[[], object] = lambda: N
     ):
         meanwhile()
         return
-    strategy.launcher.launch(meanwhile, trainer=trainer)
+    try:
+        strategy.launcher.launch(meanwhile, trainer=trainer)
+    except BaseException:  # e.g. a bad row: the ranks started here would wait for this one -- stop them, say it once
+        strategy.launcher.kill(signal.SIGTERM)
+        raise
     strategy.setup_environment()
 
 

@@ -132,3 +132,35 @@ def test_ddp_two_ranks_prepare_once_and_split_rows_exactly(tmp_path):
     h5 = catalogues["two.h5"].reset_index(drop=True)
     assert list(h5.columns) == list(one.columns) and list(h5["row"]) == list(range(300))
     np.testing.assert_allclose(h5["log_g_pred"], one["log_g_pred"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_bad_row_is_one_error_line(tmp_path):
+    """The row checks run after Lightning starts the other rank (so they overlap its start-up); a bad row still
+    stops the run with one line, the other rank stopped before it says it again."""
+    import h5py
+
+    from moe.data.shards import FLUX_KEY
+
+    data = write_dataset(
+        tmp_path / "d",
+        SynthConfig(n_train=200, n_val=60, n_test=60, shard_size=100, n_pixels=64, seed=7),
+        progress=False,
+    )
+    with h5py.File(data / "val_000" / "dataset.h5", "a") as f:
+        f[FLUX_KEY][3, 5] = np.nan
+    args = ["fit", "--data.data_dir", str(data), "--data.synth", "null", "--trainer.accelerator", "cpu"]
+    args += [
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.default_root_dir",
+        str(tmp_path / "logs"),
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "moe.main", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 2
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("moe: error")]
+    assert len(errors) == 1 and "val_000/dataset.h5: flux NaN or Inf in 1 row (3;" in errors[0], run.stderr[-2000:]

@@ -715,3 +715,9 @@ def test_every_compared_gate_trains_every_seed_and_the_rest_one(computed):
     assert compared and all(seeds[m] == SEEDS for m in compared)
     assert all(seeds[m] == SEEDS[:1] for m in ONE_SEED)
     assert all(seeds[f"{DUAL} [{name}]"] == SEEDS[:1] for name in ABLATIONS)
+
+
+def test_the_experiments_fit_their_experts_for_log_g_only():
+    """Their questions are about log g; each further label would multiply the expert solves of every fit."""
+    fit = ExperimentSettings().fit_config(("global", "phys"))
+    assert fit.labels == ("log_g",) and fit.families == ("global", "phys")
