@@ -50,7 +50,7 @@ from moe.gates.checkpoints import (
 from moe.gates.metrics import summary_table
 from moe.gates.module import GatedMoE
 from moe.gates.quiet import quiet_lightning
-from moe.prepare import attach_inputs, prepare
+from moe.prepare import attach_inputs, prepare, stream_labels
 from moe.prepare.reference import load_or_build
 
 DESCRIPTION = (
@@ -217,6 +217,7 @@ class MoECLI(LightningCLI):
             self._catalogue_reference()
             return
         self.model.load_state_dict(state["state_dict"])
+        stream_labels(self.datamodule, self.model.labels)
         self.model.data_fingerprint = state.get("moe_data_fingerprint") or self.datamodule.fingerprint_hash()
         if self.subcommand == "predict":
             wave = self.model.mixture.physics.wave.cpu().numpy()
@@ -255,11 +256,12 @@ class MoECLI(LightningCLI):
     def _print_table(self) -> None:
         if self.trainer.is_global_zero:
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
-            print(
-                f"\ntest: fusion {self.model.hparams.fusion}, experts {self.model.family} "
-                f"({self.model.mixture.experts.n_experts}), noise_level {self.datamodule.noise_level}"
-            )
-            print(summary_table(metrics))
+            for label in self.model.labels:  # one table per label
+                print(
+                    f"\ntest {label}: fusion {self.model.hparams.fusion}, experts {self.model.family} "
+                    f"({self.model.mixture.experts.n_experts}), noise_level {self.datamodule.noise_level}"
+                )
+                print(summary_table(metrics, label=label))
 
 
 def cli_main(args: list[str] | None = None) -> MoECLI:

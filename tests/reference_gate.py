@@ -50,12 +50,12 @@ def dense_physics(feats: PhysicsFeatures, flux: torch.Tensor) -> torch.Tensor:
 
 def reference_inputs(model, flux: torch.Tensor, error: torch.Tensor) -> dict[str, torch.Tensor]:
     """What a ``GatedMoE`` sees for (noisy) flux [B, D] and error [B, D], computed the first way:
-    raw physics [B, 13] and quality [B, 10] features, experts [B, K], global expert [B],
-    unit-noise expert variances [B, K]."""
+    raw physics [B, 13] and quality [B, 10] features, experts [B, K, L], global expert [B, L],
+    unit-noise expert variances [B, K, L]."""
     return {
         "phys": dense_physics(model.physics, flux),
         "quality": quality_features(error),
         "experts": model.experts(flux),
-        "global": model.global_expert(flux).squeeze(1),
+        "global": model.global_expert(flux)[:, 0],
         "var": model.experts.predictive_variance(error, 1.0),
     }

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from moe.cli import cli_main
-from moe.data.shards import ShardError, find_split, read_block, read_params, read_wave, write_shard
+from moe.data.shards import LABEL_COLUMNS, ShardError, find_split, read_block, read_params, read_wave, write_shard
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "dual_tower.yaml")
 
@@ -56,17 +56,17 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
         "mag",
         "snr",
         "snr_bin",
-        "log_g_pred",
-        "log_g_sigma",
-        *(f"w_{n}" for n in names),
-        *(f"pred_{n}" for n in names),
+        *(f"{label}_{s}" for label in LABEL_COLUMNS for s in ("pred", "sigma")),
+        *(f"w_{label}_{n}" for label in LABEL_COLUMNS for n in names),
+        *(f"pred_{label}_{n}" for label in LABEL_COLUMNS for n in names),
         "n_masked",
         "ood_score",
         "flags",
     ]  # no labels: no truth
     assert (cat["objid"] == np.arange(300) + 10_000).all()
     assert np.isfinite(cat["log_g_pred"]).all() and (cat["log_g_sigma"] > 0).all()
-    np.testing.assert_allclose(cat[[f"w_{n}" for n in names]].sum(1), 1, atol=1e-5)
+    for label in LABEL_COLUMNS:
+        np.testing.assert_allclose(cat[[f"w_{label}_{n}" for n in names]].sum(1), 1, atol=1e-5)
     assert not list(out.parent.glob(".*tmp*"))
 
 
@@ -100,8 +100,8 @@ def _writer_batch(n: int, start: int = 0) -> dict:
         "snr_bin": torch.zeros(n, dtype=torch.long),
         "log_g_pred": torch.full((n,), 3.0),
         "log_g_sigma": torch.full((n,), 0.2),
-        "weights": torch.full((n, 2), 0.5),
-        "expert_preds": torch.full((n, 2), 3.0),
+        "weights": torch.full((n, 1, 2), 0.5),  # [B, L, K]
+        "expert_preds": torch.full((n, 2, 1), 3.0),  # [B, K, L]
         "log_g_true": torch.full((n,), float("nan")),
         "n_masked": torch.zeros(n, dtype=torch.long),
         "ood_score": torch.ones(n),
@@ -129,7 +129,9 @@ def test_catalogue_temp_is_atomic_stale_ones_removed_and_a_full_disk_is_one_erro
     trainer = SimpleNamespace(
         world_size=1, global_rank=0, log_dir=None, default_root_dir=str(tmp_path), datamodule=None
     )
-    module = SimpleNamespace(mixture=SimpleNamespace(experts=SimpleNamespace(names=["a", "b"])))
+    module = SimpleNamespace(
+        mixture=SimpleNamespace(experts=SimpleNamespace(names=["a", "b"]), labels=("log_g",), routing="shared")
+    )
     writer = CatalogueWriter(str(out))
     writer.on_predict_start(trainer, module)
     assert not stale.exists()

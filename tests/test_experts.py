@@ -282,14 +282,15 @@ def test_in_memory_ridge_sweep_chooses_the_alpha_sklearn_scores_best_on_validati
 def test_ridge_experts_module_and_variance():
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(3, 10)), rng.normal(size=3)
-    m = RidgeExperts.from_arrays(w, b, ["a", "b", "c"]).double()
+    m = RidgeExperts.from_arrays(w, b, ["a", "b", "c"]).double()  # [K, D]: one label, log g -> [B, K, 1]
     x = torch.from_numpy(rng.normal(size=(5, 10)))
-    np.testing.assert_allclose(m(x).numpy(), x.numpy() @ w.T + b, rtol=1e-5, atol=1e-6)  # float32 buffers
+    assert m.labels == ("log_g",)
+    np.testing.assert_allclose(m(x)[..., 0].numpy(), x.numpy() @ w.T + b, rtol=1e-5, atol=1e-6)  # float32 buffers
     assert not list(m.parameters()) and {n for n, _ in m.named_buffers()} == {"weight", "bias"}
     err = torch.from_numpy(rng.uniform(0.1, 0.5, (1, 10)))
     draws = torch.from_numpy(rng.standard_normal((200_000, 10)))
-    mc = (m(x[:1] + 0.7 * err * draws)).var(0).numpy()
-    np.testing.assert_allclose(m.predictive_variance(err, 0.7)[0].numpy(), mc, rtol=0.02)
+    mc = (m(x[:1] + 0.7 * err * draws)[..., 0]).var(0).numpy()
+    np.testing.assert_allclose(m.predictive_variance(err, 0.7)[0, :, 0].numpy(), mc, rtol=0.02)
     sd = m.state_dict()
     m2 = RidgeExperts(3, 10).double()
     m2.load_state_dict(sd)

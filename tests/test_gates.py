@@ -12,6 +12,7 @@ import yaml
 
 from moe.cli import cli_main
 from moe.data.datamodule import SpectraDataModule
+from moe.data.shards import LABEL_COLUMNS
 from moe.experts.bundle import ExpertsMismatchError
 from moe.gates import FUSIONS, GatedMoE, normalized_product
 from moe.gates.fusions import ProductGate, TemperatureGate
@@ -58,7 +59,7 @@ def test_fusion_learns_and_experts_stay_frozen(dm, fusion):
     losses = []
     for _ in range(40):
         out = model(batch)
-        loss = torch.nn.functional.mse_loss(out.pred, batch["log_g"])
+        loss = torch.nn.functional.mse_loss(out.pred[:, 0], batch["log_g"])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -67,21 +68,21 @@ def test_fusion_learns_and_experts_stay_frozen(dm, fusion):
     assert torch.equal(model.mixture.experts.weight, experts_before)
     assert model.mixture.experts.weight.grad is None and not model.mixture.experts.weight.requires_grad
     assert all(not b.requires_grad for b in model.buffers())
-    w = model(batch).weights
-    assert torch.allclose(w.sum(-1), torch.ones(len(w)), atol=1e-5) and (w >= 0).all()
+    w = model(batch).weights  # [B, L, K]
+    assert torch.allclose(w.sum(-1), torch.ones(w.shape[:2]), atol=1e-5) and (w >= 0).all()
 
 
 def test_nothing_learned_baselines(dm):
     batch = _noisy_batch(dm, 64)
     oracle = _model(dm, "oracle")
     out = oracle(batch)
-    assert torch.equal(out.weights.argmax(-1), batch["phys_bin"]) and torch.all(out.entropy < 1e-6)
+    assert torch.equal(out.weights[:, 0].argmax(-1), batch["phys_bin"]) and torch.all(out.entropy < 1e-6)
     assert not list(oracle.parameters()) and oracle.configure_optimizers() is None
     glob = _model(dm, "global")
     assert glob.mixture.experts.n_experts == 1
-    torch.testing.assert_close(glob(batch).pred, glob.mixture.global_expert(batch["flux"]).squeeze(1))
+    torch.testing.assert_close(glob(batch).pred, glob.mixture.global_expert(batch["flux"])[:, 0])
     snr_oracle = _model(dm, "oracle", experts="snr")
-    assert torch.equal(snr_oracle(batch).weights.argmax(-1), batch["snr_bin"])
+    assert torch.equal(snr_oracle(batch).weights[:, 0].argmax(-1), batch["snr_bin"])
     with pytest.raises(ValueError, match="unknown fusion"):
         GatedMoE(fusion="mystery")
 
@@ -112,7 +113,7 @@ def test_temperature_is_at_least_one():
             p.normal_(0, 5)
     out = gate(torch.randn(500, 13), torch.randn(500, 10) * 10)
     assert (out.tau >= 1).all() and out.tau.max() > 1.5
-    torch.testing.assert_close(out.weights.sum(-1), torch.ones(500))
+    torch.testing.assert_close(out.weights.sum(-1), torch.ones(500, 1))
 
 
 def test_mixture_sigma(dm):
@@ -121,32 +122,34 @@ def test_mixture_sigma(dm):
     out = model(batch)
     assert (model.mixture.model_var > 0).all()  # prepared: every expert has a model error on validation
     with torch.no_grad():
-        model.mixture.calibration.scale.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
+        model.mixture.calibration.scale.copy_(torch.tensor([[1.0, 2.0, 0.5, 3.0]]))
     out = model(batch)
-    noise = model.mixture.experts.predictive_variance(batch["error"], dm.noise_level).double()
-    var = noise + model.mixture.model_var.double().T[batch["snr_bin"]]  # noise + model error of the star's SNR bin
-    mu, w = out.expert_preds.double(), out.weights.double()
+    # one label (log g): [B, K, 1] -> [B, K]
+    noise = model.mixture.experts.predictive_variance(batch["error"], dm.noise_level).double()[..., 0]
+    var = noise + model.mixture.model_var.double()[:, 0].T[batch["snr_bin"]]  # noise + model error of the SNR bin
+    mu, w = out.expert_preds.double()[..., 0], out.weights.double()[:, 0]
     m = (w * mu).sum(-1)
     spread = ((w * (var + (mu - m[:, None]) ** 2)).sum(-1)).sqrt()  # law of total variance
-    expect = spread * model.mixture.calibration.scale.double()[batch["snr_bin"]]
-    torch.testing.assert_close(out.sigma.double(), expect, rtol=1e-3, atol=1e-4)
+    scale = model.mixture.calibration.scale.double()[0]
+    expect = spread * scale[batch["snr_bin"]]
+    torch.testing.assert_close(out.sigma.double()[:, 0], expect, rtol=1e-3, atol=1e-4)
     with torch.no_grad():  # the recalibration's exponent about each bin's reference sigma
-        model.mixture.calibration.ref.copy_(torch.tensor([0.5, 0.8, 1.2, 2.0]))
+        model.mixture.calibration.ref.copy_(torch.tensor([[0.5, 0.8, 1.2, 2.0]]))
         model.mixture.calibration.power.fill_(1.5)
-    ref = model.mixture.calibration.ref.double()[batch["snr_bin"]]
-    expect = model.mixture.calibration.scale.double()[batch["snr_bin"]] * ref * (spread / ref) ** 1.5
-    torch.testing.assert_close(model(batch).sigma.double(), expect, rtol=1e-3, atol=1e-4)
+    ref = model.mixture.calibration.ref.double()[0][batch["snr_bin"]]
+    expect = scale[batch["snr_bin"]] * ref * (spread / ref) ** 1.5
+    torch.testing.assert_close(model(batch).sigma.double()[:, 0], expect, rtol=1e-3, atol=1e-4)
     # with the variance head: the experts' noise variances mixed (their disagreement left out) plus the
-    # head's model-error variance, then the same recalibration
+    # head's model-error variance (standardised units, times the label's variance), then the same recalibration
     head = _model(dm, "concat")
     out = head(batch)
-    w = out.weights.double()
+    w = out.weights.double()[:, 0]
     noise_s = (w * noise).sum(-1).sqrt()
-    torch.testing.assert_close(out.noise_spread.double(), noise_s, rtol=1e-3, atol=1e-5)
-    expect = (noise_s.square() + out.log_model_var.double().exp()).sqrt() * head.mixture.calibration.scale.double()[
-        batch["snr_bin"]
-    ]
-    torch.testing.assert_close(out.sigma.double(), expect, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(out.noise_spread.double()[:, 0], noise_s, rtol=1e-3, atol=1e-5)
+    std2 = float(head.mixture.label_std[0]) ** 2
+    model_var = out.log_model_var.double()[:, 0].exp() * std2
+    expect = (noise_s.square() + model_var).sqrt() * head.mixture.calibration.scale.double()[0][batch["snr_bin"]]
+    torch.testing.assert_close(out.sigma.double()[:, 0], expect, rtol=1e-3, atol=1e-4)
     assert _model(dm, "oracle").mixture.variance_head is None  # nothing learned there: the prepared estimate
 
 
@@ -207,6 +210,16 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
         "val/z_std",
         "val/coverage_1sigma",
         "val/coverage_2sigma_snr_X",
+        "val/r2_log_g",  # every label's metrics under its name too
+        "val/z_std_log_g",
+        "val/coverage_1sigma_snr_X_log_g",
+        "val/sigma_check_log_g",
+        "val/r2_T_eff",
+        "val/r2_snr_X_M_H",
+        "val/z_std_T_eff",
+        "val/coverage_1sigma_M_H",
+        "val/coverage_2sigma_snr_H_T_eff",
+        "val/sigma_check_M_H",
         *(f"val/{m}_snr_{b}" for m in ("r2", "entropy") for b in "HMLX"),
     ):
         assert tag in scalars, tag
@@ -226,6 +239,11 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     assert "test/r2" in test.trainer.callback_metrics
     out = capsys.readouterr().out
     assert "SNR X" in out and "rho =" in out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("test ")] == [
+        f"test {label}"
+        for label in LABEL_COLUMNS  # one table per label
+    ]
+    assert "test/r2_T_eff" in test.trainer.callback_metrics
     # evaluating a run's checkpoint logs into the run's own folder: no new version
     assert [p.name for p in run_dir.iterdir()] == ["version_0"]
     acc = EventAccumulator(str(run_dir / "version_0"), size_guidance={"scalars": 0}).Reload()
@@ -254,24 +272,27 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
         "mag",
         "snr",
         "snr_bin",
-        "log_g_pred",
-        "log_g_sigma",
-        *(f"w_{n}" for n in names),
-        *(f"pred_{n}" for n in names),
-        "log_g_true",
+        *(f"{label}_{s}" for label in LABEL_COLUMNS for s in ("pred", "sigma")),
+        *(f"w_{label}_{n}" for label in LABEL_COLUMNS for n in names),  # per-label routing: each its own weights
+        *(f"pred_{label}_{n}" for label in LABEL_COLUMNS for n in names),
+        *(f"{label}_true" for label in LABEL_COLUMNS),
         "n_masked",
         "ood_score",
         "flags",
     ]
-    assert abs(sum(float(rows[0][f"w_{n}"]) for n in test.model.mixture.experts.names) - 1) < 1e-4
+    for label in LABEL_COLUMNS:
+        assert abs(sum(float(rows[0][f"w_{label}_{n}"]) for n in names) - 1) < 1e-4
+        pred = sum(float(rows[0][f"w_{label}_{n}"]) * float(rows[0][f"pred_{label}_{n}"]) for n in names)
+        assert pred == pytest.approx(float(rows[0][f"{label}_pred"]), rel=1e-4, abs=1e-4)
     assert {r["snr_bin"] for r in rows} <= {"X", "L", "M", "H"}
 
 
 @pytest.fixture(scope="module")
 def concat_checkpoint(tmp_path_factory, tiny_dir):
-    """A one-epoch concat run: (its last.ckpt, the CLI arguments it was trained with)."""
+    """A one-epoch concat run of log g alone: (its last.ckpt, the CLI arguments it was trained with)."""
     root = tmp_path_factory.mktemp("concat_run")
     args = _cli(root, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", tiny_dir=tiny_dir)
+    args += ["--model.labels", "[log_g]"]
     cli = cli_main(["fit", "--config", str(CONFIG_DIR / "dual_tower.yaml"), *args])
     return Path(cli.trainer.log_dir, "checkpoints", "last.ckpt"), args
 
@@ -324,10 +345,18 @@ def test_checkpoint_of_an_earlier_moe_is_one_error_naming_the_tensor(concat_chec
 
 
 def _earlier_layout(state: dict, power_map: bool = True) -> dict:
-    """A state_dict as moe saved it before GatedMoE held its network in ``mixture``: every tensor at the top,
-    the sigma map as ``sigma_scale / sigma_ref / sigma_power`` (only ``sigma_scale`` before the power map)."""
+    """A state_dict (of a log-g-only gate) as moe saved it before GatedMoE held its network in ``mixture``: every
+    tensor at the top, the sigma map as ``sigma_scale / sigma_ref / sigma_power`` (only ``sigma_scale`` before the
+    power map), and before the label axis: experts [K, D], bias [K], model_var [K, 4], the sigma map [4], no label
+    statistics."""
     old = {}
     for name, value in state.items():
+        if name in ("mixture.label_mean", "mixture.label_std"):
+            continue
+        if name.endswith(("experts.weight", "experts.bias", "expert.weight", "expert.bias", "model_var")):
+            value = value.squeeze(1)
+        elif name.startswith("mixture.calibration."):
+            value = value.squeeze(0)
         name = name.removeprefix("mixture.")
         if name.startswith("calibration."):
             if not power_map and name != "calibration.scale":
@@ -343,12 +372,19 @@ def test_checkpoint_of_the_earlier_layout_loads_and_tests_the_same(concat_checkp
     assert {"mixture.calibration.scale", "mixture.calibration.ref", "mixture.calibration.power"} <= set(
         state["state_dict"]
     )
+    # an earlier moe's variance head read log g - 3 unstandardised: what the upgrade fills in for it
+    state["state_dict"]["mixture.label_mean"] = torch.tensor([3.0])
+    state["state_dict"]["mixture.label_std"] = torch.tensor([1.0])
+    current = tmp_path / "current.ckpt"
+    torch.save(state, current)
+    earlier_hparams = {k: v for k, v in state["hyper_parameters"].items() if k not in ("labels", "routing")}
     tables = []
-    for path in (ckpt, tmp_path / "earlier.ckpt"):
-        if path != ckpt:
-            torch.save(state | {"state_dict": _earlier_layout(state["state_dict"])}, path)
+    for path in (current, tmp_path / "earlier.ckpt"):
+        if path != current:
+            old = {"state_dict": _earlier_layout(state["state_dict"]), "hyper_parameters": earlier_hparams}
+            torch.save(state | old, path)
         cli_main(["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(path), *args])
-        tables.append(capsys.readouterr().out.split("\ntest: ")[-1])
+        tables.append(capsys.readouterr().out.split("\ntest log_g: ")[-1])
     assert "rho =" in tables[0] and tables[1] == tables[0]  # the same experts, gate, head and sigma map
     resumed = cli_main(  # and a run continues from it (its optimiser state follows the same parameters)
         ["fit", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(tmp_path / "earlier.ckpt"), *args]
@@ -356,14 +392,40 @@ def test_checkpoint_of_the_earlier_layout_loads_and_tests_the_same(concat_checkp
     )
     assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 4
     # through Lightning's own loading (the load hook upgrades it), and from before the power map
-    loaded = GatedMoE.load_from_checkpoint(tmp_path / "earlier.ckpt", weights_only=False)
+    loaded = GatedMoE.load_from_checkpoint(tmp_path / "earlier.ckpt", weights_only=False, labels=["log_g"])
     for name, value in state["state_dict"].items():
         if torch.is_tensor(value):  # (an expert's extra state is its names)
             torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0, msg=name)
     torch.save(state | {"state_dict": _earlier_layout(state["state_dict"], power_map=False)}, tmp_path / "plain.ckpt")
-    calibration = GatedMoE.load_from_checkpoint(tmp_path / "plain.ckpt", weights_only=False).mixture.calibration
+    plain = GatedMoE.load_from_checkpoint(tmp_path / "plain.ckpt", weights_only=False, labels=["log_g"])
+    calibration = plain.mixture.calibration
     assert torch.equal(calibration.scale, state["state_dict"]["mixture.calibration.scale"])
-    assert torch.equal(calibration.ref, torch.ones(4)) and torch.equal(calibration.power, torch.ones(4))
+    assert torch.equal(calibration.ref, torch.ones(1, 4)) and torch.equal(calibration.power, torch.ones(1, 4))
+
+
+def test_checkpoint_of_other_labels_names_the_flag_and_the_file(concat_checkpoint, tmp_path):
+    """A checkpoint trained on other labels than --model.labels is refused before any work, in one line naming the
+    flag, both values and the checkpoint; one saved before labels were a setting counts as log g alone."""
+    ckpt, args = concat_checkpoint
+    message = (
+        r"last\.ckpt: trained with --model\.labels \[log_g\], but this command has --model\.labels "
+        r"\[log_g, T_eff\]; pass --model\.labels \[log_g\]"
+    )
+    for command in ("test", "predict", "fit"):
+        with pytest.raises(ExpertsMismatchError, match=message):
+            cli_main(
+                [command, "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(ckpt), *args]
+                + ["--model.labels", "[log_g, T_eff]"]
+            )
+    state = torch.load(ckpt, weights_only=True)
+    state["hyper_parameters"].pop("labels")  # as an earlier moe saved it
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    with pytest.raises(ExpertsMismatchError, match=r"old\.ckpt: trained with --model\.labels \[log_g\], but this"):
+        cli_main(
+            ["test", "--config", str(CONFIG_DIR / "dual_tower.yaml"), "--ckpt_path", str(old), *args]
+            + ["--model.labels", "[T_eff]"]
+        )
 
 
 def test_checkpoint_without_the_variance_head_names_the_flag(concat_checkpoint):
@@ -482,7 +544,7 @@ def test_planted_checkpoint_is_never_executed(tmp_path, tiny_dir):
 def _sample_residuals(model, source):
     """The calibration sample's residuals as the fit's recalibration computes them."""
     mixture = model.mixture
-    return mixture.calibration.sample_residuals(source, model.device, mixture.mix_inputs, mixture.mix)
+    return mixture.calibration.sample_residuals(source, model.device, mixture.mix_inputs, mixture.mix, mixture.targets)
 
 
 def test_calibration_residuals_from_kept_inputs_equal_a_fresh_pass(dm):
@@ -490,7 +552,9 @@ def test_calibration_residuals_from_kept_inputs_equal_a_fresh_pass(dm):
     abs_r, spread, snr_bin = _sample_residuals(model, dm.calibration_batches)
     with torch.no_grad():  # the reference: every calibration batch through the whole model
         outs = [(model(b), b) for b in dm.calibration_batches(65_536, 2)]
-    np.testing.assert_allclose(abs_r, torch.cat([(o.pred - b["log_g"]).abs() for o, b in outs]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        abs_r[:, 0], torch.cat([(o.pred[:, 0] - b["log_g"]).abs() for o, b in outs]).numpy(), rtol=1e-6
+    )
     np.testing.assert_allclose(spread, torch.cat([o.spread for o, _ in outs]).numpy(), rtol=1e-6)
     assert np.array_equal(snr_bin, torch.cat([b["snr_bin"] for _, b in outs]).numpy())
     assert len(abs_r) == 2 * dm.train_set.n_kept  # the tiny split is smaller than the sample: all of it, twice
@@ -506,7 +570,7 @@ def test_no_calibration_stars_leave_sigma_unfitted_not_a_crash(dm):
     abs_r, spread, snr_bin = _sample_residuals(model, lambda *a: iter(()))  # e.g. every training row dropped
     assert len(abs_r) == len(spread) == len(snr_bin) == 0 and model.mixture.calibration._sample is None
     scale = model.mixture.calibration.scale.clone()
-    assert model.mixture.calibration.refit(abs_r, spread, snr_bin) is None  # no held-out rows either
+    assert model.mixture.calibration.refit(abs_r, spread, snr_bin) == [None] * 3  # no held-out rows either
     assert torch.equal(model.mixture.calibration.scale, scale)  # sigma = spread
 
 

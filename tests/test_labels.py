@@ -120,8 +120,9 @@ def test_the_bundle_gives_every_label(folder, tmp_path):
         np.testing.assert_array_equal(weight[:, j], bundle.family("phys", label).weight)
         np.testing.assert_array_equal(bias[:, j], bundle.family("phys", label).bias)
     # experts() is log g's, as the gate takes it
-    np.testing.assert_array_equal(bundle.experts("phys").weight.numpy(), weight[:, 0].astype(np.float32))
-    assert torch.equal(bundle.experts("phys", "M_H").weight, torch.as_tensor(weight[:, 2], dtype=torch.float32))
+    np.testing.assert_array_equal(bundle.experts("phys").weight[:, 0].numpy(), weight[:, 0].astype(np.float32))
+    m_h = bundle.experts("phys", "M_H")  # RidgeExperts of one label: [K, 1, D], named
+    assert m_h.labels == ("M_H",) and torch.equal(m_h.weight[:, 0], torch.as_tensor(weight[:, 2], dtype=torch.float32))
     # label_stats: mean and population std over the training rows, as numpy computes them
     stats, _ = accumulate_stats(folder, cfg, progress=False)
     y = np.concatenate([b[2] for b in training_blocks(folder, cfg, "phys")])

@@ -10,9 +10,9 @@ on the clean one -- the usable pixels' noise plus what the imputation does not k
 the variance head and the SNR-bin recalibration carry the cost of the masking into sigma. A star with fewer
 than ``MIN_USABLE_FRACTION`` usable pixels gets NaN labels and ``NO_PREDICTION``; nothing stops the catalogue.
 
-``mixture`` is a :class:`~moe.gates.mixture.GatedMixture` (its projection map, physics windows, ``mix_inputs``
-and ``mix``);
-``reference`` a :class:`~moe.prepare.reference.CatalogueReference`. B batch, D pixels, K experts.
+``mixture`` is a :class:`~moe.gates.mixture.GatedMixture` (its labels, projection map, physics windows,
+``mix_inputs`` and ``mix``);
+``reference`` a :class:`~moe.prepare.reference.CatalogueReference`. B batch, D pixels, K experts, L labels.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from moe.catalogue.flags import (
     WINDOW_MASKED_FRACTION,
     CatalogueFlag,
 )
-
-PREDICTED_LABELS = ("log_g",)  # the labels the gate predicts, named by their parameter-table column
 
 
 def window_masks(physics) -> torch.Tensor:
@@ -77,8 +75,9 @@ def catalogue_rows(mixture, batch: dict, reference) -> dict[str, torch.Tensor]:
     spectra = reference.spectra.to(flux.device)
     weight, _ = mixture.projection()
     filled, var = spectra.impute(flux, error, fit_usable, noise_level, weight)
-    k = mixture.experts.n_experts
-    out = mixture.mix(mixture.mix_inputs(batch | {"flux": filled}, noise_var=var[:, :k].to(flux.dtype)))
+    k, n = mixture.experts.n_experts, len(mixture.labels)
+    noise_var = var[:, : k * n].unflatten(1, (k, n)).to(flux.dtype)  # [B, K, L]
+    out = mixture.mix(mixture.mix_inputs(batch | {"flux": filled}, noise_var=noise_var))
     ood = spectra.ood_score(flux, error, usable, noise_level)
     masked = ~usable
     windows = window_masks(mixture.physics).to(flux.dtype)
@@ -86,15 +85,16 @@ def catalogue_rows(mixture, batch: dict, reference) -> dict[str, torch.Tensor]:
     nan = torch.tensor(float("nan"), device=flux.device)
     keep = predicted[:, None]
     values = {
-        "weights": torch.where(keep, out.weights, nan),
-        "expert_preds": torch.where(keep, out.expert_preds, nan),
-        "entropy": torch.where(predicted, out.entropy, nan),
+        "weights": torch.where(keep[..., None], out.weights, nan),  # [B, L, K]
+        "expert_preds": torch.where(keep[..., None], out.expert_preds, nan),  # [B, K, L]
+        "entropy": torch.where(keep, out.entropy, nan),  # [B, L]
     }
     labels = {}
-    for name, pred, sigma in ((PREDICTED_LABELS[0], out.pred, out.sigma),):
-        pred, sigma = torch.where(predicted, pred, nan), torch.where(predicted, sigma, nan)
+    for i, name in enumerate(mixture.labels):
+        pred, sigma = torch.where(predicted, out.pred[:, i], nan), torch.where(predicted, out.sigma[:, i], nan)
         labels[name] = (pred, sigma)
-        values |= {f"{name}_pred": pred, f"{name}_sigma": sigma, f"{name}_true": batch[name]}
+        truth = batch[name] if name in batch else torch.full_like(pred, float("nan"))
+        values |= {f"{name}_pred": pred, f"{name}_sigma": sigma, f"{name}_true": truth}
     flags = flag_word(
         batch["snr"],
         masked.sum(1) / n_pixels,

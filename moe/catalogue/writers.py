@@ -70,10 +70,16 @@ def column_meta(name: str) -> tuple[str, str]:
             return unit, f"calibrated 1-sigma uncertainty of {label}_pred"
         if name == f"{label}_true":
             return unit, f"{what} from the shard's parameter table (may lie outside the training range)"
-    if name.startswith("w_"):
+    if name.startswith("pred_"):  # pred_<label>_<expert>
+        for label, (unit, what) in LABEL_META.items():
+            if name.startswith(f"pred_{label}_"):
+                return unit, f"{what} predicted by expert {name[len(label) + 6 :]}"
+        return "", f"predicted by expert {name[5:]}"
+    if name.startswith("w_"):  # w_<expert> (shared routing) or w_<label>_<expert>
+        for label in LABEL_META:
+            if name.startswith(f"w_{label}_"):
+                return "", f"gate weight of expert {name[len(label) + 3 :]} for {label}"
         return "", f"gate weight of expert {name[2:]}"
-    if name.startswith("pred_"):
-        return "dex", f"log g predicted by expert {name[5:]}"
     return "", ""
 
 

@@ -33,6 +33,7 @@ PATIENCE = 10  # epochs after warm-up without a val R^2 gain of MIN_DELTA before
 MIN_DELTA = 1e-4  # val R^2 gain that counts as better for early stopping
 MAX_EPOCHS = 200  # safety cap on a run's epochs, well above what convergence takes
 IMPROVING = 1e-3  # val R^2 gained by the last epoch of a run cut by its epoch limit that calls it unfinished
+LABELS = ("log_g",)  # what the experiments' gates predict: their questions are about log g
 
 
 def convergence_rule(max_epochs: int) -> str:
@@ -87,13 +88,10 @@ class ValHistory(pl.Callback):
 def prepare_families(
     dm: SpectraDataModule, families: tuple[str, ...], fit: FitConfig, progress: bool = True
 ) -> dict[str, Prepared]:
-    """One :class:`Prepared` per family, all from the same fit (``fit.families`` must hold them all)."""
-    return {
-        f: prepare(
-            dm, PrepareConfig(f, fit, feature_rows=min(PrepareConfig.feature_rows, dm.train_set.n_kept)), progress
-        )
-        for f in families
-    }
+    """One :class:`Prepared` per family, all from the same fit (``fit.families`` must hold them all), for log g
+    gates (the experiments ask log g questions, whatever labels the fit holds)."""
+    rows = min(PrepareConfig.feature_rows, dm.train_set.n_kept)
+    return {f: prepare(dm, PrepareConfig(f, fit, feature_rows=rows, labels=LABELS), progress) for f in families}
 
 
 def test_rows(dm: SpectraDataModule) -> dict[str, np.ndarray]:
@@ -131,6 +129,7 @@ def train_gate(
         n_pixels=dm.n_pixels,
         noise_level=dm.noise_level,
         drop_features=drop_features,
+        labels=list(LABELS),
         scheduler=partial(LinearWarmup, warmup_fraction=min(WARMUP_EPOCHS / epochs, 0.5)),
     )
     model.load_prepared(prepared)
@@ -166,6 +165,7 @@ def train_gate(
     cat = {
         k: torch.cat([o[k] for o in out]).numpy() for k in ("row", "log_g_pred", "log_g_sigma", "weights", "entropy")
     }
+    cat["weights"], cat["entropy"] = cat["weights"][:, 0], cat["entropy"][:, 0]  # log g's: [N, K], [N]
     order = np.argsort(cat["row"], kind="stable")  # stream order is file order; sort to be sure
     return GateRun(
         label,

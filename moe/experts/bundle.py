@@ -81,9 +81,9 @@ class ExpertBundle:
         return self.fits[label][family]
 
     def experts(self, family: str, label: str = "log_g") -> RidgeExperts:
-        """One label's experts of ``family`` as a :class:`RidgeExperts` (weight [G, D], bias [G])."""
+        """One label's experts of ``family`` as a :class:`RidgeExperts` of that label (weight [G, 1, D], bias [G, 1])."""
         f = self.family(family, label)
-        return RidgeExperts.from_arrays(f.weight, f.bias, f.names)
+        return RidgeExperts.from_arrays(f.weight, f.bias, f.names, labels=(label,))
 
     def weights(self, family: str) -> tuple[np.ndarray, np.ndarray]:
         """Every label's experts of ``family``: (weight [G, L, D], bias [G, L]), float64, in :attr:`labels` order."""

@@ -52,8 +52,8 @@ def oracle_predictions(
             for f, module in experts.items():
                 g = groups.group_of(f, batch["phys_bin"], batch["snr_bin"])
                 rows = torch.arange(len(g))
-                preds[f].append(module(flux)[rows, g].numpy())
-                vars_[f].append(module.predictive_variance(err, folder.noise_level)[rows, g].numpy())
+                preds[f].append(module(flux)[rows, g, 0].numpy())
+                vars_[f].append(module.predictive_variance(err, folder.noise_level)[rows, g, 0].numpy())
             ys.append(batch[label].double().numpy())
             snr.append(batch["snr"].double().numpy())
             sb.append(batch["snr_bin"].numpy())

@@ -3,8 +3,9 @@
 A gate over K linear experts reads, for the noisy flux ``x + n`` with
 ``n = s * e * z`` (s the noise level, e the 1-sigma error, z ~ N(0, I_D)):
 
-- ``proj = A (x + n) + b`` [P]: the K experts, the global expert and PCA1-4 -- rows of one
-  affine map ``A [P, D], b [P]`` (P = K + 5);
+- ``proj = A (x + n) + b`` [P]: the K experts and the global expert for each of the L labels and
+  PCA1-4 -- rows of one affine map ``A [P, D], b [P]`` (P = K L + L + 4; expert k's label l is row
+  ``k L + l``, the global expert's label l row ``K L + l``, PCA the last four);
 - ``win = (x + n)[pixels]`` [W]: the few hundred window pixels the CaT / Na I depths and
   EWs are made of (:class:`moe.features.PhysicsFeatures`);
 - ``quality`` [10] and ``var = e^2 A^2`` [P] (each row's variance under unit noise): functions
@@ -105,19 +106,19 @@ def row_inputs(
 
 
 def projection_map(experts, global_expert, physics) -> tuple[torch.Tensor, torch.Tensor]:
-    """The affine map ``weight [P, D], bias [P]`` of a gate's linear inputs: rows are the K experts,
-    the global expert and PCA1-4 (P = K + 5); ``experts``/``global_expert`` hold ``weight``/``bias``,
-    ``physics`` is a :class:`~moe.features.PhysicsFeatures` with its PCA basis set."""
+    """The affine map ``weight [P, D], bias [P]`` of a gate's linear inputs: rows are the K experts' L labels
+    (expert-major), the global expert's L labels and PCA1-4 (P = K L + L + 4); ``experts`` / ``global_expert``
+    are :class:`~moe.experts.RidgeExperts` of the same labels, ``physics`` a
+    :class:`~moe.features.PhysicsFeatures` with its PCA basis set. With one label it is today's map (P = K + 5)."""
     comps = physics.pca_components
     pca_bias = -(comps.double() @ physics.pca_mean.double()).to(comps.dtype)
-    return (
-        torch.cat([experts.weight, global_expert.weight, comps]),
-        torch.cat([experts.bias, global_expert.bias, pca_bias]),
-    )
+    (w_e, b_e), (w_g, b_g) = experts.rows(), global_expert.rows()
+    return torch.cat([w_e, w_g, comps]), torch.cat([b_e, b_g, pca_bias])
 
 
-def gate_features(physics, inputs: dict[str, torch.Tensor], n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Physics [B, 13] (window depths/EWs, PCA1-4) and quality [B, 10] features of noisy gate inputs,
-    before standardisation; ``n_experts`` = K, the leading projections."""
-    phys = torch.cat([physics.window_features(inputs["win"]), inputs["proj"][:, n_experts + 1 :]], dim=-1)
+def gate_features(physics, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Physics [B, 13] (window depths/EWs, PCA1-4: the last projections) and quality [B, 10] features of noisy
+    gate inputs, before standardisation."""
+    n_pca = physics.pca_components.shape[0]
+    phys = torch.cat([physics.window_features(inputs["win"]), inputs["proj"][:, -n_pca:]], dim=-1)
     return phys, inputs["quality"]

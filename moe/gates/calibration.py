@@ -1,6 +1,7 @@
 """The recalibration of sigma: its buffers, its calibration sample, its fit and how it is applied.
 
-``sigma = scale_b * ref_b * (spread / ref_b) ** gamma`` per SNR bin b (:mod:`moe.gates.sigma_map`),
+``sigma = scale_b * ref_b * (spread / ref_b) ** gamma`` per SNR bin b (:mod:`moe.gates.sigma_map`), for each
+label on its own (the map, its exponent and the validation check are fitted per label, the same way),
 refitted after every validation epoch of a fit (a checkpoint keeps its epoch's; validate and test
 keep the checkpoint's). The fit uses a fixed sample of training stars (``rows``, each in ``draws``
 seeded noise draws; :meth:`moe.data.folder.SpectraFolder.calibration_batches`) run through the model
@@ -34,28 +35,33 @@ Source = Callable[[int, int, torch.device], Iterable[dict]]  # (rows, draws, dev
 
 
 class SigmaCalibration(nn.Module):
-    """The per-SNR-bin map from a star's raw spread [B] to its sigma [B] (module docstring).
+    """The per-SNR-bin map from a star's raw spread [B, L] to its sigma [B, L] (module docstring), L labels.
 
-    Buffers ``scale``, ``ref``, ``power`` [S] (saved in checkpoints; the identity until the first fit).
-    ``held_out`` keeps this validation epoch's (|residual|, spread) per bin (not saved).
+    Buffers ``scale``, ``ref``, ``power`` [L, S] (saved in checkpoints; the identity until the first fit).
+    ``held_out`` keeps this validation epoch's (|residual|, spread) of every label per bin (not saved).
 
     Args:
         rows: training stars in the calibration sample (0: no sample, only the validation check).
         draws: noise draws of each of those stars.
+        n_labels: L.
     """
 
-    def __init__(self, rows: int = 65_536, draws: int = 2, n_bins: int = bins.N_SNR_BINS):
+    def __init__(self, rows: int = 65_536, draws: int = 2, n_labels: int = 1, n_bins: int = bins.N_SNR_BINS):
         super().__init__()
         self.rows, self.draws = rows, draws
-        self.register_buffer("scale", torch.ones(n_bins))
-        self.register_buffer("ref", torch.ones(n_bins))
-        self.register_buffer("power", torch.ones(n_bins))
-        self.held_out = LatestRows(HELD_OUT_ROWS, 2, n_bins)
-        self._sample: tuple[Any, torch.Tensor] | None = None  # the sample's mixture inputs and log g, per fit
+        self.register_buffer("scale", torch.ones(n_labels, n_bins))
+        self.register_buffer("ref", torch.ones(n_labels, n_bins))
+        self.register_buffer("power", torch.ones(n_labels, n_bins))
+        self.held_out = LatestRows(HELD_OUT_ROWS, 2 * n_labels, n_bins)
+        self._sample: tuple[Any, torch.Tensor] | None = None  # the sample's mixture inputs and labels, per fit
+
+    @property
+    def n_labels(self) -> int:
+        return self.scale.shape[0]
 
     def forward(self, spread: torch.Tensor, snr_bin: torch.Tensor) -> torch.Tensor:
-        """``scale * ref * (spread / ref) ** power`` of each star's SNR bin [B]."""
-        return apply_sigma_map(spread, self.scale[snr_bin], self.ref[snr_bin], self.power[snr_bin])
+        """``scale * ref * (spread / ref) ** power`` of each star's SNR bin, per label: spread [B, L] -> [B, L]."""
+        return apply_sigma_map(spread, self.scale.T[snr_bin], self.ref.T[snr_bin], self.power.T[snr_bin])
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -70,8 +76,8 @@ class SigmaCalibration(nn.Module):
 
     @torch.no_grad()
     def observe(self, abs_residual: torch.Tensor, spread: torch.Tensor, snr_bin: torch.Tensor) -> None:
-        """Keep validation stars' |pred - true| and raw spread [B] for this epoch's held-out check."""
-        self.held_out.update(torch.stack([abs_residual, spread], -1), snr_bin)
+        """Keep validation stars' |pred - true| and raw spread [B, L] for this epoch's held-out check."""
+        self.held_out.update(torch.cat([abs_residual, spread], -1), snr_bin)
 
     @torch.no_grad()
     def sample_residuals(
@@ -80,21 +86,23 @@ class SigmaCalibration(nn.Module):
         device: torch.device,
         encode: Callable[[dict], Any],
         mix: Callable[[Any], Any],
+        target: Callable[[dict], torch.Tensor],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """|residual|, raw spread and SNR bin [N] of the calibration stars (``source``: the datamodule's
-        ``calibration_batches``) under the model as it stands; empty without a source, with ``rows`` 0 or
-        when the source yields nothing. Every rank computes the same rows.
+        """|residual| [N, L], raw spread [N, L] and SNR bin [N] of the calibration stars (``source``: the
+        datamodule's ``calibration_batches``; ``target``: a batch's labels [B, L]) under the model as it stands;
+        empty without a source, with ``rows`` 0 or when the source yields nothing. Every rank computes the same
+        rows.
 
         A star's mixture inputs (``encode``: a ``MixInputs`` of features, expert predictions, noise variances)
         do not change while the experts and scalers are fixed, so they are encoded once per fit and kept until it ends
         (23 + 2K + 3 numbers a row: 24 MB for the default 65,536 rows x 2 draws and K = 9 experts); each
         epoch only runs the gate and the head (``mix``: a ``MoEOutput`` with ``pred`` and ``spread``).
         """
-        empty = np.zeros(0), np.zeros(0), np.zeros(0, np.int64)
+        empty = np.zeros((0, self.n_labels)), np.zeros((0, self.n_labels)), np.zeros(0, np.int64)
         if self._sample is None:
             if source is None or not self.rows:
                 return empty
-            parts = [(encode(batch), batch["log_g"]) for batch in source(self.rows, self.draws, device)]
+            parts = [(encode(batch), target(batch)) for batch in source(self.rows, self.draws, device)]
             if not parts:  # no training rows to sample (all dropped as bad, or no draws asked for)
                 return empty
             self._sample = type(parts[0][0]).cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -102,30 +110,38 @@ class SigmaCalibration(nn.Module):
         chunks = []
         for lo in range(0, len(target), CHUNK):
             out = mix(inputs.slice(lo, lo + CHUNK))
-            chunks.append(torch.stack([(out.pred - target[lo : lo + CHUNK]).abs(), out.spread], -1))
-        table = torch.cat(chunks).double().cpu().numpy()
-        return table[:, 0], table[:, 1], inputs.snr_bin.cpu().numpy().astype(np.int64)
+            chunks.append(torch.cat([(out.pred - target[lo : lo + CHUNK]).abs(), out.spread], -1))
+        table = torch.cat(chunks).double().cpu().numpy()  # [N, 2 L]: |residual| then spread
+        n = self.n_labels
+        return table[:, :n], table[:, n:], inputs.snr_bin.cpu().numpy().astype(np.int64)
 
     @torch.no_grad()
     def refit(
         self, abs_r: np.ndarray, spread: np.ndarray, snr_bin: np.ndarray, gather: Callable | None = None
-    ) -> float | None:
-        """Fit the map on the sample's residuals [N], then scale it by the held-out check of this epoch's
-        validation residuals (gathered across ranks with ``gather``, ``LightningModule.all_gather``: the
-        same numbers on every rank) and store it. Returns that check's factor (None: no held-out rows)."""
-        n_bins = len(self.scale)
-        scale, ref, power = np.ones(n_bins), np.ones(n_bins), np.ones(n_bins)
-        if len(abs_r):
-            scale, ref, gamma = sigma_map(abs_r, spread, snr_bin, n_bins)
-            power[:] = gamma
+    ) -> list[float | None]:
+        """For each label: fit the map on the sample's residuals [N, L], then scale it by the held-out check of
+        this epoch's validation residuals (gathered across ranks with ``gather``, ``LightningModule.all_gather``:
+        the same numbers on every rank) and store it. Returns each label's check factor (None: no held-out
+        rows)."""
+        n_labels, n_bins = self.scale.shape
         held_out = [r.cpu().double().numpy() for r in self.held_out.rows(gather)]
-        check = None
-        if any(len(p) for p in held_out):  # one factor for all bins: the held-out check of the training fit
-            abs_z = np.concatenate(
-                [p[:, 0] / apply_sigma_map(p[:, 1], scale[i], ref[i], power[i]) for i, p in enumerate(held_out)]
-            )
-            check = validation_check(abs_z)
-            scale = scale * check
-        for buf, value in ((self.scale, scale), (self.ref, ref), (self.power, power)):
-            buf.copy_(torch.as_tensor(value, dtype=buf.dtype))
-        return check
+        checks: list[float | None] = []
+        for label in range(n_labels):
+            scale, ref, power = np.ones(n_bins), np.ones(n_bins), np.ones(n_bins)
+            if len(abs_r):
+                scale, ref, gamma = sigma_map(abs_r[:, label], spread[:, label], snr_bin, n_bins)
+                power[:] = gamma
+            check = None
+            if any(len(p) for p in held_out):  # one factor for all bins: the held-out check of the training fit
+                abs_z = np.concatenate(
+                    [
+                        p[:, label] / apply_sigma_map(p[:, n_labels + label], scale[i], ref[i], power[i])
+                        for i, p in enumerate(held_out)
+                    ]
+                )
+                check = validation_check(abs_z)
+                scale = scale * check
+            for buf, value in ((self.scale, scale), (self.ref, ref), (self.power, power)):
+                buf[label].copy_(torch.as_tensor(value, dtype=buf.dtype))
+            checks.append(check)
+        return checks

@@ -23,8 +23,9 @@ class CatalogueWriter(BasePredictionWriter):
 
     Columns: ``shard`` (file), ``row`` (within the shard), the shard's numeric id columns
     (``objid``, ``mag``, ... when present), ``snr``, ``snr_bin``, per label ``<label>_pred``, ``<label>_sigma``,
-    ``w_<expert>`` (gate weights), ``pred_<expert>`` (each expert's prediction), ``<label>_true`` when the shards
-    carry labels (outside the training range too), ``n_masked``, ``ood_score`` and ``flags``
+    the gate weights ``w_<expert>`` (shared routing; ``w_<label>_<expert>`` with one set per label), each expert's
+    prediction of each label ``pred_<label>_<expert>``, ``<label>_true`` when the shards carry labels (outside the
+    training range too), ``n_masked``, ``ood_score`` and ``flags``
     (:class:`moe.catalogue.flags.CatalogueFlag`). CSV (meanings in a ``.meta.json`` sidecar), an HDF5 table
     readable with ``pandas.read_hdf(path)`` when ``output`` ends in ``.h5``, or a FITS binary table with units,
     descriptions and provenance when it ends in ``.fits`` (:mod:`moe.catalogue.writers`). Written to a
@@ -66,6 +67,8 @@ class CatalogueWriter(BasePredictionWriter):
         dm = trainer.datamodule
         self._shards = dm.predict_set() if hasattr(dm, "predict_set") else None
         self._names = list(pl_module.mixture.experts.names)
+        self._labels = list(pl_module.mixture.labels)
+        self._shared = pl_module.mixture.routing == "shared" or len(self._labels) == 1
         self._labelled = None
         widths = {"snr_bin": 1}
         if self._shards is not None:
@@ -85,11 +88,21 @@ class CatalogueWriter(BasePredictionWriter):
             cols["row"] = p["row"]
         cols |= {k[3:]: v for k, v in p.items() if k.startswith("id_")}
         cols |= {"snr": p["snr"], "snr_bin": np.asarray(bins.SNR_BIN_NAMES)[p["snr_bin"]].astype(object)}
-        labels = [k[: -len("_pred")] for k in p if k.endswith("_pred")]
+        labels = self._labels
         for label in labels:
             cols |= {f"{label}_pred": p[f"{label}_pred"], f"{label}_sigma": p[f"{label}_sigma"]}
-        cols |= {f"w_{n}": p["weights"][:, i] for i, n in enumerate(self._names)}
-        cols |= {f"pred_{n}": p["expert_preds"][:, i] for i, n in enumerate(self._names)}
+        weights = p["weights"]  # [B, L, K]
+        if self._shared:  # the same weights for every label
+            cols |= {f"w_{n}": weights[:, 0, k] for k, n in enumerate(self._names)}
+        else:
+            cols |= {
+                f"w_{label}_{n}": weights[:, i, k] for i, label in enumerate(labels) for k, n in enumerate(self._names)
+            }
+        cols |= {
+            f"pred_{label}_{n}": p["expert_preds"][:, k, i]
+            for i, label in enumerate(labels)
+            for k, n in enumerate(self._names)
+        }
         if self._labelled is None:
             self._labelled = any(bool(np.isfinite(p[f"{label}_true"]).any()) for label in labels)
         if self._labelled:
@@ -202,8 +215,9 @@ class RunSummary(pl.Callback):
 
 class ValidationFigures(pl.Callback):
     """TensorBoard figures of every validation epoch of a run (not the sanity check), from the first
-    ``max_rows`` validation stars: the gate weights' histogram (``val/gate_weights``), gate entropy against
-    SNR (``val/entropy_vs_snr``) and the calibration of sigma (``val/calibration``: z of the epoch's sigma;
+    ``max_rows`` validation stars, of the primary label (log g): the gate weights' histogram (``val/gate_weights``),
+    gate entropy against SNR (``val/entropy_vs_snr``) and the calibration of sigma (``val/calibration``: z of the
+    epoch's sigma;
     the recalibration refitted at its end applies from the next epoch on). Reads what
     ``GatedMoE.validation_step`` returns (a ``MoEOutput``); nothing without a TensorBoardLogger."""
 
@@ -225,10 +239,12 @@ class ValidationFigures(pl.Callback):
             self._rows.append(
                 {
                     "snr": batch["snr"].detach().cpu(),
-                    "entropy": outputs.entropy.detach().cpu(),
-                    "weights": outputs.weights.detach().cpu(),
+                    "entropy": outputs.entropy[:, pl_module.primary].detach().cpu(),
+                    "weights": outputs.weights[:, pl_module.primary].detach().cpu(),
                     "snr_bin": batch["snr_bin"].detach().cpu(),
-                    "z": ((outputs.pred - batch["log_g"]) / outputs.sigma).detach().cpu(),
+                    "z": ((outputs.pred - pl_module.mixture.targets(batch)) / outputs.sigma)[:, pl_module.primary]
+                    .detach()
+                    .cpu(),
                 }
             )
 

@@ -66,14 +66,30 @@ def check_checkpoint(
                 )
 
 
+LEGACY_LABELS = ("log_g",)  # what a checkpoint saved before --model.labels predicts
+LEGACY_ROUTING = "shared"
+
+
 def variant(hparams) -> dict[str, object]:
-    """What makes a gate variant, by the flag that sets it: the fusion, the expert family and, for gates that
-    learn, whether it has the variance head (``hparams``: a model's, a checkpoint's or a parsed config's)."""
+    """What makes a gate variant, by the flag that sets it: the fusion, the expert family, the labels and, for
+    gates that learn, whether it has the variance head and how it routes the labels (``hparams``: a model's, a
+    checkpoint's or a parsed config's; one saved before labels were a setting predicts log g alone)."""
     fusion = hparams["fusion"]
-    out = {"--model.fusion": fusion, "--model.experts": hparams.get("experts") or default_family(fusion)}
-    if fusion not in ("oracle", "global"):  # the gates that learn nothing have no head either way
+    out = {
+        "--model.fusion": fusion,
+        "--model.experts": hparams.get("experts") or default_family(fusion),
+        "--model.labels": tuple(hparams.get("labels") or LEGACY_LABELS),
+    }
+    if fusion not in ("oracle", "global"):  # the gates that learn nothing have no head or routing either way
         out["--model.variance_head"] = bool(hparams.get("variance_head", True))
+        if len(out["--model.labels"]) > 1:  # one label: both routings are the same gate
+            out["--model.routing"] = hparams.get("routing") or LEGACY_ROUTING
     return out
+
+
+def _flag_value(value) -> str:
+    """A setting as it is written on the command line: ``[log_g, T_eff]`` for a list."""
+    return f"[{', '.join(map(str, value))}]" if isinstance(value, (list, tuple)) else str(value)
 
 
 def check_variant(saved, hparams, source: str | os.PathLike) -> None:
@@ -84,9 +100,10 @@ def check_variant(saved, hparams, source: str | os.PathLike) -> None:
     theirs = variant(saved)
     for flag, here in variant(hparams).items():
         if flag in theirs and theirs[flag] != here:
+            was, now = _flag_value(theirs[flag]), _flag_value(here)
             raise CheckpointError(
-                f"{source}: trained with {flag} {theirs[flag]}, but this command has {flag} {here}; "
-                f"pass {flag} {theirs[flag]} (or the config it was trained with)"
+                f"{source}: trained with {flag} {was}, but this command has {flag} {now}; "
+                f"pass {flag} {was} (or the config it was trained with)"
             )
 
 
@@ -105,6 +122,19 @@ def upgrade_state(state: dict) -> None:
     for name in ("ref", "power"):  # saved before the power map: the plain factor
         if scale is not None and f"mixture.calibration.{name}" not in state:
             state[f"mixture.calibration.{name}"] = torch.ones_like(scale)
+    if "mixture.experts.weight" in state and state["mixture.experts.weight"].ndim == 2:  # before the label axis
+        for name in ("experts", "global_expert"):  # [K, D] -> [K, 1, D], [K] -> [K, 1]: log g alone
+            for part in ("weight", "bias"):
+                key = f"mixture.{name}.{part}"
+                state[key] = state[key].unsqueeze(1)
+        state["mixture.model_var"] = state["mixture.model_var"].unsqueeze(1)  # [K, 4] -> [K, 1, 4]
+        for name in ("scale", "ref", "power"):  # [S] -> [1, S]
+            key = f"mixture.calibration.{name}"
+            if key in state:
+                state[key] = state[key].unsqueeze(0)
+        # the variance head then read log noise variance, log disagreement and log g - 3 unstandardised
+        state.setdefault("mixture.label_mean", torch.tensor([3.0]))
+        state.setdefault("mixture.label_std", torch.tensor([1.0]))
 
 
 def check_state_fits(model: torch.nn.Module, state: dict, source: str | os.PathLike) -> None:

@@ -1,8 +1,11 @@
 r"""Gates: feature towers and how they fuse into weights over K experts.
 
 Every gate maps ``(phys [B, 13], qual [B, 10], route [B])`` to a :class:`GateOutput` with
-weights ``[B, K]`` on the simplex. ``route`` is the true group of each sample; only the
-oracle gate reads it.
+weights ``[B, S, K]``, each of the S rows on the simplex: S = 1 routes every label alike (shared
+routing). :class:`PerLabelGates` gives each of L labels a gate network of its own (S = L; ``sets``
+> 1 would instead grow one network's last layer to S K outputs, its hidden layers shared: measured
+worse for log g, docs/training.md). ``route`` is the true group of each sample; only the oracle gate
+reads it.
 
 ========== ===============================================================
 concat     w = softmax(MLP([phys, qual]))          MLP 23 -> 32 -> 16 -> K
@@ -40,8 +43,13 @@ def default_family(fusion: str) -> str:
 
 
 class GateOutput(NamedTuple):
-    weights: torch.Tensor  # [B, K]
+    weights: torch.Tensor  # [B, S, K]: S = 1 (shared routing) or one row per label
     tau: torch.Tensor | None = None  # [B] temperature (temperature gate only)
+
+
+def _sets(logits: torch.Tensor, sets: int) -> torch.Tensor:
+    """[B, S K] logits -> [B, S, K]."""
+    return logits.view(logits.shape[0], sets, -1)
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
@@ -65,12 +73,13 @@ def _inverse_softplus(y: float) -> float:
 
 
 class ConcatGate(nn.Module):
-    def __init__(self, phys_dim: int, qual_dim: int, n_experts: int, hidden: Sequence[int] = (32, 16)):
+    def __init__(self, phys_dim: int, qual_dim: int, n_experts: int, hidden: Sequence[int] = (32, 16), sets: int = 1):
         super().__init__()
-        self.net = mlp(phys_dim + qual_dim, hidden, n_experts)
+        self.sets = sets
+        self.net = mlp(phys_dim + qual_dim, hidden, n_experts * sets)
 
     def forward(self, phys, qual, route=None) -> GateOutput:
-        return GateOutput(F.softmax(self.net(torch.cat([phys, qual], dim=-1)), dim=-1))
+        return GateOutput(F.softmax(_sets(self.net(torch.cat([phys, qual], dim=-1)), self.sets), dim=-1))
 
 
 class LogitAddGate(nn.Module):
@@ -81,13 +90,16 @@ class LogitAddGate(nn.Module):
         n_experts: int,
         phys_hidden: Sequence[int] = (32, 16),
         qual_hidden: Sequence[int] = (16,),
+        sets: int = 1,
     ):
         super().__init__()
-        self.phys_tower = mlp(phys_dim, phys_hidden, n_experts)
-        self.qual_tower = mlp(qual_dim, qual_hidden, n_experts)
+        self.sets = sets
+        self.phys_tower = mlp(phys_dim, phys_hidden, n_experts * sets)
+        self.qual_tower = mlp(qual_dim, qual_hidden, n_experts * sets)
 
     def logits(self, phys, qual) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.phys_tower(phys), self.qual_tower(qual)
+        """Each tower's logits [B, S, K]."""
+        return _sets(self.phys_tower(phys), self.sets), _sets(self.qual_tower(qual), self.sets)
 
     def forward(self, phys, qual, route=None) -> GateOutput:
         a, b = self.logits(phys, qual)
@@ -130,28 +142,30 @@ class TemperatureGate(nn.Module):
         n_experts: int,
         phys_hidden: Sequence[int] = (32, 16),
         qual_hidden: Sequence[int] = (16,),
+        sets: int = 1,
     ):
         super().__init__()
-        self.phys_tower = mlp(phys_dim, phys_hidden, n_experts)
+        self.sets = sets
+        self.phys_tower = mlp(phys_dim, phys_hidden, n_experts * sets)
         self.tau_tower = mlp(qual_dim, qual_hidden, 1)
 
     def forward(self, phys, qual, route=None) -> GateOutput:
         tau = 1.0 + F.softplus(self.tau_tower(qual)).squeeze(-1)
-        return GateOutput(F.softmax(self.phys_tower(phys) / tau[:, None], dim=-1), tau)
+        return GateOutput(F.softmax(_sets(self.phys_tower(phys), self.sets) / tau[:, None, None], dim=-1), tau)
 
 
 class SingleTowerGate(nn.Module):
     """One tower on one input: ``phys_only`` (physics features) or ``quality_only`` (quality statistics)."""
 
-    def __init__(self, source: str, in_dim: int, n_experts: int, hidden: Sequence[int] = (32, 16)):
+    def __init__(self, source: str, in_dim: int, n_experts: int, hidden: Sequence[int] = (32, 16), sets: int = 1):
         super().__init__()
         if source not in ("phys", "qual"):
             raise ValueError(f"source must be 'phys' or 'qual', got {source!r}")
-        self.source = source
-        self.net = mlp(in_dim, hidden, n_experts)
+        self.source, self.sets = source, sets
+        self.net = mlp(in_dim, hidden, n_experts * sets)
 
     def forward(self, phys, qual, route=None) -> GateOutput:
-        return GateOutput(F.softmax(self.net(phys if self.source == "phys" else qual), dim=-1))
+        return GateOutput(F.softmax(_sets(self.net(phys if self.source == "phys" else qual), self.sets), dim=-1))
 
 
 class OracleGate(nn.Module):
@@ -162,30 +176,45 @@ class OracleGate(nn.Module):
         self.n_experts = n_experts
 
     def forward(self, phys, qual, route) -> GateOutput:
-        return GateOutput(F.one_hot(route, self.n_experts).to(phys.dtype))
+        return GateOutput(F.one_hot(route, self.n_experts).to(phys.dtype)[:, None])
 
 
 class GlobalGate(nn.Module):
     """The single global expert (weight 1)."""
 
     def forward(self, phys, qual, route=None) -> GateOutput:
-        return GateOutput(torch.ones(phys.shape[0], 1, dtype=phys.dtype, device=phys.device))
+        return GateOutput(torch.ones(phys.shape[0], 1, 1, dtype=phys.dtype, device=phys.device))
 
 
-def build_gate(fusion: str, phys_dim: int, qual_dim: int, n_experts: int) -> nn.Module:
-    """The gate module of ``fusion`` for K = ``n_experts``."""
+class PerLabelGates(nn.Module):
+    """One gate network per label (``gates``, L of them), each trained by its own label's loss alone:
+    weights [B, L, K], tau [B, L] (temperature gates) or None."""
+
+    def __init__(self, gates: Sequence[nn.Module]):
+        super().__init__()
+        self.gates = nn.ModuleList(gates)
+
+    def forward(self, phys, qual, route=None) -> GateOutput:
+        outs = [gate(phys, qual, route) for gate in self.gates]
+        tau = None if outs[0].tau is None else torch.stack([o.tau for o in outs], -1)
+        return GateOutput(torch.cat([o.weights for o in outs], 1), tau)
+
+
+def build_gate(fusion: str, phys_dim: int, qual_dim: int, n_experts: int, sets: int = 1) -> nn.Module:
+    """The gate module of ``fusion`` for K = ``n_experts`` and S = ``sets`` weight rows (1: shared routing;
+    the gates that learn nothing always route every label alike)."""
     if fusion == "concat":
-        return ConcatGate(phys_dim, qual_dim, n_experts)
+        return ConcatGate(phys_dim, qual_dim, n_experts, sets=sets)
     if fusion == "logit_add":
-        return LogitAddGate(phys_dim, qual_dim, n_experts)
+        return LogitAddGate(phys_dim, qual_dim, n_experts, sets=sets)
     if fusion == "product":
-        return ProductGate(phys_dim, qual_dim, n_experts)
+        return ProductGate(phys_dim, qual_dim, n_experts, sets=sets)
     if fusion == "temperature":
-        return TemperatureGate(phys_dim, qual_dim, n_experts)
+        return TemperatureGate(phys_dim, qual_dim, n_experts, sets=sets)
     if fusion == "phys_only":
-        return SingleTowerGate("phys", phys_dim, n_experts)
+        return SingleTowerGate("phys", phys_dim, n_experts, sets=sets)
     if fusion == "quality_only":
-        return SingleTowerGate("qual", qual_dim, n_experts)
+        return SingleTowerGate("qual", qual_dim, n_experts, sets=sets)
     if fusion == "oracle":
         return OracleGate(n_experts)
     if fusion == "global":

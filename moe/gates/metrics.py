@@ -12,7 +12,11 @@ z = (pred - true) / sigma; 1 when calibrated), ``coverage_1sigma`` / ``coverage_
 ``LatestRows`` keeps the most recent rows of each SNR bin in fixed-size rings (bounded memory whatever the
 split's size), gathered across DDP ranks: the validation residuals of the sigma check.
 
-``summary_table`` prints a split's logged metrics as the text table of ``moe test``.
+``summary_table`` prints a split's logged metrics as the text table of ``moe test`` (one per label).
+
+With several labels the module keeps one ``SplitMetrics`` per label and logs its values with the label's
+name appended (:func:`label_key`: ``r2_T_eff``, ``z_std_snr_X_M_H``); the primary label's (log g) are also
+logged under the plain names (``r2``, ``z_std``, ...), which checkpoints and early stopping monitor.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from moe.data import bins
 
 
 def gate_entropy(weights: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Entropy in nats of each row of ``weights`` [B, K] -> [B] (clamped log)."""
+    """Entropy in nats of each row of ``weights`` [..., K] -> [...] (clamped log)."""
     return -(weights * weights.clamp_min(eps).log()).sum(-1)
 
 
@@ -177,20 +181,27 @@ class LatestRows(nn.Module):
         self.seen.zero_()
 
 
-def summary_table(metrics: dict[str, float], prefix: str = "test") -> str:
+def label_key(key: str, label: str | None) -> str:
+    """The logged name of metric ``key`` of ``label``: ``r2`` -> ``r2_T_eff`` (``label`` None: ``key``)."""
+    return key if label is None else f"{key}_{label}"
+
+
+def summary_table(metrics: dict[str, float], prefix: str = "test", label: str | None = None) -> str:
     """A text table from logged metrics: overall and per-SNR-bin R^2, mean gate entropy, the calibration
-    of sigma (z std, share of |z| <= 1 and <= 2) and tau; then rho, the oracle and global R^2, MAE, RMSE."""
+    of sigma (z std, share of |z| <= 1 and <= 2) and tau; then rho, the oracle and global R^2, MAE, RMSE.
+    ``label``: that label's metrics (names ending in ``_<label>``; None: the plain names)."""
 
     def get(key):
-        v = metrics.get(f"{prefix}/{key}")
+        v = metrics.get(f"{prefix}/{label_key(key, label)}")
         return float(v) if v is not None else float("nan")
 
-    def row(label: str, suffix: str) -> str:
-        if suffix and not any(k.startswith(f"{prefix}/") and k.endswith(suffix) for k in metrics):
-            return f"{label:<8}{'no spectra in this bin':>25}"  # e.g. SNR X at a low noise level
+    def row(label_: str, suffix: str) -> str:
+        end = label_key(suffix, label)
+        if suffix and not any(k.startswith(f"{prefix}/") and k.endswith(end) for k in metrics):
+            return f"{label_:<8}{'no spectra in this bin':>25}"  # e.g. SNR X at a low noise level
         tau = get(f"tau{suffix}") if suffix else float("nan")
         return (
-            f"{label:<8}{get(f'r2{suffix}'):>9.4f}{get(f'entropy{suffix}'):>10.3f}{get(f'z_std{suffix}'):>8.2f}"
+            f"{label_:<8}{get(f'r2{suffix}'):>9.4f}{get(f'entropy{suffix}'):>10.3f}{get(f'z_std{suffix}'):>8.2f}"
             f"{get(f'coverage_1sigma{suffix}'):>9.1%}{get(f'coverage_2sigma{suffix}'):>9.1%}"
             f"{(f'{tau:>8.2f}' if math.isfinite(tau) else ''):>8}"
         )

@@ -1,8 +1,10 @@
 """``GatedMoE``: the LightningModule that trains a :class:`~moe.gates.mixture.GatedMixture` with MSE.
 
-``log g = sum_k w_k(phys, qual) * expert_k(noisy flux)``; loss ``MSE(log g, truth)`` (+ an optional
-entropy term, + the variance head's beta-NLL), one shared step for train / val / test with per-split
-metrics (:mod:`moe.gates.metrics`), the optimiser and its schedule. The mixture -- experts, features,
+``y_l = sum_k w_lk(phys, qual) * expert_kl(noisy flux)`` for each label l of ``labels``; loss the MSE on
+standardised labels (each label's residual over its training std, averaged over labels; + an optional
+entropy term, + the variance head's beta-NLL), one shared step for train / val / test with per-split,
+per-label metrics (:mod:`moe.gates.metrics`: ``val/r2_<label>`` ...; ``val/r2`` and the other plain names are
+the primary label's, log g whenever it is predicted), the optimiser and its schedule. The mixture -- experts, features,
 gate, sigma -- is a plain module (:mod:`moe.gates.mixture`); after every validation epoch of a fit the
 module refits sigma's recalibration (:mod:`moe.gates.calibration`, logged as ``val/sigma_check``).
 TensorBoard figures come from a callback (:class:`moe.gates.callbacks.ValidationFigures`). What is not
@@ -17,12 +19,12 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
 
 from moe.catalogue.predict import catalogue_rows
+from moe.data.shards import LABEL_COLUMNS
 from moe.experts import groups
 from moe.experts.fit import FitConfig, NoiseMode
 from moe.experts.groups import Family
@@ -30,8 +32,8 @@ from moe.experts.ridge import DEFAULT_ALPHAS
 from moe.gates.callbacks import ValidationFigures
 from moe.gates.checkpoints import check_checkpoint
 from moe.gates.fusions import Fusion, ProductGate, default_family
-from moe.gates.metrics import SplitMetrics
-from moe.gates.mixture import GatedMixture, MoEOutput
+from moe.gates.metrics import SplitMetrics, label_key
+from moe.gates.mixture import GatedMixture, MoEOutput, Routing
 from moe.gates.schedules import LinearWarmup
 from moe.prepare import PrepareConfig, Prepared
 
@@ -66,6 +68,10 @@ class GatedMoE(pl.LightningModule):
         calibration_rows: training stars sigma is recalibrated on after each validation epoch (a fixed
             sample of whole blocks; 0: no recalibration, only the validation check).
         calibration_draws: noise draws of each of those stars.
+        labels: the labels predicted, columns of the shards' parameter table (each with its experts, sigma and
+            metrics); ``val/r2`` (checkpoints, early stopping) is log g's whenever log g is among them.
+        routing: per_label (a gate network per label, each trained by its label's loss) or shared (one set of
+            gate weights for every label).
         optimizer: optimiser factory (Adam by default).
         scheduler: learning-rate schedule factory, stepped per batch (linear warm-up over 5% of the run).
     """
@@ -92,6 +98,8 @@ class GatedMoE(pl.LightningModule):
         nll_weight: float = 1.0,
         calibration_rows: NonNegativeInt = 65_536,
         calibration_draws: PositiveInt = 2,
+        labels: list[str] = list(LABEL_COLUMNS),  # noqa: B006 (LightningCLI shows the default)
+        routing: Routing = "per_label",
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable = LinearWarmup,
     ):
@@ -102,6 +110,7 @@ class GatedMoE(pl.LightningModule):
             int(calibration_rows),
             int(calibration_draws),
         )
+        labels = [str(name) for name in labels]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -114,10 +123,14 @@ class GatedMoE(pl.LightningModule):
             variance_head,
             calibration_rows,
             calibration_draws,
+            labels,
+            routing,
         )
         self.family = self.mixture.family
-        self.val_metrics = SplitMetrics(with_tau=fusion == "temperature")
-        self.test_metrics = SplitMetrics(with_tau=fusion == "temperature")
+        self.labels = self.mixture.labels
+        self.primary = self.labels.index("log_g") if "log_g" in self.labels else 0  # whose metrics val/r2 is
+        self.val_metrics = torch.nn.ModuleList(SplitMetrics(with_tau=fusion == "temperature") for _ in labels)
+        self.test_metrics = torch.nn.ModuleList(SplitMetrics(with_tau=fusion == "temperature") for _ in labels)
         self.data_fingerprint: str | None = None
         self.catalogue_reference = None  # what predict compares stars with (moe.prepare.reference); set by the CLI
 
@@ -133,8 +146,9 @@ class GatedMoE(pl.LightningModule):
             min_samples=h.expert_min_samples,
             fallback=h.expert_fallback,
             required=groups.relies_on(self.family),
+            labels=self.labels,
         )
-        return PrepareConfig(self.family, fit, h.experts_dir, h.experts_path, h.feature_rows)
+        return PrepareConfig(self.family, fit, h.experts_dir, h.experts_path, h.feature_rows, self.labels)
 
     def load_prepared(self, prepared: Prepared) -> None:
         """Hand the mixture what the preparation step built (:meth:`GatedMixture.load_prepared`)."""
@@ -167,12 +181,16 @@ class GatedMoE(pl.LightningModule):
         return self.mixture(batch)
 
     def _loss(self, out: MoEOutput, batch: dict) -> dict[str, torch.Tensor]:
-        mse = F.mse_loss(out.pred, batch["log_g"])
+        """MSE on standardised labels (mean over stars and labels), the mean gate entropy and the head's beta-NLL
+        (standardised units)."""
+        std = self.mixture.label_std
+        resid = (out.pred - self.mixture.targets(batch)) / std  # [B, L]
+        mse = resid.square().mean()
         ent = out.entropy.mean()
         losses = {"loss": mse + self.hparams.entropy_weight * ent, "mse": mse, "entropy": ent}
         if out.log_model_var is not None:  # the head learns the residual of the (detached) prediction
-            var = out.noise_spread.detach().square() + out.log_model_var.exp()
-            r2 = (out.pred.detach() - batch["log_g"]).square()
+            var = (out.noise_spread.detach() / std).square() + out.log_model_var.exp()
+            r2 = resid.detach().square()
             nll = (0.5 * (var.log() + r2 / var) * var.detach().sqrt()).mean()  # beta-NLL, beta = 0.5
             losses |= {"loss": losses["loss"] + self.hparams.nll_weight * nll, "nll": nll}
         return losses
@@ -187,21 +205,23 @@ class GatedMoE(pl.LightningModule):
             self.log_dict({"train/beta": gate.beta, "train/gamma": gate.gamma}, batch_size=out.pred.shape[0])
         return losses["loss"] if losses["loss"].requires_grad else None
 
-    def _eval_step(self, batch: dict, metrics: SplitMetrics, prefix: str) -> MoEOutput:
+    def _eval_step(self, batch: dict, metrics: torch.nn.ModuleList, prefix: str) -> MoEOutput:
         out = self(batch)
         route = self.mixture.route(batch)
-        oracle = out.expert_preds.gather(1, route[:, None]).squeeze(1)
-        metrics.update(
-            out.pred,
-            oracle,
-            out.global_pred,
-            batch["log_g"],
-            out.entropy,
-            batch["snr_bin"],
-            batch["phys_bin"],
-            out.tau,
-            out.sigma,
-        )
+        oracle = out.expert_preds[torch.arange(len(route), device=route.device), route]  # [B, L]
+        target = self.mixture.targets(batch)
+        for i, m in enumerate(metrics):
+            m.update(
+                out.pred[:, i],
+                oracle[:, i],
+                out.global_pred[:, i],
+                target[:, i],
+                out.entropy[:, i],
+                batch["snr_bin"],
+                batch["phys_bin"],
+                out.tau[:, i] if out.tau is not None and out.tau.ndim == 2 else out.tau,
+                out.sigma[:, i],
+            )
         self.log(
             f"{prefix}/loss", self._loss(out, batch)["mse"], batch_size=out.pred.shape[0], prog_bar=prefix == "val"
         )
@@ -209,16 +229,17 @@ class GatedMoE(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> MoEOutput:
         out = self._eval_step(batch, self.val_metrics, "val")
-        self.mixture.calibration.observe((out.pred - batch["log_g"]).abs(), out.spread, batch["snr_bin"])
+        target = self.mixture.targets(batch)
+        self.mixture.calibration.observe((out.pred - target).abs(), out.spread, batch["snr_bin"])
         return out  # for the callbacks (ValidationFigures)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        """Per star: split row, prediction, sigma, truth (NaN when unknown), SNR and bins, gate weights,
-        each expert's prediction, entropy, masked pixels, OOD score, flags and the shard's numeric id columns
-        (``id_*``) -- from the usable pixels (:mod:`moe.catalogue.predict`, with :attr:`catalogue_reference`; without
+        """Per star: split row, ``<label>_pred``, ``<label>_sigma``, ``<label>_true`` (NaN when unknown) of every
+        label, SNR and bins, gate weights [B, L, K], each expert's prediction [B, K, L], entropy [B, L], masked
+        pixels, OOD score, flags and the shard's numeric id columns (``id_*``) -- from the usable pixels (:mod:`moe.catalogue.predict`, with :attr:`catalogue_reference`; without
         one, spectra without masked pixels and no ``n_masked``, ``ood_score``, ``flags``)."""
         if self.catalogue_reference is not None:
             values = catalogue_rows(self.mixture, batch, self.catalogue_reference)
@@ -230,20 +251,32 @@ class GatedMoE(pl.LightningModule):
                     "moe.prepare.reference.load_or_build(folder, cache) (the CLI sets it)"
                 )
             out = self(batch)
-            values = {"log_g_pred": out.pred, "log_g_sigma": out.sigma, "log_g_true": batch["log_g"]}
-            values |= {"weights": out.weights, "expert_preds": out.expert_preds, "entropy": out.entropy}
+            values = {"weights": out.weights, "expert_preds": out.expert_preds, "entropy": out.entropy}
+            for i, name in enumerate(self.labels):
+                values |= {
+                    f"{name}_pred": out.pred[:, i],
+                    f"{name}_sigma": out.sigma[:, i],
+                    f"{name}_true": batch[name],
+                }
         keep = ("row", "snr", "snr_bin", "phys_bin")
         return values | {k: v for k, v in batch.items() if k in keep or k.startswith("id_")}
 
     # ---- epoch ends --------------------------------------------------------------------------
-    def _log_split(self, metrics: SplitMetrics, prefix: str) -> dict[str, float]:
-        values = metrics.compute()
-        metrics.reset()
-        if values:
-            self.log_dict({f"{prefix}/{k}": v for k, v in values.items() if k != "r2"})
-            if "r2" in values:  # the monitored metric, shown in the progress bar
-                self.log(f"{prefix}/r2", values["r2"], prog_bar=prefix == "val")
-        return values
+    def _log_split(self, metrics: torch.nn.ModuleList, prefix: str) -> dict[str, float]:
+        """Log every label's metrics as ``<prefix>/<key>_<label>``, the primary label's also as ``<prefix>/<key>``;
+        returns the primary label's."""
+        primary = {}
+        for i, (name, m) in enumerate(zip(self.labels, metrics)):
+            values = m.compute()
+            m.reset()
+            self.log_dict({f"{prefix}/{label_key(k, name)}": v for k, v in values.items()})
+            if i == self.primary:
+                primary = values
+        if primary:
+            self.log_dict({f"{prefix}/{k}": v for k, v in primary.items() if k != "r2"})
+            if "r2" in primary:  # the monitored metric, shown in the progress bar
+                self.log(f"{prefix}/r2", primary["r2"], prog_bar=prefix == "val")
+        return primary
 
     def on_validation_epoch_end(self) -> None:
         self._log_split(self.val_metrics, "val")
@@ -258,10 +291,14 @@ class GatedMoE(pl.LightningModule):
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         if fitting and not self.trainer.sanity_checking:
             source = getattr(self.trainer.datamodule, "calibration_batches", None)
-            sample = calibration.sample_residuals(source, self.device, self.mixture.mix_inputs, self.mixture.mix)
-            check = calibration.refit(*sample, gather=self.all_gather if self.trainer.world_size > 1 else None)
-            if check is not None:
-                self.log("val/sigma_check", check)
+            mixture = self.mixture
+            sample = calibration.sample_residuals(source, self.device, mixture.mix_inputs, mixture.mix, mixture.targets)
+            checks = calibration.refit(*sample, gather=self.all_gather if self.trainer.world_size > 1 else None)
+            for i, (name, check) in enumerate(zip(self.labels, checks)):
+                if check is not None:
+                    self.log(f"val/sigma_check_{name}", check)
+                    if i == self.primary:
+                        self.log("val/sigma_check", check)
         calibration.held_out.reset()
 
     def on_test_epoch_end(self) -> None:
