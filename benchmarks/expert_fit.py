@@ -15,6 +15,11 @@ Measured in one run, each part in a fresh subprocess (so peak RSS is its own):
   (:data:`moe.experts.isolated.HEAP_ENV`, ``MALLOC_MMAP_THRESHOLD_``), so the comparison can be read
   without that advantage.
 
+``--heap-compare`` measures only our fit at ``--n`` rows three times side by side, each in a fresh process:
+with glibc's defaults, with the thresholds set by ``mallopt`` through ctypes at the start of the process (what
+``moe/experts/heap.py`` did before eae6070) and with :data:`HEAP_ENV` in the environment (what the fit's child
+gets now); wall time of each part, minor page faults (``getrusage``) and peak RSS.
+
 Targets: pass <= 1.5x the bare pass; our whole fit <= scikit-learn's single-alpha fit;
 our RSS flat in N. The shards are read once before any timing so that every part finds
 them in the page cache (disk speed would otherwise land on whichever part reads first).
@@ -36,6 +41,10 @@ from moe.experts.ridge import DEFAULT_ALPHAS
 
 OURS = r"""
 import json, resource, sys, time
+if sys.argv[4:] == ["mallopt"]:  # the former moe/experts/heap.py: M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2^31 - 1
+    import ctypes, ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    assert libc.mallopt(-3, ctypes.c_int(1 << 30)) and libc.mallopt(-1, ctypes.c_int(2**31 - 1))
 from moe.data.datamodule import SpectraDataModule
 from moe.experts.fit import FitConfig, fit_families
 dm = SpectraDataModule(sys.argv[1], max_train_rows=int(sys.argv[2]), num_workers=0, synth=None)
@@ -100,6 +109,38 @@ def run(code: str, *args, env: dict | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+HEAP_SETTINGS = {  # name -> (extra argument of OURS, environment)
+    "glibc defaults": ((), None),
+    "mallopt (ctypes, before eae6070)": (("mallopt",), None),
+    "HEAP_ENV (child's environment, now)": ((), HEAP_ENV),
+}
+
+
+def heap_compare(data: str, n: int) -> None:
+    """Our fit at ``n`` rows under each heap setting, in that order, each in a fresh process."""
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        raise SystemExit("unset the MALLOC_* variables first: the 'glibc defaults' run would inherit them")
+    runs = {name: run(OURS, data, n, "float64", *extra, env=env) for name, (extra, env) in HEAP_SETTINGS.items()}
+    print(f"expert fit at {n} rows x 4096 px, float64 products; one fresh process per heap setting")
+    print(f"{'heap setting':<38}{'stats s':>9}{'solves s':>10}{'fit s':>8}{'minor faults':>14}{'peak RSS MB':>13}")
+    for name, t in runs.items():
+        total = t["stats_s"] + t["solve_s"] + t["validate_s"]
+        print(
+            f"{name:<38}{t['stats_s']:>9.1f}{t['solve_s']:>10.1f}{total:>8.1f}{t['minor_faults']:>14d}{t['rss_mb']:>13.0f}"
+        )
+    print(
+        json.dumps(
+            {
+                "n": n,
+                **{
+                    name: {k: t[k] for k in ("stats_s", "solve_s", "validate_s", "minor_faults", "rss_mb")}
+                    for name, t in runs.items()
+                },
+            }
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
@@ -107,6 +148,7 @@ def main() -> None:
     ap.add_argument("--data", default="data/bench100k")
     ap.add_argument("--rows", type=int, default=100_000, help="training rows of the dataset written at --data")
     ap.add_argument("--skip-sklearn", action="store_true")
+    ap.add_argument("--heap-compare", action="store_true", help="only our fit at --n rows under each heap setting")
     a = ap.parse_args()
     write_dataset(a.data, SynthConfig(max(a.n, a.rows), 2000, 2000, 20_000, 4096, 0))
 
@@ -114,6 +156,9 @@ def main() -> None:
         with open(shard, "rb") as f:
             while f.read(1 << 24):
                 pass
+    if a.heap_compare:
+        heap_compare(a.data, a.n)
+        return
     # ours runs with the environment the child process of load_or_fit gets (moe.experts.isolated)
     small = run(OURS, a.data, a.small, "float64", env=HEAP_ENV)
     mid = run(OURS, a.data, a.n // 2, "float64", env=HEAP_ENV)

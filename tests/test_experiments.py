@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import re
+import typing
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -358,16 +359,46 @@ def test_too_few_training_spectra_end_in_one_error_line(exp_dir, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-def test_settings_out_of_range_are_settings_errors():
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"n_train": 0}, "argument --n-train: must be at least 1, got 0"),
+        ({"n_train": 2.5}, "argument --n-train: '2.5' is not an integer"),
+        ({"noise_level": -1.0}, "argument --noise-level: must be at least 0, got -1.0"),
+        ({"noise_level": float("nan")}, "argument --noise-level: must be at least 0, got nan"),
+        ({"seeds": ()}, "argument --seeds: give at least one value"),
+        ({"seeds": (1, "a")}, "argument --seeds: invalid int value: 'a'"),
+        ({"epochs": 0}, "argument --epochs: must be at least 1, got 0"),
+        ({"cnn_epochs": -1}, "argument --cnn-epochs: must be at least 0, got -1"),
+        ({"max_memory_rows": 0}, "argument --max-memory-rows: must be at least 1, got 0"),
+        ({"min_samples": 0}, "argument --min-samples: must be at least 1, got 0"),
+        ({"fallback": "phys"}, "argument --fallback: invalid choice: 'phys' (choose from 'global')"),
+    ],
+)
+def test_settings_out_of_range_are_settings_errors(kw, message):
+    """A value set in code is checked against the type its option declares, in the parser's words."""
     import argparse
 
     from moe.experiments.common import SettingsError
 
-    for kw in ({"n_train": 0}, {"noise_level": -1.0}, {"seeds": ()}, {"epochs": 0}, {"fallback": "phys"}):
-        with pytest.raises(SettingsError) as info:
-            ExperimentSettings(**kw)
-        assert isinstance(info.value, argparse.ArgumentError) and isinstance(info.value, ValueError)
-        assert str(info.value).startswith("argument --")
+    with pytest.raises(SettingsError) as info:
+        ExperimentSettings(**kw)
+    assert isinstance(info.value, argparse.ArgumentError) and isinstance(info.value, ValueError)
+    assert str(info.value) == message
+
+
+def test_experiments_options_are_the_settings_fields():
+    """Every option field of ExperimentSettings is a flag of moe experiments with the field's type (range
+    included) and, unless the sized defaults of all / --quick need None, its default."""
+    from moe.experiments.__main__ import _parser
+    from moe.shared.arguments import declared_options
+
+    parser = _parser()
+    for name, (flag, hint, default) in declared_options(ExperimentSettings).items():
+        accepted = [hint, hint | None, *typing.get_args(hint)]  # X | None may be declared as X, tuple[int, ...] as int
+        assert parser.declared[flag] in accepted, flag
+        assert parser.get_defaults()[name] in (default, None), flag
+    assert ExperimentSettings(fallback="global", n_train=None).fallback == "global"
 
 
 def test_ceiling_bin_too_small_for_lightgbm_and_the_cnn_keeps_its_ridge_expert():

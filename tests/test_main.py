@@ -53,10 +53,20 @@ def test_user_errors_are_one_line(args, message, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (
+        (  # moe experiments: one of each kind, as ExperimentSettings declares them
             ["experiments", "leakage", "--n-train", "abc"],
-            r"argument --n-train: invalid int value: 'abc' \(moe experiments --",
+            r"argument --n-train: 'abc' is not an integer \(moe experiments --",
         ),
+        (["experiments", "leakage", "--epochs", "0"], r"argument --epochs: must be at least 1, got 0 \(moe exp"),
+        (["experiments", "ceiling", "--cnn-epochs", "-1"], r"argument --cnn-epochs: must be at least 0, got -1"),
+        (["experiments", "leakage", "--noise-level", "-0.5"], r"argument --noise-level: must be at least 0, got -0.5"),
+        (["experiments", "leakage", "--noise-level", "lots"], r"argument --noise-level: 'lots' is not a number"),
+        (["experiments", "leakage", "--seeds", "1", "x"], r"argument --seeds: invalid int value: 'x'"),
+        (
+            ["experiments", "leakage", "--fallback", "phys"],
+            r"argument --fallback: invalid choice: 'phys' \(choose from 'global'\) \(moe experiments --",
+        ),
+        (["experiments", "lekage"], r"argument name: invalid choice: 'lekage' \(choose from 'leakage', "),
         (
             ["experts", "fit", "--min-samples", "0"],
             r"argument --min-samples: must be at least 1, got 0 \(moe experts fit --help",

@@ -19,7 +19,6 @@ stream; in-memory models -- LightGBM, CNN, the leakage audit -- are capped by
 
 from __future__ import annotations
 
-import argparse
 import logging
 import resource
 import time
@@ -28,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+from jsonargparse import Namespace
 
 from moe.experiments import EXPERIMENTS, experiment
 from moe.experiments.common import ExperimentSettings, Outcome
@@ -41,70 +41,69 @@ ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
 QUICK = {"n_train": 3000, "max_memory_rows": 3000, "seeds": (1, 2), "epochs": 8, "cnn_epochs": 2}
 
 
-def _parser() -> argparse.ArgumentParser:
-    d = ExperimentSettings()
+def _parser() -> ToolParser:
+    """The options, each declared by its :class:`ExperimentSettings` field (flag, type with range, default); the
+    sized ones default to None here so that ``all`` / ``--quick`` can fill what is not given."""
+    s = ExperimentSettings
+    d = s()
     p = ToolParser(prog="moe experiments", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=(*EXPERIMENTS, "all"), help="the experiment to run ('all': the four in order)")
-    p.add_argument("--data", default=d.data, help="dataset folder (the default is generated on first use)")
-    p.add_argument("--n-train", type=int, default=None, help="training spectra to use (default: all; 'all': 20000)")
-    p.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
+    p.add_option(s, "data", help="dataset folder (the default is generated on first use)")
+    p.add_option(s, "n_train", help="training spectra to use (default: all; 'all': 20000)")
+    p.add_option(
+        s,
+        "seeds",
         default=None,
         help="one run per seed (gate training, in-memory models, snr-oracle's test noise); results are averaged "
         "(default: dual-tower 42 123 456, the others 42)",
     )
-    p.add_argument("--out", default=None, help="report folder (default reports/NAME; for 'all' the parent folder)")
-    p.add_argument(
-        "--noise-level",
-        type=float,
-        default=d.noise_level,
+    p.add_option(s, "out", help="report folder (default reports/NAME; for 'all' the parent folder)")
+    p.add_option(
+        s,
+        "noise_level",
         help="multiplier of the 1-sigma error for the noise on every split (fresh train draws, pre-noised val/test)",
     )
-    p.add_argument(
-        "--max-memory-rows",
-        type=int,
+    p.add_option(
+        s,
+        "max_memory_rows",
         default=None,
         help=f"cap for models that need rows in memory (default {d.max_memory_rows})",
     )
-    p.add_argument(
-        "--epochs",
-        type=int,
+    p.add_option(
+        s,
+        "epochs",
         default=None,
         help=f"safety cap on gate training epochs (dual-tower; default {MAX_EPOCHS}): each run stops on convergence, "
         "once val R^2 stalls",
     )
-    p.add_argument(
-        "--cnn-epochs",
-        type=int,
+    p.add_option(
+        s,
+        "cnn_epochs",
         default=None,
         help=f"1D-CNN epochs (ceiling; default {d.cnn_epochs}, 'all': {ALL_DEFAULTS['cnn_epochs']}; 0 skips)",
     )
-    p.add_argument("--lgbm-device", default=d.lgbm_device, help="LightGBM device_type (cpu, gpu, cuda)")
+    p.add_option(s, "lgbm_device", help="LightGBM device_type (cpu, gpu, cuda)")
     p.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke run: {QUICK['n_train']} training spectra, seeds {' '.join(map(str, QUICK['seeds']))}, at most "
         f"{QUICK['epochs']} gate epochs; the reports say its verdicts are not decisions (other flags override)",
     )
-    p.add_argument(
-        "--min-samples",
-        type=int,
-        default=d.min_samples,
+    p.add_option(
+        s,
+        "min_samples",
         help="fewest training rows a Ridge expert needs: fewer stop the expert fit before any solve, naming the "
         "short groups (a physical or SNR group may take the global expert instead: --fallback global)",
     )
-    p.add_argument(
-        "--fallback",
-        choices=("global",),
-        default=None,
+    p.add_option(
+        s,
+        "fallback",
         help="'global': a group with fewer than --min-samples training rows uses the global expert",
     )
     return p
 
 
-def _settings(a: argparse.Namespace) -> ExperimentSettings:
+def _settings(a: Namespace) -> ExperimentSettings:
     """The shared settings of the run (the seeds are set per experiment): the flags, over the defaults of
     ``all`` or ``--quick``."""
     sized = {**(ALL_DEFAULTS if a.name == "all" else {}), **(QUICK if a.quick else {})}

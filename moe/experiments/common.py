@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,15 @@ from moe.experts.fit import FitConfig
 from moe.experts.nonlinear import CNNExpert
 from moe.experts.scores import r2, r2_from_sums
 from moe.plots import save as save_figure
+from moe.shared.arguments import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    declared_options,
+    option,
+    plain_number,
+    settings_mistake,
+)
 from moe.shared.atomic import write_text
 
 EXPERIMENT_LABELS = ("log_g",)  # the labels the experiments' experts are fitted for
@@ -48,39 +57,33 @@ class SettingsError(argparse.ArgumentError, ValueError):
 
 @dataclass
 class ExperimentSettings:
-    """Command-line settings shared by all experiments (values out of range: a :class:`SettingsError`)."""
+    """Command-line settings shared by all experiments. Each option field declares its flag, type and range once
+    (:func:`moe.shared.arguments.option`): ``moe experiments`` parses by them, and a value set in code that does
+    not fit is a :class:`SettingsError` naming the flag, worded as the parser words it."""
 
-    data: str = "data/synth"
-    n_train: int | None = None
-    seeds: tuple[int, ...] = (42,)
-    out: str | None = None
-    noise_level: float = 1.0
-    max_memory_rows: int = 50_000
-    epochs: int = MAX_EPOCHS  # safety cap of a gate's epochs; gates stop on convergence well before it
-    cnn_epochs: int = CNNExpert.epochs
-    lgbm_device: str = "cpu"
-    min_samples: int = FitConfig.min_samples  # fewest training rows of a phys/snr expert group (--min-samples)
-    fallback: str | None = None  # "global": a smaller group takes the global expert (--fallback)
+    data: str = option("--data", "data/synth")
+    n_train: PositiveInt | None = option("--n-train", None)
+    seeds: tuple[int, ...] = option("--seeds", (42,))
+    out: str | None = option("--out", None)
+    noise_level: NonNegativeFloat = option("--noise-level", 1.0)
+    max_memory_rows: PositiveInt = option("--max-memory-rows", 50_000)
+    # safety cap of a gate's epochs; gates stop on convergence well before it
+    epochs: PositiveInt = option("--epochs", MAX_EPOCHS)
+    cnn_epochs: NonNegativeInt = option("--cnn-epochs", CNNExpert.epochs)
+    lgbm_device: str = option("--lgbm-device", "cpu")
+    # fewest training rows of a phys/snr expert group; fallback "global": a smaller group takes the global expert
+    min_samples: PositiveInt = option("--min-samples", FitConfig.min_samples)
+    fallback: Literal["global"] | None = option("--fallback", None)
     progress: bool = True
     quick: bool = False  # a smoke run (--quick): the reports say their verdicts are not decisions
 
     def __post_init__(self):
         self.seeds = tuple(self.seeds)
-        for flag, value, least in (
-            ("--n-train", self.n_train, 1),
-            ("--max-memory-rows", self.max_memory_rows, 1),
-            ("--epochs", self.epochs, 1),
-            ("--cnn-epochs", self.cnn_epochs, 0),
-            ("--min-samples", self.min_samples, 1),
-        ):
-            if value is not None and value < least:
-                raise SettingsError(flag, f"must be at least {least}, got {value}")
-        if not self.noise_level >= 0:
-            raise SettingsError("--noise-level", f"must be >= 0, got {self.noise_level}")
-        if not self.seeds:
-            raise SettingsError("--seeds", "give at least one seed")
-        if self.fallback not in (None, "global"):
-            raise SettingsError("--fallback", f"must be 'global' or not given, got {self.fallback!r}")
+        mistake = settings_mistake(self)
+        if mistake is not None:
+            raise SettingsError(mistake.flag, mistake.problem())
+        for name in declared_options(type(self)):  # the parser's restricted numbers as plain ones (config.json)
+            setattr(self, name, plain_number(getattr(self, name)))
 
     def datamodule(self, **kw) -> SpectraDataModule:
         return SpectraDataModule(

@@ -3,6 +3,9 @@ of the training commands (LightningCLI), and the one-line message of a mistake o
 
 Each option is declared once: flag, type with its range (:mod:`jsonargparse.typing`: ``PositiveInt``,
 ``NonNegativeFloat``, ...; ``Literal`` for choices), default (taken from the config dataclass it fills) and help.
+A settings dataclass may declare its options itself (:func:`option` fields): the parser takes flag, type and
+default from the field (:meth:`ToolParser.add_option`) and the dataclass checks a value given in code against
+the same type (:func:`settings_mistake`), so a range is written once for both.
 jsonargparse checks the values; its exceptions carry only text, so the message of a mistake is not read from
 them: :func:`find_mistake` checks the given values against the declared types and names the first that does not
 fit (:class:`Mistake`), and the library's text, whitespace-joined, serves only when no value is at fault.
@@ -11,12 +14,13 @@ fit (:class:`Mistake`), and the library's text, whitespace-joined, serves only w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
@@ -29,8 +33,12 @@ __all__ = [
     "PositiveInt",
     "ToolArgumentError",
     "ToolParser",
+    "declared_options",
     "find_mistake",
+    "option",
+    "plain_number",
     "run_tool",
+    "settings_mistake",
 ]
 
 # the ranges of jsonargparse's restricted numbers: type -> (bound, strict), i.e. value >= bound or value > bound
@@ -46,11 +54,12 @@ _NUMBER_BASE = {PositiveInt: int, NonNegativeInt: int, PositiveFloat: float, Non
 @dataclass(frozen=True)
 class Mistake:
     """A value that does not fit its option's declared type: ``kind`` is "type" (not a ``base``, of a number
-    type with a range when ``ranged``), "range" (outside ``bound``/``strict``) or "choice" (not among ``choices``)."""
+    type with a range when ``ranged``), "range" (outside ``bound``/``strict``), "choice" (not among ``choices``)
+    or "empty" (no value of an option that takes one or more)."""
 
     flag: str
     value: str
-    kind: Literal["type", "range", "choice"]
+    kind: Literal["type", "range", "choice", "empty"]
     base: type | None = None
     bound: float = 0
     strict: bool = False
@@ -59,17 +68,23 @@ class Mistake:
 
     def tool_line(self) -> str:
         """The tools' wording (argparse's): ``argument --n-train: must be at least 1, got 0``."""
+        return f"argument {self.flag}: {self.problem()}"
+
+    def problem(self) -> str:
+        """What is wrong with the value, in the tools' wording without the flag: ``must be at least 1, got 0``."""
         if self.kind == "type" and self.ranged:
-            return f"argument {self.flag}: {self.value!r} is not {'an integer' if self.base is int else 'a number'}"
+            return f"{self.value!r} is not {'an integer' if self.base is int else 'a number'}"
         if self.kind == "type":
-            return f"argument {self.flag}: invalid {self.base.__name__} value: {self.value!r}"
+            return f"invalid {self.base.__name__} value: {self.value!r}"
         if self.kind == "choice":
             listed = ", ".join(repr(c) for c in self.choices)
-            return f"argument {self.flag}: invalid choice: {self.value!r} (choose from {listed})"
+            return f"invalid choice: {self.value!r} (choose from {listed})"
+        if self.kind == "empty":
+            return "give at least one value"
         if self.strict and self.base is int:  # an integer above 0 is one of at least 1
-            return f"argument {self.flag}: must be at least {int(self.bound) + 1}, got {self.value}"
+            return f"must be at least {int(self.bound) + 1}, got {self.value}"
         wanted = f"> {self.bound:g}" if self.strict else f"at least {self.bound:g}"
-        return f"argument {self.flag}: must be {wanted}, got {self.value}"
+        return f"must be {wanted}, got {self.value}"
 
     def training_line(self) -> str:
         """The training commands' wording: ``--data.batch_size 0: must satisfy value>0``."""
@@ -101,6 +116,65 @@ def _check(flag: str, hint, text: str) -> Mistake | None:
         bound, strict = RANGES[hint]
         if not (value > bound if strict else value >= bound):  # NaN fails too
             return Mistake(flag, text, "range", base=base, bound=bound, strict=strict)
+    return None
+
+
+def _element(hint) -> Any:
+    """The type of each value of an option that takes several (``tuple[int, ...]``, ``list[float]``), else None."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if (origin is tuple and len(args) == 2 and args[1] is Ellipsis) or (origin is list and len(args) == 1):
+        return args[0]
+    return None
+
+
+def _allows_none(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _without_none(hint) -> Any:
+    """``hint`` without its None: ``X`` of ``X | None``; any other hint as it is."""
+    if _allows_none(hint):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else hint
+    return hint
+
+
+def option(flag: str, default: Any = None) -> Any:
+    """A field of a settings dataclass that a tool's command line sets with ``flag``: the field's annotation is
+    the option's type, its range or choices included (``PositiveInt``, ``NonNegativeFloat | None``,
+    ``Literal["global"] | None``; ``tuple[int, ...]`` for one or more values)."""
+    return dataclasses.field(default=default, metadata={"flag": flag})
+
+
+def declared_options(settings: type) -> dict[str, tuple[str, Any, Any]]:
+    """Field name -> (flag, type hint, default) of the :func:`option` fields of the dataclass ``settings``."""
+    hints = typing.get_type_hints(settings)
+    return {
+        f.name: (f.metadata["flag"], hints[f.name], f.default)
+        for f in dataclasses.fields(settings)
+        if "flag" in f.metadata
+    }
+
+
+def plain_number(value: Any) -> Any:
+    """A parsed restricted number (``PositiveInt(5)``) as the plain int or float it is (what a config file or a
+    saved hyperparameter should hold); any other value as it is."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    return float(value) if isinstance(value, float) else value
+
+
+def settings_mistake(settings: Any) -> Mistake | None:
+    """The first :func:`option` field of the dataclass instance ``settings`` whose value does not fit its declared
+    type (a value set in code rather than parsed), as the :class:`Mistake` the tool's parser would report."""
+    for name, (flag, hint, _) in declared_options(type(settings)).items():
+        value, element = getattr(settings, name), _element(hint)
+        if element is not None and not len(value):
+            return Mistake(flag, "", "empty")
+        for v in value if element is not None else [value]:
+            found = _check(flag, element or hint, "null" if v is None else str(v))
+            if found is not None:
+                return found
     return None
 
 
@@ -175,6 +249,24 @@ class ToolParser(ArgumentParser):
             if kwargs.get("nargs") not in ("?", "*"):
                 self.required_positionals.append(names[0])
         return action
+
+    def add_option(self, settings: type, name: str, **kwargs):
+        """The option that the :func:`option` field ``name`` of the dataclass ``settings`` declares: its flag and
+        type (range or choices included) from the field, its default the field's unless ``kwargs`` give one
+        (a None default admits None); ``kwargs``: the rest (``help``)."""
+        flag, hint, default = declared_options(settings)[name]
+        element = _element(hint)
+        if element is not None:
+            hint, kwargs["nargs"] = element, "+"
+        kwargs.setdefault("default", default)
+        plain = _without_none(hint)
+        if typing.get_origin(plain) is Literal:  # listed in the usage line as {a,b}
+            return self.add_argument(flag, choices=typing.get_args(plain), **kwargs)
+        if plain is str:  # argparse's own: no type in the help
+            return self.add_argument(flag, **kwargs)
+        if kwargs["default"] is None and element is None and not _allows_none(hint):
+            hint = hint | None
+        return self.add_argument(flag, type=hint, **kwargs)
 
     def parse_args(self, args: Sequence[str] | None = None, *more, **options) -> Namespace:
         """The parsed options of ``args`` (default ``sys.argv[1:]``), or a :class:`ToolArgumentError`."""
