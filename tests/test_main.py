@@ -39,6 +39,7 @@ def test_shipped_configs_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
         (["fit", "--model.fusion", "nonsense"], r"--model.fusion nonsense: expected one of concat, logit_add"),
         (["fit", "--data.noise_level", "-1"], r"--data.noise_level -1: must satisfy value>=0"),
         (["fit", "--data.batch_size", "0"], r"--data.batch_size 0: must satisfy value>0"),
+        (["fit", "--model.expert_min_samples", "0"], r"--model.expert_min_samples 0: must satisfy value>0"),
         (["fit", "--model.expert_fallback", "phys"], r"--model.expert_fallback phys: expected one of global"),
         (["frobnicate"], r"unknown command 'frobnicate'"),
     ],

@@ -90,7 +90,7 @@ class GatedMoE(pl.LightningModule):
         experts_path: str | None = None,
         expert_noise_mode: NoiseMode = FitConfig.noise_mode,
         expert_alphas: list[float] | None = None,
-        expert_min_samples: int = FitConfig.min_samples,
+        expert_min_samples: PositiveInt = FitConfig.min_samples,
         expert_fallback: Literal["global"] | None = None,
         feature_rows: int = PrepareConfig.feature_rows,
         entropy_weight: float = 0.0,
@@ -106,10 +106,11 @@ class GatedMoE(pl.LightningModule):
     ):
         super().__init__()
         # plain numbers in the saved hyperparameters (the parser passes its restricted types)
-        noise_level, calibration_rows, calibration_draws = (
+        noise_level, calibration_rows, calibration_draws, expert_min_samples = (
             float(noise_level),
             int(calibration_rows),
             int(calibration_draws),
+            int(expert_min_samples),
         )
         labels = [str(name) for name in labels]
         if not labels or len(set(labels)) != len(labels):  # a user's mistake: one line, not the mixture's ValueError
