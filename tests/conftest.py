@@ -11,13 +11,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import DUAL_TOWER_CONFIG  # noqa: E402
 
 from moe.cli import cli_main  # noqa: E402
 from moe.data.synth import SynthConfig, write_dataset  # noqa: E402
 
 torch.set_num_threads(2)
 
-DUAL_TOWER_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "dual_tower.yaml")
 TINY = SynthConfig(n_train=1200, n_val=300, n_test=300, shard_size=400, n_pixels=256, seed=11)
 
 

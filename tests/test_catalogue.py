@@ -7,29 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import predict_catalogue
 
-from moe.cli import cli_main
 from moe.data.shards import LABEL_COLUMNS, ShardError, find_split, read_block, read_params, read_wave, write_shard
-
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "dual_tower.yaml")
-
-
-def _predict(ckpt: Path, args: list[str], predict_path: str, output: str) -> None:
-    """``train.py predict`` of the checkpoint on ``predict_path`` into the catalogue ``output``."""
-    cli_main(
-        [
-            "predict",
-            "--config",
-            CONFIG,
-            "--ckpt_path",
-            str(ckpt),
-            "--data.predict_path",
-            predict_path,
-            "--predict_writer.output",
-            output,
-            *args,
-        ]
-    )
 
 
 def _unlabelled_copy(src: Path, dst: Path, wave: np.ndarray | None = None) -> Path:
@@ -46,7 +26,7 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
     root, args, ckpt, names = trained
     shard = _unlabelled_copy(find_split(tiny_dir, "test")[0], tmp_path / "obs" / "night1.h5")
     out = tmp_path / "catalogue.h5"
-    _predict(ckpt, args, str(shard.parent), str(out))
+    predict_catalogue(ckpt, args, str(shard.parent), str(out))
     cat = pd.read_hdf(out)
     assert len(cat) == 300 and list(cat["row"]) == list(range(300)) and set(cat["shard"]) == {str(shard)}
     assert list(cat.columns) == [
@@ -74,7 +54,7 @@ def test_catalogue_csv_of_labelled_shard_files(trained, tiny_dir, tmp_path):
     root, args, ckpt, names = trained
     shards = find_split(tiny_dir, "train")[:2]
     out = tmp_path / "cat.csv"
-    _predict(ckpt, args, f"[{shards[0]}, {shards[1]}]", str(out))
+    predict_catalogue(ckpt, args, f"[{shards[0]}, {shards[1]}]", str(out))
     cat = pd.read_csv(out)
     assert len(cat) == 800 and cat["shard"].nunique() == 2 and "log_g_true" in cat
     truth = read_params(shards[1])["log_g"].to_numpy()
@@ -87,7 +67,7 @@ def test_catalogue_refuses_another_pixel_grid(trained, tiny_dir, tmp_path):
     src = find_split(tiny_dir, "test")[0]
     shifted = _unlabelled_copy(src, tmp_path / "other.h5", read_wave(src) + 5.0)
     with pytest.raises(ShardError, match=r"other\.h5: wavelength grid .* differs from"):
-        _predict(ckpt, args, str(shifted), str(tmp_path / "x.csv"))
+        predict_catalogue(ckpt, args, str(shifted), str(tmp_path / "x.csv"))
 
 
 def _writer_batch(n: int, start: int = 0) -> dict:

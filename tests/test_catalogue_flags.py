@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import predict_catalogue
 
 from moe.catalogue.flags import CatalogueFlag, describe
 from moe.catalogue.predict import flag_word
-from moe.cli import cli_main
 from moe.data.shards import (
     MASK_KEY,
     ShardError,
@@ -27,9 +27,6 @@ from moe.data.shards import (
     write_shard,
 )
 from moe.features.lowrank import LowRankSpectra
-
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "dual_tower.yaml")
-
 
 # ---- the low-rank model against closed forms and Monte Carlo --------------------------------------------------------
 
@@ -169,24 +166,6 @@ def test_each_flag_bit_set_and_not_set():
 # ---- predict end to end ---------------------------------------------------------------------------------------------
 
 
-def _predict(trained, predict_path: str, output: Path) -> None:
-    _, args, ckpt, _ = trained
-    cli_main(
-        [
-            "predict",
-            "--config",
-            CONFIG,
-            "--ckpt_path",
-            str(ckpt),
-            "--data.predict_path",
-            predict_path,
-            "--predict_writer.output",
-            str(output),
-            *args,
-        ]
-    )
-
-
 def _observations(tiny_dir: str, path: Path, masked: bool = True, n: int = 40) -> tuple[Path, np.ndarray]:
     """The first ``n`` test stars, labelled; with ``masked`` rows 1-4 masked in each form and row 5 masked
     whole; the labels of row 6 outside the training range."""
@@ -215,7 +194,7 @@ def test_predict_masked_stars_fits_round_trip_and_sidecars(trained, tiny_dir, tm
     obs, truth = _observations(tiny_dir, tmp_path / "obs" / "night.h5")
     csv, fits_path, h5 = tmp_path / "cat.csv", tmp_path / "cat.fits", tmp_path / "cat.h5"
     for out in (csv, fits_path, h5):
-        _predict(trained, str(obs), out)
+        predict_catalogue(trained[2], trained[1], str(obs), out)
     cat = pd.read_csv(csv)
     assert list(cat.columns[-3:]) == ["n_masked", "ood_score", "flags"] and len(cat) == 40
     assert cat["n_masked"].tolist()[:7] == [0, 10, 10, 10, 10, 256, 0] and (cat["n_masked"][7:] == 0).all()
@@ -229,7 +208,7 @@ def test_predict_masked_stars_fits_round_trip_and_sidecars(trained, tiny_dir, tm
     np.testing.assert_allclose(cat["log_g_true"], truth, rtol=2e-6)
     # unmasked, the same stars: masking costs sigma
     clean, _ = _observations(tiny_dir, tmp_path / "clean" / "night.h5", masked=False)
-    _predict(trained, str(clean), tmp_path / "clean.csv")
+    predict_catalogue(trained[2], trained[1], str(clean), tmp_path / "clean.csv")
     ref = pd.read_csv(tmp_path / "clean.csv")
     assert (ref["n_masked"] == 0).all() and (ref["flags"] & int(CatalogueFlag.NO_PREDICTION) == 0).all()
     # 10 imputed pixels move a prediction by much less than its sigma (which may even shrink a little: at low

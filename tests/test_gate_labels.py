@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import noisy_batch
 
 from moe.catalogue.writers import column_meta
 from moe.data.datamodule import SpectraDataModule
@@ -70,13 +71,6 @@ def _model(dm, prepared, **kw) -> GatedMoE:
     return m
 
 
-def _batch(dm, n=200, seed=0):
-    b = next(iter(dm.stream("train", shuffle=False, batch_size=n)))
-    g = torch.Generator().manual_seed(seed)
-    b["flux"] = b["flux"] + b["error"] * torch.randn(b["flux"].shape, generator=g)
-    return b
-
-
 def test_label_axis_of_the_experts_matches_numpy_and_old_weights_read_as_log_g():
     rng = np.random.default_rng(1)
     w, b, x, e = rng.normal(size=(4, 3, 50)), rng.normal(size=(4, 3)), rng.normal(size=(7, 50)), rng.random((7, 50))
@@ -98,7 +92,7 @@ def test_label_axis_of_the_experts_matches_numpy_and_old_weights_read_as_log_g()
 def test_three_labels_shared_routing_equal_three_one_label_mixtures(dm, one_label):
     """With shared routing and no variance head, each label of a 3-label gate is exactly the one-label gate of
     that label's experts with the same gate network: the label axis only stacks them."""
-    batch = _batch(dm)
+    batch = noisy_batch(dm, 200)
     torch.manual_seed(0)
     three = _model(dm, _prepared(one_label), variance_head=False, routing="shared").eval()
     with torch.no_grad():
@@ -124,7 +118,7 @@ def test_three_labels_shared_routing_equal_three_one_label_mixtures(dm, one_labe
 
 
 def test_per_label_routing_learns_one_gate_per_label(dm, one_label):
-    batch = _batch(dm, 256)
+    batch = noisy_batch(dm, 256)
     torch.manual_seed(0)
     model = _model(dm, _prepared(one_label), routing="per_label")
     assert len(model.mixture.gate.gates) == 3  # a gate network per label
@@ -151,7 +145,7 @@ def test_per_label_routing_learns_one_gate_per_label(dm, one_label):
 
 def test_predict_values_name_every_label(dm, one_label):
     model = _model(dm, _prepared(one_label)).eval()
-    batch = _batch(dm, 16)
+    batch = noisy_batch(dm, 16)
     with torch.no_grad():
         values = model.predict_step(batch, 0)
     for name in LABELS:
@@ -232,7 +226,7 @@ def test_each_label_gate_learns_from_its_own_label_only(dm, one_label):
     """Per-label routing: log g's gate network gets the gradient of log g's error alone (what keeps a 3-label
     gate's log g as good as a log-g-only gate's), T_eff's the gradient of T_eff's."""
     model = _model(dm, _prepared(one_label))
-    batch = _batch(dm, 64)
+    batch = noisy_batch(dm, 64)
 
     def grads(b, label):
         model.zero_grad()

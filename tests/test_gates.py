@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import noisy_batch
 
 from moe.cli import cli_main
 from moe.data.datamodule import SpectraDataModule
@@ -42,18 +43,11 @@ def _model(dm, fusion, experts=None, **kw):
     return m
 
 
-def _noisy_batch(dm, n=256, seed=0):
-    b = next(iter(dm.stream("train", shuffle=False, batch_size=n)))
-    g = torch.Generator().manual_seed(seed)
-    b["flux"] = b["flux"] + b["error"] * torch.randn(b["flux"].shape, generator=g)
-    return b
-
-
 @pytest.mark.parametrize("fusion", ["concat", "logit_add", "product", "temperature", "phys_only", "quality_only"])
 def test_fusion_learns_and_experts_stay_frozen(dm, fusion):
     torch.manual_seed(0)
     model = _model(dm, fusion)
-    batch = _noisy_batch(dm)
+    batch = noisy_batch(dm, 256)
     experts_before = model.mixture.experts.weight.clone()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -73,7 +67,7 @@ def test_fusion_learns_and_experts_stay_frozen(dm, fusion):
 
 
 def test_nothing_learned_baselines(dm):
-    batch = _noisy_batch(dm, 64)
+    batch = noisy_batch(dm, 64)
     oracle = _model(dm, "oracle")
     out = oracle(batch)
     assert torch.equal(out.weights[:, 0].argmax(-1), batch["phys_bin"]) and torch.all(out.entropy < 1e-6)
@@ -118,7 +112,7 @@ def test_temperature_is_at_least_one():
 
 def test_mixture_sigma(dm):
     model = _model(dm, "concat", variance_head=False)
-    batch = _noisy_batch(dm, 32)
+    batch = noisy_batch(dm, 32)
     out = model(batch)
     assert (model.mixture.model_var > 0).all()  # prepared: every expert has a model error on validation
     with torch.no_grad():
