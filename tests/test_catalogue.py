@@ -7,9 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers import predict_catalogue
 
+from moe.data import bins
 from moe.data.shards import LABEL_COLUMNS, ShardError, find_split, read_block, read_params, read_wave, write_shard
+from moe.gates.error_correlation import correlation_of
 
 
 def _unlabelled_copy(src: Path, dst: Path, wave: np.ndarray | None = None) -> Path:
@@ -37,6 +40,9 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
         "snr",
         "snr_bin",
         *(f"{label}_{s}" for label in LABEL_COLUMNS for s in ("pred", "sigma")),
+        "rho_log_g_T_eff",
+        "rho_log_g_M_H",
+        "rho_T_eff_M_H",
         *(f"w_{label}_{n}" for label in LABEL_COLUMNS for n in names),
         *(f"pred_{label}_{n}" for label in LABEL_COLUMNS for n in names),
         "n_masked",
@@ -44,6 +50,15 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
         "flags",
     ]  # no labels: no truth
     assert (cat["objid"] == np.arange(300) + 10_000).all()
+    # each star's error correlations: the checkpoint's of its SNR bin at its standardised predictions
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    coef = state["mixture.calibration.rho"].double().numpy()  # [P, S, 1 + L]
+    snr_bin = cat["snr_bin"].map({name: i for i, name in enumerate(bins.SNR_BIN_NAMES)}).to_numpy()
+    pred = cat[[f"{label}_pred" for label in LABEL_COLUMNS]].to_numpy()
+    x = (pred - state["mixture.label_mean"].numpy()) / state["mixture.label_std"].numpy()
+    rho = correlation_of(coef, snr_bin, x)
+    np.testing.assert_allclose(cat[["rho_log_g_T_eff", "rho_log_g_M_H", "rho_T_eff_M_H"]], rho, atol=2e-6)
+    assert coef.any() and (np.abs(rho) < 1).all()  # fitted: the errors of the tiny set's labels correlate
     assert np.isfinite(cat["log_g_pred"]).all() and (cat["log_g_sigma"] > 0).all()
     for label in LABEL_COLUMNS:
         np.testing.assert_allclose(cat[[f"w_{label}_{n}" for n in names]].sum(1), 1, atol=1e-5)

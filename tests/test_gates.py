@@ -342,10 +342,10 @@ def _earlier_layout(state: dict, power_map: bool = True) -> dict:
     """A state_dict (of a log-g-only gate) as moe saved it before GatedMoE held its network in ``mixture``: every
     tensor at the top, the sigma map as ``sigma_scale / sigma_ref / sigma_power`` (only ``sigma_scale`` before the
     power map), and before the label axis: experts [K, D], bias [K], model_var [K, 4], the sigma map [4], no label
-    statistics."""
+    statistics and no error correlations."""
     old = {}
     for name, value in state.items():
-        if name in ("mixture.label_mean", "mixture.label_std"):
+        if name in ("mixture.label_mean", "mixture.label_std", "mixture.calibration.rho"):
             continue
         if name.endswith(("experts.weight", "experts.bias", "expert.weight", "expert.bias", "model_var")):
             value = value.squeeze(1)
@@ -543,29 +543,31 @@ def _sample_residuals(model, source):
 
 def test_calibration_residuals_from_kept_inputs_equal_a_fresh_pass(dm):
     model = _model(dm, "concat").eval()
-    abs_r, spread, snr_bin = _sample_residuals(model, dm.calibration_batches)
+    resid, spread, snr_bin, pred = _sample_residuals(model, dm.calibration_batches)
     with torch.no_grad():  # the reference: every calibration batch through the whole model
         outs = [(model(b), b) for b in dm.calibration_batches(65_536, 2)]
     np.testing.assert_allclose(
-        abs_r[:, 0], torch.cat([(o.pred[:, 0] - b["log_g"]).abs() for o, b in outs]).numpy(), rtol=1e-6
+        resid[:, 0], torch.cat([o.pred[:, 0] - b["log_g"] for o, b in outs]).numpy(), rtol=1e-6, atol=1e-9
     )
     np.testing.assert_allclose(spread, torch.cat([o.spread for o, _ in outs]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(pred, torch.cat([o.pred for o, _ in outs]).numpy(), rtol=1e-6)
     assert np.array_equal(snr_bin, torch.cat([b["snr_bin"] for _, b in outs]).numpy())
-    assert len(abs_r) == 2 * dm.train_set.n_kept  # the tiny split is smaller than the sample: all of it, twice
+    assert len(resid) == 2 * dm.train_set.n_kept  # the tiny split is smaller than the sample: all of it, twice
     with torch.no_grad():
         for p in model.mixture.gate.parameters():
             p.add_(0.1)  # the model moves on; its residuals follow
     again = _sample_residuals(model, None)  # later epochs reuse the kept inputs: no reads
-    assert not np.allclose(again[0], abs_r) and np.array_equal(again[2], snr_bin)
+    assert not np.allclose(again[0], resid) and np.array_equal(again[2], snr_bin)
 
 
 def test_no_calibration_stars_leave_sigma_unfitted_not_a_crash(dm):
     model = _model(dm, "concat").eval()
-    abs_r, spread, snr_bin = _sample_residuals(model, lambda *a: iter(()))  # e.g. every training row dropped
-    assert len(abs_r) == len(spread) == len(snr_bin) == 0 and model.mixture.calibration._sample is None
+    resid, spread, snr_bin, pred = _sample_residuals(model, lambda *a: iter(()))  # e.g. every training row dropped
+    assert len(resid) == len(spread) == len(snr_bin) == len(pred) == 0 and model.mixture.calibration._sample is None
     scale = model.mixture.calibration.scale.clone()
-    assert model.mixture.calibration.refit(abs_r, spread, snr_bin) == [None] * 3  # no held-out rows either
+    assert model.mixture.calibration.refit(resid, spread, snr_bin, pred) == [None] * 3  # no held-out rows either
     assert torch.equal(model.mixture.calibration.scale, scale)  # sigma = spread
+    assert torch.equal(model.mixture.calibration.rho, torch.zeros(3, 4, 4))  # no evidence of a correlation
 
 
 def test_a_tiny_snr_bin_stops_only_the_gates_that_mix_the_snr_experts(tmp_path, tiny_dir, capsys):

@@ -68,6 +68,7 @@ class CatalogueWriter(BasePredictionWriter):
         self._shards = dm.predict_set() if hasattr(dm, "predict_set") else None
         self._names = list(pl_module.mixture.experts.names)
         self._labels = list(pl_module.mixture.labels)
+        self._correlations = list(pl_module.mixture.correlation_names)
         self._shared = pl_module.mixture.routing == "shared" or len(self._labels) == 1
         self._labelled = None
         widths = {"snr_bin": 1}
@@ -91,6 +92,7 @@ class CatalogueWriter(BasePredictionWriter):
         labels = self._labels
         for label in labels:
             cols |= {f"{label}_pred": p[f"{label}_pred"], f"{label}_sigma": p[f"{label}_sigma"]}
+        cols |= {name: p[name] for name in self._correlations}
         weights = p["weights"]  # [B, L, K]
         if self._shared:  # the same weights for every label
             cols |= {f"w_{n}": weights[:, 0, k] for k, n in enumerate(self._names)}

@@ -135,6 +135,10 @@ def upgrade_state(state: dict) -> None:
         # the variance head then read log noise variance, log disagreement and log g - 3 unstandardised
         state.setdefault("mixture.label_mean", torch.tensor([3.0]))
         state.setdefault("mixture.label_std", torch.tensor([1.0]))
+    scale = state.get("mixture.calibration.scale")
+    if scale is not None and "mixture.calibration.rho" not in state:  # saved before the error correlations: 0
+        n_labels, n_bins = scale.shape
+        state["mixture.calibration.rho"] = scale.new_zeros(n_labels * (n_labels - 1) // 2, n_bins, 1 + n_labels)
 
 
 def check_state_fits(model: torch.nn.Module, state: dict, source: str | os.PathLike) -> None:

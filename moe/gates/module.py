@@ -236,7 +236,8 @@ class GatedMoE(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> MoEOutput:
         out = self._eval_step(batch, self.val_metrics, "val")
         target = self.mixture.targets(batch)
-        self.mixture.calibration.observe((out.pred - target).abs(), out.spread, batch["snr_bin"])
+        mixture = self.mixture
+        mixture.calibration.observe(out.pred - target, out.spread, batch["snr_bin"], mixture.standardise(out.pred))
         return out  # for the callbacks (ValidationFigures)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -244,7 +245,7 @@ class GatedMoE(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         """Per star: split row, ``<label>_pred``, ``<label>_sigma``, ``<label>_true`` (NaN when unknown) of every
-        label, SNR and bins, gate weights [B, L, K], each expert's prediction [B, K, L], entropy [B, L], masked
+        label, the error correlation ``rho_<a>_<b>`` of every pair of labels, SNR and bins, gate weights [B, L, K], each expert's prediction [B, K, L], entropy [B, L], masked
         pixels, OOD score, flags and the shard's numeric id columns (``id_*``) -- from the usable pixels (:mod:`moe.catalogue.predict`, with :attr:`catalogue_reference`; without
         one, spectra without masked pixels and no ``n_masked``, ``ood_score``, ``flags``)."""
         if self.catalogue_reference is not None:
@@ -264,6 +265,8 @@ class GatedMoE(pl.LightningModule):
                     f"{name}_sigma": out.sigma[:, i],
                     f"{name}_true": batch[name],
                 }
+            rho = self.mixture.correlation(out.pred, batch["snr_bin"])
+            values |= {name: rho[:, p] for p, name in enumerate(self.mixture.correlation_names)}
         keep = ("row", "snr", "snr_bin", "phys_bin")
         return values | {k: v for k, v in batch.items() if k in keep or k.startswith("id_")}
 
@@ -298,8 +301,13 @@ class GatedMoE(pl.LightningModule):
         if fitting and not self.trainer.sanity_checking:
             source = getattr(self.trainer.datamodule, "calibration_batches", None)
             mixture = self.mixture
-            sample = calibration.sample_residuals(source, self.device, mixture.mix_inputs, mixture.mix, mixture.targets)
-            checks = calibration.refit(*sample, gather=self.all_gather if self.trainer.world_size > 1 else None)
+            resid, spread, snr_bin, pred = calibration.sample_residuals(
+                source, self.device, mixture.mix_inputs, mixture.mix, mixture.targets
+            )
+            x = mixture.standardise(torch.from_numpy(pred)).numpy()
+            checks = calibration.refit(
+                resid, spread, snr_bin, x, gather=self.all_gather if self.trainer.world_size > 1 else None
+            )
             for i, (name, check) in enumerate(zip(self.labels, checks)):
                 if check is not None:
                     self.log(f"val/sigma_check_{name}", check)
