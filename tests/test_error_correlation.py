@@ -136,7 +136,8 @@ def test_refit_calibrates_rho_of_z_per_bin():
     calibration = SigmaCalibration(n_labels=3)
     assert calibration.rho.shape == (3, 4, 4) and not calibration.rho.any()
     calibration.refit(resid, spread, group, x)
-    sigma = calibration(torch.from_numpy(spread).float(), torch.from_numpy(group)).double().numpy()
+    sigma = calibration(torch.from_numpy(spread).float(), torch.from_numpy(group), torch.from_numpy(x).float())
+    sigma = sigma.double().numpy()
     np.testing.assert_allclose(calibration.rho.double().numpy(), correlation_fit(resid / sigma, x, group, 4), atol=1e-6)
     star = calibration.correlation(torch.from_numpy(group), torch.from_numpy(x).float()).double().numpy()  # [N, P]
     for g in range(4):

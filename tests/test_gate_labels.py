@@ -166,7 +166,7 @@ def test_sigma_is_recalibrated_per_label():
     resid = rng.normal(size=(n, 3)) * c * spread
     calibration = SigmaCalibration(n_labels=3)
     assert calibration.refit(resid, spread, snr_bin, np.zeros_like(resid)) == [None, None, None]  # no val rows
-    sigma = calibration(torch.from_numpy(spread).float(), torch.from_numpy(snr_bin)).double().numpy()
+    sigma = calibration(torch.from_numpy(spread).float(), torch.from_numpy(snr_bin), torch.zeros(n, 3)).double().numpy()
     z = np.abs(resid / sigma).T
     for label in range(3):
         assert 0.66 < np.mean(z[label] <= 1) < 0.70 and 0.94 < np.mean(z[label] <= 2) < 0.965

@@ -133,6 +133,14 @@ def test_mixture_sigma(dm):
     ref = model.mixture.calibration.ref.double()[0][batch["snr_bin"]]
     expect = scale[batch["snr_bin"]] * ref * (spread / ref) ** 1.5
     torch.testing.assert_close(model(batch).sigma.double()[:, 0], expect, rtol=1e-3, atol=1e-4)
+    with torch.no_grad():  # and the factor of the cell of the standardised prediction within its bin
+        model.mixture.calibration.cell_edges.copy_(torch.tensor([-0.5, 0.0, 0.5, 1.0]).expand(1, 4, 4))
+        model.mixture.calibration.cell_scale.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]).expand(1, 4, 5))
+    out = model(batch)
+    x = (out.pred.double()[:, 0] - float(model.mixture.label_mean[0])) / float(model.mixture.label_std[0])
+    factor = 1.0 + (x[:, None] > torch.tensor([-0.5, 0.0, 0.5, 1.0]).double()).sum(-1)
+    assert len(set(factor.tolist())) > 1  # the stars fall in several cells
+    torch.testing.assert_close(out.sigma.double()[:, 0], expect * factor, rtol=1e-3, atol=1e-4)
     # with the variance head: the experts' noise variances mixed (their disagreement left out) plus the
     # head's model-error variance (standardised units, times the label's variance), then the same recalibration
     head = _model(dm, "concat")
@@ -342,10 +350,12 @@ def _earlier_layout(state: dict, power_map: bool = True) -> dict:
     """A state_dict (of a log-g-only gate) as moe saved it before GatedMoE held its network in ``mixture``: every
     tensor at the top, the sigma map as ``sigma_scale / sigma_ref / sigma_power`` (only ``sigma_scale`` before the
     power map), and before the label axis: experts [K, D], bias [K], model_var [K, 4], the sigma map [4], no label
-    statistics and no error correlations."""
+    statistics, no error correlations and no cells of the prediction."""
     old = {}
     for name, value in state.items():
-        if name in ("mixture.label_mean", "mixture.label_std", "mixture.calibration.rho"):
+        if name in ("mixture.label_mean", "mixture.label_std") or name.startswith(
+            ("mixture.calibration.rho", "mixture.calibration.cell_")
+        ):
             continue
         if name.endswith(("experts.weight", "experts.bias", "expert.weight", "expert.bias", "model_var")):
             value = value.squeeze(1)

@@ -284,7 +284,7 @@ class GatedMixture(nn.Module):
             spread = (w * (var + (mu_l - pred[..., None]).square())).sum(-1).clamp_min(1e-12).sqrt()
         return MoEOutput(
             pred,
-            self.calibration(spread, snr_bin),
+            self.calibration(spread, snr_bin, self.standardise(pred.detach())),
             w,
             mu,
             gate_entropy(w),
