@@ -237,7 +237,7 @@ def test_predict_masked_stars_fits_round_trip_and_sidecars(trained, tiny_dir, tm
     assert side["flag_bits"]["8 OOD"].startswith("ood_score > 1") and side["columns"]["log_g_pred"]["unit"] == "dex"
     assert side["columns"]["rho_T_eff_M_H"] == {
         "unit": "",
-        "description": "correlation of the errors of T_eff_pred and M_H_pred (calibrated per SNR bin)",
+        "description": "correlation of the errors of T_eff_pred and M_H_pred (per SNR bin, from the predicted labels)",
     }
     with pd.HDFStore(h5, "r") as store:
         attrs = store.get_storer("catalogue").attrs

@@ -216,7 +216,7 @@ def test_catalogue_columns_and_units_of_every_label(tmp_path):
     assert column_meta("M_H_pred")[0] == "dex" and column_meta("w_M_H_Cool-Poor")[1].endswith("for M_H")
     assert column_meta("rho_log_g_M_H") == (
         "",
-        "correlation of the errors of log_g_pred and M_H_pred (calibrated per SNR bin)",
+        "correlation of the errors of log_g_pred and M_H_pred (per SNR bin, from the predicted labels)",
     )
 
 

@@ -18,7 +18,9 @@ label's units. And sigma, the per-star uncertainty of each label:
   for the oracle / global gates, which learn nothing): the mixture of each expert's noise plus
   model-error variance in the star's SNR bin (estimated on the validation split by the preparation
   step), law of total variance.
-- its recalibration per SNR bin and label (:class:`moe.gates.calibration.SigmaCalibration`).
+- its recalibration per SNR bin and label, and per cell of the standardised prediction within the bin
+  (:class:`moe.gates.calibration.SigmaCalibration`), which also holds the error correlation of every pair of
+  labels (``correlation``).
 
 The experts (:mod:`moe.experts`), features (:mod:`moe.features`) and gates (:mod:`moe.gates.fusions`)
 are plain modules. What is not learned -- experts, feature windows, PCA basis, feature scalers,
