@@ -158,7 +158,7 @@ def test_refit_without_a_sample_takes_rho_from_the_validation_residuals():
     np.testing.assert_allclose(calibration.rho[..., 0].double().numpy(), TRUE_RHO, atol=0.05)
 
 
-def test_one_label_has_no_pairs_and_a_checkpoint_before_rho_gets_zero():
+def test_one_label_has_no_pairs_and_a_checkpoint_before_rho_gets_zero_and_no_cells():
     one = SigmaCalibration(n_labels=1)
     assert one.rho.shape == (0, 4, 2)
     one.refit(np.ones((300, 1)), np.ones((300, 1)), np.zeros(300, np.int64), np.zeros((300, 1)))
@@ -167,6 +167,9 @@ def test_one_label_has_no_pairs_and_a_checkpoint_before_rho_gets_zero():
     state = {f"mixture.calibration.{n}": torch.ones(3, 4) for n in ("scale", "ref", "power")}
     upgrade_state(state)
     assert torch.equal(state["mixture.calibration.rho"], torch.zeros(3, 4, 4))
+    # and before the cells of the prediction: one cell, factor 1 (sigma as that checkpoint computed it)
+    assert torch.equal(state["mixture.calibration.cell_scale"], torch.ones(3, 4, 5))
+    assert torch.isinf(state["mixture.calibration.cell_edges"]).all()
     three = SigmaCalibration(n_labels=3)
     three.load_state_dict({k.removeprefix("mixture.calibration."): v for k, v in state.items()})
     saved = {"mixture.calibration.rho": torch.full((3, 4, 4), 0.5), "mixture.calibration.scale": torch.ones(3, 4)}
