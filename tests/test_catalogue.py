@@ -125,7 +125,9 @@ def test_catalogue_temp_is_atomic_stale_ones_removed_and_a_full_disk_is_one_erro
         world_size=1, global_rank=0, log_dir=None, default_root_dir=str(tmp_path), datamodule=None
     )
     module = SimpleNamespace(
-        mixture=SimpleNamespace(experts=SimpleNamespace(names=["a", "b"]), labels=("log_g",), routing="shared")
+        mixture=SimpleNamespace(
+            experts=SimpleNamespace(names=["a", "b"]), labels=("log_g",), routing="shared", correlation_names=[]
+        )
     )
     writer = CatalogueWriter(str(out))
     writer.on_predict_start(trainer, module)
