@@ -275,6 +275,9 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
         "snr",
         "snr_bin",
         *(f"{label}_{s}" for label in LABEL_COLUMNS for s in ("pred", "sigma")),
+        "rho_log_g_T_eff",
+        "rho_log_g_M_H",
+        "rho_T_eff_M_H",
         *(f"w_{label}_{n}" for label in LABEL_COLUMNS for n in names),  # per-label routing: each its own weights
         *(f"pred_{label}_{n}" for label in LABEL_COLUMNS for n in names),
         *(f"{label}_true" for label in LABEL_COLUMNS),
