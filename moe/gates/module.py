@@ -294,7 +294,8 @@ class GatedMoE(pl.LightningModule):
     def _recalibrate(self) -> None:
         """Refit sigma's recalibration on the datamodule's calibration stars after a fit's validation epoch and
         check it on this epoch's validation residuals (:mod:`moe.gates.calibration`); validate / test keep the
-        checkpoint's."""
+        checkpoint's. Over several ranks each runs its share of the calibration stars and the residuals are
+        gathered in rank order (:func:`moe.data.ranks.concat_ranks`): every rank fits on the whole sample."""
         calibration = self.mixture.calibration
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         if fitting and not self.trainer.sanity_checking:
