@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import predict_catalogue
+from helpers import fits_table, predict_catalogue
 
 from moe.data import bins
 from moe.data.shards import LABEL_COLUMNS, ShardError, find_split, read_block, read_params, read_wave, write_shard
@@ -182,3 +182,63 @@ def test_catalogue_parts_of_ranks_join_into_one_file_in_rank_order(tmp_path, suf
     texts = [part_path(tmp_path / "b.csv", r).read_text() for r in range(2)]
     join_parts([part_path(tmp_path / "b.csv", r) for r in range(2)], tmp_path / "b.csv")
     assert (tmp_path / "b.csv").read_text() == texts[0] + texts[1].split("\n", 1)[1]
+
+
+def test_fits_parts_of_ranks_join_into_the_one_rank_catalogue(tmp_path, monkeypatch):
+    """FITS parts of the ranks (each written by the FITS writer, rank 1's from unlabelled shards: no *_true
+    column) joined by rank 0: the same table and header, card for card (DATE aside), as one process writing
+    every row; chunked reads give the same file; the parts are removed, nothing temporary is left."""
+    from moe.catalogue.writers import FITSCatalogue
+    from moe.gates import catalogue_join
+    from moe.gates.catalogue_join import join_parts, part_path
+
+    def frame(rows, shard, truth):
+        out = pd.DataFrame({"shard": [shard] * len(rows), "row": np.asarray(rows, dtype=np.int64)})
+        out["snr"] = np.linspace(1, 9, len(rows), dtype=np.float32)
+        out["snr_bin"] = np.asarray(["X", "L", "M", "H"] * 3, dtype=object)[: len(rows)]
+        out["log_g_pred"] = np.float32(2.5) + np.arange(len(rows), dtype=np.float32) / 8
+        out["log_g_sigma"] = np.full(len(rows), 0.25, dtype=np.float32)
+        if truth:
+            out["log_g_true"] = np.float32(3.0)
+        out["n_masked"] = np.arange(len(rows), dtype=np.int32)
+        out["flags"] = np.asarray(rows, dtype=np.int32) % 4
+        return out
+
+    provenance = {"moe_version": "0.test", "checkpoint": "/ckpt/last.ckpt", "noise_level": 1.0}
+    widths = {"snr_bin": 1, "shard": 9}
+    batches = [
+        [frame(range(5), "a/x.h5", True), frame(range(5, 7), "a/x.h5", True)],
+        [frame(range(3), "b/y.h5", False)],
+    ]
+    for rank, frames in enumerate(batches):  # what each rank's CatalogueWriter does
+        writer = FITSCatalogue(part_path(tmp_path / "two.fits", rank), provenance, widths)
+        for f in frames:
+            writer.append(f)
+        assert writer.commit()
+    one = FITSCatalogue(tmp_path / "one.fits", provenance, widths)  # one process: every row, labelled first batch
+    for f in [*batches[0], batches[1][0].assign(log_g_true=np.float32("nan"))[list(batches[0][0].columns)]]:
+        one.append(f)
+    one.commit()
+
+    parts = [part_path(tmp_path / "two.fits", r) for r in range(3)]  # rank 2 had no rows
+    assert join_parts(parts, tmp_path / "two.fits") == 10
+    assert not any(p.exists() for p in parts) and not list(tmp_path.glob(".*tmp*"))
+    (a, cards), (b, one_cards) = fits_table(tmp_path / "two.fits"), fits_table(tmp_path / "one.fits")
+    assert cards == one_cards
+    assert a.colnames == b.colnames and list(a["row"]) == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+    for name in a.colnames:
+        np.testing.assert_array_equal(a[name], b[name])
+        assert a[name].unit == b[name].unit and a[name].description == b[name].description
+    assert np.isnan(a["log_g_true"][7:]).all()
+
+    for rank, frames in enumerate(batches):  # again, read back 4 rows at a time: the same bytes
+        writer = FITSCatalogue(part_path(tmp_path / "chunked.fits", rank), provenance, widths)
+        for f in frames:
+            writer.append(f)
+        writer.commit()
+    monkeypatch.setattr(catalogue_join, "CHUNK_ROWS", 4)
+    join_parts([part_path(tmp_path / "chunked.fits", r) for r in range(2)], tmp_path / "chunked.fits")
+    c, chunked_cards = fits_table(tmp_path / "chunked.fits")
+    assert chunked_cards == cards
+    for name in a.colnames:
+        np.testing.assert_array_equal(c[name], a[name])

@@ -15,7 +15,6 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from moe.catalogue import writers
 from moe.data import bins
 from moe.gates.catalogue_join import join_parts, part_path
-from moe.shared.errors import WriteError
 
 
 class CatalogueWriter(BasePredictionWriter):
@@ -57,12 +56,6 @@ class CatalogueWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._path = self._target(trainer)
         if trainer.world_size > 1:  # this rank's share, joined by rank 0 at the end
-            if self._path.suffix.lower() in writers.FITS_SUFFIXES:
-                raise WriteError(
-                    self._path,
-                    "a FITS catalogue is written by one process: predict on one device, or write .h5 / .csv "
-                    "(joined from every rank) and convert",
-                )
             self._path = part_path(self._path, trainer.global_rank)
         dm = trainer.datamodule
         self._shards = dm.predict_set() if hasattr(dm, "predict_set") else None
