@@ -730,6 +730,15 @@ def test_every_compared_gate_trains_every_seed_and_the_rest_one(computed):
     assert all(seeds[f"{DUAL} [{name}]"] == SEEDS[:1] for name in ABLATIONS)
 
 
+def test_both_towers_of_the_logit_add_gate_give_its_own_prediction(computed):
+    """The tower analysis recombines the logit-add gate's two towers: with both, it is the gate itself (seed 1)."""
+    results = computed("dual-tower")
+    towers = results.towers.set_index("quantity").value
+    runs = results.runs.set_index(["method", "seed"]).test_r2
+    assert towers["test R2, both towers"] == pytest.approx(runs["Dual-tower logit-add", SEEDS[0]], abs=1e-5)
+    assert 0 <= towers["argmax agreement of the two towers"] <= 1
+
+
 def test_the_experiments_fit_their_experts_for_log_g_only():
     """Their questions are about log g; each further label would multiply the expert solves of every fit."""
     fit = ExperimentSettings().fit_config(("global", "phys"))

@@ -819,7 +819,8 @@ def _tower_analysis(run: GateRun, dm: SpectraDataModule, log_g: np.ndarray) -> p
         phys_parts.append(phys_batch)
         quality_parts.append(quality_batch)
         expert_parts.append(batch["proj"][:, : model.mixture.experts.n_experts])
-    phys_logits, quality_logits = torch.cat(phys_parts), torch.cat(quality_parts)  # [N, K]
+    # the towers' logits are [N, S, K], a set per label routed; the experiments' gates route log g alone: [N, K]
+    phys_logits, quality_logits = torch.cat(phys_parts)[:, 0], torch.cat(quality_parts)[:, 0]
     expert_pred = torch.cat(expert_parts)  # [N, K]
     p_phys, p_quality = torch.softmax(phys_logits, -1), torch.softmax(quality_logits, -1)
     phys_centred = p_phys - p_phys.mean(-1, keepdim=True)
