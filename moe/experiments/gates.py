@@ -43,7 +43,7 @@ class GateTraining:
 
     Adam with a linear warm-up, then a learning rate cut by ``decay_factor`` each time val R^2 has not gained
     ``min_delta`` for ``decay_patience`` epochs, and early stopping once val R^2 has not gained ``min_delta`` for
-    ``patience`` epochs (three cuts without a gain); the epoch with the best val R^2 is kept. At a constant rate
+    ``patience`` epochs (two cuts of the rate without a gain); the epoch with the best val R^2 is kept. At a constant rate
     the phys-only gate crept up by ~1e-4 per epoch for 100 epochs; with the cuts it settles (val R^2 flat to 1e-4
     once the rate is small) in ~60 epochs at the same test R^2. ``min_delta`` is a tenth of the smallest
     difference a verdict tests (0.005).
