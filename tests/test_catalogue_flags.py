@@ -14,7 +14,7 @@ import torch
 from helpers import predict_catalogue
 
 from moe.catalogue.flags import CatalogueFlag, describe
-from moe.catalogue.predict import flag_word
+from moe.catalogue.predict import flag_word, label_edges
 from moe.data.shards import (
     MASK_KEY,
     ShardError,
@@ -156,11 +156,32 @@ def test_each_flag_bit_set_and_not_set():
     pred = torch.tensor([3.0, 3.0, 3.0, 5.5, 3.0, nan, 3.0, 4.8])
     sigma = torch.tensor([0.3, 0.3, 0.3, 0.3, 0.3, nan, 0.3, 0.3])
     ood = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, nan, 1.0, 1.0])
-    f = flag_word(snr, masked, window, predicted, {"log_g": (pred, sigma)}, {"log_g": (1.0, 5.0)}, ood, 1.5)
+    edges = label_edges({"log_g": (pred, sigma)}, {"log_g": (1.0, 5.0)})
+    f = flag_word(snr, masked, window, predicted, edges, ood, 1.5)
     F = CatalogueFlag
     assert f.tolist() == [0, F.LOW_SNR, F.MASKED, F.LABEL_EDGE, F.OOD, F.NO_PREDICTION, F.MASKED, F.LABEL_EDGE]
     assert [int(b) for b in F] == [1, 2, 4, 8, 16]  # fixed values: never change
     assert set(describe()) == {"1 LOW_SNR", "2 MASKED", "4 LABEL_EDGE", "8 OOD", "16 NO_PREDICTION"}
+
+
+def test_label_edge_per_label_set_and_not_set():
+    """Each label's edge column is set by that label alone (outside its range, or within its sigma of either
+    edge), never without a prediction or a training range; LABEL_EDGE is their OR."""
+    nan = float("nan")
+    logg = (torch.tensor([3.0, 0.8, 3.0, 1.2, 3.0, nan]), torch.tensor([0.3, 0.1, 0.3, 0.3, 0.3, nan]))
+    teff = (torch.tensor([5000.0, 5000.0, 6100.0, 5000.0, 5950.0, nan]), torch.tensor([90.0] * 5 + [nan]))
+    mh = (torch.tensor([9.0] * 6), torch.tensor([0.1] * 6))  # no training range: never an edge
+    ranges = {"log_g": (1.0, 5.0), "T_eff": (3750.0, 6000.0)}
+    edges = label_edges({"log_g": logg, "T_eff": teff, "M_H": mh}, ranges)
+    assert edges["log_g"].tolist() == [False, True, False, True, False, False]
+    assert edges["T_eff"].tolist() == [False, False, True, False, True, False]
+    assert edges["M_H"].tolist() == [False] * 6
+    n = 6
+    f = flag_word(
+        torch.full((n,), 5.0), torch.zeros(n), torch.zeros(n), torch.isfinite(logg[0]), edges, torch.zeros(n), 1.0
+    )
+    edge = (f & int(CatalogueFlag.LABEL_EDGE)) > 0
+    assert edge.tolist() == [False, True, True, True, True, False]
 
 
 # ---- predict end to end ---------------------------------------------------------------------------------------------
@@ -206,6 +227,11 @@ def test_predict_masked_stars_fits_round_trip_and_sidecars(trained, tiny_dir, tm
         and not (ok["flags"] & int(CatalogueFlag.NO_PREDICTION)).any()
     )
     np.testing.assert_allclose(cat["log_g_true"], truth, rtol=2e-6)
+    # which labels set LABEL_EDGE: one bool column per label, whose OR is the bit
+    edge_cols = [f"{label}_edge" for label in ("log_g", "T_eff", "M_H") if f"{label}_pred" in cat]
+    assert edge_cols and all(cat[c].dtype == bool for c in edge_cols)
+    assert (cat[edge_cols].any(axis=1) == (cat["flags"] & int(CatalogueFlag.LABEL_EDGE) > 0)).all()
+    assert not cat.loc[5, edge_cols].any()  # no prediction, no edge
     # unmasked, the same stars: masking costs sigma
     clean, _ = _observations(tiny_dir, tmp_path / "clean" / "night.h5", masked=False)
     predict_catalogue(trained[2], trained[1], str(clean), tmp_path / "clean.csv")
