@@ -73,31 +73,44 @@ def test_imputation_variance_matches_monte_carlo():
 
 
 def test_ood_parts_against_numpy_lstsq_and_a_nearest_neighbour_search():
-    """chi2 and the distance against numpy's lstsq on the usable pixels and a brute-force nearest training
-    star, with and without masked pixels; ood_score is the larger ratio to the thresholds."""
+    """chi2 and the distance against numpy's lstsq on the usable pixels (flux clipped at 0, the clipping's bias
+    taken out by the same fixed point written with scipy's normal distribution) and a brute-force nearest
+    training star, with and without masked pixels; ood_score is the larger ratio to its SNR bin's thresholds."""
+    from scipy.stats import norm
+
+    from moe.features.lowrank import DEBIAS_STEPS
+
     d, s = 40, 1.0
     model = _model(d)
     rng = np.random.default_rng(2)
     model.train_coef = torch.from_numpy(rng.standard_normal((50, 2)))
-    model.ood_scale.copy_(torch.tensor([3.0, 1.5], dtype=torch.float64))
-    flux = torch.from_numpy(1 + 0.2 * rng.standard_normal((2, d)))
-    error = torch.from_numpy(0.1 + 0.1 * rng.random((2, d)))
+    scale = torch.tensor([[3.0, 1.5], [2.0, 1.2], [1.0, 1.1], [0.5, 1.05]], dtype=torch.float64)
+    model.ood_scale.copy_(scale)
+    flux = torch.from_numpy(0.3 + 0.4 * rng.standard_normal((2, d)))  # some pixels below 0: clipped
+    error = torch.from_numpy(0.1 + 0.3 * rng.random((2, d)))
     usable = torch.ones(2, d, dtype=torch.bool)
     usable[1, 5:15] = False
     distance, chi2 = (p.numpy() for p in model.ood_parts(flux, error, usable, s))
     for i in range(2):
         o = usable[i].numpy()
         u = model.components.numpy()[:, o].T
-        y = flux[i].numpy()[o] - model.mean.numpy()[o]
-        coef = np.linalg.lstsq(u, y, rcond=None)[0]
-        v = model.resid_var.numpy()[o] + s**2 * error[i].numpy()[o] ** 2
+        mean, sd = model.mean.numpy()[o], s * error[i].numpy()[o]
+        clipped = np.maximum(flux[i].numpy()[o], 0)
+        coef = np.linalg.lstsq(u, clipped - mean, rcond=None)[0]
+        for _ in range(DEBIAS_STEPS):
+            x = mean + u @ coef
+            bias = sd * norm.pdf(x / sd) - x * norm.cdf(-x / sd)  # E[max(x + n, 0)] - x
+            y = clipped - bias - mean
+            coef = np.linalg.lstsq(u, y, rcond=None)[0]
+        v = model.resid_var.numpy()[o] + sd**2
         np.testing.assert_allclose(chi2[i], np.mean((y - u @ coef) ** 2 / v), rtol=1e-6)
-        nv = (s**2 * error[i].numpy()[o] ** 2) @ (u[:, :2] ** 2)
+        nv = sd**2 @ (u[:, :2] ** 2)
         brute = min(np.mean((coef[:2] - t) ** 2 / nv) for t in model.train_coef.numpy())
         np.testing.assert_allclose(distance[i], brute, rtol=1e-6)
-    score = model.ood_score(flux, error, usable, s).numpy()
-    np.testing.assert_allclose(score, np.maximum(distance / 3.0, chi2 / 1.5), rtol=1e-6)
-    nothing = model.ood_score(flux, error, torch.zeros(2, d, dtype=torch.bool), s)
+    snr = torch.tensor([1.5, 7.5])  # bins X and H
+    score = model.ood_score(flux, error, usable, s, snr).numpy()
+    np.testing.assert_allclose(score, np.maximum(distance / [3.0, 0.5], chi2 / [1.5, 1.05]), rtol=1e-6)
+    nothing = model.ood_score(flux, error, torch.zeros(2, d, dtype=torch.bool), s, snr)
     assert torch.isnan(nothing).all()
 
 

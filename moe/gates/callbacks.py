@@ -165,8 +165,9 @@ def provenance(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         out["predicted"] = ", ".join(str(Path(p).resolve()) for p in paths) if paths else "the test split"
     if ref is not None:
         out["ood_threshold"] = float(ref.ood_threshold)
-        out["ood_distance_scale"] = float(ref.spectra.ood_scale[0])
-        out["ood_chi2_scale"] = float(ref.spectra.ood_scale[1])
+        for name, (distance, chi2) in zip(bins.SNR_BIN_NAMES, ref.spectra.ood_scale.tolist()):
+            out[f"ood_distance_scale_{name}"] = float(distance)
+            out[f"ood_chi2_scale_{name}"] = float(chi2)
         for label, (lo, hi) in ref.label_ranges.items():
             out[f"train_{label}_range"] = f"[{lo:.6g}, {hi:.6g}]"
     return out
