@@ -35,3 +35,19 @@ def noisy_batch(dm, n: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     b["flux"] = b["flux"] + b["error"] * torch.randn(b["flux"].shape, generator=g)
     return b
+
+
+def fits_table(path):
+    """A FITS catalogue as astropy reads it (NaN kept as NaN, not masked; 'dex' accepted quietly) and its table
+    header's cards as (key, value, comment), DATE's value left out (the time of writing)."""
+    import warnings
+
+    from astropy.io import fits
+    from astropy.table import Table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy: 'dex' is no FITS-standard unit
+        table = Table.read(path, mask_invalid=False)
+    with fits.open(path) as hdus:
+        cards = [(c.keyword, None if c.keyword == "DATE" else c.value, c.comment) for c in hdus[1].header.cards]
+    return table, cards

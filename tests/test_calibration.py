@@ -184,6 +184,40 @@ def test_sigma_map_small_and_empty_groups():
     np.testing.assert_allclose(ref, [1.0, 1.0, 1.0, 1.0])
 
 
+def test_cell_scales_even_out_the_coverage_across_the_prediction():
+    """Residuals shrunk toward the label mean: within a group their sd grows toward the middle of the predictions
+    (sd = 1.5 - 0.6 |x|). A factor per group leaves the middle under-covered and the edges over-covered; the cells
+    (quintiles of x) bring every cell of held-out stars to the targets, the edges of each group at its x
+    quantiles; a group too small for cells keeps one cell and factor 1."""
+    from moe.gates.sigma_map import MIN_CELL_ROWS, N_CELLS, apply_cells, cell_scales
+
+    rng = np.random.default_rng(7)
+    n = 80_000
+    group = rng.integers(0, 2, n)
+    x = rng.uniform(-1.5, 1.5, n) + group  # group 1 is shifted: its own quantiles
+    sd = 1.5 - 0.6 * np.abs(x - group)
+    abs_z = np.abs(rng.normal(size=n) * sd)
+    abs_z /= np.array([coverage_scale(abs_z[group == g]) for g in range(2)])[group]  # calibrated per group
+    half = np.arange(n) < n // 2
+    edges, scale = cell_scales(abs_z[half], x[half], group[half], 3)
+    assert edges.shape == (3, N_CELLS - 1) and scale.shape == (3, N_CELLS)
+    for g in range(2):
+        np.testing.assert_allclose(edges[g], np.quantile(x[half & (group == g)], [0.2, 0.4, 0.6, 0.8]))
+    assert np.isinf(edges[2]).all() and (scale[2] == 1).all()  # no stars: one cell, factor 1
+    assert scale[0, 2] > 1.2 * scale[0, 0]  # the middle's errors are the larger
+    z = abs_z / apply_cells(x, edges[group], scale[group])
+    for g in range(2):
+        cell = np.digitize(x, edges[g])
+        for c in range(N_CELLS):
+            sel = ~half & (group == g) & (cell == c)
+            before = np.mean(abs_z[sel] <= 1)
+            assert _targets_met(np.concatenate([z[sel], -z[sel]])), (g, c, before)
+            if c in (0, 2):
+                assert not 0.65 <= before <= 0.71, (g, c, before)  # per group only: off in the middle and at edges
+    small = cell_scales(abs_z[: N_CELLS * MIN_CELL_ROWS - 1], x[: N_CELLS * MIN_CELL_ROWS - 1], np.zeros(2499, int), 1)
+    assert np.isinf(small[0]).all() and (small[1] == 1).all()
+
+
 def test_validation_check_acts_only_beyond_sampling_noise():
     rng = np.random.default_rng(5)
     z = np.abs(rng.normal(size=5000))

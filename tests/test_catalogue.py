@@ -7,9 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import predict_catalogue
+import torch
+from helpers import fits_table, predict_catalogue
 
+from moe.data import bins
 from moe.data.shards import LABEL_COLUMNS, ShardError, find_split, read_block, read_params, read_wave, write_shard
+from moe.gates.error_correlation import correlation_of
 
 
 def _unlabelled_copy(src: Path, dst: Path, wave: np.ndarray | None = None) -> Path:
@@ -37,6 +40,9 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
         "snr",
         "snr_bin",
         *(f"{label}_{s}" for label in LABEL_COLUMNS for s in ("pred", "sigma")),
+        "rho_log_g_T_eff",
+        "rho_log_g_M_H",
+        "rho_T_eff_M_H",
         *(f"w_{label}_{n}" for label in LABEL_COLUMNS for n in names),
         *(f"pred_{label}_{n}" for label in LABEL_COLUMNS for n in names),
         "n_masked",
@@ -44,6 +50,15 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
         "flags",
     ]  # no labels: no truth
     assert (cat["objid"] == np.arange(300) + 10_000).all()
+    # each star's error correlations: the checkpoint's of its SNR bin at its standardised predictions
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    coef = state["mixture.calibration.rho"].double().numpy()  # [P, S, 1 + L]
+    snr_bin = cat["snr_bin"].map({name: i for i, name in enumerate(bins.SNR_BIN_NAMES)}).to_numpy()
+    pred = cat[[f"{label}_pred" for label in LABEL_COLUMNS]].to_numpy()
+    x = (pred - state["mixture.label_mean"].numpy()) / state["mixture.label_std"].numpy()
+    rho = correlation_of(coef, snr_bin, x)
+    np.testing.assert_allclose(cat[["rho_log_g_T_eff", "rho_log_g_M_H", "rho_T_eff_M_H"]], rho, atol=2e-6)
+    assert coef.any() and (np.abs(rho) < 1).all()  # fitted: the errors of the tiny set's labels correlate
     assert np.isfinite(cat["log_g_pred"]).all() and (cat["log_g_sigma"] > 0).all()
     for label in LABEL_COLUMNS:
         np.testing.assert_allclose(cat[[f"w_{label}_{n}" for n in names]].sum(1), 1, atol=1e-5)
@@ -110,7 +125,9 @@ def test_catalogue_temp_is_atomic_stale_ones_removed_and_a_full_disk_is_one_erro
         world_size=1, global_rank=0, log_dir=None, default_root_dir=str(tmp_path), datamodule=None
     )
     module = SimpleNamespace(
-        mixture=SimpleNamespace(experts=SimpleNamespace(names=["a", "b"]), labels=("log_g",), routing="shared")
+        mixture=SimpleNamespace(
+            experts=SimpleNamespace(names=["a", "b"]), labels=("log_g",), routing="shared", correlation_names=[]
+        )
     )
     writer = CatalogueWriter(str(out))
     writer.on_predict_start(trainer, module)
@@ -165,3 +182,63 @@ def test_catalogue_parts_of_ranks_join_into_one_file_in_rank_order(tmp_path, suf
     texts = [part_path(tmp_path / "b.csv", r).read_text() for r in range(2)]
     join_parts([part_path(tmp_path / "b.csv", r) for r in range(2)], tmp_path / "b.csv")
     assert (tmp_path / "b.csv").read_text() == texts[0] + texts[1].split("\n", 1)[1]
+
+
+def test_fits_parts_of_ranks_join_into_the_one_rank_catalogue(tmp_path, monkeypatch):
+    """FITS parts of the ranks (each written by the FITS writer, rank 1's from unlabelled shards: no *_true
+    column) joined by rank 0: the same table and header, card for card (DATE aside), as one process writing
+    every row; chunked reads give the same file; the parts are removed, nothing temporary is left."""
+    from moe.catalogue.writers import FITSCatalogue
+    from moe.gates import catalogue_join
+    from moe.gates.catalogue_join import join_parts, part_path
+
+    def frame(rows, shard, truth):
+        out = pd.DataFrame({"shard": [shard] * len(rows), "row": np.asarray(rows, dtype=np.int64)})
+        out["snr"] = np.linspace(1, 9, len(rows), dtype=np.float32)
+        out["snr_bin"] = np.asarray(["X", "L", "M", "H"] * 3, dtype=object)[: len(rows)]
+        out["log_g_pred"] = np.float32(2.5) + np.arange(len(rows), dtype=np.float32) / 8
+        out["log_g_sigma"] = np.full(len(rows), 0.25, dtype=np.float32)
+        if truth:
+            out["log_g_true"] = np.float32(3.0)
+        out["n_masked"] = np.arange(len(rows), dtype=np.int32)
+        out["flags"] = np.asarray(rows, dtype=np.int32) % 4
+        return out
+
+    provenance = {"moe_version": "0.test", "checkpoint": "/ckpt/last.ckpt", "noise_level": 1.0}
+    widths = {"snr_bin": 1, "shard": 9}
+    batches = [
+        [frame(range(5), "a/x.h5", True), frame(range(5, 7), "a/x.h5", True)],
+        [frame(range(3), "b/y.h5", False)],
+    ]
+    for rank, frames in enumerate(batches):  # what each rank's CatalogueWriter does
+        writer = FITSCatalogue(part_path(tmp_path / "two.fits", rank), provenance, widths)
+        for f in frames:
+            writer.append(f)
+        assert writer.commit()
+    one = FITSCatalogue(tmp_path / "one.fits", provenance, widths)  # one process: every row, labelled first batch
+    for f in [*batches[0], batches[1][0].assign(log_g_true=np.float32("nan"))[list(batches[0][0].columns)]]:
+        one.append(f)
+    one.commit()
+
+    parts = [part_path(tmp_path / "two.fits", r) for r in range(3)]  # rank 2 had no rows
+    assert join_parts(parts, tmp_path / "two.fits") == 10
+    assert not any(p.exists() for p in parts) and not list(tmp_path.glob(".*tmp*"))
+    (a, cards), (b, one_cards) = fits_table(tmp_path / "two.fits"), fits_table(tmp_path / "one.fits")
+    assert cards == one_cards
+    assert a.colnames == b.colnames and list(a["row"]) == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+    for name in a.colnames:
+        np.testing.assert_array_equal(a[name], b[name])
+        assert a[name].unit == b[name].unit and a[name].description == b[name].description
+    assert np.isnan(a["log_g_true"][7:]).all()
+
+    for rank, frames in enumerate(batches):  # again, read back 4 rows at a time: the same bytes
+        writer = FITSCatalogue(part_path(tmp_path / "chunked.fits", rank), provenance, widths)
+        for f in frames:
+            writer.append(f)
+        writer.commit()
+    monkeypatch.setattr(catalogue_join, "CHUNK_ROWS", 4)
+    join_parts([part_path(tmp_path / "chunked.fits", r) for r in range(2)], tmp_path / "chunked.fits")
+    c, chunked_cards = fits_table(tmp_path / "chunked.fits")
+    assert chunked_cards == cards
+    for name in a.colnames:
+        np.testing.assert_array_equal(c[name], a[name])

@@ -225,6 +225,9 @@ def test_predict_masked_stars_fits_round_trip_and_sidecars(trained, tiny_dir, tm
         table = Table.read(fits_path)
     assert str(table["log_g_pred"].unit) == "dex" and str(table["log_g_sigma"].unit) == "dex"
     assert str(table["n_masked"].unit) == "pix" and "masked pixels" in table["n_masked"].description
+    assert table["rho_log_g_M_H"].unit is None and "correlation of the errors" in table["rho_log_g_M_H"].description
+    np.testing.assert_allclose(np.asarray(table["rho_log_g_M_H"], float), cat["rho_log_g_M_H"], rtol=1e-6)
+    assert np.isnan(cat.loc[5, "rho_log_g_M_H"]) and np.isfinite(ok["rho_log_g_M_H"]).all()  # no prediction: NaN
     np.testing.assert_allclose(np.asarray(table["log_g_pred"], float), cat["log_g_pred"], rtol=1e-6)
     assert list(table["flags"]) == cat["flags"].tolist()
     assert table.meta["FLAGBIT4"] == "NO_PREDICTION" and table.meta["MOE NOISE_LEVEL"] == 1.0
@@ -232,6 +235,10 @@ def test_predict_masked_stars_fits_round_trip_and_sidecars(trained, tiny_dir, tm
     # the CSV's sidecar and the HDF5 attributes
     side = json.loads((tmp_path / "cat.meta.json").read_text())
     assert side["flag_bits"]["8 OOD"].startswith("ood_score > 1") and side["columns"]["log_g_pred"]["unit"] == "dex"
+    assert side["columns"]["rho_T_eff_M_H"] == {
+        "unit": "",
+        "description": "correlation of the errors of T_eff_pred and M_H_pred (per SNR bin, from the predicted labels)",
+    }
     with pd.HDFStore(h5, "r") as store:
         attrs = store.get_storer("catalogue").attrs
         assert json.loads(attrs.flag_bits) == side["flag_bits"]

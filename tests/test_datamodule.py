@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from moe.data import stream as stream_module
 from moe.data.datamodule import SpectraDataModule
 from moe.data.noise_cache import ensure_noisy
 from moe.data.shards import ShardError, find_split, read_block
@@ -185,3 +186,30 @@ def test_calibration_batches_repeat_their_noise_and_draw_it_twice(dm):
     for noisy in first:
         z = (noisy["flux"] - clean["flux"]) / (dm.noise_level * clean["error"])
         assert abs(float(z.std()) - 1) < 0.02 and abs(float(z.mean())) < 0.02
+
+
+def test_calibration_shares_of_ranks_are_the_whole_sample_in_rank_order(dm, monkeypatch):
+    """Each rank's share of the calibration batches (sigma's sample split over the ranks) is a contiguous run
+    of the whole sample's batches with the same noise; the shares in rank order are the sample, and a rank
+    reads none of the blocks before its share."""
+    whole = list(dm.calibration_batches(700, 2, batch_size=100))
+    assert len(whole) == 2 * 8  # 750 rows (whole blocks of 150) in 8 batches, two draws each
+    reads = []
+    original = stream_module.read_block
+
+    def read_block(path, start, stop, *args, **kwargs):
+        reads.append(int(start))
+        return original(path, start, stop, *args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "read_block", read_block)
+    shares = []
+    for rank in range(3):
+        reads.clear()
+        shares.append(list(dm.calibration_batches(700, 2, batch_size=100, share=(rank, 3))))
+        if rank == 2:
+            rank_2_reads = len(reads)
+    assert [len(s) // 2 for s in shares] == [2, 3, 3]
+    joined = [b for s in shares for b in s]
+    for a, b in zip(joined, whole, strict=True):
+        assert torch.equal(a["row"], b["row"]) and torch.equal(a["flux"], b["flux"])
+    assert 0 < rank_2_reads < 5  # batches 5-7 (rows 500-749 of the sample): the blocks before them not read

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import fits_table
 
 from moe.data.synth import SynthConfig, write_dataset
 
@@ -116,7 +117,7 @@ def test_ddp_two_ranks_prepare_once_and_split_rows_exactly(tmp_path):
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     common = args[1:11] + args[15:17] + args[19:]  # data, model, accelerator, root dir, no progress bar
     catalogues = {}
-    for name, ranks in (("two.csv", 2), ("two.h5", 2), ("one.csv", 1)):
+    for name, ranks in (("two.csv", 2), ("two.h5", 2), ("two.fits", 2), ("one.csv", 1), ("one.fits", 1)):
         extra = ["--trainer.strategy", "ddp"] if ranks > 1 else []
         run = subprocess.run(
             [sys.executable, str(script), str(out), "predict", *common, "--ckpt_path", str(ckpt),
@@ -124,7 +125,10 @@ def test_ddp_two_ranks_prepare_once_and_split_rows_exactly(tmp_path):
             cwd=REPO, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
-        catalogues[name] = pd.read_hdf(out / name) if name.endswith(".h5") else pd.read_csv(out / name)
+        if name.endswith(".fits"):
+            catalogues[name] = fits_table(out / name)
+        else:
+            catalogues[name] = pd.read_hdf(out / name) if name.endswith(".h5") else pd.read_csv(out / name)
     assert not list(out.glob(".two*")) and not list(out.glob("two*rank*")), "part files left"
     one = catalogues["one.csv"]
     assert list(one["row"]) == list(range(300))
@@ -132,6 +136,17 @@ def test_ddp_two_ranks_prepare_once_and_split_rows_exactly(tmp_path):
     h5 = catalogues["two.h5"].reset_index(drop=True)
     assert list(h5.columns) == list(one.columns) and list(h5["row"]) == list(range(300))
     np.testing.assert_allclose(h5["log_g_pred"], one["log_g_pred"], rtol=1e-6)
+    # FITS: the same table, row for row, and the same header, card for card (DATE aside), as one rank's
+    (two_fits, two_cards), (one_fits, one_cards) = catalogues["two.fits"], catalogues["one.fits"]
+    assert two_cards == one_cards and two_fits.colnames == list(one.columns)
+    assert list(two_fits["row"]) == list(range(300))
+    for column in two_fits.colnames:  # floats to float32 rounding: a rank's batches start elsewhere
+        a, b = np.asarray(two_fits[column]), np.asarray(one_fits[column])
+        assert a.dtype == b.dtype, column
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=column)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=column)
 
 
 @pytest.mark.slow

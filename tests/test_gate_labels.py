@@ -166,11 +166,11 @@ def test_sigma_is_recalibrated_per_label():
     n, c = 40_000, np.array([1.0, 3.0, 0.5])
     spread = rng.uniform(0.5, 2.0, (n, 3))
     snr_bin = rng.integers(0, 4, n)
-    abs_r = np.abs(rng.normal(size=(n, 3)) * c * spread)
+    resid = rng.normal(size=(n, 3)) * c * spread
     calibration = SigmaCalibration(n_labels=3)
-    assert calibration.refit(abs_r, spread, snr_bin) == [None, None, None]  # no validation rows kept
-    sigma = calibration(torch.from_numpy(spread).float(), torch.from_numpy(snr_bin)).double().numpy()
-    z = (abs_r / sigma).T
+    assert calibration.refit(resid, spread, snr_bin, np.zeros_like(resid)) == [None, None, None]  # no val rows
+    sigma = calibration(torch.from_numpy(spread).float(), torch.from_numpy(snr_bin), torch.zeros(n, 3)).double().numpy()
+    z = np.abs(resid / sigma).T
     for label in range(3):
         assert 0.66 < np.mean(z[label] <= 1) < 0.70 and 0.94 < np.mean(z[label] <= 2) < 0.965
         assert calibration.scale[label].mean() == pytest.approx(c[label], rel=0.05)
@@ -193,9 +193,13 @@ def test_catalogue_columns_and_units_of_every_label(tmp_path):
     }
     for name in ("log_g", "T_eff"):
         values |= {f"{name}_{s}": torch.randn(n) for s in ("pred", "sigma", "true")}
+    values["rho_log_g_T_eff"] = torch.full((n,), -0.25)
     for routing, weights in (("per_label", ["w_log_g_a", "w_log_g_b", "w_log_g_c", "w_T_eff_a"]), ("shared", ["w_a"])):
         experts = SimpleNamespace(names=["a", "b", "c"])
-        module = SimpleNamespace(mixture=SimpleNamespace(experts=experts, labels=("log_g", "T_eff"), routing=routing))
+        mixture = SimpleNamespace(
+            experts=experts, labels=("log_g", "T_eff"), routing=routing, correlation_names=["rho_log_g_T_eff"]
+        )
+        module = SimpleNamespace(mixture=mixture)
         writer = CatalogueWriter(str(tmp_path / f"{routing}.csv"))
         writer.on_predict_start(trainer, module)
         writer.write_on_batch_end(trainer, module, values, None, None, 0)
@@ -203,6 +207,9 @@ def test_catalogue_columns_and_units_of_every_label(tmp_path):
         cat = pd.read_csv(tmp_path / f"{routing}.csv")
         names = ["T_eff_pred", "T_eff_sigma", "T_eff_true", "pred_T_eff_c", "pred_log_g_a", *weights]
         assert set(names) <= set(cat.columns), sorted(cat.columns)
+        # each pair's error correlation follows the sigmas
+        assert list(cat.columns[5:8]) == ["T_eff_pred", "T_eff_sigma", "rho_log_g_T_eff"]
+        assert (cat["rho_log_g_T_eff"] == -0.25).all()
         np.testing.assert_allclose(cat["pred_T_eff_c"], values["expert_preds"][:, 2, 1].numpy(), rtol=1e-5)
     assert "w_b" not in cat or routing == "shared"
     assert column_meta("T_eff_sigma")[0] == "K" and column_meta("pred_T_eff_c") == (
@@ -210,6 +217,10 @@ def test_catalogue_columns_and_units_of_every_label(tmp_path):
         "effective temperature predicted by expert c",
     )
     assert column_meta("M_H_pred")[0] == "dex" and column_meta("w_M_H_Cool-Poor")[1].endswith("for M_H")
+    assert column_meta("rho_log_g_M_H") == (
+        "",
+        "correlation of the errors of log_g_pred and M_H_pred (per SNR bin, from the predicted labels)",
+    )
 
 
 def test_summary_table_of_a_label_reads_its_own_names():

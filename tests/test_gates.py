@@ -133,6 +133,14 @@ def test_mixture_sigma(dm):
     ref = model.mixture.calibration.ref.double()[0][batch["snr_bin"]]
     expect = scale[batch["snr_bin"]] * ref * (spread / ref) ** 1.5
     torch.testing.assert_close(model(batch).sigma.double()[:, 0], expect, rtol=1e-3, atol=1e-4)
+    with torch.no_grad():  # and the factor of the cell of the standardised prediction within its bin
+        model.mixture.calibration.cell_edges.copy_(torch.tensor([-0.5, 0.0, 0.5, 1.0]).expand(1, 4, 4))
+        model.mixture.calibration.cell_scale.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]).expand(1, 4, 5))
+    out = model(batch)
+    x = (out.pred.double()[:, 0] - float(model.mixture.label_mean[0])) / float(model.mixture.label_std[0])
+    factor = 1.0 + (x[:, None] > torch.tensor([-0.5, 0.0, 0.5, 1.0]).double()).sum(-1)
+    assert len(set(factor.tolist())) > 1  # the stars fall in several cells
+    torch.testing.assert_close(out.sigma.double()[:, 0], expect * factor, rtol=1e-3, atol=1e-4)
     # with the variance head: the experts' noise variances mixed (their disagreement left out) plus the
     # head's model-error variance (standardised units, times the label's variance), then the same recalibration
     head = _model(dm, "concat")
@@ -267,6 +275,9 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
         "snr",
         "snr_bin",
         *(f"{label}_{s}" for label in LABEL_COLUMNS for s in ("pred", "sigma")),
+        "rho_log_g_T_eff",
+        "rho_log_g_M_H",
+        "rho_T_eff_M_H",
         *(f"w_{label}_{n}" for label in LABEL_COLUMNS for n in names),  # per-label routing: each its own weights
         *(f"pred_{label}_{n}" for label in LABEL_COLUMNS for n in names),
         *(f"{label}_true" for label in LABEL_COLUMNS),
@@ -342,10 +353,12 @@ def _earlier_layout(state: dict, power_map: bool = True) -> dict:
     """A state_dict (of a log-g-only gate) as moe saved it before GatedMoE held its network in ``mixture``: every
     tensor at the top, the sigma map as ``sigma_scale / sigma_ref / sigma_power`` (only ``sigma_scale`` before the
     power map), and before the label axis: experts [K, D], bias [K], model_var [K, 4], the sigma map [4], no label
-    statistics."""
+    statistics, no error correlations and no cells of the prediction."""
     old = {}
     for name, value in state.items():
-        if name in ("mixture.label_mean", "mixture.label_std"):
+        if name in ("mixture.label_mean", "mixture.label_std") or name.startswith(
+            ("mixture.calibration.rho", "mixture.calibration.cell_")
+        ):
             continue
         if name.endswith(("experts.weight", "experts.bias", "expert.weight", "expert.bias", "model_var")):
             value = value.squeeze(1)
@@ -543,29 +556,31 @@ def _sample_residuals(model, source):
 
 def test_calibration_residuals_from_kept_inputs_equal_a_fresh_pass(dm):
     model = _model(dm, "concat").eval()
-    abs_r, spread, snr_bin = _sample_residuals(model, dm.calibration_batches)
+    resid, spread, snr_bin, pred = _sample_residuals(model, dm.calibration_batches)
     with torch.no_grad():  # the reference: every calibration batch through the whole model
         outs = [(model(b), b) for b in dm.calibration_batches(65_536, 2)]
     np.testing.assert_allclose(
-        abs_r[:, 0], torch.cat([(o.pred[:, 0] - b["log_g"]).abs() for o, b in outs]).numpy(), rtol=1e-6
+        resid[:, 0], torch.cat([o.pred[:, 0] - b["log_g"] for o, b in outs]).numpy(), rtol=1e-6, atol=1e-9
     )
     np.testing.assert_allclose(spread, torch.cat([o.spread for o, _ in outs]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(pred, torch.cat([o.pred for o, _ in outs]).numpy(), rtol=1e-6)
     assert np.array_equal(snr_bin, torch.cat([b["snr_bin"] for _, b in outs]).numpy())
-    assert len(abs_r) == 2 * dm.train_set.n_kept  # the tiny split is smaller than the sample: all of it, twice
+    assert len(resid) == 2 * dm.train_set.n_kept  # the tiny split is smaller than the sample: all of it, twice
     with torch.no_grad():
         for p in model.mixture.gate.parameters():
             p.add_(0.1)  # the model moves on; its residuals follow
     again = _sample_residuals(model, None)  # later epochs reuse the kept inputs: no reads
-    assert not np.allclose(again[0], abs_r) and np.array_equal(again[2], snr_bin)
+    assert not np.allclose(again[0], resid) and np.array_equal(again[2], snr_bin)
 
 
 def test_no_calibration_stars_leave_sigma_unfitted_not_a_crash(dm):
     model = _model(dm, "concat").eval()
-    abs_r, spread, snr_bin = _sample_residuals(model, lambda *a: iter(()))  # e.g. every training row dropped
-    assert len(abs_r) == len(spread) == len(snr_bin) == 0 and model.mixture.calibration._sample is None
+    resid, spread, snr_bin, pred = _sample_residuals(model, lambda *a: iter(()))  # e.g. every training row dropped
+    assert len(resid) == len(spread) == len(snr_bin) == len(pred) == 0 and model.mixture.calibration._sample is None
     scale = model.mixture.calibration.scale.clone()
-    assert model.mixture.calibration.refit(abs_r, spread, snr_bin) == [None] * 3  # no held-out rows either
+    assert model.mixture.calibration.refit(resid, spread, snr_bin, pred) == [None] * 3  # no held-out rows either
     assert torch.equal(model.mixture.calibration.scale, scale)  # sigma = spread
+    assert torch.equal(model.mixture.calibration.rho, torch.zeros(3, 4, 4))  # no evidence of a correlation
 
 
 def test_a_tiny_snr_bin_stops_only_the_gates_that_mix_the_snr_experts(tmp_path, tiny_dir, capsys):

@@ -218,3 +218,33 @@ def test_split_rows_covers_every_row_once_on_aligned_cuts():
         assert all(sorted(seen[k]) == list(range(n)) for k, n in enumerate(sizes)), world
     assert ranks.split_rows([10, 10], 1) == [[(0, 0, 10), (1, 0, 10)]]
     assert [len(s) for s in ranks.split_rows([4000], 2)] == [1, 1]  # one shard, cut in two halves
+
+
+def _concat_rank(rank: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+
+        def all_gather(t: torch.Tensor) -> torch.Tensor:  # what LightningModule.all_gather returns: [W, ...]
+            box = [torch.empty_like(t) for _ in range(2)]
+            torch.distributed.all_gather(box, t.contiguous())
+            return torch.stack(box)
+
+        n = (3, 5)[rank]  # shares of unequal length
+        rows = np.arange(n) + 10 * rank
+        mine = (np.c_[rows, -rows] / 4, rows.astype(np.int64) % 4)
+        empty = (np.zeros((0, 2)), np.zeros(0, np.int64))
+        torch.save((ranks.concat_ranks(mine, all_gather), ranks.concat_ranks(empty, all_gather)), f"{out}/{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_concat_ranks_joins_each_ranks_rows_in_rank_order(tmp_path):
+    """Sigma's calibration sample split over 2 gloo ranks comes back whole on each: rows in rank order,
+    dtypes and shapes kept, shares of unequal length (and none at all) allowed."""
+    torch.multiprocessing.spawn(_concat_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    rows = np.r_[np.arange(3), np.arange(5) + 10]
+    for rank in (0, 1):
+        (table, bins), (none, no_bins) = torch.load(tmp_path / f"{rank}.pt", weights_only=False)
+        np.testing.assert_array_equal(table, np.c_[rows, -rows] / 4)
+        assert bins.dtype == np.int64 and list(bins) == list(rows % 4)
+        assert none.shape == (0, 2) and no_bins.shape == (0,)

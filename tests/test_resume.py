@@ -90,10 +90,10 @@ def test_fit_resumes_mid_epoch_in_a_new_process(tmp_path, tiny_dir):
     assert Path(resumed.trainer.log_dir) == run  # the same run folder, not a new version
     assert resumed.trainer.global_step == steps
     got, got_r2 = _final(resumed)
-    # the same batches, noise, optimiser and schedule: every learned weight, the sigma recalibration (refitted
-    # on the same calibration stars and noise) and R^2 equal to float32 round-off (stated tolerance 1e-5)
+    # the same batches, noise, optimiser and schedule: every learned weight, the sigma recalibration and the error
+    # correlations (refitted on the same calibration stars and noise) and R^2 equal to float32 round-off (stated tolerance 1e-5)
     assert got_r2 == pytest.approx(expected_r2, abs=1e-5)
-    calibration = {"mixture.calibration.scale", "mixture.calibration.ref", "mixture.calibration.power"}
+    calibration = {f"mixture.calibration.{n}" for n in ("scale", "ref", "power", "cell_edges", "cell_scale", "rho")}
     assert {n for n in expected if n.startswith("mixture.calibration.")} == calibration
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=name)

@@ -7,11 +7,12 @@ the gate reads the filled spectrum as it reads any other: the experts, the physi
 the filled flux, the quality statistics the error with each masked pixel's taken from the nearest usable
 one. Each expert's noise variance becomes the variance of its output on the filled spectrum about its output
 on the clean one -- the usable pixels' noise plus what the imputation does not know -- so the mixed variance,
-the variance head and the SNR-bin recalibration carry the cost of the masking into sigma. A star with fewer
+the variance head and the SNR-bin recalibration carry the cost of the masking into sigma; each pair of labels
+gets the error correlation ``rho_<a>_<b>`` of its SNR bin. A star with fewer
 than ``MIN_USABLE_FRACTION`` usable pixels gets NaN labels and ``NO_PREDICTION``; nothing stops the catalogue.
 
 ``mixture`` is a :class:`~moe.gates.mixture.GatedMixture` (its labels, projection map, physics windows,
-``mix_inputs`` and ``mix``);
+``mix_inputs``, ``mix`` and the error correlations, ``correlation`` and ``correlation_names``);
 ``reference`` a :class:`~moe.prepare.reference.CatalogueReference`. B batch, D pixels, K experts, L labels.
 """
 
@@ -95,6 +96,8 @@ def catalogue_rows(mixture, batch: dict, reference) -> dict[str, torch.Tensor]:
         labels[name] = (pred, sigma)
         truth = batch[name] if name in batch else torch.full_like(pred, float("nan"))
         values |= {f"{name}_pred": pred, f"{name}_sigma": sigma, f"{name}_true": truth}
+    rho = torch.where(keep, mixture.correlation(out.pred, batch["snr_bin"]), nan)  # [B, P]
+    values |= {name: rho[:, p] for p, name in enumerate(mixture.correlation_names)}
     flags = flag_word(
         batch["snr"],
         masked.sum(1) / n_pixels,

@@ -70,6 +70,15 @@ def column_meta(name: str) -> tuple[str, str]:
             return unit, f"calibrated 1-sigma uncertainty of {label}_pred"
         if name == f"{label}_true":
             return unit, f"{what} from the shard's parameter table (may lie outside the training range)"
+    if name.startswith("rho_"):  # rho_<a>_<b>
+        for a in LABEL_META:
+            if name.startswith(f"rho_{a}_") and name[len(a) + 5 :] in LABEL_META:
+                b = name[len(a) + 5 :]
+                return (
+                    "",
+                    f"correlation of the errors of {a}_pred and {b}_pred (per SNR bin, from the predicted labels)",
+                )
+        return "", "correlation of the errors of two labels (per SNR bin, from the predicted labels)"
     if name.startswith("pred_"):  # pred_<label>_<expert>
         for label, (unit, what) in LABEL_META.items():
             if name.startswith(f"pred_{label}_"):

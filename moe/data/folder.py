@@ -261,14 +261,22 @@ class SpectraFolder:
         return noisy_inputs(batch, self.window_weight.to(batch["proj"].device), self.noise_level, generator)
 
     def calibration_batches(
-        self, max_rows: int, draws: int, device: torch.device | str = "cpu", batch_size: int = 4096
+        self,
+        max_rows: int,
+        draws: int,
+        device: torch.device | str = "cpu",
+        batch_size: int = 4096,
+        share: tuple[int, int] = (0, 1),
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Noisy batches of a fixed sample of training stars, on ``device``, for the sigma recalibration:
         about ``max_rows`` rows (:meth:`SpectraStream.sample_batches`), each batch in ``draws`` noise draws
         seeded by (draw, batch). The same stars and noise on every rank, in every epoch and in a resumed run:
-        refitted on them, sigma depends on the model alone."""
+        refitted on them, sigma depends on the model alone. ``share`` = (rank, world): only that rank's
+        contiguous run of the sample's batches (:meth:`SpectraStream.sample_share`), the same noise as in
+        the whole sample; the shares in rank order are the whole sample."""
         stream = self.stream("train", shuffle=False, batch_size=batch_size, cached=True)
-        for i, clean in enumerate(stream.sample_batches(max_rows, CALIBRATION_SALT)):
+        first, batches = stream.sample_share(max_rows, CALIBRATION_SALT, *share)
+        for i, clean in enumerate(batches, start=first):
             clean = {k: v.to(device) for k, v in clean.items()}
             for draw in range(draws):
                 seed = batch_seed(CALIBRATION_SALT, draw, i, 0)

@@ -71,6 +71,21 @@ def all_reduce_sum(array: np.ndarray) -> np.ndarray:
     return array
 
 
+class _Done:
+    """The handle of an exchange that needed none (one process)."""
+
+    def wait(self) -> bool:
+        return True
+
+
+def reduce_sum(array: np.ndarray, dst: int):
+    """``array`` summed over the ranks into rank ``dst``'s ``array``, in place; the others' ``array`` is spent
+    (collective, asynchronous: returns a handle whose ``wait()`` ends it; a C-contiguous numpy array)."""
+    if not distributed():
+        return _Done()
+    return dist.reduce(torch.from_numpy(array), dst=dst, group=group(), async_op=True)
+
+
 def broadcast_array(array: np.ndarray, src: int) -> np.ndarray:
     """``array`` of rank ``src`` copied into ``array`` on every rank, in place (collective)."""
     if distributed():
@@ -124,3 +139,24 @@ def split_rows(sizes: list[int], world: int, align: list[int] | None = None) -> 
                 pieces.append((k, a - int(offsets[k]), b - int(offsets[k])))
         out.append(pieces)
     return out
+
+
+def concat_ranks(arrays: tuple[np.ndarray, ...], gather, device: torch.device | str = "cpu") -> tuple[np.ndarray, ...]:
+    """Every rank's ``arrays`` (each [n_r, ...], n_r rows on rank r, the same n_r for all of one rank's) joined
+    along the rows in rank order, on every rank (collective). ``gather`` is an all-gather of one tensor over
+    the training process group (``LightningModule.all_gather``: [W, ...]), whatever its backend; the rows
+    travel as float64 on ``device`` (integers below 2**53 exactly)."""
+    flat = [a.reshape(len(a), int(np.prod(a.shape[1:]))) for a in arrays]
+    table = torch.as_tensor(np.concatenate(flat, 1) if flat else np.zeros((0, 0)), dtype=torch.float64)
+    counts = [int(c) for c in gather(torch.tensor(len(table), device=device)).reshape(-1).cpu()]
+    if not max(counts):
+        return tuple(arrays)
+    padded = torch.zeros(max(counts), table.shape[1], dtype=torch.float64, device=device)
+    padded[: len(table)] = table.to(device)
+    every = gather(padded).reshape(len(counts), max(counts), table.shape[1]).cpu()
+    joined = torch.cat([every[r, :n] for r, n in enumerate(counts)]).numpy()
+    out, col = [], 0
+    for a, f in zip(arrays, flat):
+        out.append(joined[:, col : col + f.shape[1]].astype(a.dtype).reshape(-1, *a.shape[1:]))
+        col += f.shape[1]
+    return tuple(out)

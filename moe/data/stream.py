@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import h5py
@@ -338,6 +339,14 @@ class SpectraStream(IterableDataset):
         """About ``max_rows`` rows of the split in batches: whole blocks drawn at random by ``seed`` (so a
         split sorted by its labels is still sampled across them), read in file order. The same rows on
         every rank and worker and in every run."""
+        return self.sample_share(max_rows, seed)[1]
+
+    def sample_share(
+        self, max_rows: int, seed: int, rank: int = 0, world: int = 1
+    ) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
+        """Share ``rank`` of ``world`` of :meth:`sample_batches`' batches: (index of its first batch in the whole
+        sample, its batches) -- the ``rank``-th contiguous run of them, so the shares in rank order are the
+        sample. Blocks before the share are not read."""
         blocks = self.plan(0, 1)
         chosen, n = [], 0
         for i in np.random.default_rng(seed).permutation(len(blocks)):
@@ -346,7 +355,10 @@ class SpectraStream(IterableDataset):
             block = blocks[i]
             chosen.append(block)
             n += self.shards.kept(block.offset, block.offset + (block.stop - block.start))
-        return self._batches(sorted(chosen, key=lambda b: b.offset), None)
+        n_batches = -(-n // self.batch_size)
+        first, stop = rank * n_batches // world, (rank + 1) * n_batches // world
+        batches = self._batches(sorted(chosen, key=lambda b: b.offset), None, skip_rows=first * self.batch_size)
+        return first, islice(batches, stop - first)
 
     def rank_blocks(self, prefetch: bool = True) -> Iterator[dict[str, np.ndarray]]:
         """This rank's rows as whole blocks of numpy arrays, in file order (no batching, no copies).

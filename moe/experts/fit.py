@@ -203,8 +203,11 @@ def training_blocks(folder: SpectraFolder, cfg: FitConfig, partition: str) -> It
             yield add_noise_np(b["flux"], b["error"], folder.noise_level, rng), b["error"], y, cell
 
 
-def accumulate_stats(folder: SpectraFolder, cfg: FitConfig, progress: bool = True) -> tuple[CellStats, str]:
-    """Per-cell statistics of the training split: this rank's rows, summed over the ranks."""
+def accumulate_stats(
+    folder: SpectraFolder, cfg: FitConfig, progress: bool = True, grams: bool = True
+) -> tuple[CellStats, str]:
+    """Per-cell statistics of the training split: this rank's rows, summed over the ranks (the cells' Grams
+    only with ``grams``; else each rank keeps its own, :meth:`CellStats.reduce_group_grams`)."""
     partition = groups.partition_for(cfg.families)
     draws = cfg.n_draws if cfg.noise_mode == "augment" else 1
     rank, world = ranks.rank_world()
@@ -220,7 +223,7 @@ def accumulate_stats(folder: SpectraFolder, cfg: FitConfig, progress: bool = Tru
         shift=ranks.broadcast(shift),
         n_labels=len(cfg.labels),
     )
-    return stats.all_reduce(), partition
+    return stats.all_reduce(grams), partition
 
 
 def common_shift(folder: SpectraFolder, cfg: FitConfig) -> np.ndarray:
@@ -247,6 +250,7 @@ def _paths(
     noise_var: float,
     prior: list | None = None,
     solver: dict | None = None,
+    grams: dict | None = None,
 ) -> dict[str, tuple]:
     """Every group x alpha x label of ``families``: per family (weight [G, A, L, D], bias [G, A, L], n [G],
     fallback notes, label mean [G, L], label std [G, L]).
@@ -255,6 +259,10 @@ def _paths(
     solved it (collective). A group too small takes the global expert (``fallback``) or, for ``cells``,
     its ``prior`` physical expert (per physical bin: weight [L, D], bias [L]). ``solver`` (a dict)
     accumulates ``systems``, ``factorizations`` and ``cg_steps``.
+
+    ``grams`` (a dict) means ``stats`` holds this rank's own cell Grams only: each group's Gram is summed to
+    the rank that solves it (:meth:`~moe.experts.stats.CellStats.reduce_group_grams`); the global group's
+    is left in ``grams`` under ("global", 0) on the rank that solved it (the PCA's covariance).
     """
     d, a, n_labels = stats.n_pixels, len(cfg.alphas), stats.n_labels
     out, solve = {}, []
@@ -282,19 +290,25 @@ def _paths(
             solve.append((family, g))
         out[family] = (weight, bias, n, notes, mean, std)
     rank, world = ranks.rank_world()
+    owners = [j % world for j in range(len(solve))]
+    reduced = [None] * len(solve)
+    if grams is not None:
+        members = [groups.members(family, partition)[g] for family, g in solve]
+        reduced = stats.reduce_group_grams(members, owners)
+        grams |= {key: gram for key, gram in zip(solve, reduced) if gram is not None and key[0] == "global"}
     done = np.zeros(3)  # systems, factorizations, CG steps
     for j, (family, g) in enumerate(solve):
-        if j % world == rank:
+        if owners[j] == rank:
             info: dict = {}
             cells = groups.members(family, partition)[g]
             parent = prior[g // bins.N_SNR_BINS][0] if family == "cells" else None
             out[family][0][g], out[family][1][g], _ = fit_sweep(
-                stats.group(cells), cfg.alphas, noise_var, parent, cfg.method, info
+                stats.group(cells, reduced[j]), cfg.alphas, noise_var, parent, cfg.method, info
             )
             done += (len(cfg.alphas) * n_labels, info["factorizations"], sum(info["iterations"]))
     for j, (family, g) in enumerate(solve):
-        ranks.broadcast_array(out[family][0][g], src=j % world)
-        ranks.broadcast_array(out[family][1][g], src=j % world)
+        ranks.broadcast_array(out[family][0][g], src=owners[j])
+        ranks.broadcast_array(out[family][1][g], src=owners[j])
     for family in families:
         for g, note in enumerate(out[family][3]):
             if note == "global":
@@ -451,9 +465,12 @@ def _warn_at_grid_edge(family: str, label: str, idx: np.ndarray, alphas, sse: np
             )
 
 
-def pca_basis(stats: CellStats, noise_var: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-``k`` principal axes of the (noisy) training flux: mean [D], components [k, D], variances [k]."""
-    g = stats.group(np.arange(stats.n.size))
+def pca_basis(
+    stats: CellStats, noise_var: float, k: int, gram: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``k`` principal axes of the (noisy) training flux: mean [D], components [k, D], variances [k]
+    (``gram``: the global group's Gram when ``stats`` holds no summed cell Grams)."""
+    g = stats.group(np.arange(stats.n.size), gram)
     n = g.n[0]
     mu_s = g.sx[0] / n
     cov = (g.gram() - np.outer(g.sx[0], mu_s)) / n
@@ -477,7 +494,10 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
     of :data:`moe.experts.isolated.HEAP_ENV`."""
     t0 = time.perf_counter()
     check_labels(folder.train_set, folder.val_set, cfg.labels)
-    stats, partition = accumulate_stats(folder, cfg, progress)
+    # over several ranks each group's Gram goes only to the rank that solves it -- unless the cells are solved
+    # too (every cell's Gram then), and the global one to rank 0 for the PCA (the global group is solved first)
+    grams = {} if ranks.distributed() and "cells" not in cfg.families else None
+    stats, partition = accumulate_stats(folder, cfg, progress, grams=grams is None)
     check_group_sizes(stats, partition, cfg)
     t1 = time.perf_counter()
     noise_var = noise_variance(folder, cfg)
@@ -492,8 +512,10 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
         "s" if len(cfg.labels) > 1 else "",
     )
     paths, counts = {}, {}
-    for fam, result in _paths(stats, partition, fams, cfg, noise_var, solver=solver).items():
+    for fam, result in _paths(stats, partition, fams, cfg, noise_var, solver=solver, grams=grams).items():
         paths[fam], counts[fam] = _split(result)
+    if grams is not None:  # the cells' own Grams are spent (the groups' went to their solvers): 2.4 GB at 4096 px
+        stats.xtx = np.empty((stats.xtx.shape[0], 0))
     t2 = time.perf_counter()
     _say(progress, "choosing each expert's alpha per label on the validation split")
     val = validation_sse(folder, paths, cfg.labels)
@@ -519,7 +541,12 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
         for label, fit in _family_fits("cells", cpath, ccount, cval, cfg.alphas, cfg.labels).items():
             fits[label]["cells"] = fit
     t4 = time.perf_counter()
-    pca = pca_basis(stats, noise_var, cfg.n_pca)
+    if grams is None:
+        pca = pca_basis(stats, noise_var, cfg.n_pca)
+    else:  # rank 0 solved the global group: it holds its Gram
+        pca = ranks.broadcast(
+            pca_basis(stats, noise_var, cfg.n_pca, grams[("global", 0)]) if ranks.rank_world()[0] == 0 else None
+        )
     t5 = time.perf_counter()
     timings = {"stats_s": t1 - t0, "solve_s": (t2 - t1) + (t4 - t3), "validate_s": t3 - t2, "pca_s": t5 - t4, **solver}
     return fits, pca, timings

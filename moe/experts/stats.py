@@ -70,33 +70,58 @@ class CellStats:
     def n_labels(self) -> int:
         return self.sy.shape[1]
 
-    def group(self, cells: np.ndarray) -> CellStats:
-        """One group: the sum over ``cells`` (leading axis of size 1)."""
+    def group(self, cells: np.ndarray, xtx: np.ndarray | None = None) -> CellStats:
+        """One group: the sum over ``cells`` (leading axis of size 1); ``xtx`` [1, D (D + 1) / 2]: its Gram,
+        already summed (:meth:`reduce_group_grams`), instead of the cells'."""
         idx = np.atleast_1d(np.asarray(cells))
-
-        def total(a: np.ndarray) -> np.ndarray:  # in-place sum: no copy of the selected Grams
-            out = a[idx[0]].copy()
-            for c in idx[1:]:
-                out += a[c]
-            return out[None]
-
-        return CellStats(*(total(getattr(self, f.name)) for f in fields(self) if f.name != "shift"), shift=self.shift)
+        sums = {f.name: _sum_cells(getattr(self, f.name), idx) for f in fields(self) if f.name not in ("shift", "xtx")}
+        return CellStats(**sums, xtx=_sum_cells(self.xtx, idx) if xtx is None else xtx, shift=self.shift)
 
     def gram(self, cell: int = 0) -> np.ndarray:
         """Full symmetric X^T X [D, D] of one cell (or of a group from :meth:`group`)."""
         return unpack(self.xtx[cell], self.n_pixels)
 
-    def all_reduce(self) -> CellStats:
+    def all_reduce(self, grams: bool = True) -> CellStats:
         """Sum over the ranks, in place (collective over :mod:`moe.data.ranks`' CPU group, one cell's row at a
-        time so no copy of the Grams is made; no-op in one process)."""
+        time so no copy of the Grams is made; no-op in one process). ``grams=False`` leaves each rank's own
+        cell Grams (``xtx``): the groups' are then summed to the rank that needs them
+        (:meth:`reduce_group_grams`)."""
         if not ranks.distributed():
             return self
         for f in fields(self):
-            if f.name != "shift":
+            if f.name != "shift" and (grams or f.name != "xtx"):
                 a = getattr(self, f.name)
                 for row in a if a.ndim > 1 else [a]:
                     ranks.all_reduce_sum(row)
         return self
+
+    def reduce_group_grams(self, groups: list[np.ndarray], owners: list[int]) -> list[np.ndarray | None]:
+        """The Gram [1, D (D + 1) / 2] of each group (``groups[i]``: its cells) summed over its cells and over
+        the ranks, on rank ``owners[i]``; None on the others (collective). Each rank sums its own cells per group
+        and sends the sum to the owner (a reduce, two in flight): 14 groups' Grams move once instead of the 36
+        cells' in an all-reduce. In one process: the groups' sums."""
+        rank = ranks.rank_world()[0]
+        out: list[np.ndarray | None] = [None] * len(groups)
+        pending: list = []  # (work, buffer) of the reduces in flight
+        for i, (cells, owner) in enumerate(zip(groups, owners)):
+            total = _sum_cells(self.xtx, np.atleast_1d(np.asarray(cells)))
+            pending.append((ranks.reduce_sum(total[0], owner), total))
+            if owner == rank:
+                out[i] = total
+            while len(pending) > 2:
+                work, _ = pending.pop(0)
+                work.wait()
+        for work, _ in pending:
+            work.wait()
+        return out
+
+
+def _sum_cells(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[idx].sum(0)`` [1, ...] added up in place, cell by cell (no copy of the selected rows)."""
+    out = a[idx[0]].copy()
+    for c in idx[1:]:
+        out += a[c]
+    return out[None]
 
 
 def _gram_update(acc: np.ndarray, x: np.ndarray, products: str) -> None:

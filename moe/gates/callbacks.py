@@ -15,7 +15,6 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from moe.catalogue import writers
 from moe.data import bins
 from moe.gates.catalogue_join import join_parts, part_path
-from moe.shared.errors import WriteError
 
 
 class CatalogueWriter(BasePredictionWriter):
@@ -57,17 +56,12 @@ class CatalogueWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._path = self._target(trainer)
         if trainer.world_size > 1:  # this rank's share, joined by rank 0 at the end
-            if self._path.suffix.lower() in writers.FITS_SUFFIXES:
-                raise WriteError(
-                    self._path,
-                    "a FITS catalogue is written by one process: predict on one device, or write .h5 / .csv "
-                    "(joined from every rank) and convert",
-                )
             self._path = part_path(self._path, trainer.global_rank)
         dm = trainer.datamodule
         self._shards = dm.predict_set() if hasattr(dm, "predict_set") else None
         self._names = list(pl_module.mixture.experts.names)
         self._labels = list(pl_module.mixture.labels)
+        self._correlations = list(pl_module.mixture.correlation_names)
         self._shared = pl_module.mixture.routing == "shared" or len(self._labels) == 1
         self._labelled = None
         widths = {"snr_bin": 1}
@@ -91,6 +85,7 @@ class CatalogueWriter(BasePredictionWriter):
         labels = self._labels
         for label in labels:
             cols |= {f"{label}_pred": p[f"{label}_pred"], f"{label}_sigma": p[f"{label}_sigma"]}
+        cols |= {name: p[name] for name in self._correlations}
         weights = p["weights"]  # [B, L, K]
         if self._shared:  # the same weights for every label
             cols |= {f"w_{n}": weights[:, 0, k] for k, n in enumerate(self._names)}

@@ -18,6 +18,7 @@ import torch
 from moe.data.synth import SynthConfig
 from moe.experts.bundle import ExpertsMismatchError
 from moe.gates.fusions import default_family, stack_label_gates
+from moe.gates.sigma_map import N_CELLS
 
 RUNS_DIR = "lightning_logs"
 LAST = "last.ckpt"
@@ -136,6 +137,14 @@ def upgrade_state(state: dict) -> None:
         # the variance head then read log noise variance, log disagreement and log g - 3 unstandardised
         state.setdefault("mixture.label_mean", torch.tensor([3.0]))
         state.setdefault("mixture.label_std", torch.tensor([1.0]))
+    scale = state.get("mixture.calibration.scale")
+    if scale is not None and "mixture.calibration.rho" not in state:  # saved before the error correlations: 0
+        n_labels, n_bins = scale.shape
+        state["mixture.calibration.rho"] = scale.new_zeros(n_labels * (n_labels - 1) // 2, n_bins, 1 + n_labels)
+    if scale is not None and "mixture.calibration.cell_scale" not in state:  # before the cells: one, factor 1
+        n_labels, n_bins = scale.shape
+        state["mixture.calibration.cell_edges"] = scale.new_full((n_labels, n_bins, N_CELLS - 1), float("inf"))
+        state["mixture.calibration.cell_scale"] = scale.new_ones(n_labels, n_bins, N_CELLS)
 
 
 def stack_label_gate_moments(checkpoint: dict, names: list[str], prefix: str = "mixture.gate.") -> None:

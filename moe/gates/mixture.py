@@ -19,7 +19,9 @@ label's units. And sigma, the per-star uncertainty of each label:
   for the oracle / global gates, which learn nothing): the mixture of each expert's noise plus
   model-error variance in the star's SNR bin (estimated on the validation split by the preparation
   step), law of total variance.
-- its recalibration per SNR bin and label (:class:`moe.gates.calibration.SigmaCalibration`).
+- its recalibration per SNR bin and label, and per cell of the standardised prediction within the bin
+  (:class:`moe.gates.calibration.SigmaCalibration`), which also holds the error correlation of every pair of
+  labels (``correlation``).
 
 The experts (:mod:`moe.experts`), features (:mod:`moe.features`) and gates (:mod:`moe.gates.fusions`)
 are plain modules. What is not learned -- experts, feature windows, PCA basis, feature scalers,
@@ -45,6 +47,7 @@ from moe.experts.ridge_experts import RidgeExperts
 from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standardizer
 from moe.features.gate_inputs import NOISE_KEYS, gate_features, projection_map, row_inputs
 from moe.gates.calibration import SigmaCalibration
+from moe.gates.error_correlation import pair_names
 from moe.gates.fusions import FUSIONS, LearnedGate, build_gate, mlp
 from moe.gates.metrics import gate_entropy
 from moe.prepare import Prepared
@@ -158,6 +161,20 @@ class GatedMixture(nn.Module):
         self.register_buffer("label_std", torch.ones(n_labels))
         self.calibration = SigmaCalibration(calibration_rows, calibration_draws, n_labels)
 
+    @property
+    def correlation_names(self) -> list[str]:
+        """Catalogue column of each label pair's error correlation, in the order of ``calibration.rho``."""
+        return pair_names(self.labels)
+
+    def standardise(self, pred: torch.Tensor) -> torch.Tensor:
+        """Predictions [B, L] in units of the training split's mean and std of each label."""
+        return (pred - self.label_mean.to(pred)) / self.label_std.to(pred)
+
+    def correlation(self, pred: torch.Tensor, snr_bin: torch.Tensor) -> torch.Tensor:
+        """The calibrated error correlation of every label pair [B, P] of stars with predictions [B, L] in SNR
+        bins [B] (:mod:`moe.gates.error_correlation`)."""
+        return self.calibration.correlation(snr_bin, self.standardise(pred).to(self.calibration.rho))
+
     @torch.no_grad()
     def load_prepared(self, prepared: Prepared) -> None:
         """Copy the prepared experts, feature windows, PCA basis, scalers and model-error variances into
@@ -267,7 +284,7 @@ class GatedMixture(nn.Module):
             spread = (w * (var + (mu_l - pred[..., None]).square())).sum(-1).clamp_min(1e-12).sqrt()
         return MoEOutput(
             pred,
-            self.calibration(spread, snr_bin),
+            self.calibration(spread, snr_bin, self.standardise(pred.detach())),
             w,
             mu,
             gate_entropy(w),

@@ -15,6 +15,7 @@ this model or its data is refused when loaded (:func:`moe.gates.checkpoints.chec
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -24,6 +25,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
 
 from moe.catalogue.predict import catalogue_rows
+from moe.data.ranks import concat_ranks
 from moe.data.shards import LABEL_COLUMNS
 from moe.experts import groups
 from moe.experts.fit import FitConfig, NoiseMode
@@ -250,7 +252,8 @@ class GatedMoE(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> MoEOutput:
         out = self._eval_step(batch, self.val_metrics, "val")
         target = self.mixture.targets(batch)
-        self.mixture.calibration.observe((out.pred - target).abs(), out.spread, batch["snr_bin"])
+        mixture = self.mixture
+        mixture.calibration.observe(out.pred - target, out.spread, batch["snr_bin"], mixture.standardise(out.pred))
         return out  # for the callbacks (ValidationFigures)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -258,7 +261,7 @@ class GatedMoE(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         """Per star: split row, ``<label>_pred``, ``<label>_sigma``, ``<label>_true`` (NaN when unknown) of every
-        label, SNR and bins, gate weights [B, L, K], each expert's prediction [B, K, L], entropy [B, L], masked
+        label, the error correlation ``rho_<a>_<b>`` of every pair of labels, SNR and bins, gate weights [B, L, K], each expert's prediction [B, K, L], entropy [B, L], masked
         pixels, OOD score, flags and the shard's numeric id columns (``id_*``) -- from the usable pixels (:mod:`moe.catalogue.predict`, with :attr:`catalogue_reference`; without
         one, spectra without masked pixels and no ``n_masked``, ``ood_score``, ``flags``)."""
         if self.catalogue_reference is not None:
@@ -278,6 +281,8 @@ class GatedMoE(pl.LightningModule):
                     f"{name}_sigma": out.sigma[:, i],
                     f"{name}_true": batch[name],
                 }
+            rho = self.mixture.correlation(out.pred, batch["snr_bin"])
+            values |= {name: rho[:, p] for p, name in enumerate(self.mixture.correlation_names)}
         keep = ("row", "snr", "snr_bin", "phys_bin")
         return values | {k: v for k, v in batch.items() if k in keep or k.startswith("id_")}
 
@@ -306,14 +311,22 @@ class GatedMoE(pl.LightningModule):
     def _recalibrate(self) -> None:
         """Refit sigma's recalibration on the datamodule's calibration stars after a fit's validation epoch and
         check it on this epoch's validation residuals (:mod:`moe.gates.calibration`); validate / test keep the
-        checkpoint's."""
+        checkpoint's. Over several ranks each runs its share of the calibration stars and the residuals are
+        gathered in rank order (:func:`moe.data.ranks.concat_ranks`): every rank fits on the whole sample."""
         calibration = self.mixture.calibration
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         if fitting and not self.trainer.sanity_checking:
             source = getattr(self.trainer.datamodule, "calibration_batches", None)
+            world = self.trainer.world_size
+            if source is not None and world > 1:  # each rank runs its share of the sample; all fit on the whole
+                source = functools.partial(source, share=(self.global_rank, world))
             mixture = self.mixture
             sample = calibration.sample_residuals(source, self.device, mixture.mix_inputs, mixture.mix, mixture.targets)
-            checks = calibration.refit(*sample, gather=self.all_gather if self.trainer.world_size > 1 else None)
+            if source is not None and world > 1:
+                sample = concat_ranks(sample, self.all_gather, self.device)
+            resid, spread, snr_bin, pred = sample
+            x = mixture.standardise(torch.from_numpy(pred)).numpy()
+            checks = calibration.refit(resid, spread, snr_bin, x, gather=self.all_gather if world > 1 else None)
             for i, (name, check) in enumerate(zip(self.labels, checks)):
                 if check is not None:
                     self.log(f"val/sigma_check_{name}", check)

@@ -2,7 +2,8 @@
 
 ``sigma' = scale_b * ref_b * (sigma / ref_b) ** gamma`` per SNR bin b (:func:`sigma_map` fits it,
 :func:`apply_sigma_map` applies it), then one factor for all bins from held-out residuals
-(:func:`validation_check`). The target is z = r / sigma with 68.3% of |z| <= 1, 95.4% <= 2 and std 1,
+(:func:`validation_check`); in between, a factor per cell of the standardised prediction within each bin
+(:func:`cell_scales`, applied by :func:`apply_cells`). The target is z = r / sigma with 68.3% of |z| <= 1, 95.4% <= 2 and std 1,
 as for a Gaussian. Misses are measured in units of their tolerance (``TOLERANCE``: 3 and 2 percentage
 points, 0.1 in std), the std weighted down (``STD_WEIGHT``) because a few outliers move it. Numpy in,
 numpy out (``apply_sigma_map`` also takes tensors); :mod:`moe.gates.calibration` holds the fitted map.
@@ -22,6 +23,8 @@ STD_WEIGHT = 0.3  # weight of the std miss against the coverage misses
 MIN_MAP_ROWS = 200  # fewest residuals to fit the exponent of ``sigma_map``; fewer: the factors alone
 POWERS = np.round(np.linspace(0.5, 2.5, 101), 4)  # the exponents searched by ``sigma_map``
 POWER_PRIOR = 1.0  # penalty on (gamma - 1)^2 added to the mean miss: gamma leaves 1 only for a clear gain
+N_CELLS = 5  # cells of the standardised prediction per group in ``cell_scales`` (quantiles: equal counts)
+MIN_CELL_ROWS = 500  # fewest residuals per cell (on average) to fit the cells; fewer: one cell, factor 1
 
 
 def _scale_fit(sorted_abs_z: np.ndarray, std_weight: float) -> tuple[float, float]:
@@ -100,6 +103,50 @@ def sigma_map(
         if best is None or total < best[0]:
             best = (total, scale, float(gamma))
     return best[1], ref, best[2]
+
+
+def cell_scales(
+    abs_z: np.ndarray, x: np.ndarray, group: np.ndarray, n_groups: int = bins.N_SNR_BINS, n_cells: int = N_CELLS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Edges [G, n_cells - 1] and factors [G, n_cells] for sigma per cell of the prediction x within each group,
+    from recalibrated |z|, x and group [N]: the cells are the quantiles of x in the group (equal counts), each
+    cell's factor the :func:`coverage_scale` of its |z|.
+
+    Residuals are not alike across a bin's label range: at low SNR the prediction shrinks toward the label mean,
+    so a star predicted near the middle may be any star and its error is larger than one predicted near an edge
+    (on the embedded data, bin X's log g 1-sigma coverage by quintile of the prediction ran 76/62/57/63/73%; at
+    high SNR T_eff's middle quintile 40%). A group with fewer than ``n_cells * MIN_CELL_ROWS`` residuals is one
+    cell with factor 1 (edges +inf)."""
+    abs_z, x, group = (np.asarray(a) for a in (abs_z, x, group))
+    keep = np.isfinite(abs_z) & np.isfinite(x)
+    abs_z, x, group = abs_z[keep].astype(np.float64), x[keep].astype(np.float64), group[keep].astype(np.int64)
+    edges, scale = np.full((n_groups, n_cells - 1), np.inf), np.ones((n_groups, n_cells))
+    for g in range(n_groups):
+        sel = group == g
+        if sel.sum() < n_cells * MIN_CELL_ROWS:
+            continue
+        edges[g] = np.quantile(x[sel], np.arange(1, n_cells) / n_cells)
+        cell = cell_of(x[sel], edges[g])
+        for c in range(n_cells):
+            if (cell == c).any():
+                scale[g, c] = coverage_scale(abs_z[sel][cell == c])
+    return edges, scale
+
+
+def cell_of(x, edges):
+    """The cell of each prediction x [...]: how many of its ``edges`` [..., C - 1] (broadcast) it exceeds (numpy
+    arrays or torch tensors)."""
+    return (x[..., None] > edges).sum(-1)
+
+
+def apply_cells(x, edges, scale):
+    """The factor of each prediction x [N]'s cell, given its group's edges [N, C - 1] and factors [N, C], or one
+    group's [C - 1] and [C] (numpy arrays or torch tensors; :func:`cell_scales` fits them)."""
+    cell = cell_of(x, edges)
+    if isinstance(scale, np.ndarray):
+        scale = np.broadcast_to(scale, cell.shape + scale.shape[-1:])
+        return np.take_along_axis(scale, cell[..., None], -1)[..., 0]
+    return scale.expand(*cell.shape, scale.shape[-1]).gather(-1, cell[..., None]).squeeze(-1)
 
 
 def validation_check(abs_z: np.ndarray, strictness: float = 4.0) -> float:
