@@ -242,3 +242,32 @@ def test_fits_parts_of_ranks_join_into_the_one_rank_catalogue(tmp_path, monkeypa
     assert chunked_cards == cards
     for name in a.colnames:
         np.testing.assert_array_equal(c[name], a[name])
+
+
+def test_fits_header_of_a_three_label_catalogue_warns_nothing(tmp_path):
+    """Long column names at two-digit column numbers (pred_T_eff_Cool-Rich as TTYPE53): each TTYPE comment is
+    cut to what fits its card, so astropy has nothing to truncate (a VerifyWarning the user cannot act on);
+    the whole description is read back from TCOMM."""
+    import warnings
+
+    from astropy.table import Table
+
+    from moe.catalogue.writers import FITSCatalogue
+    from moe.experts import groups
+
+    cols = {"row": np.arange(3), "snr": np.ones(3)}
+    for label in LABEL_COLUMNS:
+        cols |= {f"{label}_pred": np.ones(3), f"{label}_sigma": np.ones(3)}
+    cols |= {name: np.zeros(3) for name in ("rho_log_g_T_eff", "rho_log_g_M_H", "rho_T_eff_M_H")}
+    for prefix in ("w", "pred"):
+        cols |= {f"{prefix}_{label}_{n}": np.ones(3) for label in LABEL_COLUMNS for n in groups.group_names("phys")}
+    out = tmp_path / "cat.fits"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        writer = FITSCatalogue(out, {"checkpoint": "x"}, {})
+        writer.append(pd.DataFrame(cols))
+        writer.commit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy: 'dex' is no FITS-standard unit
+        table = Table.read(out)
+    assert table["pred_T_eff_Cool-Rich"].description == "effective temperature predicted by expert Cool-Rich"

@@ -226,6 +226,13 @@ def _fits_dtype(series: pd.Series, width: int | None) -> np.dtype:
     return series.dtype.newbyteorder(">")
 
 
+def _comment_room(keyword: str, value: str) -> int:
+    """Characters of comment that fit one 80-character FITS card ``keyword = 'value' / comment`` beside a
+    string value (quoted, padded to 8 characters, the closing quote at column 20 or later): longer ones
+    astropy truncates with a VerifyWarning."""
+    return max(0, 80 - len(f"{keyword:8}= ") - max(len(f"'{value:8}'"), 20) - len(" / "))
+
+
 def _ascii(value) -> str:
     """A header value FITS can hold (printable ASCII)."""
     return re.sub(r"[^\x20-\x7e]", "?", str(value))
@@ -263,7 +270,7 @@ class FITSCatalogue(_Catalogue):
             if unit == "dex":  # not a FITS-standard unit, but the one surveys write (Gaia's mh_gspphot)
                 header.insert(f"TFORM{i}", (f"TUNIT{i}", unit), after=True)
             if description:
-                header.comments[f"TTYPE{i}"] = _ascii(description)[:47]
+                header.comments[f"TTYPE{i}"] = _ascii(description)[: _comment_room(f"TTYPE{i}", c)]
                 header[f"TCOMM{i}"] = _ascii(description)
         for value, meaning in flag_bits().items():
             bit, name = value.split(" ", 1)
