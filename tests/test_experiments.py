@@ -62,6 +62,7 @@ TABLES = {
         "per_phys.csv",
         "entropy_confidence.csv",
         "ablation.csv",
+        "convergence.csv",
         "towers.csv",
         "calibration.csv",
     ],
@@ -216,7 +217,11 @@ def computed(exp_dir, tmp_path_factory):
             quiet_lightning()  # pytest resets warning filters around each test
             out = tmp_path_factory.mktemp("unwritten") / name
             cache[name] = _module(name).compute(_settings(exp_dir, out))
-            assert not out.exists(), "compute wrote the report folder"
+            # compute writes no report; the dual tower only records its gate runs as each one ends
+            written = sorted(p.name for p in out.iterdir()) if out.exists() else []
+            assert written == (["runs.csv"] if name == "dual-tower" else []), "compute wrote the report folder"
+            if written:
+                assert len(pd.read_csv(out / "runs.csv")) == len(cache[name].runs)
         return cache[name]
 
     return get
@@ -632,19 +637,27 @@ def test_a_difference_between_gates_holds_only_against_both_intervals(seeds, ci,
 
 def test_a_gate_stops_on_convergence_not_at_its_epoch_cap(exp_dir):
     """Early stopping ends a converged gate's run well before a generous cap, after ``patience`` epochs without a
-    gain of MIN_DELTA; the epoch with the best val R^2 is the one kept."""
+    gain of ``min_delta``; each ``decay_patience`` epochs without one cut the learning rate; the epoch with the best
+    val R^2 is the one kept."""
     from moe.experiments.dual_tower import FAMILIES
-    from moe.experiments.gates import MIN_DELTA, prepare_families, train_gate
+    from moe.experiments.gates import GateTraining, prepare_families, train_gate
 
     quiet_lightning()
     settings = ExperimentSettings(data=exp_dir, progress=False)
     dm = settings.datamodule()
     # the dual tower's fit and caches of this folder: prepared once per module, not again here
     prepared = prepare_families(dm, FAMILIES, settings.fit_config(FAMILIES), progress=False)["phys"]
-    run = train_gate(dm, prepared, "phys", "phys_only", seed=1, epochs=200, patience=2)
-    history = run.val_history
-    assert run.epochs_run == len(history) < 200 and not run.still_improving
-    assert max(history[-2:]) < max(history[:-2]) + MIN_DELTA  # the last 2 epochs gained nothing: the stop rule
+    training = GateTraining(batch_size=256, patience=4, decay_patience=2, decay_factor=0.5, max_epochs=200)
+    run = train_gate(dm, prepared, "phys", "phys_only", seed=1, training=training)
+    history, lrs = run.val_history, run.lr_history
+    assert run.epochs_run == len(history) == len(lrs) < 200 and not run.still_improving
+    assert run.ended == "converged (early stopping)"
+    # the stop rule: the last 4 epochs gained less than min_delta over the best before them
+    assert max(history[-4:]) < max(history[:-4]) + training.min_delta
+    # every 2 stale epochs halve the rate: the last 4 epochs (stale 1..4) hold two cuts, at the 2nd and the 4th
+    cuts = [i for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1]]
+    assert cuts[-2:] == [len(lrs) - 3, len(lrs) - 1] and max(lrs) == pytest.approx(training.lr)
+    assert all(lrs[i] == pytest.approx(lrs[i - 1] * 0.5) for i in cuts)
     assert 1 <= run.best_epoch <= run.epochs_run and run.val_r2 == pytest.approx(max(history))
 
 
@@ -715,6 +728,15 @@ def test_every_compared_gate_trains_every_seed_and_the_rest_one(computed):
     assert compared and all(seeds[m] == SEEDS for m in compared)
     assert all(seeds[m] == SEEDS[:1] for m in ONE_SEED)
     assert all(seeds[f"{DUAL} [{name}]"] == SEEDS[:1] for name in ABLATIONS)
+
+
+def test_both_towers_of_the_logit_add_gate_give_its_own_prediction(computed):
+    """The tower analysis recombines the logit-add gate's two towers: with both, it is the gate itself (seed 1)."""
+    results = computed("dual-tower")
+    towers = results.towers.set_index("quantity").value
+    runs = results.runs.set_index(["method", "seed"]).test_r2
+    assert towers["test R2, both towers"] == pytest.approx(runs["Dual-tower logit-add", SEEDS[0]], abs=1e-5)
+    assert 0 <= towers["argmax agreement of the two towers"] <= 1
 
 
 def test_the_experiments_fit_their_experts_for_log_g_only():

@@ -193,6 +193,7 @@ def test_catalogue_columns_and_units_of_every_label(tmp_path):
     }
     for name in ("log_g", "T_eff"):
         values |= {f"{name}_{s}": torch.randn(n) for s in ("pred", "sigma", "true")}
+        values[f"{name}_edge"] = torch.zeros(n, dtype=torch.bool)
     values["rho_log_g_T_eff"] = torch.full((n,), -0.25)
     for routing, weights in (("per_label", ["w_log_g_a", "w_log_g_b", "w_log_g_c", "w_T_eff_a"]), ("shared", ["w_a"])):
         experts = SimpleNamespace(names=["a", "b", "c"])

@@ -15,7 +15,8 @@ early stopping and the best epoch on validation R^2.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,11 +41,8 @@ from moe.experiments.common import (
     seed_mean_std,
 )
 from moe.experiments.gates import (
-    MIN_DELTA,
-    PATIENCE,
-    WARMUP_EPOCHS,
     GateRun,
-    convergence_rule,
+    GateTraining,
     prepare_families,
     test_rows,
     train_gate,
@@ -63,6 +61,7 @@ from moe.plots import (
     pred_vs_true,
 )
 from moe.prepare import Prepared
+from moe.shared.atomic import write_text
 
 EXPERIMENT_ID = "LOGG-DUAL-TOWER-01"
 # (label, fusion, expert family)
@@ -113,6 +112,7 @@ ABLATIONS = {f"drop {group} ({len(names)})": names for group, names in _GROUPS.i
 # phys-only and the 36-expert gates, each trained with every seed)
 ONE_SEED = ("Global Ridge", "Oracle (9 bins)", "Quality-only gate")
 ABLATION_SEEDS = 1  # the ablation's retrained gates: an exploratory table, one seed
+LONGER = 4  # the convergence check retrains the first seed's phys-only gate with this many times the patience
 BOUNDARY = 0.1
 MIN_TRAIN = 2  # training spectra the gate-feature standardisation needs (fewer make no run at all)
 SNR_HIGH_TO_LOW = tuple(reversed(list(enumerate(bins.SNR_BIN_NAMES))))  # (index, name) of each SNR bin, H first
@@ -150,6 +150,7 @@ class DualTowerResults(Results):
     per_phys: pd.DataFrame  # R^2 per method and physical bin
     entropy_confidence: pd.DataFrame  # gate entropy and max weight per method and SNR bin
     ablation: pd.DataFrame  # R^2 of the concat gate with a feature group dropped
+    convergence: pd.DataFrame  # the first seed's phys-only gate as stopped and trained LONGER x longer
     towers: pd.DataFrame  # agreement and contribution of the logit-add gate's two towers
     calibration: pd.DataFrame  # z std and coverage of the concat gate's sigma (first seed)
     r2_global: float
@@ -174,15 +175,22 @@ class DualTowerResults(Results):
     fit: dict  # the expert fit's key
 
 
+def _training(settings: ExperimentSettings) -> GateTraining:
+    """How the gates train: the experiments' convergence rule, capped at ``--epochs``."""
+    return GateTraining(max_epochs=settings.epochs)
+
+
 def _train_methods(
-    dm: SpectraDataModule, prepared: dict[str, Prepared], settings: ExperimentSettings
+    dm: SpectraDataModule, prepared: dict[str, Prepared], settings: ExperimentSettings, log: RunLog
 ) -> dict[str, list[GateRun]]:
-    """Every method of ``METHODS`` trained once per seed (those of ``ONE_SEED`` with the first seed only), by label."""
+    """Every method of ``METHODS`` trained once per seed (those of ``ONE_SEED`` with the first seed only), by label;
+    each run recorded in ``log`` as it ends."""
     runs: dict[str, list[GateRun]] = {label: [] for label, _, _ in METHODS}
     for i, seed in enumerate(settings.seeds):
         for label, fusion, family in METHODS:
             if i == 0 or label not in ONE_SEED:
-                runs[label].append(train_gate(dm, prepared[family], label, fusion, seed, settings.epochs))
+                run = train_gate(dm, prepared[family], label, fusion, seed, _training(settings))
+                runs[label].append(log.add(label, run))
     return runs
 
 
@@ -264,7 +272,12 @@ def _method_tables(
 
 
 def _ablation(
-    dm: SpectraDataModule, prepared: Prepared, settings: ExperimentSettings, log_g: np.ndarray, full: list[GateRun]
+    dm: SpectraDataModule,
+    prepared: Prepared,
+    settings: ExperimentSettings,
+    log_g: np.ndarray,
+    full: list[GateRun],
+    log: RunLog,
 ) -> tuple[pd.DataFrame, dict[str, list[GateRun]]]:
     """The concat gate retrained without each feature group of ``ABLATIONS`` (the first ``ABLATION_SEEDS``
     seeds): its R^2 and the change from the full gate ``full`` of the same seed (mean, sd and 95% interval over
@@ -272,10 +285,11 @@ def _ablation(
     rows, runs = [], {}
     seeds = settings.seeds[:ABLATION_SEEDS]
     for name, drop in ABLATIONS.items():
+        label = f"{DUAL} [{name}]"
         dropped = [
-            train_gate(dm, prepared, f"{DUAL} [{name}]", "concat", seed, settings.epochs, drop) for seed in seeds
+            log.add(label, train_gate(dm, prepared, label, "concat", seed, _training(settings), drop)) for seed in seeds
         ]
-        runs[f"{DUAL} [{name}]"] = dropped
+        runs[label] = dropped
         r2_per_seed = np.array([r2(log_g, r.pred) for r in dropped])
         delta = r2_per_seed - np.array([r2(log_g, r.pred) for r in full[: len(seeds)]])
         rows.append(
@@ -289,6 +303,46 @@ def _ablation(
             }
         )
     return pd.DataFrame(rows), runs
+
+
+def _convergence_check(
+    dm: SpectraDataModule,
+    prepared: Prepared,
+    settings: ExperimentSettings,
+    log_g: np.ndarray,
+    phys: list[GateRun],
+    log: RunLog,
+) -> pd.DataFrame:
+    """Would training on change a verdict? The first seed's phys-only gate (the slowest to converge, and the
+    reference of five verdicts) retrained with ``LONGER`` times the early-stopping patience: its test and val R^2
+    against the run as stopped, and the spread of the phys-only gate's test R^2 between seeds."""
+    stopped = phys[0]
+    training = _training(settings)
+    label = f"{PHYS} [patience x{LONGER}]"
+    longer = train_gate(
+        dm, prepared, label, "phys_only", stopped.seed, replace(training, patience=training.patience * LONGER)
+    )
+    log.add(label, longer)
+    per_seed = [r2(log_g, r.pred) for r in phys]
+    sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else np.nan
+    delta = r2(log_g, longer.pred) - r2(log_g, stopped.pred)
+    return pd.DataFrame(
+        [
+            {
+                "gate": PHYS,
+                "seed": stopped.seed,
+                "epochs (as stopped)": stopped.epochs_run,
+                "epochs (longer)": longer.epochs_run,
+                "val_r2 (as stopped)": stopped.val_r2,
+                "val_r2 (longer)": longer.val_r2,
+                "test_r2 (as stopped)": r2(log_g, stopped.pred),
+                "test_r2 (longer)": r2(log_g, longer.pred),
+                "delta test_r2": delta,
+                "seed sd of test_r2": sd,
+                "|delta| / seed sd": abs(delta) / sd if sd > 0 else np.nan,
+            }
+        ]
+    )
 
 
 def _difference(key: str, runs: dict[str, list[GateRun]], log_g: np.ndarray, low_snr: np.ndarray) -> Difference:
@@ -315,29 +369,36 @@ def _entropy_gap(runs: list[GateRun], snr_bin: np.ndarray) -> tuple[tuple[float,
     return per_seed, bootstrap_ci(gap, rows.size, strata=group)
 
 
-def _runs_table(runs: dict[str, list[GateRun]], log_g: np.ndarray) -> pd.DataFrame:
-    """One row per gate run: test and val R^2, best epoch, epochs run and how the run ended."""
-    rows = []
-    for label, method_runs in runs.items():
-        for r in method_runs:
-            if r.best_epoch == 0:
-                ended = "nothing to learn"
-            elif r.epochs_run < r.max_epochs:
-                ended = "converged (early stopping)"
-            else:
-                ended = "epoch cap, still improving" if r.still_improving else "epoch cap"
-            rows.append(
-                {
-                    "method": label,
-                    "seed": r.seed,
-                    "test_r2": r2(log_g, r.pred),
-                    "val_r2": r.val_r2,
-                    "best_epoch": r.best_epoch,
-                    "epochs_run": r.epochs_run,
-                    "ended": ended,
-                }
-            )
-    return pd.DataFrame(rows)
+class RunLog:
+    """The runs table as it grows, one row per gate run (test and val R^2, best epoch, epochs run, how the run ended,
+    seconds). With a folder, ``runs.csv`` there is rewritten (atomically) as each run ends, so a stopped
+    experiment keeps the runs that finished; the report writes the whole table again at the end."""
+
+    def __init__(self, log_g: np.ndarray, out: str | None = None):
+        self.log_g, self.rows = log_g, []
+        self.path = None if out is None else Path(out) / "runs.csv"
+
+    def add(self, label: str, run: GateRun) -> GateRun:
+        self.rows.append(
+            {
+                "method": label,
+                "seed": run.seed,
+                "test_r2": r2(self.log_g, run.pred),
+                "val_r2": run.val_r2,
+                "best_epoch": run.best_epoch,
+                "epochs_run": run.epochs_run,
+                "ended": run.ended,
+                "final_lr": run.lr_history[-1] if run.lr_history else np.nan,
+                "seconds": round(run.seconds, 1),
+            }
+        )
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(self.path, self.table().to_csv(index=False), "the runs table")
+        return run
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
 
 
 def compute(settings: ExperimentSettings) -> DualTowerResults:
@@ -350,7 +411,8 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
     test = test_rows(dm)
     log_g = test["log_g"].astype(np.float64)
     snr_bin = test["snr_bin"]
-    runs = _train_methods(dm, prepared, settings)
+    log = RunLog(log_g, settings.out)
+    runs = _train_methods(dm, prepared, settings, log)
     r2_oracle, r2_global = r2(log_g, _mean_pred(runs["Oracle (9 bins)"])), r2(log_g, _mean_pred(runs["Global Ridge"]))
     near_edge = bins.edge_distance(test["T_eff"], test["M_H"]) < BOUNDARY
     comparison, per_snr, per_phys, entropy_confidence = _method_tables(
@@ -358,7 +420,8 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
     )
     concat = runs[DUAL]
     r2_concat = float(np.mean([r2(log_g, r.pred) for r in concat]))
-    ablation, ablation_runs = _ablation(dm, prepared["phys"], settings, log_g, concat)
+    ablation, ablation_runs = _ablation(dm, prepared["phys"], settings, log_g, concat, log)
+    convergence = _convergence_check(dm, prepared["phys"], settings, log_g, runs[PHYS], log)
     towers = _tower_analysis(runs["Dual-tower logit-add"][0], dm, log_g)
     low = snr_bin <= 1
     z = (concat[0].pred - log_g) / concat[0].sigma
@@ -367,11 +430,12 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
     all_runs = runs | ablation_runs
     return DualTowerResults(
         comparison=comparison,
-        runs=_runs_table(all_runs, log_g),
+        runs=log.table(),
         per_snr=per_snr,
         per_phys=per_phys,
         entropy_confidence=entropy_confidence,
         ablation=ablation,
+        convergence=convergence,
         towers=towers,
         calibration=calibration_table(z, snr_bin),
         r2_global=r2_global,
@@ -492,7 +556,7 @@ def sections(rep: Report, results: DualTowerResults, settings: ExperimentSetting
     )
     rep.text(
         "How a difference is decided",
-        f"{SEED_RULE}\n\nEvery gate trains until it converges: {convergence_rule(settings.epochs)}",
+        f"{SEED_RULE}\n\nEvery gate trains until it converges: {_training(settings).rule()}",
     )
     rep.table(
         "differences",
@@ -533,7 +597,7 @@ def sections(rep: Report, results: DualTowerResults, settings: ExperimentSetting
         "runs",
         results.runs,
         "Every gate run: epochs to convergence",
-        f"best_epoch: the epoch kept (best val R^2); epochs_run: when the run stopped ({convergence_rule(settings.epochs)})",
+        f"best_epoch: the epoch kept (best val R^2); epochs_run: when the run stopped ({_training(settings).rule()})",
     )
     rep.table(
         "per_snr",
@@ -558,6 +622,12 @@ def sections(rep: Report, results: DualTowerResults, settings: ExperimentSetting
         "(the budget of the default run), so a delta smaller than the spread between seeds of the comparison "
         "table is not a finding.",
     )
+    rep.table(
+        "convergence",
+        results.convergence,
+        f"Converged? The first seed's phys-only gate trained with {LONGER}x the patience",
+        _convergence_note(results.convergence, settings.quick),
+    )
     rep.table("towers", results.towers, "The two towers of the logit-add gate (first seed)")
     rep.table(
         "calibration",
@@ -567,6 +637,28 @@ def sections(rep: Report, results: DualTowerResults, settings: ExperimentSetting
         "68.3% of |z| <= 1 and 95.4% of |z| <= 2.",
     )
     _figures(rep, results)
+
+
+def _convergence_note(check: pd.DataFrame, quick: bool) -> str:
+    """What the convergence check says, in words."""
+    row = check.iloc[0]
+    delta, sd = row["delta test_r2"], row["seed sd of test_r2"]
+    what = (
+        f"Training on from where the run stopped ({row['epochs (as stopped)']} epochs) to where the same rule with "
+        f"{LONGER}x the patience stops ({row['epochs (longer)']} epochs) moves the test R^2 by {delta:+.4f}"
+    )
+    if quick or not np.isfinite(sd):
+        return what + " (no seed spread to compare it with)."
+    verdict = "much less than" if abs(delta) <= sd / 3 else ("less than" if abs(delta) < sd else "NOT less than")
+    return (
+        f"{what}, {verdict} the sd of the phys-only gate's test R^2 between seeds ({sd:.4f}), and against the "
+        f"smallest difference a verdict tests, 0.005: "
+        + (
+            "further epochs would not change a verdict."
+            if abs(delta) < min(sd, 0.005)
+            else "a verdict near its threshold may move with more epochs."
+        )
+    )
 
 
 def _figure_notes(results: DualTowerResults, quick: bool) -> list[str]:
@@ -727,7 +819,8 @@ def _tower_analysis(run: GateRun, dm: SpectraDataModule, log_g: np.ndarray) -> p
         phys_parts.append(phys_batch)
         quality_parts.append(quality_batch)
         expert_parts.append(batch["proj"][:, : model.mixture.experts.n_experts])
-    phys_logits, quality_logits = torch.cat(phys_parts), torch.cat(quality_parts)  # [N, K]
+    # the towers' logits are [N, S, K], a set per label routed; the experiments' gates route log g alone: [N, K]
+    phys_logits, quality_logits = torch.cat(phys_parts)[:, 0], torch.cat(quality_parts)[:, 0]
     expert_pred = torch.cat(expert_parts)  # [N, K]
     p_phys, p_quality = torch.softmax(phys_logits, -1), torch.softmax(quality_logits, -1)
     phys_centred = p_phys - p_phys.mean(-1, keepdim=True)
@@ -795,12 +888,8 @@ class DualTower(Experiment):
             "methods": [m[0] for m in METHODS],
             "n_train_rows": results.n_train,
             "fit": results.fit,
-            "gate_training": {
-                "warmup_epochs": WARMUP_EPOCHS,
-                "patience": PATIENCE,
-                "min_delta": MIN_DELTA,
-                "max_epochs": settings.epochs,
-            },
+            "gate_training": asdict(_training(settings)),
+            "convergence_check_patience_factor": LONGER,
         }
 
 
