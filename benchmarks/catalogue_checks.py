@@ -2,6 +2,7 @@
 
     python benchmarks/catalogue_checks.py --ckpt CKPT [--config quickstart] [--data data/synth]
         [--extra NAME=FOLDER ...] [--ood NAME=FOLDER ...] [--work data/checks]
+    python benchmarks/catalogue_checks.py --ood_only [--data ...] [--extra ...] [--ood ...]
 
 From the test split of ``--data`` (its pre-noised copy) and the test split of every ``--extra`` dataset
 (another generator seed; noise added here with a fixed seed), shards are written as observations:
@@ -17,6 +18,10 @@ and the test split of every ``--ood`` dataset (stars outside the training labels
 catalogue; each shard's rows are then scored: log g R^2 and sigma calibration (z std, share of |z| <= 1),
 overall and per SNR bin (the bin of the star in ``base``, so every variant is scored on the same stars),
 and the share of stars with each flag bit. Prints Markdown tables.
+
+``--ood_only`` needs no checkpoint: the ``ood_score`` of every shard as ``predict`` computes it (the dataset's
+catalogue reference, each star's observed SNR and its bin's thresholds), the share above 1 overall and per SNR
+bin (the star's own bin).
 """
 
 from __future__ import annotations
@@ -103,9 +108,38 @@ def flag_shares(df: pd.DataFrame) -> dict:
     return shares
 
 
+def ood_shares(shards: dict[tuple[str, str], Path], data: str, noise_level: float, work: Path) -> None:
+    """Print the OOD share of every shard, overall and per SNR bin, from the reference of ``data``."""
+    import torch
+
+    from moe.data.bins import SNR_BIN_NAMES, snr_bin
+    from moe.data.shards import read_observed
+    from moe.data.stream import observed_snr
+    from moe.prepare.reference import load_or_build
+
+    folder = SpectraFolder(data, noise_level=noise_level, synth=None)
+    ref = load_or_build(folder, Path(data) / "experts")
+    print("\nthresholds (distance, chi2) per SNR bin:", dict(zip(SNR_BIN_NAMES, ref.spectra.ood_scale.tolist())))
+    print("\n| data | variant | stars | OOD | OOD per SNR bin H / M / L / X |")
+    print("|---|---|---|---|---|")
+    for (name, v), path in shards.items():
+        n = len(read_params(path, labelled=False))
+        scores, snrs = [], []
+        for lo in range(0, n, 1024):
+            flux, error, usable = read_observed(path, lo, min(lo + 1024, n))
+            snr = observed_snr(flux, error, usable, noise_level)
+            t = (torch.from_numpy(flux), torch.from_numpy(error), torch.from_numpy(usable))
+            scores.append(ref.spectra.ood_score(*t, noise_level, torch.from_numpy(snr)).numpy())
+            snrs.append(snr)
+        ood, bins = np.concatenate(scores) > ref.ood_threshold, snr_bin(np.concatenate(snrs))
+        per = " / ".join(f"{ood[bins == b].mean():.1%}" if (bins == b).any() else "-" for b in (3, 2, 1, 0))
+        print(f"| {name} | {v} | {n} | {ood.mean():.1%} | {per} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--ckpt", help="the checkpoint to predict with (not needed with --ood_only)")
+    ap.add_argument("--ood_only", action="store_true", help="only the OOD score of every shard (no checkpoint)")
     ap.add_argument("--config", default="moe/configs/quickstart.yaml")
     ap.add_argument("--data", default="data/synth")
     ap.add_argument("--noise_level", type=float, default=1.0)
@@ -130,6 +164,11 @@ def main() -> None:
         name, folder = e.split("=", 1)
         flux, error, params = observed_test(folder, False, a.noise_level)
         shards[(name, "labels outside")] = write(work / name / "dataset.h5", wave, flux, error, params)
+    if a.ood_only:
+        ood_shares(shards, a.data, a.noise_level, work)
+        return
+    if a.ckpt is None:
+        ap.error("--ckpt is needed (or --ood_only)")
     out = work / "catalogue.fits"
     cli_main(
         [

@@ -45,6 +45,7 @@ def test_catalogue_of_unlabelled_shards_as_hdf5(trained, tiny_dir, tmp_path):
         "rho_T_eff_M_H",
         *(f"w_{label}_{n}" for label in LABEL_COLUMNS for n in names),
         *(f"pred_{label}_{n}" for label in LABEL_COLUMNS for n in names),
+        *(f"{label}_edge" for label in LABEL_COLUMNS),
         "n_masked",
         "ood_score",
         "flags",
@@ -98,6 +99,7 @@ def _writer_batch(n: int, start: int = 0) -> dict:
         "weights": torch.full((n, 1, 2), 0.5),  # [B, L, K]
         "expert_preds": torch.full((n, 2, 1), 3.0),  # [B, K, L]
         "log_g_true": torch.full((n,), float("nan")),
+        "log_g_edge": torch.zeros(n, dtype=torch.bool),
         "n_masked": torch.zeros(n, dtype=torch.long),
         "ood_score": torch.ones(n),
         "flags": torch.zeros(n, dtype=torch.long),

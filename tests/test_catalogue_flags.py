@@ -14,7 +14,7 @@ import torch
 from helpers import predict_catalogue
 
 from moe.catalogue.flags import CatalogueFlag, describe
-from moe.catalogue.predict import flag_word
+from moe.catalogue.predict import flag_word, label_edges
 from moe.data.shards import (
     MASK_KEY,
     ShardError,
@@ -73,31 +73,44 @@ def test_imputation_variance_matches_monte_carlo():
 
 
 def test_ood_parts_against_numpy_lstsq_and_a_nearest_neighbour_search():
-    """chi2 and the distance against numpy's lstsq on the usable pixels and a brute-force nearest training
-    star, with and without masked pixels; ood_score is the larger ratio to the thresholds."""
+    """chi2 and the distance against numpy's lstsq on the usable pixels (flux clipped at 0, the clipping's bias
+    taken out by the same fixed point written with scipy's normal distribution) and a brute-force nearest
+    training star, with and without masked pixels; ood_score is the larger ratio to its SNR bin's thresholds."""
+    from scipy.stats import norm
+
+    from moe.features.lowrank import DEBIAS_STEPS
+
     d, s = 40, 1.0
     model = _model(d)
     rng = np.random.default_rng(2)
     model.train_coef = torch.from_numpy(rng.standard_normal((50, 2)))
-    model.ood_scale.copy_(torch.tensor([3.0, 1.5], dtype=torch.float64))
-    flux = torch.from_numpy(1 + 0.2 * rng.standard_normal((2, d)))
-    error = torch.from_numpy(0.1 + 0.1 * rng.random((2, d)))
+    scale = torch.tensor([[3.0, 1.5], [2.0, 1.2], [1.0, 1.1], [0.5, 1.05]], dtype=torch.float64)
+    model.ood_scale.copy_(scale)
+    flux = torch.from_numpy(0.3 + 0.4 * rng.standard_normal((2, d)))  # some pixels below 0: clipped
+    error = torch.from_numpy(0.1 + 0.3 * rng.random((2, d)))
     usable = torch.ones(2, d, dtype=torch.bool)
     usable[1, 5:15] = False
     distance, chi2 = (p.numpy() for p in model.ood_parts(flux, error, usable, s))
     for i in range(2):
         o = usable[i].numpy()
         u = model.components.numpy()[:, o].T
-        y = flux[i].numpy()[o] - model.mean.numpy()[o]
-        coef = np.linalg.lstsq(u, y, rcond=None)[0]
-        v = model.resid_var.numpy()[o] + s**2 * error[i].numpy()[o] ** 2
+        mean, sd = model.mean.numpy()[o], s * error[i].numpy()[o]
+        clipped = np.maximum(flux[i].numpy()[o], 0)
+        coef = np.linalg.lstsq(u, clipped - mean, rcond=None)[0]
+        for _ in range(DEBIAS_STEPS):
+            x = mean + u @ coef
+            bias = sd * norm.pdf(x / sd) - x * norm.cdf(-x / sd)  # E[max(x + n, 0)] - x
+            y = clipped - bias - mean
+            coef = np.linalg.lstsq(u, y, rcond=None)[0]
+        v = model.resid_var.numpy()[o] + sd**2
         np.testing.assert_allclose(chi2[i], np.mean((y - u @ coef) ** 2 / v), rtol=1e-6)
-        nv = (s**2 * error[i].numpy()[o] ** 2) @ (u[:, :2] ** 2)
+        nv = sd**2 @ (u[:, :2] ** 2)
         brute = min(np.mean((coef[:2] - t) ** 2 / nv) for t in model.train_coef.numpy())
         np.testing.assert_allclose(distance[i], brute, rtol=1e-6)
-    score = model.ood_score(flux, error, usable, s).numpy()
-    np.testing.assert_allclose(score, np.maximum(distance / 3.0, chi2 / 1.5), rtol=1e-6)
-    nothing = model.ood_score(flux, error, torch.zeros(2, d, dtype=torch.bool), s)
+    snr = torch.tensor([1.5, 7.5])  # bins X and H
+    score = model.ood_score(flux, error, usable, s, snr).numpy()
+    np.testing.assert_allclose(score, np.maximum(distance / [3.0, 0.5], chi2 / [1.5, 1.05]), rtol=1e-6)
+    nothing = model.ood_score(flux, error, torch.zeros(2, d, dtype=torch.bool), s, snr)
     assert torch.isnan(nothing).all()
 
 
@@ -156,11 +169,32 @@ def test_each_flag_bit_set_and_not_set():
     pred = torch.tensor([3.0, 3.0, 3.0, 5.5, 3.0, nan, 3.0, 4.8])
     sigma = torch.tensor([0.3, 0.3, 0.3, 0.3, 0.3, nan, 0.3, 0.3])
     ood = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, nan, 1.0, 1.0])
-    f = flag_word(snr, masked, window, predicted, {"log_g": (pred, sigma)}, {"log_g": (1.0, 5.0)}, ood, 1.5)
+    edges = label_edges({"log_g": (pred, sigma)}, {"log_g": (1.0, 5.0)})
+    f = flag_word(snr, masked, window, predicted, edges, ood, 1.5)
     F = CatalogueFlag
     assert f.tolist() == [0, F.LOW_SNR, F.MASKED, F.LABEL_EDGE, F.OOD, F.NO_PREDICTION, F.MASKED, F.LABEL_EDGE]
     assert [int(b) for b in F] == [1, 2, 4, 8, 16]  # fixed values: never change
     assert set(describe()) == {"1 LOW_SNR", "2 MASKED", "4 LABEL_EDGE", "8 OOD", "16 NO_PREDICTION"}
+
+
+def test_label_edge_per_label_set_and_not_set():
+    """Each label's edge column is set by that label alone (outside its range, or within its sigma of either
+    edge), never without a prediction or a training range; LABEL_EDGE is their OR."""
+    nan = float("nan")
+    logg = (torch.tensor([3.0, 0.8, 3.0, 1.2, 3.0, nan]), torch.tensor([0.3, 0.1, 0.3, 0.3, 0.3, nan]))
+    teff = (torch.tensor([5000.0, 5000.0, 6100.0, 5000.0, 5950.0, nan]), torch.tensor([90.0] * 5 + [nan]))
+    mh = (torch.tensor([9.0] * 6), torch.tensor([0.1] * 6))  # no training range: never an edge
+    ranges = {"log_g": (1.0, 5.0), "T_eff": (3750.0, 6000.0)}
+    edges = label_edges({"log_g": logg, "T_eff": teff, "M_H": mh}, ranges)
+    assert edges["log_g"].tolist() == [False, True, False, True, False, False]
+    assert edges["T_eff"].tolist() == [False, False, True, False, True, False]
+    assert edges["M_H"].tolist() == [False] * 6
+    n = 6
+    f = flag_word(
+        torch.full((n,), 5.0), torch.zeros(n), torch.zeros(n), torch.isfinite(logg[0]), edges, torch.zeros(n), 1.0
+    )
+    edge = (f & int(CatalogueFlag.LABEL_EDGE)) > 0
+    assert edge.tolist() == [False, True, True, True, True, False]
 
 
 # ---- predict end to end ---------------------------------------------------------------------------------------------
@@ -206,6 +240,11 @@ def test_predict_masked_stars_fits_round_trip_and_sidecars(trained, tiny_dir, tm
         and not (ok["flags"] & int(CatalogueFlag.NO_PREDICTION)).any()
     )
     np.testing.assert_allclose(cat["log_g_true"], truth, rtol=2e-6)
+    # which labels set LABEL_EDGE: one bool column per label, whose OR is the bit
+    edge_cols = [f"{label}_edge" for label in ("log_g", "T_eff", "M_H") if f"{label}_pred" in cat]
+    assert edge_cols and all(cat[c].dtype == bool for c in edge_cols)
+    assert (cat[edge_cols].any(axis=1) == (cat["flags"] & int(CatalogueFlag.LABEL_EDGE) > 0)).all()
+    assert not cat.loc[5, edge_cols].any()  # no prediction, no edge
     # unmasked, the same stars: masking costs sigma
     clean, _ = _observations(tiny_dir, tmp_path / "clean" / "night.h5", masked=False)
     predict_catalogue(trained[2], trained[1], str(clean), tmp_path / "clean.csv")

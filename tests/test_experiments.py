@@ -65,6 +65,7 @@ TABLES = {
         "convergence.csv",
         "towers.csv",
         "calibration.csv",
+        "every_label.csv",
     ],
     "ceiling": ["per_bin.csv", "overall.csv", "ridge_alpha_sweep.csv"],
 }
@@ -743,3 +744,80 @@ def test_the_experiments_fit_their_experts_for_log_g_only():
     """Their questions are about log g; each further label would multiply the expert solves of every fit."""
     fit = ExperimentSettings().fit_config(("global", "phys"))
     assert fit.labels == ("log_g",) and fit.families == ("global", "phys")
+
+
+def test_the_every_label_gate_reports_each_label_against_an_independent_computation(computed, exp_dir):
+    """The dual tower's every-label concat gate: a table row per label and slice, its R^2 that of sklearn on the
+    run's predictions against the test shard's own parameter table, its calibration that of z computed here."""
+    from pathlib import Path
+
+    from sklearn.metrics import r2_score
+
+    from moe.data import bins
+    from moe.experiments.dual_tower import CALIBRATION_TARGETS, EVERY_LABEL
+
+    results = computed("dual-tower")
+    every = results.every_label
+    (shard,) = sorted(Path(exp_dir).glob("test*/dataset.h5"))
+    truth = pd.read_hdf(shard)  # the shard's rows in file order, as the run's predictions are sorted
+    table = every.table.set_index(["label", "slice"])
+    assert EVERY_LABEL == ("log_g", "T_eff", "M_H") and list(every.table.label.unique()) == list(EVERY_LABEL)
+    assert set(every.pred) == set(every.sigma) == set(EVERY_LABEL)
+    slices = bins.snr_slices(results.snr_bin, high_first=True)
+    assert [name for name, _ in slices] == ["all", "H", "M", "L", "X"]
+    for label in EVERY_LABEL:
+        y, pred, sigma = truth[label].to_numpy(np.float64), every.pred[label], every.sigma[label]
+        assert pred.shape == y.shape and np.isfinite(pred).all() and (sigma > 0).all()
+        np.testing.assert_allclose(every.true[label], y, rtol=1e-6)  # row for row the shard's stars
+        z = (pred - y) / sigma
+        for name, sel in slices:
+            row = table.loc[(label, name)]
+            assert row.n == sel.sum()
+            if sel.sum() < 2:
+                continue
+            # the streams carry labels as float32, the shard's table float64
+            assert row.r2 == pytest.approx(r2_score(y[sel], pred[sel]), rel=1e-6)
+            assert row.z_std == pytest.approx(z[sel].std(), rel=1e-5)
+            assert row.coverage_1sigma == pytest.approx((np.abs(z[sel]) <= 1).mean(), abs=1.5 / sel.sum())
+            assert 0 <= row.coverage_1sigma <= row.coverage_2sigma <= 1 and row.z_std > 0
+            inside = all(lo <= row[k] <= hi for k, (lo, hi) in CALIBRATION_TARGETS.items())
+            assert bool(row.within_targets) == inside
+    # every label is predicted better than by its mean (3 epochs on 2400 tiny spectra: no more than that)
+    assert all(table.loc[(label, "all")].r2 > 0 for label in EVERY_LABEL), every.table.to_string()
+
+
+def test_the_every_label_gate_compares_its_log_g_with_the_log_g_only_gate_of_its_seed(computed):
+    """Its log g R^2 and the log-g-only concat gate's of the first seed are the runs table's; both are distinct gates,
+    and the verdicts do not read it."""
+    from dataclasses import replace
+
+    from moe.experiments.dual_tower import DUAL, EVERY_LABEL_GATE, verdicts
+
+    results = computed("dual-tower")
+    every = results.every_label
+    runs = results.runs.set_index(["method", "seed"]).test_r2
+    assert every.seed == SEEDS[0] and list(results.runs.method).count(EVERY_LABEL_GATE) == 1
+    assert every.log_g_only_r2 == pytest.approx(runs[DUAL, SEEDS[0]], abs=1e-12)
+    assert every.log_g_r2 == pytest.approx(runs[EVERY_LABEL_GATE, SEEDS[0]], abs=1e-12)
+    assert every.log_g_delta == pytest.approx(every.log_g_r2 - every.log_g_only_r2)
+    assert every.log_g_delta != 0  # another gate, not the log-g-only one read twice
+    other = replace(every, log_g_only_r2=-9.0, table=every.table.iloc[:0], pred={}, true={}, ended="epoch cap")
+    assert [v.row() for v in verdicts(replace(results, every_label=other))] == [v.row() for v in verdicts(results)]
+
+
+def test_the_every_label_section_is_in_the_report(computed, exp_dir, tmp_path):
+    """The report's section "Every label (dual-tower concat gate)": a row per label and slice, its CSV beside it, and
+    the log g comparison in words."""
+    from moe.experiments.dual_tower import EVERY_LABEL, EXPERIMENT
+
+    results = computed("dual-tower")
+    EXPERIMENT.write_report(results, _settings(exp_dir, tmp_path))
+    report = (tmp_path / "report.md").read_text()
+    section = report.split("## Every label (dual-tower concat gate)\n")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == [label for label in EVERY_LABEL for _ in range(5)]
+    assert (
+        f"Log g: test R^2 {results.every_label.log_g_r2:.4f} against" in section
+        and "(CSV: `every_label.csv`)" in section
+    )
+    assert pd.read_csv(tmp_path / "every_label.csv").shape[0] == 5 * len(EVERY_LABEL)

@@ -11,14 +11,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import noisy_batch
+from helpers import DUAL_TOWER_CONFIG, noisy_batch
 
 from moe.catalogue.writers import column_meta
+from moe.cli import cli_main
 from moe.data.datamodule import SpectraDataModule
 from moe.experts.ridge_experts import RidgeExperts
 from moe.gates import GatedMoE
 from moe.gates.calibration import SigmaCalibration
 from moe.gates.callbacks import CatalogueWriter
+from moe.gates.checkpoints import read_checkpoint
+from moe.gates.fusions import FUSIONS, LearnedGate, build_gate
 from moe.gates.metrics import summary_table
 from moe.prepare import prepare
 
@@ -121,7 +124,7 @@ def test_per_label_routing_learns_one_gate_per_label(dm, one_label):
     batch = noisy_batch(dm, 256)
     torch.manual_seed(0)
     model = _model(dm, _prepared(one_label), routing="per_label")
-    assert len(model.mixture.gate.gates) == 3  # a gate network per label
+    assert model.mixture.gate.groups == 3  # a gate network per label
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(40):
@@ -190,6 +193,7 @@ def test_catalogue_columns_and_units_of_every_label(tmp_path):
     }
     for name in ("log_g", "T_eff"):
         values |= {f"{name}_{s}": torch.randn(n) for s in ("pred", "sigma", "true")}
+        values[f"{name}_edge"] = torch.zeros(n, dtype=torch.bool)
     values["rho_log_g_T_eff"] = torch.full((n,), -0.25)
     for routing, weights in (("per_label", ["w_log_g_a", "w_log_g_b", "w_log_g_c", "w_T_eff_a"]), ("shared", ["w_a"])):
         experts = SimpleNamespace(names=["a", "b", "c"])
@@ -239,11 +243,100 @@ def test_each_label_gate_learns_from_its_own_label_only(dm, one_label):
     model = _model(dm, _prepared(one_label))
     batch = noisy_batch(dm, 64)
 
-    def grads(b, label):
+    def grads(b, label):  # of label's network: its slice of every grouped tensor
         model.zero_grad()
         model._loss(model(b), b)["mse"].backward()
-        return [p.grad.clone() for p in model.mixture.gate.gates[label].parameters()]
+        return [p.grad[label].clone() for p in model.mixture.gate.parameters()]
 
     moved = batch | {"T_eff": batch["T_eff"] + 500.0}
     assert all(torch.equal(a, b) for a, b in zip(grads(batch, 0), grads(moved, 0)))
     assert not all(torch.equal(a, b) for a, b in zip(grads(batch, 1), grads(moved, 1)))
+
+
+LEARNED = [f for f in FUSIONS if isinstance(build_gate(f, 13, 10, 1 if f == "global" else 9), LearnedGate)]
+
+
+@pytest.mark.parametrize("fusion", LEARNED)
+def test_grouped_gate_is_one_separate_gate_per_label(fusion):
+    """Per-label routing's gate (every layer the L networks' weights [L, out, in], one batched product) against L
+    one-network gates built one after the other from the same seed (torch's nn.Linear layers): the same weights,
+    the same gate weights (and tau) out, the same gradients; a label's loss moves its own network alone."""
+    torch.manual_seed(3)
+    grouped = build_gate(fusion, 13, 10, 9, groups=3).double()
+    torch.manual_seed(3)
+    separate = [build_gate(fusion, 13, 10, 9).double() for _ in LABELS]
+    assert [n for n, _ in grouped.named_parameters()] == [n for n, _ in separate[0].named_parameters()]
+    for label, gate in enumerate(separate):
+        for (name, p), ref in zip(grouped.named_parameters(), gate.parameters()):
+            assert torch.equal(p[label], ref), f"{name} of label {label}"
+    with torch.no_grad():  # the exponents away from their start, each label's its own
+        for label, gate in enumerate(separate):
+            for name, p in gate.named_parameters():
+                if name.startswith("raw_"):
+                    p.fill_(0.3 * label - 0.2)
+                    dict(grouped.named_parameters())[name][label] = p
+    g = torch.Generator().manual_seed(0)
+    phys, qual = torch.randn(64, 13, generator=g, dtype=torch.float64), torch.randn(64, 10, generator=g).double()
+    out, refs = grouped(phys, qual), [gate(phys, qual) for gate in separate]
+    assert out.weights.shape == (64, 3, 9)
+    ref_weights = torch.cat([r.weights for r in refs], 1)
+    torch.testing.assert_close(out.weights, ref_weights, rtol=1e-12, atol=1e-14)
+    if fusion == "temperature":
+        torch.testing.assert_close(out.tau, torch.stack([r.tau for r in refs], 1), rtol=1e-12, atol=0)
+    else:
+        assert out.tau is None
+    target = torch.rand(64, 3, 9, generator=g, dtype=torch.float64)
+    scale = torch.tensor([1.0, 5.0, 0.2], dtype=torch.float64)[None, :, None]  # labels weighted differently
+    ((out.weights - target).square() * scale).sum().backward()
+    ((ref_weights - target).square() * scale).sum().backward()
+    for label, gate in enumerate(separate):
+        for (name, p), ref in zip(grouped.named_parameters(), gate.parameters()):
+            torch.testing.assert_close(p.grad[label], ref.grad, rtol=1e-10, atol=1e-13, msg=f"{name} {label}")
+    grouped.zero_grad()
+    grouped(phys, qual).weights[:, 1].square().sum().backward()  # label 1's loss alone
+    for name, p in grouped.named_parameters():
+        assert p.grad[1].abs().sum() > 0 and not p.grad[0].any() and not p.grad[2].any(), name
+
+
+def test_checkpoint_with_a_gate_module_per_label_tests_and_resumes_the_same(trained, tmp_path, capsys):
+    """A 3-label per-label checkpoint as moe saved it before the grouped layers -- label l's gate a module of its
+    own (``mixture.gate.gates.<l>.net.0.weight`` [32, 23], ...), Adam's state per module (gate 0's six tensors,
+    gate 1's, gate 2's, then the variance head's) -- tests to the same tables and resumes to the same weights as
+    the same checkpoint in today's layout."""
+    root, args, best, _ = trained
+    ckpt = read_checkpoint(best)
+    state = ckpt["state_dict"]
+    assert state["mixture.gate.net.0.weight"].shape == (3, 32, 23)
+    gate = {k.removeprefix("mixture.gate."): v for k, v in state.items() if k.startswith("mixture.gate.")}
+    modules = torch.nn.ModuleList(build_gate("concat", 13, 10, 9) for _ in LABELS)  # the earlier structure
+    for label, module in enumerate(modules):
+        module.load_state_dict({name: value[label] for name, value in gate.items()})
+    earlier = {k: v for k, v in state.items() if not k.startswith("mixture.gate.")}
+    earlier |= {f"mixture.gate.gates.{k}": v for k, v in modules.state_dict().items()}
+    opt = ckpt["optimizer_states"][0]
+    assert opt["param_groups"][0]["params"] == list(range(10))  # 6 gate tensors, 4 of the variance head
+    moments = {}
+    for label in range(3):
+        for j in range(6):
+            moments[6 * label + j] = {k: v if k == "step" else v[label] for k, v in opt["state"][j].items()}
+    moments |= {18 + j: opt["state"][6 + j] for j in range(4)}
+    earlier_opt = {"state": moments, "param_groups": [opt["param_groups"][0] | {"params": list(range(22))}]}
+    paths = {"now": tmp_path / "now.ckpt", "earlier": tmp_path / "earlier.ckpt"}
+    torch.save(ckpt, paths["now"])
+    torch.save(ckpt | {"state_dict": earlier, "optimizer_states": [earlier_opt]}, paths["earlier"])
+
+    tables, weights = {}, {}
+    for name, path in paths.items():
+        cli_main(["test", "--config", DUAL_TOWER_CONFIG, "--ckpt_path", str(path), *args])
+        tables[name] = capsys.readouterr().out.split("\ntest log_g: ")[-1]
+        out = tmp_path / name
+        resumed = cli_main(
+            ["fit", "--config", DUAL_TOWER_CONFIG, "--ckpt_path", str(path), *args]
+            + ["--trainer.max_epochs", "2", "--trainer.default_root_dir", str(out)]
+        )
+        assert resumed.trainer.current_epoch == 2
+        weights[name] = resumed.model.state_dict()
+    assert "test M_H" in tables["now"] and tables["earlier"] == tables["now"]
+    for key, value in weights["now"].items():
+        if torch.is_tensor(value):
+            assert torch.equal(weights["earlier"][key], value), key

@@ -281,6 +281,7 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
         *(f"w_{label}_{n}" for label in LABEL_COLUMNS for n in names),  # per-label routing: each its own weights
         *(f"pred_{label}_{n}" for label in LABEL_COLUMNS for n in names),
         *(f"{label}_true" for label in LABEL_COLUMNS),
+        *(f"{label}_edge" for label in LABEL_COLUMNS),
         "n_masked",
         "ood_score",
         "flags",

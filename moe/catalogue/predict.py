@@ -1,5 +1,5 @@
-"""What ``predict`` computes per star: labels and sigma from the usable pixels, ``n_masked``, ``ood_score``
-and ``flags``.
+"""What ``predict`` computes per star: labels and sigma from the usable pixels, ``n_masked``, ``ood_score``,
+``flags`` and, per label, ``<label>_edge`` (which labels set ``LABEL_EDGE``).
 
 A star's masked pixels (:func:`moe.data.shards.read_observed`) are filled from the training spectra's
 low-rank model conditioned on its usable pixels (:meth:`moe.features.lowrank.LowRankSpectra.impute`), and
@@ -34,27 +34,40 @@ def window_masks(physics) -> torch.Tensor:
     return torch.cat([physics.blue, physics.red, physics.ew_width, physics.core]) != 0
 
 
+def label_edges(
+    labels: dict[str, tuple[torch.Tensor, torch.Tensor]], ranges: dict[str, tuple[float, float]]
+) -> dict[str, torch.Tensor]:
+    """Per label [B] bool: its prediction lies outside the training range ``ranges[label]`` or within its sigma
+    of an edge (``pred - sigma < min`` or ``pred + sigma > max``); False without a prediction or a range."""
+    edges = {}
+    for name, (pred, sigma) in labels.items():
+        edge = torch.zeros_like(pred, dtype=torch.bool)
+        if name in ranges:
+            lo, hi = ranges[name]
+            edge = torch.isfinite(pred) & ((pred - sigma < lo) | (pred + sigma > hi))
+        edges[name] = edge
+    return edges
+
+
 def flag_word(
     snr: torch.Tensor,
     masked_share: torch.Tensor,
     window_share: torch.Tensor,
     predicted: torch.Tensor,
-    labels: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    ranges: dict[str, tuple[float, float]],
+    edges: dict[str, torch.Tensor],
     ood: torch.Tensor,
     threshold: float,
 ) -> torch.Tensor:
     """The flag word [B] (int64) from the SNR, the masked share of the pixels and of the worst physics window,
-    whether a prediction was made, each label's (prediction, sigma) and training range, and the OOD score."""
+    whether a prediction was made, each label's edge test (:func:`label_edges`; ``LABEL_EDGE``: any label) and
+    the OOD score."""
     f = torch.zeros_like(snr, dtype=torch.int64)
     f |= torch.where(snr <= LOW_SNR_MAX, int(CatalogueFlag.LOW_SNR), 0)
     masked = (masked_share > MASKED_FRACTION) | (window_share > WINDOW_MASKED_FRACTION)
     f |= torch.where(masked, int(CatalogueFlag.MASKED), 0)
     edge = torch.zeros_like(predicted)
-    for name, (pred, sigma) in labels.items():
-        if name in ranges:
-            lo, hi = ranges[name]
-            edge |= torch.isfinite(pred) & ((pred - sigma < lo) | (pred + sigma > hi))
+    for e in edges.values():
+        edge |= e
     f |= torch.where(edge, int(CatalogueFlag.LABEL_EDGE), 0)
     f |= torch.where(ood > threshold, int(CatalogueFlag.OOD), 0)  # NaN compares False
     f |= torch.where(predicted, 0, int(CatalogueFlag.NO_PREDICTION))
@@ -79,7 +92,7 @@ def catalogue_rows(mixture, batch: dict, reference) -> dict[str, torch.Tensor]:
     k, n = mixture.experts.n_experts, len(mixture.labels)
     noise_var = var[:, : k * n].unflatten(1, (k, n)).to(flux.dtype)  # [B, K, L]
     out = mixture.mix(mixture.mix_inputs(batch | {"flux": filled}, noise_var=noise_var))
-    ood = spectra.ood_score(flux, error, usable, noise_level)
+    ood = spectra.ood_score(flux, error, usable, noise_level, batch["snr"])
     masked = ~usable
     windows = window_masks(mixture.physics).to(flux.dtype)
     window_share = (masked.to(flux.dtype) @ windows.T / windows.sum(1)).amax(1)
@@ -98,14 +111,9 @@ def catalogue_rows(mixture, batch: dict, reference) -> dict[str, torch.Tensor]:
         values |= {f"{name}_pred": pred, f"{name}_sigma": sigma, f"{name}_true": truth}
     rho = torch.where(keep, mixture.correlation(out.pred, batch["snr_bin"]), nan)  # [B, P]
     values |= {name: rho[:, p] for p, name in enumerate(mixture.correlation_names)}
+    edges = label_edges(labels, reference.label_ranges)
     flags = flag_word(
-        batch["snr"],
-        masked.sum(1) / n_pixels,
-        window_share,
-        predicted,
-        labels,
-        reference.label_ranges,
-        ood,
-        reference.ood_threshold,
+        batch["snr"], masked.sum(1) / n_pixels, window_share, predicted, edges, ood, reference.ood_threshold
     )
+    values |= {f"{name}_edge": edge for name, edge in edges.items()}
     return values | {"n_masked": masked.sum(1), "ood_score": ood, "flags": flags}

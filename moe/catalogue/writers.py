@@ -70,6 +70,8 @@ def column_meta(name: str) -> tuple[str, str]:
             return unit, f"calibrated 1-sigma uncertainty of {label}_pred"
         if name == f"{label}_true":
             return unit, f"{what} from the shard's parameter table (may lie outside the training range)"
+        if name == f"{label}_edge":
+            return "", f"{label}_pred outside the training range or within its sigma of an edge (sets LABEL_EDGE)"
     if name.startswith("rho_"):  # rho_<a>_<b>
         for a in LABEL_META:
             if name.startswith(f"rho_{a}_") and name[len(a) + 5 :] in LABEL_META:

@@ -95,19 +95,24 @@ class ExperimentSettings:
             **kw,
         )
 
-    def fit_config(self, families: tuple[str, ...], required: tuple[str, ...] | None = None) -> FitConfig:
-        """The expert fit of an experiment over ``families``, with the group-size rule of ``--min-samples`` /
-        ``--fallback``: a short group of a ``required`` family (those the experiment's questions use; all
-        when None) stops the fit before any solve, naming these flags; one of another family takes the
+    def fit_config(
+        self,
+        families: tuple[str, ...],
+        required: tuple[str, ...] | None = None,
+        labels: tuple[str, ...] = EXPERIMENT_LABELS,
+    ) -> FitConfig:
+        """The expert fit of an experiment over ``families`` for ``labels``, with the group-size rule of
+        ``--min-samples`` / ``--fallback``: a short group of a ``required`` family (those the experiment's questions
+        use; all when None) stops the fit before any solve, naming these flags; one of another family takes the
         global expert."""
-        # log g only: the experiments ask log g questions, and every further label multiplies the solves
-        # (with 3 labels the dual tower's expert fit alone ran past 7 minutes of the default run's 30)
+        # log g only by default: the experiments ask log g questions, and every further label multiplies the
+        # solves (with 3 labels the dual tower's expert fit alone ran past 7 minutes of the default run's 30)
         return FitConfig(
             families=families,
             min_samples=self.min_samples,
             fallback=self.fallback,
             required=required,
-            labels=EXPERIMENT_LABELS,
+            labels=labels,
         )
 
     @property

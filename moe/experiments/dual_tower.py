@@ -5,7 +5,10 @@ fusions concat / logit-add / product / temperature, a 36-expert (physical x SNR)
 gate and the 9-bin oracle. Slices: per SNR bin, per physical bin, boundary samples (within
 10% of a bin width of a T_eff or M_H edge). Gate entropy and confidence against SNR; feature
 ablation (each feature group dropped; 10 quality statistics against a 5-statistic subset);
-how the two towers of the logit-add gate agree and which contributes more.
+how the two towers of the logit-add gate agree and which contributes more. Every gate answers log g
+questions; one more, the concat gate trained for every label (log g, T_eff, [M/H]; first seed), reports each
+label's R^2 and calibration of sigma and how its log g compares with the log-g-only concat gate (no verdict
+reads it).
 
 Every gate is a ``GatedMoE`` trained through ``pl.Trainer`` exactly as ``train.py fit`` trains
 it (:mod:`moe.experiments.gates`): fresh noise every epoch, MSE, Adam with a linear warm-up,
@@ -25,6 +28,7 @@ import torch
 from moe.data import bins
 from moe.data.datamodule import SpectraDataModule
 from moe.data.error_stats import QUALITY_NAMES, QUALITY_SUBSET5
+from moe.data.shards import LABEL_COLUMNS
 from moe.experiments.common import (
     SEED_RULE,
     DataSummary,
@@ -47,6 +51,7 @@ from moe.experiments.gates import (
     test_rows,
     train_gate,
 )
+from moe.experts.fit import FitConfig
 from moe.experts.scores import r2, z_calibration
 from moe.features import PHYSICS_NAMES
 from moe.plots import (
@@ -114,6 +119,13 @@ ONE_SEED = ("Global Ridge", "Oracle (9 bins)", "Quality-only gate")
 ABLATION_SEEDS = 1  # the ablation's retrained gates: an exploratory table, one seed
 LONGER = 4  # the convergence check retrains the first seed's phys-only gate with this many times the patience
 BOUNDARY = 0.1
+# the concat gate trained for every label the data carry (the default of --model.labels), first seed only: its
+# section reports each label; the log g questions stay with the log-g-only gates
+EVERY_LABEL = LABEL_COLUMNS
+EVERY_LABEL_GATE = f"{DUAL} [every label]"
+LOG_G_TOLERANCE = 0.005  # how far the every-label gate's log g test R^2 may lie from the log-g-only gate's
+# calibration targets of sigma (docs/training.md): z std, share of |z| <= 1, share of |z| <= 2
+CALIBRATION_TARGETS = {"z_std": (0.9, 1.1), "coverage_1sigma": (0.65, 0.71), "coverage_2sigma": (0.93, 0.97)}
 MIN_TRAIN = 2  # training spectra the gate-feature standardisation needs (fewer make no run at all)
 SNR_HIGH_TO_LOW = tuple(reversed(list(enumerate(bins.SNR_BIN_NAMES))))  # (index, name) of each SNR bin, H first
 TITLE = "Dual-tower gates: physics + quality"
@@ -141,6 +153,35 @@ class Difference:
 
 
 @dataclass
+class EveryLabel:
+    """The concat gate over the physical experts trained for every label at once (one seed) on the test split
+    (N stars): per label its predictions, sigma and the truth, the per-label table and its log g against the
+    log-g-only concat gate of the same seed."""
+
+    seed: int
+    table: pd.DataFrame  # per label and slice (all, H, M, L, X): n, r2, z_std, coverage_1sigma, coverage_2sigma
+    true: dict[str, np.ndarray]  # label -> [N]
+    pred: dict[str, np.ndarray]  # label -> [N]
+    sigma: dict[str, np.ndarray]  # label -> [N]
+    log_g_only_r2: float  # test log g R^2 of the log-g-only concat gate of the same seed
+    ended: str  # how the run ended (GateRun.ended)
+    best_epoch: int
+    epochs_run: int
+    seconds: float  # the gate run's wall time (preparation not counted)
+    prepare_s: float  # its gate-input caches and standardisation (the experts are the dual tower's one fit)
+    routing: str = "per_label"  # GatedMoE's routing: per_label (each label its own gate weights) or shared
+
+    @property
+    def log_g_r2(self) -> float:
+        return r2(self.true["log_g"], self.pred["log_g"])
+
+    @property
+    def log_g_delta(self) -> float:
+        """Test log g R^2 of the every-label gate minus the log-g-only gate's."""
+        return self.log_g_r2 - self.log_g_only_r2
+
+
+@dataclass
 class DualTowerResults(Results):
     """Every number of the dual-tower report (N test spectra, K experts of the concat gate, S seeds)."""
 
@@ -153,6 +194,7 @@ class DualTowerResults(Results):
     convergence: pd.DataFrame  # the first seed's phys-only gate as stopped and trained LONGER x longer
     towers: pd.DataFrame  # agreement and contribution of the logit-add gate's two towers
     calibration: pd.DataFrame  # z std and coverage of the concat gate's sigma (first seed)
+    every_label: EveryLabel  # the concat gate trained for every label (first seed)
     r2_global: float
     r2_oracle: float
     r2_concat: float  # the concat gate with every feature (mean over seeds), the ablation's reference
@@ -345,6 +387,56 @@ def _convergence_check(
     )
 
 
+def _every_label(
+    dm: SpectraDataModule,
+    fit: FitConfig,
+    settings: ExperimentSettings,
+    test: dict[str, np.ndarray],
+    log_g_only: GateRun,
+    log: RunLog,
+) -> EveryLabel:
+    """The concat gate over the physical experts trained for ``EVERY_LABEL`` (the seed of ``log_g_only``, the first;
+    the experts from the dual tower's fit ``fit``, its own gate-input caches) and evaluated per label."""
+    started = time.perf_counter()
+    prepared = prepare_families(dm, ("phys",), fit, settings.progress, labels=EVERY_LABEL)["phys"]
+    prepare_s = time.perf_counter() - started
+    run = log.add(
+        EVERY_LABEL_GATE, train_gate(dm, prepared, EVERY_LABEL_GATE, "concat", log_g_only.seed, _training(settings))
+    )
+    true = {name: test[name].astype(np.float64) for name in EVERY_LABEL}
+    return EveryLabel(
+        seed=run.seed,
+        table=every_label_table(true, run.preds, run.sigmas, test["snr_bin"]),
+        true=true,
+        pred=run.preds,
+        sigma=run.sigmas,
+        log_g_only_r2=r2(true["log_g"], log_g_only.pred),
+        ended=run.ended,
+        best_epoch=run.best_epoch,
+        epochs_run=run.epochs_run,
+        seconds=run.seconds,
+        prepare_s=prepare_s,
+        routing=str(run.model.hparams.routing),
+    )
+
+
+def every_label_table(
+    true: dict[str, np.ndarray], pred: dict[str, np.ndarray], sigma: dict[str, np.ndarray], snr_bin: np.ndarray
+) -> pd.DataFrame:
+    """Per label (of ``true``, in its order) and slice (all, then SNR H, M, L, X): test R^2, the calibration of sigma
+    (:func:`calibration_table`) and whether all three calibration numbers lie within ``CALIBRATION_TARGETS``."""
+    parts = []
+    for name, y in true.items():
+        part = calibration_table((pred[name] - y) / sigma[name], snr_bin)
+        part.insert(0, "label", name)
+        part.insert(3, "r2", [r2(y[sel], pred[name][sel]) for _, sel in bins.snr_slices(snr_bin, high_first=True)])
+        part["within_targets"] = np.logical_and.reduce(
+            [part[k].between(lo, hi) for k, (lo, hi) in CALIBRATION_TARGETS.items()]
+        )
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
 def _difference(key: str, runs: dict[str, list[GateRun]], log_g: np.ndarray, low_snr: np.ndarray) -> Difference:
     """The compared pair ``COMPARISONS[key]``: R^2(a) - R^2(b) per seed on its slice, and the paired bootstrap CI."""
     a, b, where = COMPARISONS[key]
@@ -406,7 +498,9 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
     started = time.time()
     dm = settings.datamodule()
     require_train_rows(dm.train_set.n_kept, MIN_TRAIN, "dual-tower", "the gate features are standardised on them")
-    fit = settings.fit_config(FAMILIES)  # its gates mix every family: each must meet --min-samples
+    # its gates mix every family: each must meet --min-samples. Every label from the one statistics pass: the
+    # every-label gate needs their experts; log g's are the same whatever other labels the fit holds
+    fit = settings.fit_config(FAMILIES, labels=EVERY_LABEL)
     prepared = prepare_families(dm, FAMILIES, fit, settings.progress)
     test = test_rows(dm)
     log_g = test["log_g"].astype(np.float64)
@@ -422,7 +516,8 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
     r2_concat = float(np.mean([r2(log_g, r.pred) for r in concat]))
     ablation, ablation_runs = _ablation(dm, prepared["phys"], settings, log_g, concat, log)
     convergence = _convergence_check(dm, prepared["phys"], settings, log_g, runs[PHYS], log)
-    towers = _tower_analysis(runs["Dual-tower logit-add"][0], dm, log_g)
+    towers = _tower_analysis(runs["Dual-tower logit-add"][0], prepared["phys"], dm, log_g)
+    every_label = _every_label(dm, fit, settings, test, concat[0], log)
     low = snr_bin <= 1
     z = (concat[0].pred - log_g) / concat[0].sigma
     concat_pred = _mean_pred(concat)
@@ -438,6 +533,7 @@ def compute(settings: ExperimentSettings) -> DualTowerResults:
         convergence=convergence,
         towers=towers,
         calibration=calibration_table(z, snr_bin),
+        every_label=every_label,
         r2_global=r2_global,
         r2_oracle=r2_oracle,
         r2_concat=r2_concat,
@@ -636,7 +732,35 @@ def sections(rep: Report, results: DualTowerResults, settings: ExperimentSetting
         "z = (predicted - true log g) / sigma on the test split; a calibrated Gaussian sigma gives z std 1, "
         "68.3% of |z| <= 1 and 95.4% of |z| <= 2.",
     )
+    rep.table(
+        "every_label",
+        results.every_label.table,
+        f"Every label ({DUAL.lower()} gate)",
+        _every_label_note(results.every_label, results.n_experts),
+    )
     _figures(rep, results)
+
+
+def _every_label_note(every: EveryLabel, n_experts: int) -> str:
+    """What the every-label table holds, how its gate was trained and its log g against the log-g-only gate."""
+    targets = CALIBRATION_TARGETS
+    delta, within = every.log_g_delta, abs(every.log_g_delta) <= LOG_G_TOLERANCE
+    return (
+        f"The {DUAL} gate over the {n_experts} physical experts trained for {', '.join(EVERY_LABEL)} at once "
+        f"(seed {every.seed}, the first only; routing {every.routing}; loss: the mean of the labels' squared "
+        f"errors on standardised labels; early stopping and the kept epoch on log g's val R^2, as every other gate: best epoch "
+        f"{every.best_epoch} of {every.epochs_run}, {every.ended}; {every.seconds:.0f} s, preparation "
+        f"{every.prepare_s:.0f} s). Its experts come from the dual tower's one expert fit, which fits every label "
+        "from the same statistics pass. Per label, on the test split: R^2 and the calibration of sigma, "
+        "z = (predicted - true) / sigma, overall and per SNR bin; within_targets: z std in "
+        f"{targets['z_std'][0]:g}–{targets['z_std'][1]:g}, |z| <= 1 for "
+        f"{targets['coverage_1sigma'][0]:.0%}–{targets['coverage_1sigma'][1]:.0%} and |z| <= 2 for "
+        f"{targets['coverage_2sigma'][0]:.0%}–{targets['coverage_2sigma'][1]:.0%}, all three. Log g: test R^2 "
+        f"{every.log_g_r2:.4f} against {every.log_g_only_r2:.4f} for the log-g-only {DUAL} gate of the same seed "
+        f"(Delta {delta:+.4f}: {'within' if within else 'NOT within'} the {LOG_G_TOLERANCE:g} a gate that "
+        "predicts every label may lose on log g). No verdict reads this table: the questions are log g's, answered "
+        "by the log-g-only gates."
+    )
 
 
 def _convergence_note(check: pd.DataFrame, quick: bool) -> str:
@@ -809,9 +933,11 @@ def _some(labels: list[str], most: int = 3) -> str:
 
 
 @torch.no_grad()
-def _tower_analysis(run: GateRun, dm: SpectraDataModule, log_g: np.ndarray) -> pd.DataFrame:
-    """How the physics and quality towers of a logit-add gate agree, and what each contributes, on the test split."""
+def _tower_analysis(run: GateRun, prepared: Prepared, dm: SpectraDataModule, log_g: np.ndarray) -> pd.DataFrame:
+    """How the physics and quality towers of a logit-add gate (trained on ``prepared``) agree, and what each
+    contributes, on the test split."""
     model = run.model.eval()
+    prepared.attach(dm)  # its gate-input caches, whichever gate ran last
     phys_parts, quality_parts, expert_parts = [], [], []
     for batch in dm.stream("test", batch_size=4096, cached=True):
         phys_features, quality_features = model.mixture.standardised_features(batch)
@@ -890,6 +1016,7 @@ class DualTower(Experiment):
             "fit": results.fit,
             "gate_training": asdict(_training(settings)),
             "convergence_check_patience_factor": LONGER,
+            "every_label_gate": {"labels": list(EVERY_LABEL), "seed": results.every_label.seed},
         }
 
 

@@ -5,6 +5,11 @@ families (one bundle, one gate-input cache per family); :func:`train_gate` fits 
 (early stopping on ``val/r2``, the best checkpoint kept) and predicts the test split with
 it. A :class:`GateRun` is the result: test predictions, weights and entropy per star, the
 best validation R^2 and how the run ended.
+
+The experiments' gates predict log g (:data:`LABELS`): their questions are about log g. Both functions take the
+labels a gate predicts, so a gate can be prepared and trained for several (the dual tower's every-label gate);
+its runs keep every label's predictions, and early stopping still watches log g's val R^2 (``GatedMoE``'s
+primary label).
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -75,7 +80,9 @@ class GateTraining:
 
 @dataclass
 class GateRun:
-    """One trained gate evaluated on the test split (N test stars, K experts)."""
+    """One trained gate evaluated on the test split (N test stars, K experts). ``pred``, ``sigma``, ``weights`` and
+    ``entropy`` are the primary label's (log g's, when the gate predicts it); ``preds`` / ``sigmas`` hold every
+    label's the gate predicts."""
 
     label: str
     fusion: str
@@ -93,6 +100,8 @@ class GateRun:
     val_history: tuple[float, ...] = ()  # val R^2 after each epoch
     lr_history: tuple[float, ...] = ()  # learning rate during each epoch (after its warm-up steps)
     seconds: float = 0.0  # wall time of the run: training, the best checkpoint's reload and the test prediction
+    preds: dict[str, np.ndarray] = field(default_factory=dict)  # label -> [N] prediction, every label predicted
+    sigmas: dict[str, np.ndarray] = field(default_factory=dict)  # label -> [N] per-star uncertainty
 
     @property
     def still_improving(self) -> bool:
@@ -165,12 +174,18 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def prepare_families(
-    dm: SpectraDataModule, families: tuple[str, ...], fit: FitConfig, progress: bool = True
+    dm: SpectraDataModule,
+    families: tuple[str, ...],
+    fit: FitConfig,
+    progress: bool = True,
+    labels: Sequence[str] = LABELS,
 ) -> dict[str, Prepared]:
-    """One :class:`Prepared` per family, all from the same fit (``fit.families`` must hold them all), for log g
-    gates (the experiments ask log g questions, whatever labels the fit holds)."""
+    """One :class:`Prepared` per family, all from the same fit (``fit.families`` must hold them all; its one
+    statistics pass fits every label of ``fit.labels``), for gates that predict ``labels`` (by default log g: the
+    experiments ask log g questions, whatever labels the fit holds). Each (family, labels) has its own gate-input
+    cache; the expert bundle is loaded, not refitted, once the fit is cached."""
     rows = min(PrepareConfig.feature_rows, dm.train_set.n_kept)
-    return {f: prepare(dm, PrepareConfig(f, fit, feature_rows=rows, labels=LABELS), progress) for f in families}
+    return {f: prepare(dm, PrepareConfig(f, fit, feature_rows=rows, labels=tuple(labels)), progress) for f in families}
 
 
 def test_rows(dm: SpectraDataModule) -> dict[str, np.ndarray]:
@@ -191,15 +206,16 @@ def train_gate(
     training: GateTraining = GateTraining(),  # noqa: B008 (frozen)
     drop_features: list[str] | None = None,
 ) -> GateRun:
-    """Train one gate over ``prepared.family`` (seeded) as ``training`` says, keep its best epoch on val R^2, predict
-    the test split."""
+    """Train one gate over ``prepared.family`` (seeded) for the labels ``prepared`` was made for (its ``labels``) as
+    ``training`` says, keep its best epoch on val R^2 (log g's when it predicts log g), predict the test split."""
     log.info(
-        "gate %-24s %-12s experts %-6s seed %d%s",
+        "gate %-24s %-12s experts %-6s seed %d%s%s",
         label,
         fusion,
         prepared.family,
         seed,
         f", without {', '.join(drop_features)}" if drop_features else "",
+        "" if tuple(prepared.labels) == LABELS else f", labels {', '.join(prepared.labels)}",
     )
     started = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
@@ -210,7 +226,7 @@ def train_gate(
         n_pixels=dm.n_pixels,
         noise_level=dm.noise_level,
         drop_features=drop_features,
-        labels=list(LABELS),
+        labels=list(prepared.labels),
         optimizer=partial(torch.optim.Adam, lr=training.lr),
         scheduler=partial(LinearWarmup, warmup_fraction=min(training.warmup_epochs / epochs, 0.5)),
     )
@@ -246,20 +262,22 @@ def train_gate(
             best_epoch = epochs_run = 0
             ckpt = None
         out = trainer.predict(model, datamodule=dm, ckpt_path=ckpt)
-    cat = {
-        k: torch.cat([o[k] for o in out]).numpy() for k in ("row", "log_g_pred", "log_g_sigma", "weights", "entropy")
-    }
-    cat["weights"], cat["entropy"] = cat["weights"][:, 0], cat["entropy"][:, 0]  # log g's: [N, K], [N]
+    labels = model.labels
+    keys = ("row", "weights", "entropy", *(f"{name}_{k}" for name in labels for k in ("pred", "sigma")))
+    cat = {k: torch.cat([o[k] for o in out]).numpy() for k in keys}
     order = np.argsort(cat["row"], kind="stable")  # stream order is file order; sort to be sure
+    primary = model.primary  # log g's index when the gate predicts it
+    preds = {name: cat[f"{name}_pred"][order] for name in labels}
+    sigmas = {name: cat[f"{name}_sigma"][order] for name in labels}
     return GateRun(
         label,
         fusion,
         prepared.family,
         seed,
-        cat["log_g_pred"][order],
-        cat["log_g_sigma"][order],
-        cat["weights"][order],
-        cat["entropy"][order],
+        preds[labels[primary]],
+        sigmas[labels[primary]],
+        cat["weights"][order, primary],  # [N, L, K] -> the primary label's [N, K]
+        cat["entropy"][order, primary],  # [N, L] -> [N]
         val_r2,
         best_epoch,
         epochs_run,
@@ -268,4 +286,6 @@ def train_gate(
         tuple(history.values),
         tuple(history.lrs),
         time.perf_counter() - started,
+        preds,
+        sigmas,
     )

@@ -18,29 +18,40 @@ observed spectrum is ``y = x + n`` with ``n ~ N(0, diag(s^2 e^2))`` (s the noise
   masked pixels (:meth:`LowRankSpectra.map_variance`). For a star without masked pixels it is the plain
   noise variance ``s^2 sum A^2 e^2``.
 - :meth:`LowRankSpectra.ood_parts`: two ways a spectrum can be unlike the training spectra, from the
-  plain least-squares coefficients ``a_ls`` on the usable pixels. ``distance``: how far its leading
-  ``n_coef`` coefficients lie from those of the nearest of the training stars ``train_coef [N, n_coef]``, in
-  units of their noise, ``min_j mean_r (a_r - t_jr)^2 / nv_r`` with ``nv_r = s^2 sum_o U_ri^2 e_i^2`` (a star
-  outside the training labels, a reversed grid, pure noise: coefficients no training star has);
-  ``chi2``: the reduced chi^2 of what the R axes leave, ``mean_o (y - mean - U^T a_ls)^2 / (resid_var +
-  s^2 e^2)`` (features no training spectrum has). :meth:`LowRankSpectra.ood_score` is the larger of the
-  two, each divided by its threshold ``ood_scale`` (set on training-like stars): above 1 is unlike them.
+  least-squares coefficients ``a`` on the usable pixels of the flux as an observation is read, clipped at 0.
+  Clipping biases a noisy pixel upwards by ``b(x) = E[max(x + n, 0)] - x = sd phi(x / sd) - x Phi(-x / sd)``
+  (``sd = s e``), a whole noise sigma where the flux is near 0 (SNR <= 2), so ``a`` is refitted
+  ``DEBIAS_STEPS`` times to the clipped flux minus ``b`` of the model's spectrum ``mean + U^T a`` (a fixed point:
+  the coefficients whose clipped model matches the clipped flux). ``distance``: how far its leading ``n_coef``
+  coefficients lie from those of the nearest of the training stars ``train_coef [N, n_coef]``, in units of
+  their noise, ``min_j mean_r (a_r - t_jr)^2 / nv_r`` with ``nv_r = s^2 sum_o U_ri^2 e_i^2`` (a star outside
+  the training labels, a reversed grid, pure noise: coefficients no training star has); ``chi2``: the reduced
+  chi^2 of what the R axes leave, ``mean_o (y - mean - U^T a)^2 / (resid_var + s^2 e^2)`` (features no
+  training spectrum has). :meth:`LowRankSpectra.ood_score` is the larger of the two, each divided by its
+  threshold for the star's SNR bin ``ood_scale[bin]`` (set on training-like stars of that bin: both parts'
+  spread under the null grows as the SNR falls): above 1 is unlike them.
 
 Shapes: B batch, D pixels, R axes, P rows of a linear map.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from moe.data.bins import N_SNR_BINS, SNR_EDGES
+
 CHUNK = 64  # masked stars per solve (bounds the [B, R, D] temporaries)
+NEIGHBOUR_CHUNK = 8192  # training stars per step of the nearest-neighbour search
+DEBIAS_STEPS = 4  # fixed-point steps that take the bias of flux clipped at 0 out of the coefficients
 
 
 class LowRankSpectra(nn.Module):
     """Buffers of the model (module docstring): ``mean [D]``, ``components [R, D]``, ``variance [R]``,
     ``resid_var [D]``, ``train_coef [N, C]`` (leading coefficients of N clean training spectra) and
-    ``ood_scale [2]`` (the thresholds of distance and chi^2)."""
+    ``ood_scale [4, 2]`` (the thresholds of distance and chi^2 per SNR bin, X L M H)."""
 
     def __init__(self, n_pixels: int, rank: int, n_train: int = 0, n_coef: int = 8):
         super().__init__()
@@ -49,7 +60,7 @@ class LowRankSpectra(nn.Module):
         self.register_buffer("variance", torch.ones(rank, dtype=torch.float64))
         self.register_buffer("resid_var", torch.zeros(n_pixels, dtype=torch.float64))
         self.register_buffer("train_coef", torch.zeros(n_train, min(n_coef, rank), dtype=torch.float64))
-        self.register_buffer("ood_scale", torch.ones(2, dtype=torch.float64))
+        self.register_buffer("ood_scale", torch.ones(N_SNR_BINS, 2, dtype=torch.float64))
 
     @property
     def rank(self) -> int:
@@ -60,22 +71,43 @@ class LowRankSpectra(nn.Module):
         v = self.resid_var + noise_level**2 * error.double().square()
         return v.clamp_min(1e-12)
 
+    def _coefficients(self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float):
+        """Least-squares coefficients [B, R] of flux clipped at 0 on its usable pixels, the clipping's bias
+        taken out (module docstring), and the centred flux [B, D] they were fitted to (0 where masked)."""
+        u = self.components
+        clipped = torch.where(usable, flux.double().clamp_min(0.0), 0.0)
+        sd = (noise_level * error.double()).clamp_min(1e-12)
+        partial = ~usable.all(1)
+        pinv = None
+        if partial.any():  # U_o U_o^T = I - U_m U_m^T is not the identity: solve
+            m = (~usable[partial]).double()
+            eye = torch.eye(self.rank, dtype=u.dtype, device=u.device)
+            pinv = torch.linalg.pinv(eye - torch.einsum("rd,bd,qd->brq", u, m, u))
+
+        def fit(y: torch.Tensor) -> torch.Tensor:
+            coef = y @ u.T
+            if pinv is not None:
+                coef[partial] = (pinv @ coef[partial][..., None])[..., 0]
+            return coef
+
+        y = torch.where(usable, clipped - self.mean, 0.0)
+        coef = fit(y)
+        for _ in range(DEBIAS_STEPS):
+            x = self.mean + coef @ u  # the model's clean spectrum
+            z = x / sd
+            bias = sd * torch.exp(-0.5 * z.square()) / math.sqrt(2 * math.pi) - x * torch.special.ndtr(-z)
+            y = torch.where(usable, clipped - bias - self.mean, 0.0)
+            coef = fit(y)
+        return coef, y
+
     @torch.no_grad()
     def ood_parts(
         self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``distance`` and ``chi2`` [B] (float64; module docstring) of flux [B, D] (error [B, D]) on its
         ``usable`` pixels [B, D] (bool); NaN without usable pixels."""
-        y = torch.where(usable, flux.double() - self.mean, 0.0)
         u = self.components
-        rhs = y @ u.T  # [B, R]
-        coef = rhs.clone()
-        partial = ~usable.all(1)
-        if partial.any():  # U_o U_o^T = I - U_m U_m^T is not the identity: solve
-            m = (~usable[partial]).double()
-            gram = torch.eye(self.rank, dtype=u.dtype, device=u.device) - torch.einsum("rd,bd,qd->brq", u, m, u)
-            gram = gram + 1e-9 * torch.eye(self.rank, dtype=u.dtype, device=u.device)
-            coef[partial] = torch.linalg.lstsq(gram, rhs[partial][..., None]).solution[..., 0]
+        coef, y = self._coefficients(flux, error, usable, noise_level)
         resid = torch.where(usable, y - coef @ u, 0.0)
         n = usable.sum(1)
         err2 = torch.where(usable, noise_level**2 * error.double().square(), 0.0)
@@ -84,19 +116,25 @@ class LowRankSpectra(nn.Module):
         a = coef[:, :c]
         w = 1.0 / (err2 @ u[:c].square().T).clamp_min(1e-12)  # [B, C] inverse noise variance of each coefficient
         t = self.train_coef
-        dist = (w * a.square()).sum(1, keepdim=True) - 2.0 * (w * a) @ t.T + w @ t.square().T  # [B, N]
-        distance = dist.amin(1).clamp_min(0) / c if len(t) else torch.zeros_like(chi2)
+        distance = torch.zeros_like(chi2)
+        for lo in range(0, len(t), NEIGHBOUR_CHUNK):  # bounds the [B, N] temporary
+            tc = t[lo : lo + NEIGHBOUR_CHUNK]
+            dist = (w * a.square()).sum(1, keepdim=True) - 2.0 * (w * a) @ tc.T + w @ tc.square().T
+            near = dist.amin(1).clamp_min(0) / c
+            distance = near if lo == 0 else torch.minimum(distance, near)
         none = n == 0
         return torch.where(none, torch.nan, distance), torch.where(none, torch.nan, chi2)
 
     @torch.no_grad()
     def ood_score(
-        self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float
+        self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float, snr: torch.Tensor
     ) -> torch.Tensor:
-        """``max(distance / ood_scale[0], chi2 / ood_scale[1])`` [B] (float32): above 1 is unlike the training
-        spectra; NaN without usable pixels."""
+        """``max(distance / ood_scale[b, 0], chi2 / ood_scale[b, 1])`` [B] (float32) with ``b`` the SNR bin of
+        ``snr`` [B]: above 1 is unlike the training spectra of that SNR; NaN without usable pixels."""
         distance, chi2 = self.ood_parts(flux, error, usable, noise_level)
-        return torch.maximum(distance / self.ood_scale[0], chi2 / self.ood_scale[1]).float()
+        edges = torch.tensor(SNR_EDGES, dtype=torch.float64, device=flux.device)
+        scale = self.ood_scale[torch.searchsorted(edges, snr.double().contiguous(), right=False)]
+        return torch.maximum(distance / scale[:, 0], chi2 / scale[:, 1]).float()
 
     @torch.no_grad()
     def impute(

@@ -24,8 +24,8 @@ class CatalogueWriter(BasePredictionWriter):
     (``objid``, ``mag``, ... when present), ``snr``, ``snr_bin``, per label ``<label>_pred``, ``<label>_sigma``,
     the gate weights ``w_<expert>`` (shared routing; ``w_<label>_<expert>`` with one set per label), each expert's
     prediction of each label ``pred_<label>_<expert>``, ``<label>_true`` when the shards carry labels (outside the
-    training range too), ``n_masked``, ``ood_score`` and ``flags``
-    (:class:`moe.catalogue.flags.CatalogueFlag`). CSV (meanings in a ``.meta.json`` sidecar), an HDF5 table
+    training range too), per label ``<label>_edge`` (bool: the labels that set ``LABEL_EDGE``), ``n_masked``,
+    ``ood_score`` and ``flags`` (:class:`moe.catalogue.flags.CatalogueFlag`). CSV (meanings in a ``.meta.json`` sidecar), an HDF5 table
     readable with ``pandas.read_hdf(path)`` when ``output`` ends in ``.h5``, or a FITS binary table with units,
     descriptions and provenance when it ends in ``.fits`` (:mod:`moe.catalogue.writers`). Written to a
     temporary name (stale ones of interrupted runs removed first) and renamed when prediction ends; a write
@@ -102,6 +102,7 @@ class CatalogueWriter(BasePredictionWriter):
             self._labelled = any(bool(np.isfinite(p[f"{label}_true"]).any()) for label in labels)
         if self._labelled:
             cols |= {f"{label}_true": p[f"{label}_true"] for label in labels}
+        cols |= {f"{label}_edge": p[f"{label}_edge"].astype(bool) for label in labels}
         cols |= {
             "n_masked": p["n_masked"].astype(np.int32),
             "ood_score": p["ood_score"],
@@ -159,8 +160,9 @@ def provenance(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         out["predicted"] = ", ".join(str(Path(p).resolve()) for p in paths) if paths else "the test split"
     if ref is not None:
         out["ood_threshold"] = float(ref.ood_threshold)
-        out["ood_distance_scale"] = float(ref.spectra.ood_scale[0])
-        out["ood_chi2_scale"] = float(ref.spectra.ood_scale[1])
+        for name, (distance, chi2) in zip(bins.SNR_BIN_NAMES, ref.spectra.ood_scale.tolist()):
+            out[f"ood_distance_scale_{name}"] = float(distance)
+            out[f"ood_chi2_scale_{name}"] = float(chi2)
         for label, (lo, hi) in ref.label_ranges.items():
             out[f"train_{label}_range"] = f"[{lo:.6g}, {hi:.6g}]"
     return out

@@ -17,7 +17,7 @@ import torch
 
 from moe.data.synth import SynthConfig
 from moe.experts.bundle import ExpertsMismatchError
-from moe.gates.fusions import default_family
+from moe.gates.fusions import default_family, stack_label_gates
 from moe.gates.sigma_map import N_CELLS
 
 RUNS_DIR = "lightning_logs"
@@ -123,6 +123,7 @@ def upgrade_state(state: dict) -> None:
     for name in ("ref", "power"):  # saved before the power map: the plain factor
         if scale is not None and f"mixture.calibration.{name}" not in state:
             state[f"mixture.calibration.{name}"] = torch.ones_like(scale)
+    stack_label_gates(state, "mixture.gate.")  # per-label gates saved as L networks before the grouped layers
     if "mixture.experts.weight" in state and state["mixture.experts.weight"].ndim == 2:  # before the label axis
         for name in ("experts", "global_expert"):  # [K, D] -> [K, 1, D], [K] -> [K, 1]: log g alone
             for part in ("weight", "bias"):
@@ -144,6 +145,49 @@ def upgrade_state(state: dict) -> None:
         n_labels, n_bins = scale.shape
         state["mixture.calibration.cell_edges"] = scale.new_full((n_labels, n_bins, N_CELLS - 1), float("inf"))
         state["mixture.calibration.cell_scale"] = scale.new_ones(n_labels, n_bins, N_CELLS)
+
+
+def stack_label_gate_moments(checkpoint: dict, names: list[str], prefix: str = "mixture.gate.") -> None:
+    """A checkpoint's optimiser state saved with per-label gates as L networks (``<prefix>gates.<l>.*``, before
+    the grouped layers) made the grouped gate's, in place, so such a run resumes: ``names`` are this model's
+    trainable parameters in the optimiser's order (the gate's contiguous); each grouped parameter's state (Adam's
+    moments) is the L networks' stacked as its weights are (:func:`~moe.gates.fusions.stack_label_gates`), a step
+    count the first network's. Call before :func:`upgrade_state` (which renames the weights); a checkpoint of
+    another layout, or an optimiser state that does not match it, is left as it is."""
+    head = prefix + "gates."
+    saved = [k[len(head) :].split(".", 1)[0] for k in checkpoint.get("state_dict", {}) if k.startswith(head)]
+    if not saved or not all(i.isdigit() for i in saved):
+        return
+    n = 1 + max(map(int, saved))
+    gate = [i for i, name in enumerate(names) if name.startswith(prefix)]
+    if not gate or gate != list(range(gate[0], gate[0] + len(gate))):
+        return
+    first, width = gate[0], len(gate)
+
+    def old_position(j: int, label: int = 0) -> int:  # where parameter j of this model sat in the L-network layout
+        if j < first:
+            return j
+        if j < first + width:
+            return first + label * width + (j - first)
+        return j + (n - 1) * width
+
+    for opt in checkpoint.get("optimizer_states", []):
+        groups = opt.get("param_groups", [])
+        if len(groups) != 1 or len(groups[0]["params"]) != len(names) + (n - 1) * width:
+            continue
+        ids, state = groups[0]["params"], opt.get("state", {})
+        new_state = {}
+        for j in range(len(names)):
+            labels = range(n) if first <= j < first + width else range(1)
+            parts = [state.get(ids[old_position(j, label)]) for label in labels]
+            if any(p is None for p in parts):  # a parameter that never had a step
+                continue
+            new_state[j] = {
+                key: torch.stack([p[key] for p in parts]) if len(parts) > 1 and key != "step" else value
+                for key, value in parts[0].items()
+            }
+        opt["state"] = new_state
+        groups[0]["params"] = list(range(len(names)))
 
 
 def check_state_fits(model: torch.nn.Module, state: dict, source: str | os.PathLike) -> None:

@@ -2,7 +2,8 @@
 
 ``y_l = sum_k w_lk(phys, qual) * expert_kl(noisy flux)`` for every label l (``labels``: log g, T_eff, [M/H],
 ...), with one set of routing weights for all labels (``routing="shared"``: w_lk = w_k) or one per label
-(``routing="per_label"``: a gate network per label, :class:`~moe.gates.fusions.PerLabelGates`). Targets and the variance head work on
+(``routing="per_label"``: a gate network per label, run side by side as one grouped network,
+:mod:`moe.gates.fusions`). Targets and the variance head work on
 standardised labels (``label_mean``, ``label_std``: the training split's); predictions and sigma are in the
 label's units. And sigma, the per-star uncertainty of each label:
 
@@ -47,7 +48,7 @@ from moe.features import PHYSICS_NAMES, QUALITY_NAMES, PhysicsFeatures, Standard
 from moe.features.gate_inputs import NOISE_KEYS, gate_features, projection_map, row_inputs
 from moe.gates.calibration import SigmaCalibration
 from moe.gates.error_correlation import pair_names
-from moe.gates.fusions import FUSIONS, PerLabelGates, build_gate, mlp
+from moe.gates.fusions import FUSIONS, LearnedGate, build_gate, mlp
 from moe.gates.metrics import gate_entropy
 from moe.prepare import Prepared
 
@@ -142,12 +143,9 @@ class GatedMixture(nn.Module):
         self.physics = PhysicsFeatures(n_pixels)
         self.phys_scaler = Standardizer(len(PHYSICS_NAMES))
         self.qual_scaler = Standardizer(len(QUALITY_NAMES))
-        self.gate = build_gate(fusion, len(PHYSICS_NAMES), len(QUALITY_NAMES), k)
-        learned = any(p.requires_grad for p in self.gate.parameters())
-        if routing == "per_label" and learned and n_labels > 1:  # each label its own gate network
-            self.gate = PerLabelGates(
-                [self.gate] + [build_gate(fusion, len(PHYSICS_NAMES), len(QUALITY_NAMES), k) for _ in self.labels[1:]]
-            )
+        networks = n_labels if routing == "per_label" else 1  # each label its own gate network
+        self.gate = build_gate(fusion, len(PHYSICS_NAMES), len(QUALITY_NAMES), k, groups=networks)
+        learned = isinstance(self.gate, LearnedGate)
         # [phys, qual, per label: log noise variance, log expert disagreement, prediction] -> log model-error
         # variance of each label (standardised units)
         self.variance_head = (

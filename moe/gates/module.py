@@ -32,7 +32,7 @@ from moe.experts.fit import FitConfig, NoiseMode
 from moe.experts.groups import Family
 from moe.experts.ridge import DEFAULT_ALPHAS
 from moe.gates.callbacks import ValidationFigures
-from moe.gates.checkpoints import check_checkpoint
+from moe.gates.checkpoints import check_checkpoint, stack_label_gate_moments
 from moe.gates.fusions import Fusion, ProductGate, default_family
 from moe.gates.metrics import SplitMetrics, label_key
 from moe.gates.mixture import GatedMixture, MoEOutput, Routing
@@ -178,6 +178,8 @@ class GatedMoE(pl.LightningModule):
         checkpoint["moe_data_fingerprint"] = self.data_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainable = [name for name, p in self.named_parameters() if p.requires_grad]  # the optimiser's order
+        stack_label_gate_moments(checkpoint, trainable)  # per-label gates saved as L networks: resumable
         check_checkpoint(self, checkpoint, "the checkpoint", self.data_fingerprint)
         self.data_fingerprint = checkpoint.get("moe_data_fingerprint") or self.data_fingerprint
 
@@ -209,8 +211,20 @@ class GatedMoE(pl.LightningModule):
         self.log("train/loss", losses["loss"], batch_size=out.pred.shape[0], prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=out.pred.shape[0])
         gate = self.mixture.gate
-        if isinstance(gate, ProductGate):
-            self.log_dict({"train/beta": gate.beta, "train/gamma": gate.gamma}, batch_size=out.pred.shape[0])
+        if isinstance(gate, ProductGate):  # the exponents: one pair, or one per label (per-label routing)
+            exponents = {"beta": gate.beta, "gamma": gate.gamma}
+            if gate.beta.dim() == 0:
+                self.log_dict({f"train/{k}": v for k, v in exponents.items()}, batch_size=out.pred.shape[0])
+            else:
+                self.log_dict(
+                    {
+                        f"train/{label_key(k, name)}": v[i]
+                        for k, v in exponents.items()
+                        for i, name in enumerate(self.labels)
+                    }
+                    | {f"train/{k}": v[self.primary] for k, v in exponents.items()},
+                    batch_size=out.pred.shape[0],
+                )
         return losses["loss"] if losses["loss"].requires_grad else None
 
     def _eval_step(self, batch: dict, metrics: torch.nn.ModuleList, prefix: str) -> MoEOutput:

@@ -5,9 +5,11 @@ training labels' ranges, built once per dataset and cached.
   spectra (whole blocks drawn at random, the same rows in every run): their mean, the top principal axes
   (``torch.svd_lowrank``) with the variance of each star's coefficient, each pixel's variance left over,
   and the leading ``N_COEF`` coefficients of those spectra (the OOD distance's neighbours);
-- the OOD thresholds, from the validation split's pre-noised spectra -- stars of the training distribution
-  the model was not fitted on: chi^2's at its 99.9 % quantile, the distance's such that 0.5 % of those stars
-  exceed one or the other (``ood_score > 1``);
+- the OOD thresholds per SNR bin, from stars of the training distribution the model was not fitted on -- the
+  validation split's pre-noised spectra and up to ``CAL_ROWS`` training rows outside the fit, noised with a
+  fixed seed, each clipped at 0 as an observation is and binned by its observed SNR: chi^2's at its 99.9 %
+  quantile, the distance's such that 0.5 % of the bin's stars exceed one or the other (``ood_score > 1``); a
+  bin with fewer than ``MIN_BIN_ROWS`` such stars (tiny datasets) takes the thresholds of all of them;
 - the range ``[min, max]`` of every label in the training parameter tables (``LABEL_EDGE``).
 
 Cached as ``reference_<key>.npz`` beside the expert bundles, keyed by the data fingerprint and the settings;
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from moe.data.bins import N_SNR_BINS, SNR_EDGES
 from moe.data.folder import SpectraFolder
 from moe.data.shards import LABEL_COLUMNS, read_params
 from moe.features.lowrank import LowRankSpectra
@@ -34,13 +37,16 @@ from moe.shared.atomic import AtomicFile
 
 log = logging.getLogger(__name__)
 
-REFERENCE_VERSION = 2
+REFERENCE_VERSION = 3
 OOD_SHARE = 0.005  # share of training-like stars above the OOD threshold
 CHI2_SHARE = 0.001  # of which above the chi^2 threshold
 N_COEF = 8  # leading coefficients the OOD distance compares
 RANK = 32
 FIT_ROWS = 16_384
 FIT_SEED = 21
+CAL_ROWS = 16_384  # training rows outside the fit that set the OOD thresholds (with the validation split)
+CAL_SEED = 22  # their noise
+MIN_BIN_ROWS = 400  # an SNR bin with fewer calibration stars takes the thresholds of all of them
 
 
 @dataclass
@@ -63,6 +69,9 @@ def _key(folder: SpectraFolder, rank: int, fit_rows: int) -> dict:
         "ood_share": OOD_SHARE,
         "chi2_share": CHI2_SHARE,
         "n_coef": N_COEF,
+        "cal_rows": CAL_ROWS,
+        "cal_seed": CAL_SEED,
+        "min_bin_rows": MIN_BIN_ROWS,
     }
 
 
@@ -126,7 +135,10 @@ def _load(path: Path, key: dict, n_pixels: int) -> CatalogueReference | None:
 def build(folder: SpectraFolder, rank: int = RANK, fit_rows: int = FIT_ROWS) -> CatalogueReference:
     """Fit the low-rank model, set the OOD threshold and read the label ranges (module docstring)."""
     stream = folder.stream("train", shuffle=False, batch_size=4096)
-    flux = torch.cat([b["flux"] for b in stream.sample_batches(fit_rows, FIT_SEED)])[:fit_rows].double()
+    batches = list(stream.sample_batches(fit_rows, FIT_SEED))
+    flux = torch.cat([b["flux"] for b in batches])[:fit_rows].double()
+    fit_ids = {int(r) for r in torch.cat([b["row"] for b in batches])[:fit_rows]}
+    del batches
     mean = flux.mean(0)
     flux -= mean
     q = min(rank + 10, *flux.shape)
@@ -143,17 +155,54 @@ def build(folder: SpectraFolder, rank: int = RANK, fit_rows: int = FIT_ROWS) -> 
     spectra.resid_var.copy_(resid_var)
     spectra.train_coef.copy_(flux @ comps[: spectra.train_coef.shape[1]].T)
     del flux, resid
-    parts = []
-    for batch in folder.stream("val", batch_size=1024).all_batches():
-        usable = torch.ones_like(batch["flux"], dtype=torch.bool)
-        parts.append(torch.stack(spectra.ood_parts(batch["flux"], batch["error"], usable, folder.noise_level), 1))
-    distance, chi2 = torch.cat(parts).numpy().T
+    distance, chi2, snr = calibration_parts(folder, spectra, fit_ids, fit_rows)
+    scale = ood_thresholds(distance, chi2)
+    bins = np.searchsorted(np.asarray(SNR_EDGES), snr, side="left")
+    for b in range(N_SNR_BINS):
+        if (bins == b).sum() >= MIN_BIN_ROWS:
+            scale[b] = ood_thresholds(distance[bins == b], chi2[bins == b])[0]
+    spectra.ood_scale.copy_(torch.from_numpy(scale))
+    threshold = 1.0  # ood_score is in units of the thresholds
+    return CatalogueReference(spectra, threshold, training_label_ranges(folder), folder.fingerprint_hash())
+
+
+def ood_thresholds(distance: np.ndarray, chi2: np.ndarray) -> np.ndarray:
+    """[N_SNR_BINS, 2] thresholds (every row the same) of distance and chi^2 such that ``CHI2_SHARE`` of the
+    stars exceed chi^2's and ``OOD_SHARE`` one or the other."""
     t_chi2 = float(np.quantile(chi2, 1 - CHI2_SHARE))
     rest = distance[chi2 <= t_chi2]
     t_distance = float(np.quantile(rest, 1 - (OOD_SHARE - CHI2_SHARE) * len(chi2) / max(len(rest), 1)))
-    spectra.ood_scale.copy_(torch.tensor([t_distance, t_chi2], dtype=torch.float64))
-    threshold = 1.0  # ood_score is in units of the thresholds
-    return CatalogueReference(spectra, threshold, training_label_ranges(folder), folder.fingerprint_hash())
+    return np.tile([t_distance, t_chi2], (N_SNR_BINS, 1))
+
+
+@torch.no_grad()
+def calibration_parts(
+    folder: SpectraFolder, spectra: LowRankSpectra, fit_ids: set[int], fit_rows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OOD distance, chi^2 and SNR [M] of stars of the training distribution the model was not fitted on: the
+    validation split's pre-noised spectra and up to ``CAL_ROWS`` training rows outside the fit (noise drawn with
+    ``CAL_SEED``), each clipped at 0 as an observation is on load, its SNR that of an observation."""
+    s = folder.noise_level
+    train = folder.stream("train", shuffle=False, batch_size=4096).sample_batches(fit_rows + CAL_ROWS, FIT_SEED)
+    gen = torch.Generator().manual_seed(CAL_SEED)
+    parts = []
+
+    def add(flux: torch.Tensor, error: torch.Tensor) -> None:
+        flux = flux.clamp_min(0.0)
+        usable = torch.ones_like(flux, dtype=torch.bool)
+        distance, chi2 = spectra.ood_parts(flux, error, usable, s)
+        y2, e2 = flux.double().square().sum(1), (s * error.double()).square().sum(1).clamp_min(1e-30)
+        parts.append(torch.stack([distance, chi2, (y2 / e2 - 1).clamp_min(0).sqrt()], 1))
+
+    for batch in train:  # the fit sample's blocks come first in this larger sample: skip the fitted rows
+        keep = torch.tensor([int(r) not in fit_ids for r in batch["row"]], dtype=torch.bool)
+        if keep.any():
+            flux, error = batch["flux"][keep], batch["error"][keep]
+            add(flux + s * error * torch.randn(flux.shape, generator=gen, dtype=flux.dtype), error)
+    for batch in folder.stream("val", batch_size=1024).all_batches():
+        add(batch["flux"], batch["error"])
+    distance, chi2, snr = torch.cat(parts).numpy().T
+    return distance, chi2, snr
 
 
 def training_label_ranges(folder: SpectraFolder) -> dict[str, tuple[float, float]]:
