@@ -546,6 +546,10 @@ def test_many_trainers_print_their_hardware_once_and_no_temporary_restores(caplo
             cuda.info(visible)
             rank_zero.info("Restoring states from the checkpoint path at /tmp/tmpabc/epoch=2-step=9.ckpt")
             rank_zero.info("Loaded model weights from the checkpoint at /tmp/tmpabc/epoch=2-step=9.ckpt")
+            rank_zero.info(  # the gate's trainer predicts after it fits (as Lightning words it)
+                "The following callbacks returned in `LightningModule.configure_callbacks` will override existing "
+                "callbacks passed to Trainer: ValidationFigures"
+            )
         rank_zero.info("`Trainer.fit` stopped: `max_epochs=3` reached.")
     assert [r.getMessage() for r in caplog.records] == [gpu, visible, "`Trainer.fit` stopped: `max_epochs=3` reached."]
 

@@ -33,7 +33,9 @@ def quiet_lightning() -> None:
 class _OncePerProcess(logging.Filter):
     """Lets each of the trainer's hardware lines ("GPU available: ...", "LOCAL_RANK: 0 -
     CUDA_VISIBLE_DEVICES: [0]") through once, and drops the lines about restoring a run's own best
-    checkpoint from its temporary folder."""
+    checkpoint from its temporary folder and Lightning's note that the module's callbacks replace the
+    trainer's: a gate's trainer predicts after it fits, and at predict the module's own callback
+    (``ValidationFigures``, attached at fit) only replaces itself."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,7 +43,13 @@ class _OncePerProcess(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message.startswith(("Restoring states from the checkpoint", "Loaded model weights from the checkpoint")):
+        if message.startswith(
+            (
+                "Restoring states from the checkpoint",
+                "Loaded model weights from the checkpoint",
+                "The following callbacks returned in `LightningModule.configure_callbacks` will override",
+            )
+        ):
             return False
         if message.startswith(("GPU available", "TPU available", "LOCAL_RANK:")):
             if message in self.seen:
