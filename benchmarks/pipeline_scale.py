@@ -42,9 +42,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 STEPS = ("generate", "experts", "caches", "ranks", "gate", "predict", "catalogue", "masked")
@@ -127,27 +124,10 @@ def uptime() -> str:
 
 def compare(data: Path, other: Path) -> dict:
     """The experts and gate-input caches prepared in ``other`` against the 1-rank ones in ``data``."""
-    from moe.experts.bundle import ExpertBundle
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from prepare_ranks import compare_prepared
 
-    a, b = (ExpertBundle.load(next((root / "experts").glob("experts-*.pt"))) for root in (data, other))
-    out = {"weight_rel": 0.0, "alpha_equal": True, "caches": 0, "cache_rel": 0.0}
-    for label, fams in a.fits.items():
-        for fam, fa in fams.items():
-            wa, wb = fa.weight, b.fits[label][fam].weight
-            out["weight_rel"] = max(out["weight_rel"], float(np.abs(wa - wb).max() / np.abs(wa).max()))
-            out["alpha_equal"] &= bool(np.array_equal(fa.alpha, b.fits[label][fam].alpha))
-    for path in sorted(data.glob("*/gate_inputs_*.h5")):
-        prefix, _, rows = path.name.rsplit("_", 2)  # the map key in the middle differs with the experts' last bits
-        twin = next((other / path.parent.name).glob(f"{prefix}_*_{rows}"), None)
-        if twin is None:
-            continue
-        out["caches"] += 1
-        with h5py.File(path, "r") as f, h5py.File(twin, "r") as g:
-            for name in f:
-                x, y = f[name][:20000].astype(np.float64), g[name][:20000].astype(np.float64)
-                scale = max(float(np.abs(x).max()), 1e-30)
-                out["cache_rel"] = max(out["cache_rel"], float(np.abs(x - y).max() / scale))
-    return out
+    return compare_prepared(data / "experts", other / "experts", data, other)
 
 
 def main() -> None:

@@ -98,18 +98,28 @@ def command(step: str, data: Path, ranks: int) -> list[str]:
 
 def compare(data: Path, one: int, other: int) -> dict:
     """The ``other``-rank experts and gate-input caches against the ``one``-rank ones."""
-    a, b = (ExpertBundle.load(next((data / f"experts.{n}").glob("experts-*.pt"))) for n in (one, other))
-    out = {"weight_rel": 0.0, "alpha_equal": True, "cache_rel": 0.0}
+    return compare_prepared(
+        data / f"experts.{one}", data / f"experts.{other}", data / f"caches.{one}", data / f"caches.{other}"
+    )
+
+
+def compare_prepared(experts_a: Path, experts_b: Path, caches_a: Path, caches_b: Path) -> dict:
+    """The expert bundle in ``experts_b`` and the gate-input caches under ``caches_b`` (one folder per split) against
+    those of ``experts_a`` / ``caches_a``: the largest relative weight difference, whether every alpha is the same,
+    how many caches had a twin and their largest relative difference (first 20000 rows)."""
+    a, b = (ExpertBundle.load(next(folder.glob("experts-*.pt"))) for folder in (experts_a, experts_b))
+    out = {"weight_rel": 0.0, "alpha_equal": True, "caches": 0, "cache_rel": 0.0}
     for label, fams in a.fits.items():
         for fam, fa in fams.items():
             wa, wb = fa.weight, b.fits[label][fam].weight
             out["weight_rel"] = max(out["weight_rel"], float(np.abs(wa - wb).max() / np.abs(wa).max()))
             out["alpha_equal"] &= bool(np.array_equal(fa.alpha, b.fits[label][fam].alpha))
-    for path in sorted((data / f"caches.{one}").glob("*/gate_inputs_*.h5")):
+    for path in sorted(caches_a.glob("*/gate_inputs_*.h5")):
         prefix, _, rows = path.name.rsplit("_", 2)  # the map key in the middle differs with the experts' last bits
-        twin = next((data / f"caches.{other}" / path.parent.name).glob(f"{prefix}_*_{rows}"), None)
+        twin = next((caches_b / path.parent.name).glob(f"{prefix}_*_{rows}"), None)
         if twin is None:
             continue
+        out["caches"] += 1
         with h5py.File(path, "r") as f, h5py.File(twin, "r") as g:
             for name in f:
                 x, y = f[name][:20000].astype(np.float64), g[name][:20000].astype(np.float64)
