@@ -129,7 +129,7 @@ def ood_shares(shards: dict[tuple[str, str], Path], data: str, noise_level: floa
             flux, error, usable = read_observed(path, lo, min(lo + 1024, n))
             snr = observed_snr(flux, error, usable, noise_level)
             t = (torch.from_numpy(flux), torch.from_numpy(error), torch.from_numpy(usable))
-            scores.append(ref.spectra.ood_score(*t, noise_level, torch.from_numpy(snr)).numpy())
+            scores.append(ref.spectra.ood_score(*t, noise_level, torch.from_numpy(snr_bin(snr))).numpy())
             snrs.append(snr)
         ood, bins = np.concatenate(scores) > ref.ood_threshold, snr_bin(np.concatenate(snrs))
         per = " / ".join(f"{ood[bins == b].mean():.1%}" if (bins == b).any() else "-" for b in (3, 2, 1, 0))

@@ -15,6 +15,7 @@ from helpers import predict_catalogue
 
 from moe.catalogue.flags import CatalogueFlag, describe
 from moe.catalogue.predict import flag_word, label_edges
+from moe.data.bins import snr_bin
 from moe.data.shards import (
     MASK_KEY,
     ShardError,
@@ -107,7 +108,7 @@ def test_ood_parts_against_numpy_lstsq_and_a_nearest_neighbour_search():
         nv = sd**2 @ (u[:, :2] ** 2)
         brute = min(np.mean((coef[:2] - t) ** 2 / nv) for t in model.train_coef.numpy())
         np.testing.assert_allclose(distance[i], brute, rtol=1e-6)
-    snr = torch.tensor([1.5, 7.5])  # bins X and H
+    snr = torch.from_numpy(snr_bin(np.array([1.5, 7.5])))  # bins X and H
     score = model.ood_score(flux, error, usable, s, snr).numpy()
     np.testing.assert_allclose(score, np.maximum(distance / [3.0, 0.5], chi2 / [1.5, 1.05]), rtol=1e-6)
     nothing = model.ood_score(flux, error, torch.zeros(2, d, dtype=torch.bool), s, snr)

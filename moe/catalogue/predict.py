@@ -92,7 +92,7 @@ def catalogue_rows(mixture, batch: dict, reference) -> dict[str, torch.Tensor]:
     k, n = mixture.experts.n_experts, len(mixture.labels)
     noise_var = var[:, : k * n].unflatten(1, (k, n)).to(flux.dtype)  # [B, K, L]
     out = mixture.mix(mixture.mix_inputs(batch | {"flux": filled}, noise_var=noise_var))
-    ood = spectra.ood_score(flux, error, usable, noise_level, batch["snr"])
+    ood = spectra.ood_score(flux, error, usable, noise_level, batch["snr_bin"])
     masked = ~usable
     windows = window_masks(mixture.physics).to(flux.dtype)
     window_share = (masked.to(flux.dtype) @ windows.T / windows.sum(1)).amax(1)

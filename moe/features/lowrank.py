@@ -41,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from moe.data.bins import N_SNR_BINS, SNR_EDGES
+from moe.data.bins import N_SNR_BINS
 
 CHUNK = 64  # masked stars per solve (bounds the [B, R, D] temporaries)
 NEIGHBOUR_CHUNK = 8192  # training stars per step of the nearest-neighbour search
@@ -127,13 +127,18 @@ class LowRankSpectra(nn.Module):
 
     @torch.no_grad()
     def ood_score(
-        self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float, snr: torch.Tensor
+        self,
+        flux: torch.Tensor,
+        error: torch.Tensor,
+        usable: torch.Tensor,
+        noise_level: float,
+        snr_bin: torch.Tensor,
     ) -> torch.Tensor:
-        """``max(distance / ood_scale[b, 0], chi2 / ood_scale[b, 1])`` [B] (float32) with ``b`` the SNR bin of
-        ``snr`` [B]: above 1 is unlike the training spectra of that SNR; NaN without usable pixels."""
+        """``max(distance / ood_scale[b, 0], chi2 / ood_scale[b, 1])`` [B] (float32) with ``b`` the star's SNR bin
+        ``snr_bin`` [B] (:func:`moe.data.bins.snr_bin`, as the batches carry it): above 1 is unlike the training
+        spectra of that SNR; NaN without usable pixels."""
         distance, chi2 = self.ood_parts(flux, error, usable, noise_level)
-        edges = torch.tensor(SNR_EDGES, dtype=torch.float64, device=flux.device)
-        scale = self.ood_scale[torch.searchsorted(edges, snr.double().contiguous(), right=False)]
+        scale = self.ood_scale[torch.as_tensor(snr_bin, device=self.ood_scale.device).long()]
         return torch.maximum(distance / scale[:, 0], chi2 / scale[:, 1]).float()
 
     @torch.no_grad()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from moe.data.bins import N_SNR_BINS, SNR_EDGES
+from moe.data.bins import N_SNR_BINS, snr_bin
 from moe.data.folder import SpectraFolder
 from moe.data.shards import LABEL_COLUMNS, read_params
 from moe.features.lowrank import LowRankSpectra
@@ -157,7 +157,7 @@ def build(folder: SpectraFolder, rank: int = RANK, fit_rows: int = FIT_ROWS) -> 
     del flux, resid
     distance, chi2, snr = calibration_parts(folder, spectra, fit_ids, fit_rows)
     scale = ood_thresholds(distance, chi2)
-    bins = np.searchsorted(np.asarray(SNR_EDGES), snr, side="left")
+    bins = snr_bin(snr)
     for b in range(N_SNR_BINS):
         if (bins == b).sum() >= MIN_BIN_ROWS:
             scale[b] = ood_thresholds(distance[bins == b], chi2[bins == b])[0]
