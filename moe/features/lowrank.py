@@ -182,8 +182,9 @@ class LowRankSpectra(nn.Module):
         return self._cached("axes", self.components, lambda u: (u[:, None] * u[None]).flatten(0, 1).contiguous())
 
     def _cached(self, name: str, tensor: torch.Tensor, make):
-        """``make(tensor.double())``, kept per ``name`` for the last ``tensor`` (by content)."""
-        key = hashlib.blake2b(tensor.detach().cpu().double().numpy().tobytes(), digest_size=16).digest()
+        """``make(tensor.double())``, kept per ``name`` for the last ``tensor`` (by content and device)."""
+        digest = hashlib.blake2b(tensor.detach().cpu().double().numpy().tobytes(), digest_size=16).digest()
+        key = (digest, str(tensor.device), str(self.components.device))
         cache = self.__dict__.setdefault("_products", {})
         if name not in cache or cache[name][0] != key:
             cache[name] = (key, make(tensor.double()))
@@ -204,7 +205,8 @@ class LowRankSpectra(nn.Module):
         a_hat = torch.cholesky_solve(rhs[..., None], chol)[..., 0]
         filled = torch.where(usable, y, mean + a_hat @ u)
         g = _masked_product(u, maps.double(), ~usable)  # U_m A_m^T [b, R, P]
-        # U_o diag(s^2 e^2 / v) A_o^T [b, R, P], the largest product here: float32 (1e-6 relative, measured)
+        # U_o diag(s^2 e^2 / v) A_o^T [b, R, P], the largest product here, in float32: it enters through the cross
+        # term only, and its rounding moves the variance by ~5e-10 relative (benchmarks/README.md)
         h = ((o * err2 / v).float() @ axes_maps32.T).view(b, r, p).double()
         sg = torch.cholesky_solve(g, chol)  # Sigma_a g
         unknown = (g * sg).sum(1)  # g^T Sigma_a g [b, P]
