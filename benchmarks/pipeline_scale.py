@@ -15,8 +15,8 @@ Steps, as a user runs them on a fresh folder (shards of 200k rows, val 5k, test 
    virtual datasets over the shard's (no copy of the spectra) and whose ``dataset/arrays/mask/value`` masks 5 %
    of the pixels of every ``--mask-every``-th star (default 50), and the Ca II 8542 block of 100 pixels of every
    tenth of those; predicted into FITS catalogues (imputation, OOD score and flags on every star), the first
-   shard's (200k rows) and all of them (1M rows): FITS peak RSS must not grow with the rows. A masked star costs
-   ~4-20 ms (the imputation), an unmasked one ~0.2 ms: masking every star of 1M would take hours on 2 cores.
+   shard's (200k rows) and all of them (1M rows): FITS peak RSS must not grow with the rows. The imputation and
+   the OOD score cost ~0.5 ms a star, ~1.8 ms with 5 % of its pixels masked (``catalogue_speed.py``).
 
 ``--ranks N`` adds the preparation over N ranks: ``torchrun --nproc-per-node N`` over
 :func:`moe.prepare.prepare` on the same shards from a cold cache (``--data.cache_dir``-style: a second

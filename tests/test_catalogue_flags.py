@@ -73,6 +73,74 @@ def test_imputation_variance_matches_monte_carlo():
     assert torch.equal(f0, torch.from_numpy(noisy[:1]))
 
 
+def _masks(n: int, d: int, rng) -> torch.Tensor:
+    """[n, d] usable pixels: none masked, a few at random, a block, most of the star (more rows than CHUNK)."""
+    usable = torch.ones(n, d, dtype=torch.bool)
+    for i in range(n):
+        kind = i % 4
+        if kind == 1:
+            usable[i, rng.choice(d, size=1 + i % 5, replace=False)] = False
+        elif kind == 2:
+            usable[i, 12 + i % 7 : 22 + i % 7] = False
+        elif kind == 3:
+            usable[i, rng.choice(d, size=d - 6, replace=False)] = False
+    return usable
+
+
+def test_imputation_against_the_closed_form_star_by_star():
+    """Filled flux and map variance of a batch of more than ``CHUNK`` stars with every kind of mask (none, a few
+    pixels, a block, all but 6) against the module docstring's formula written out per star with numpy's inverse:
+    the GEMM forms, the products over each star's masked pixels and the chunking change nothing but rounding."""
+    from moe.features.lowrank import CHUNK
+
+    d, s, n = 40, 0.8, 2 * CHUNK + 22
+    model = _model(d)
+    rng = np.random.default_rng(5)
+    flux = torch.from_numpy(1.0 + 0.3 * rng.standard_normal((n, d)))
+    error = torch.from_numpy(0.05 + 0.2 * rng.random((n, d)))
+    usable = _masks(n, d, rng)
+    maps = torch.from_numpy(rng.standard_normal((5, d)) * 0.3)
+    filled, var = model.impute(flux, error, usable, s, maps)
+    u, mean, rv = model.components.numpy(), model.mean.numpy(), model.resid_var.numpy()
+    a_maps = maps.numpy()
+    for i in range(n):
+        o = usable[i].numpy()
+        m, e2 = ~o, s**2 * error[i].numpy() ** 2
+        v = rv + e2
+        cov = np.linalg.inv((u[:, o] / v[o]) @ u[:, o].T + np.diag(1 / model.variance.numpy()))
+        a_hat = cov @ (u[:, o] / v[o]) @ (flux[i].numpy()[o] - mean[o])
+        want = np.where(o, flux[i].numpy(), mean + a_hat @ u)
+        g = u[:, m] @ a_maps[:, m].T
+        h = (u[:, o] * (e2[o] / v[o])) @ a_maps[:, o].T
+        want_var = (
+            (a_maps[:, o] ** 2) @ e2[o]
+            + np.einsum("rp,rq,qp->p", g, cov, g)
+            + 2 * np.einsum("rp,rq,qp->p", h, cov, g)
+            + (a_maps[:, m] ** 2) @ rv[m]
+        )
+        np.testing.assert_allclose(filled[i].numpy(), want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(var[i].numpy(), want_var, rtol=1e-7)
+
+
+def test_ood_parts_of_a_batch_are_those_of_each_star_alone():
+    """``ood_parts`` of more than ``CHUNK`` stars with every kind of mask equals the parts of each star alone:
+    the chunking and the one-GEMM neighbour search do not mix stars."""
+    from moe.features.lowrank import CHUNK
+
+    d, s, n = 40, 1.0, CHUNK + 30
+    model = _model(d)
+    rng = np.random.default_rng(6)
+    model.train_coef = torch.from_numpy(rng.standard_normal((300, 2)))
+    flux = torch.from_numpy(0.3 + 0.4 * rng.standard_normal((n, d)))
+    error = torch.from_numpy(0.1 + 0.3 * rng.random((n, d)))
+    usable = _masks(n, d, rng)
+    distance, chi2 = model.ood_parts(flux, error, usable, s)
+    for i in range(0, n, 7):
+        one = model.ood_parts(flux[i : i + 1], error[i : i + 1], usable[i : i + 1], s)
+        np.testing.assert_allclose(distance[i].item(), one[0].item(), rtol=1e-9)
+        np.testing.assert_allclose(chi2[i].item(), one[1].item(), rtol=1e-12)
+
+
 def test_ood_parts_against_numpy_lstsq_and_a_nearest_neighbour_search():
     """chi2 and the distance against numpy's lstsq on the usable pixels (flux clipped at 0, the clipping's bias
     taken out by the same fixed point written with scipy's normal distribution) and a brute-force nearest

@@ -36,6 +36,7 @@ Shapes: B batch, D pixels, R axes, P rows of a linear map.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -43,8 +44,7 @@ from torch import nn
 
 from moe.data.bins import N_SNR_BINS
 
-CHUNK = 64  # masked stars per solve (bounds the [B, R, D] temporaries)
-NEIGHBOUR_CHUNK = 8192  # training stars per step of the nearest-neighbour search
+CHUNK = 64  # stars per step: [64, D] float64 temporaries stay in the L2 cache (6x faster than [1024, D])
 DEBIAS_STEPS = 4  # fixed-point steps that take the bias of flux clipped at 0 out of the coefficients
 
 
@@ -80,9 +80,8 @@ class LowRankSpectra(nn.Module):
         partial = ~usable.all(1)
         pinv = None
         if partial.any():  # U_o U_o^T = I - U_m U_m^T is not the identity: solve
-            m = (~usable[partial]).double()
             eye = torch.eye(self.rank, dtype=u.dtype, device=u.device)
-            pinv = torch.linalg.pinv(eye - torch.einsum("rd,bd,qd->brq", u, m, u))
+            pinv = torch.linalg.pinv(eye - _masked_product(u, u, ~usable[partial]), hermitian=True)
 
         def fit(y: torch.Tensor) -> torch.Tensor:
             coef = y @ u.T
@@ -105,7 +104,21 @@ class LowRankSpectra(nn.Module):
         self, flux: torch.Tensor, error: torch.Tensor, usable: torch.Tensor, noise_level: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``distance`` and ``chi2`` [B] (float64; module docstring) of flux [B, D] (error [B, D]) on its
-        ``usable`` pixels [B, D] (bool); NaN without usable pixels."""
+        ``usable`` pixels [B, D] (bool); NaN without usable pixels. Computed ``CHUNK`` stars at a time."""
+        t = self.train_coef
+        # distance to every training star as one GEMM: [w a^2, -2 w a, w] [b, 1 + 2C] @ [1; t^T; t^2 ^T]
+        train = torch.cat([torch.ones_like(t[:, :1]), t, t.square()], 1).T.contiguous()  # [1 + 2C, N]
+        parts = [
+            self._ood_rows(flux[lo : lo + CHUNK], error[lo : lo + CHUNK], usable[lo : lo + CHUNK], noise_level, train)
+            for lo in range(0, len(flux), CHUNK)
+        ]
+        if not parts:
+            empty = torch.zeros(0, dtype=torch.float64, device=flux.device)
+            return empty, empty
+        return torch.cat([d for d, _ in parts]), torch.cat([c for _, c in parts])
+
+    def _ood_rows(self, flux, error, usable, noise_level, train):
+        """:meth:`ood_parts` of a few rows; ``train [1 + 2C, N]`` the training coefficients as the GEMM reads them."""
         u = self.components
         coef, y = self._coefficients(flux, error, usable, noise_level)
         resid = torch.where(usable, y - coef @ u, 0.0)
@@ -114,14 +127,12 @@ class LowRankSpectra(nn.Module):
         chi2 = (resid.square() / self._pixel_var(error, noise_level)).sum(1) / n.clamp_min(1)
         c = self.train_coef.shape[1]
         a = coef[:, :c]
-        w = 1.0 / (err2 @ u[:c].square().T).clamp_min(1e-12)  # [B, C] inverse noise variance of each coefficient
-        t = self.train_coef
-        distance = torch.zeros_like(chi2)
-        for lo in range(0, len(t), NEIGHBOUR_CHUNK):  # bounds the [B, N] temporary
-            tc = t[lo : lo + NEIGHBOUR_CHUNK]
-            dist = (w * a.square()).sum(1, keepdim=True) - 2.0 * (w * a) @ tc.T + w @ tc.square().T
-            near = dist.amin(1).clamp_min(0) / c
-            distance = near if lo == 0 else torch.minimum(distance, near)
+        w = 1.0 / (err2 @ u[:c].square().T).clamp_min(1e-12)  # [b, C] inverse noise variance of each coefficient
+        star = torch.cat([(w * a.square()).sum(1, keepdim=True), -2.0 * w * a, w], 1)  # [b, 1 + 2C]
+        if train.shape[1]:
+            distance = (star @ train).amin(1).clamp_min(0) / c  # min_j sum_r w_r (a_r - t_jr)^2 / C
+        else:  # a model without training stars to compare with
+            distance = torch.zeros_like(chi2)
         none = n == 0
         return torch.where(none, torch.nan, distance), torch.where(none, torch.nan, chi2)
 
@@ -149,33 +160,70 @@ class LowRankSpectra(nn.Module):
         map ``maps [P, D]`` applied to the filled spectrum about its value on the clean spectrum (module
         docstring). ``usable`` [B, D] bool; every row needs at least one usable pixel. Stars without masked
         pixels are returned as they are, with the plain noise variance."""
-        flux64, err2 = flux.double(), noise_level**2 * error.double().square()
+        err2 = noise_level**2 * error.double().square()
         a2 = maps.double().square()
-        filled = flux64.clone()
+        filled = flux.clone()
         var = (torch.where(usable, err2, 0.0)) @ a2.T  # the usable pixels' noise [B, P]
         rows = torch.nonzero(~usable.all(1)).flatten()
-        for lo in range(0, len(rows), CHUNK):
-            idx = rows[lo : lo + CHUNK]
-            f, v = self._impute_rows(flux64[idx], err2[idx], usable[idx], maps.double(), a2)
-            filled[idx] = f
-            var[idx] += v
-        return filled.to(flux.dtype), var
+        if len(rows):
+            u = self.components
+            axes = self._axes_products()
+            axes_maps32 = self._cached("maps32", maps, lambda m: (u[:, None] * m[None]).flatten(0, 1).float())
+            for lo in range(0, len(rows), CHUNK):
+                idx = rows[lo : lo + CHUNK]
+                f, v = self._impute_rows(flux[idx].double(), err2[idx], usable[idx], maps, a2, axes, axes_maps32)
+                filled[idx] = f.to(flux.dtype)
+                var[idx] += v
+        return filled, var
 
-    def _impute_rows(self, y, err2, usable, maps, a2):
-        """Filled flux [b, D] and the imputation's share of each map row's variance [b, P] (float64)."""
+    def _axes_products(self) -> torch.Tensor:
+        """``U_r U_q`` per pixel, [R*R, D] float64: with it a sum over some pixels of ``U diag(x) U^T`` is one GEMM
+        (``x @ products.T``). Kept for the present axes (by content)."""
+        return self._cached("axes", self.components, lambda u: (u[:, None] * u[None]).flatten(0, 1).contiguous())
+
+    def _cached(self, name: str, tensor: torch.Tensor, make):
+        """``make(tensor.double())``, kept per ``name`` for the last ``tensor`` (by content and device)."""
+        digest = hashlib.blake2b(tensor.detach().cpu().double().numpy().tobytes(), digest_size=16).digest()
+        key = (digest, str(tensor.device), str(self.components.device))
+        cache = self.__dict__.setdefault("_products", {})
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, make(tensor.double()))
+        return cache[name][1]
+
+    def _impute_rows(self, y, err2, usable, maps, a2, axes, axes_maps32):
+        """Filled flux [b, D] and the imputation's share of each map row's variance [b, P] (float64), with
+        ``axes`` ``U_r U_q`` [R*R, D] (float64) and ``axes_maps32`` ``U_r A_p`` [R*P, D] (float32) per pixel: the sums
+        over pixels as GEMMs."""
         u, mean = self.components, self.mean
+        b, r, p = len(y), self.rank, len(a2)
         o, m = usable.double(), (~usable).double()
         v = (self.resid_var + err2).clamp_min(1e-12)
         winv = o / v  # [b, D]
-        prec = torch.einsum("rd,bd,qd->brq", u, winv, u) + torch.diag(1.0 / self.variance.clamp_min(1e-30))
+        prec = (winv @ axes.T).view(b, r, r) + torch.diag(1.0 / self.variance.clamp_min(1e-30))
         chol = torch.linalg.cholesky(prec)
         rhs = ((y - mean) * winv) @ u.T  # [b, R]
         a_hat = torch.cholesky_solve(rhs[..., None], chol)[..., 0]
         filled = torch.where(usable, y, mean + a_hat @ u)
-        g = torch.einsum("rd,bd,pd->brp", u, m, maps)  # [b, R, P]
-        h = torch.einsum("rd,bd,pd->brp", u, o * err2 / v, maps)  # [b, R, P]
+        g = _masked_product(u, maps.double(), ~usable)  # U_m A_m^T [b, R, P]
+        # U_o diag(s^2 e^2 / v) A_o^T [b, R, P], the largest product here, in float32: it enters through the cross
+        # term only, and its rounding moves the variance by ~5e-10 relative (benchmarks/README.md)
+        h = ((o * err2 / v).float() @ axes_maps32.T).view(b, r, p).double()
         sg = torch.cholesky_solve(g, chol)  # Sigma_a g
         unknown = (g * sg).sum(1)  # g^T Sigma_a g [b, P]
         cross = 2.0 * (h * sg).sum(1)
         rest = (m * self.resid_var) @ a2.T
         return filled, unknown + cross + rest
+
+
+def _masked_product(u: torch.Tensor, maps: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """``U diag(masked) A^T`` [b, R, P] (float64) of axes ``u [R, D]``, maps ``A [P, D]`` and the masked pixels
+    of each star ``masked [b, D]`` (bool): one batched product over each star's masked pixels, padded to the most
+    masked pixels in the rows (a few per star: far fewer products than a sum over all D pixels)."""
+    b, d = masked.shape
+    count = masked.sum(1)
+    most = int(count.max()) if b else 0
+    idx = torch.sort(masked.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :most]  # [b, M]
+    valid = (torch.arange(most, device=masked.device) < count[:, None]).double()
+    ug = (u[:, idx] * valid).permute(1, 0, 2)  # [b, R, M]
+    ag = maps[:, idx].permute(1, 2, 0)  # [b, M, P]
+    return torch.bmm(ug, ag)
