@@ -25,6 +25,10 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*Couldn't infer the batch indices.*")
     # `fit --ckpt_path last` continues a run in its own folder, which holds its earlier checkpoints
     warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+    # test, validate and predict restore a checkpoint's callbacks too, and the checkpoint callback warns that its
+    # best-k list is not reloaded into another folder: those commands use none of it; a `fit --ckpt_path` with a
+    # checkpoint of another run's version starts a version of its own, which keeps its own best
+    warnings.filterwarnings("ignore", ".*The dirpath has changed from .* won't be reloaded.*")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
         lambda record: "Tip:" not in record.getMessage()
     )
