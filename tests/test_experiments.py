@@ -681,7 +681,8 @@ def test_quick_and_all_write_one_summary_page_with_a_row_per_question(computed, 
             return results
 
         monkeypatch.setattr(experiment(name), "compute", fake)
-    out = tmp_path / "reports"
+    monkeypatch.setattr(importlib.import_module("moe.experiments.__main__"), "ISOLATE_ALL", False)  # a child would
+    out = tmp_path / "reports"  # not see the patched compute
     assert experiments_main(["all", "--quick", "--data", exp_dir, "--out", str(out)]) == 0
     assert seen["dual-tower"].quick and seen["dual-tower"].seeds == (1, 2) and seen["dual-tower"].n_train == 3000
     page = (out / "README.md").read_text()
@@ -825,3 +826,37 @@ def test_the_every_label_section_is_in_the_report(computed, exp_dir, tmp_path):
         and "(CSV: `every_label.csv`)" in section
     )
     assert pd.read_csv(tmp_path / "every_label.csv").shape[0] == 5 * len(EVERY_LABEL)
+
+
+def _allocate(mb: int) -> tuple[int, int]:
+    """In a child: touch ``mb`` MB, then hand back the pid and this process's peak RSS (kB)."""
+    import os
+    import resource
+
+    block = np.ones(mb * 250_000, dtype=np.float32)  # 4 bytes each
+    assert block.sum() > 0
+    return os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _refuse(flag: str) -> None:
+    from moe.experiments.common import SettingsError
+
+    raise SettingsError(flag, "must be at least 50")
+
+
+def test_each_experiment_of_all_runs_in_a_child_whose_memory_is_not_the_parents():
+    """``run_in_child`` runs a function in another process and hands back its value: the 400 MB touched there are
+    that process's (another pid, its own peak) and count in the peak the run reports (``peak_rss_gb`` includes
+    children); an error keeps its type, flag and message, so ``moe experiments`` still prints it as one line."""
+    import os
+
+    from moe.experiments.__main__ import ISOLATE_ALL, peak_rss_gb, run_in_child
+    from moe.experiments.common import SettingsError
+
+    assert ISOLATE_ALL  # the default of ``all``
+    pid, child_kb = run_in_child(_allocate, 400)
+    assert pid != os.getpid() and child_kb > 400_000
+    assert peak_rss_gb() >= child_kb / 1e6
+    with pytest.raises(SettingsError, match="must be at least 50") as err:
+        run_in_child(_refuse, "--n-train")
+    assert err.value.argument_name == "--n-train"

@@ -14,15 +14,18 @@ bootstrap interval and the spread between seeds.
 (20k training spectra, CNN up to 20 epochs); ``--quick`` is a smoke run of a few minutes whose
 verdicts are not decisions; ``--n-train`` scales it up to the full 1M (the Ridge experts
 stream; in-memory models -- LightGBM, CNN, the leakage audit -- are capped by
-``--max-memory-rows``).
+``--max-memory-rows``). Each experiment of ``all`` runs in a process of its own (:func:`run_in_child`), so
+what one leaves in the heap never adds to the next one's peak: the run's peak RSS is its largest experiment's.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from moe.shared.arguments import ToolParser, run_tool
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
 # a smoke run: a few thousand spectra, two seeds, short gate runs; its verdicts are not decisions
 QUICK = {"n_train": 3000, "max_memory_rows": 3000, "seeds": (1, 2), "epochs": 8, "cnn_epochs": 2}
+ISOLATE_ALL = True  # ``all``: each experiment in its own process (tests that patch an experiment set it False)
 
 
 def _parser() -> ToolParser:
@@ -130,10 +134,39 @@ def _settings(a: Namespace) -> ExperimentSettings:
     )
 
 
+def peak_rss_gb() -> float:
+    """The largest RSS of this process or of any process it waited for (experiments, expert fits) so far, in GB
+    (the budget's second figure; ``ru_maxrss`` is in kB on Linux)."""
+    own, children = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return max(own, children) / 1e6
+
+
+def run_in_child(fn: Callable, *args):
+    """``fn(*args)`` in a fresh (spawned) process, its result (or its exception) handed back: the memory it used
+    goes back to the system when it returns. ``fn`` and the arguments must pickle."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _setup() -> None:
+    """What every process of a run sets up: log lines as messages, Lightning's lines a user cannot act on off."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_lightning()
+    quiet_repeated_trainers()
+    pd.set_option("display.width", 160)
+
+
+def _run(name: str, settings: ExperimentSettings, child: bool = False) -> Outcome:
+    """One experiment (in a child of ``all``: set up as the parent is first)."""
+    if child:
+        _setup()
+    return experiment(name).run(settings)
+
+
 def _print(outcome: Outcome, seconds: float) -> None:
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux: the budget's second figure
     print(
-        f"\n== {outcome.experiment.name}: {outcome.report}/report.md ({seconds:.0f} s, peak RSS so far {peak_gb:.2f} GB)"
+        f"\n== {outcome.experiment.name}: {outcome.report}/report.md ({seconds:.0f} s, "
+        f"peak RSS so far {peak_rss_gb():.2f} GB)"
     )
     print(outcome.headline.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     for v in outcome.verdicts:
@@ -142,10 +175,7 @@ def _print(outcome: Outcome, seconds: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet_lightning()
-    quiet_repeated_trainers()
-    pd.set_option("display.width", 160)
+    _setup()
     base = _settings(a)
     names = EXPERIMENTS if a.name == "all" else (a.name,)
     root = Path(a.out or "reports")
@@ -155,7 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = a.seeds or (QUICK["seeds"] if a.quick else exp.default_seeds)
         out = root / name if (a.name == "all" or a.out is None) else root
         t = time.time()
-        outcomes.append(exp.run(replace(base, out=str(out), seeds=tuple(seeds))))
+        settings = replace(base, out=str(out), seeds=tuple(seeds))
+        if a.name == "all" and ISOLATE_ALL:
+            outcomes.append(run_in_child(_run, name, settings, True))
+        else:
+            outcomes.append(_run(name, settings))
         _print(outcomes[-1], time.time() - t)
     if a.name == "all":
         print(f"\n== summary: {write_summary(outcomes, root)}")
