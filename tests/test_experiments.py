@@ -751,6 +751,21 @@ def test_the_experiments_fit_their_experts_for_log_g_only():
     assert fit.labels == ("log_g",) and fit.families == ("global", "phys")
 
 
+def test_the_dual_tower_fits_every_label_only_for_the_families_its_every_label_gate_uses():
+    """The global and physical experts for log g, T_eff and [M/H] (the every-label gate's), the SNR and cell
+    experts for log g alone (no solves, no alpha warnings for labels no question reads)."""
+    from moe.experiments.dual_tower import EVERY_LABEL, expert_fit
+
+    fit = expert_fit(ExperimentSettings())
+    assert fit.families == ("global", "phys", "snr", "cells") and fit.labels == EVERY_LABEL
+    assert {f: fit.labels_of(f) for f in fit.families} == {
+        "global": EVERY_LABEL,
+        "phys": EVERY_LABEL,
+        "snr": ("log_g",),
+        "cells": ("log_g",),
+    }
+
+
 def test_the_every_label_gate_reports_each_label_against_an_independent_computation(computed, exp_dir):
     """The dual tower's every-label concat gate: a table row per label and slice, its R^2 that of sklearn on the
     run's predictions against the test shard's own parameter table, its calibration that of z computed here."""
@@ -762,6 +777,7 @@ def test_the_every_label_gate_reports_each_label_against_an_independent_computat
     from moe.experiments.dual_tower import CALIBRATION_TARGETS, EVERY_LABEL
 
     results = computed("dual-tower")
+    assert results.fit["family_labels"] == (("snr", ("log_g",)), ("cells", ("log_g",)))  # what the run fitted
     every = results.every_label
     (shard,) = sorted(Path(exp_dir).glob("test*/dataset.h5"))
     truth = pd.read_hdf(shard)  # the shard's rows in file order, as the run's predictions are sorted

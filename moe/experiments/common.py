@@ -100,11 +100,12 @@ class ExperimentSettings:
         families: tuple[str, ...],
         required: tuple[str, ...] | None = None,
         labels: tuple[str, ...] = EXPERIMENT_LABELS,
+        family_labels: dict[str, tuple[str, ...]] | None = None,
     ) -> FitConfig:
-        """The expert fit of an experiment over ``families`` for ``labels``, with the group-size rule of
-        ``--min-samples`` / ``--fallback``: a short group of a ``required`` family (those the experiment's questions
-        use; all when None) stops the fit before any solve, naming these flags; one of another family takes the
-        global expert."""
+        """The expert fit of an experiment over ``families`` for ``labels`` (``family_labels``: the families fitted
+        for fewer, :mod:`moe.experts.label_sets`), with the group-size rule of ``--min-samples`` / ``--fallback``:
+        a short group of a ``required`` family (those the experiment's questions use; all when None) stops the fit
+        before any solve, naming these flags; one of another family takes the global expert."""
         # log g only by default: the experiments ask log g questions, and every further label multiplies the
         # solves (with 3 labels the dual tower's expert fit alone ran past 7 minutes of the default run's 30)
         return FitConfig(
@@ -113,6 +114,7 @@ class ExperimentSettings:
             fallback=self.fallback,
             required=required,
             labels=labels,
+            family_labels=family_labels or (),
         )
 
     @property

@@ -45,6 +45,7 @@ from moe.experiments.common import (
     seed_mean_std,
 )
 from moe.experiments.gates import (
+    LABELS,
     GateRun,
     GateTraining,
     prepare_families,
@@ -123,6 +124,10 @@ BOUNDARY = 0.1
 # section reports each label; the log g questions stay with the log-g-only gates
 EVERY_LABEL = LABEL_COLUMNS
 EVERY_LABEL_GATE = f"{DUAL} [every label]"
+# the families fitted for EVERY_LABEL: the every-label gate's physical experts and the global expert every gate
+# projects on; the others answer log g questions only and are fitted for log g alone (no solves, and no alpha
+# warnings, for labels nothing reads)
+EVERY_LABEL_FAMILIES = ("global", "phys")
 LOG_G_TOLERANCE = 0.005  # how far the every-label gate's log g test R^2 may lie from the log-g-only gate's
 # calibration targets of sigma (docs/training.md): z std, share of |z| <= 1, share of |z| <= 2
 CALIBRATION_TARGETS = {"z_std": (0.9, 1.1), "coverage_1sigma": (0.65, 0.71), "coverage_2sigma": (0.93, 0.97)}
@@ -493,14 +498,20 @@ class RunLog:
         return pd.DataFrame(self.rows)
 
 
+def expert_fit(settings: ExperimentSettings) -> FitConfig:
+    """The dual tower's one expert fit: its gates mix every family, so each must meet ``--min-samples``; every
+    label from the one statistics pass for ``EVERY_LABEL_FAMILIES`` (what the every-label gate uses), log g
+    alone for the rest -- log g's experts are the same either way."""
+    for_log_g = {f: LABELS for f in FAMILIES if f not in EVERY_LABEL_FAMILIES}
+    return settings.fit_config(FAMILIES, labels=EVERY_LABEL, family_labels=for_log_g)
+
+
 def compute(settings: ExperimentSettings) -> DualTowerResults:
     """Train every gate (and the ablations) per seed and evaluate them on the test split; no file is written."""
     started = time.time()
     dm = settings.datamodule()
     require_train_rows(dm.train_set.n_kept, MIN_TRAIN, "dual-tower", "the gate features are standardised on them")
-    # its gates mix every family: each must meet --min-samples. Every label from the one statistics pass: the
-    # every-label gate needs their experts; log g's are the same whatever other labels the fit holds
-    fit = settings.fit_config(FAMILIES, labels=EVERY_LABEL)
+    fit = expert_fit(settings)
     prepared = prepare_families(dm, FAMILIES, fit, settings.progress)
     test = test_rows(dm)
     log_g = test["log_g"].astype(np.float64)
@@ -750,8 +761,9 @@ def _every_label_note(every: EveryLabel, n_experts: int) -> str:
         f"(seed {every.seed}, the first only; routing {every.routing}; loss: the mean of the labels' squared "
         f"errors on standardised labels; early stopping and the kept epoch on log g's val R^2, as every other gate: best epoch "
         f"{every.best_epoch} of {every.epochs_run}, {every.ended}; {every.seconds:.0f} s, preparation "
-        f"{every.prepare_s:.0f} s). Its experts come from the dual tower's one expert fit, which fits every label "
-        "from the same statistics pass. Per label, on the test split: R^2 and the calibration of sigma, "
+        f"{every.prepare_s:.0f} s). Its experts come from the dual tower's one expert fit, which fits the "
+        f"{' and '.join(EVERY_LABEL_FAMILIES)} experts for every label from the same statistics pass (the other "
+        "families for log g only). Per label, on the test split: R^2 and the calibration of sigma, "
         "z = (predicted - true) / sigma, overall and per SNR bin; within_targets: z std in "
         f"{targets['z_std'][0]:g}–{targets['z_std'][1]:g}, |z| <= 1 for "
         f"{targets['coverage_1sigma'][0]:.0%}–{targets['coverage_1sigma'][1]:.0%} and |z| <= 2 for "

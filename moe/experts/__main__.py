@@ -1,7 +1,7 @@
 """``moe experts {fit,report,compare-noise} --data DIR``.
 
-- ``fit``: fit (or load from the cache) the expert families of every label (``--labels``) and print the
-  alpha table (one row per label and expert).
+- ``fit``: fit (or load from the cache) the expert families of every label (``--labels``; a family named by
+  ``--family-labels`` for those labels only) and print the alpha table (one row per label and expert).
 - ``report``: oracle-routed R^2 of the families on the test split, per label and bin with counts,
   and the z-score spread of the per-star uncertainties.
 - ``compare-noise``: noise-marginalised vs one draw vs K draws, R^2 on val and test.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pandas as pd
 import torch
@@ -33,7 +34,7 @@ from moe.experts.cache import load_or_fit
 from moe.experts.evaluate import compare_noise_modes, oracle_predictions, oracle_table, zscore_table
 from moe.experts.fit import NOISE_MODES, FitConfig
 from moe.experts.stats import PRODUCTS
-from moe.shared.arguments import NonNegativeFloat, PositiveFloat, PositiveInt, ToolParser, run_tool
+from moe.shared.arguments import NonNegativeFloat, PositiveFloat, PositiveInt, ToolArgumentError, ToolParser, run_tool
 
 
 def _parser() -> ToolParser:
@@ -63,6 +64,14 @@ def _parser() -> ToolParser:
             default=list(fit.labels),
             help="the labels to fit, each with its own experts and alphas: numeric columns of the shards' "
             "parameter table (log_g T_eff M_H a_M ...)",
+        )
+        s.add_argument(
+            "--family-labels",
+            type=str,
+            nargs="+",
+            default=None,
+            help="families fitted for only some of --labels, as FAMILY=LABEL[,LABEL...] (cells=log_g); the others "
+            "for every label, the global family always",
         )
         s.add_argument(
             "--noise-level",
@@ -135,6 +144,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.distributed.destroy_process_group()
 
 
+def with_family_labels(cfg: FitConfig, values: list[str], prog: str) -> FitConfig:
+    """``cfg`` with the families of ``--family-labels`` (``FAMILY=LABEL[,LABEL...]`` each) fitted for those labels
+    only; a value that does not fit is one :class:`ToolArgumentError` naming the flag."""
+    pairs = []
+    for value in values:
+        family, sep, names = value.partition("=")
+        if not sep or not family or not names:
+            raise ToolArgumentError(
+                f"--family-labels {value!r}: expected FAMILY=LABEL[,LABEL...], e.g. cells=log_g", prog
+            )
+        pairs.append((family, tuple(names.split(","))))
+    try:
+        return replace(cfg, family_labels=tuple(pairs))
+    except ValueError as exc:
+        raise ToolArgumentError(f"--family-labels: {exc}", prog) from None
+
+
 def _main(cmd: str, a: Namespace) -> int:
     """Run subcommand ``cmd`` with its options ``a``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -151,6 +177,7 @@ def _main(cmd: str, a: Namespace) -> int:
         labels=tuple(a.labels),
         required=("global",),  # nothing is gated here: a short group is the global expert, marked
     )
+    cfg = with_family_labels(cfg, a.family_labels or [], f"moe experts {cmd}")
     if cmd == "compare-noise":
         table = compare_noise_modes(folder, cfg, a.draws)
         wide = table.pivot_table(index=["training"], columns=["split", "experts"], values="r2", sort=False)

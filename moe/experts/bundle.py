@@ -1,6 +1,7 @@
 """A fitted set of expert families, saved with the fingerprint of the data it came from.
 
-A bundle holds the experts of every label of ``FitConfig.labels`` (:class:`ExpertBundle`).
+A bundle holds the experts of every label of ``FitConfig.labels`` (:class:`ExpertBundle`), each family
+for the labels it was fitted for (``FitConfig.family_labels``; by default all of them).
 A bundle's file is ``<data_dir>/experts/experts-<key>.pt`` (:func:`bundle_path`) where ``key``
 hashes the data fingerprint (train and val shards with sizes and rows, noise level, val seed) and
 the fit config. Loading a file made from other data or another config is an
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 
 from moe.data.folder import SpectraFolder
+from moe.experts import groups
 from moe.experts.fit import FamilyFit, FitConfig, fit_families
 from moe.experts.ridge_experts import RidgeExperts
 from moe.experts.scores import r2_from_sums
@@ -36,6 +38,16 @@ class ExpertsMismatchError(ValueError):
     """An experts file that does not belong to the data or config at hand."""
 
 
+class LabelNotFittedError(ExpertsMismatchError):
+    """A family asked for a label it was not fitted for (``FitConfig.family_labels`` left it out)."""
+
+    def __init__(self, family: str, label: str, have: tuple[str, ...], where: str = ""):
+        super().__init__(
+            f"{where}the {family} experts were fitted for {', '.join(have)} only, not {label} "
+            f"(FitConfig.family_labels): fit {family} for {label} too, or ask {family} for {', '.join(have)}"
+        )
+
+
 def bundle_key(fingerprint: dict, cfg: FitConfig) -> str:
     return json_key({"data": fingerprint, "fit": cfg.key_dict(), "version": BUNDLE_VERSION})
 
@@ -45,8 +57,8 @@ class ExpertBundle:
     """Families of experts, per label, plus the PCA basis of the same pass.
 
     ``fits[label][family]`` holds one label's experts of one family (:class:`~moe.experts.fit.FamilyFit`);
-    every label has every family, with the same groups and training rows but its own alphas.
-    Shapes: G groups, L labels, D pixels.
+    every label has the global family and every family fitted for it (:meth:`family_labels`; by default
+    all), with the same groups and training rows but its own alphas. Shapes: G groups, L labels, D pixels.
     """
 
     fits: dict[str, dict[str, FamilyFit]]  # label -> family -> FamilyFit
@@ -69,15 +81,23 @@ class ExpertBundle:
 
     @property
     def family_names(self) -> tuple[str, ...]:
-        """The families fitted (global first), the same for every label."""
-        return tuple(next(iter(self.fits.values())))
+        """The families fitted, in the fit's order (global first), each for one label or more."""
+        return tuple(f for f in groups.FAMILIES if any(f in fams for fams in self.fits.values()))
+
+    def family_labels(self, family: str) -> tuple[str, ...]:
+        """The labels ``family`` was fitted for, in :attr:`labels` order (all of them unless
+        ``FitConfig.family_labels`` named fewer)."""
+        return tuple(label for label, fams in self.fits.items() if family in fams)
 
     def family(self, family: str, label: str = "log_g") -> FamilyFit:
-        """One label's experts of one family (weight [G, D], alphas [G], validation sums, the alpha path)."""
+        """One label's experts of one family (weight [G, D], alphas [G], validation sums, the alpha path); a
+        family asked for a label it was not fitted for is a :class:`LabelNotFittedError` naming both."""
         if label not in self.fits:
             raise KeyError(f"label {label!r} was not fitted (have {list(self.labels)})")
-        if family not in self.fits[label]:
+        if family not in self.family_names:
             raise KeyError(f"family {family!r} was not fitted (have {list(self.family_names)})")
+        if family not in self.fits[label]:
+            raise LabelNotFittedError(family, label, self.family_labels(family))
         return self.fits[label][family]
 
     def experts(self, family: str, label: str = "log_g") -> RidgeExperts:
@@ -86,8 +106,9 @@ class ExpertBundle:
         return RidgeExperts.from_arrays(f.weight, f.bias, f.names, labels=(label,))
 
     def weights(self, family: str) -> tuple[np.ndarray, np.ndarray]:
-        """Every label's experts of ``family``: (weight [G, L, D], bias [G, L]), float64, in :attr:`labels` order."""
-        fams = [self.family(family, label) for label in self.labels]
+        """Every label's experts of ``family``: (weight [G, L, D], bias [G, L]), float64, for the L labels of
+        :meth:`family_labels` in their order."""
+        fams = [self.family(family, label) for label in self.family_labels(family)]
         return np.stack([f.weight for f in fams], axis=1), np.stack([f.bias for f in fams], axis=1)
 
     @property
@@ -98,13 +119,16 @@ class ExpertBundle:
 
     def stand_ins(self) -> list[tuple[str, str, int]]:
         """(family, group, training rows) of every group that had too few rows and is the global expert
-        (the same groups for every label)."""
-        return [
-            (fam, name, int(f.n_train[g]))
-            for fam, f in next(iter(self.fits.values())).items()
-            for g, name in enumerate(f.names)
-            if f.fallback and f.fallback[g] == "global"
-        ]
+        (the same groups for every label the family holds)."""
+        out = []
+        for fam in self.family_names:
+            f = self.fits[self.family_labels(fam)[0]][fam]
+            out += [
+                (fam, name, int(f.n_train[g]))
+                for g, name in enumerate(f.names)
+                if f.fallback and f.fallback[g] == "global"
+            ]
+        return out
 
     def alpha_table(self) -> pd.DataFrame:
         """One row per label and expert: training/val counts, chosen alpha, val R^2 at it, fallback."""
@@ -242,13 +266,14 @@ def _family_from_dict(f: dict) -> FamilyFit:
 
 
 def wide_alpha_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The alpha table with one row per expert and, per label, its alpha and validation R^2 side by side."""
+    """The alpha table with one row per expert and, per label, its alpha and validation R^2 side by side (empty
+    for a label the expert's family was not fitted for)."""
     keys = ["family", "expert", "n_train", "n_val", "fallback"]
     labels = list(dict.fromkeys(table["label"]))
     wide = table.pivot(index=keys, columns="label", values=["alpha", "val_r2"])
     wide = wide[[(what, label) for label in labels for what in ("alpha", "val_r2")]]
     wide.columns = [f"{what} {label}" for what, label in wide.columns]
-    order = table[table["label"] == labels[0]].set_index(keys).index  # the families' order, not sorted
+    order = table.drop_duplicates(keys).set_index(keys).index  # the families' order, not sorted
     return wide.reindex(order).reset_index().set_index(["family", "expert"])
 
 

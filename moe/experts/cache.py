@@ -37,7 +37,10 @@ def load_or_fit(
     else:
         check_labels(folder.train_set, folder.val_set, cfg.labels)  # a label mistake before the child starts
         if rank == 0:
-            log.info("fitting experts (%s; labels %s) -> %s", ", ".join(cfg.families), ", ".join(cfg.labels), target)
+            only = "".join(f"; {fam} for {', '.join(names)} only" for fam, names in cfg.family_labels)
+            log.info(
+                "fitting experts (%s; labels %s%s) -> %s", ", ".join(cfg.families), ", ".join(cfg.labels), only, target
+            )
         folder.noisy_caches("val", shared=True)  # the alphas are chosen on it: its rows split over the ranks too
         fit_in_child(folder, cfg, target, progress)
         ranks.barrier()  # rank 0's child has written the bundle

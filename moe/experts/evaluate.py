@@ -42,8 +42,9 @@ def oracle_predictions(
     families: tuple[str, ...] | None = None,
     label: str = "log_g",
 ) -> OracleResult:
-    """One pass over ``split``: each family's oracle-routed prediction of ``label`` and predictive variance."""
-    families = families or bundle.family_names
+    """One pass over ``split``: each family's oracle-routed prediction of ``label`` and predictive variance (by
+    default every family fitted for ``label``)."""
+    families = families or tuple(f for f in bundle.family_names if label in bundle.family_labels(f))
     experts = {f: bundle.experts(f, label).double() for f in families}
     ys, snr, sb, pb, preds, vars_ = [], [], [], [], {f: [] for f in families}, {f: [] for f in families}
     with torch.no_grad():

@@ -8,7 +8,8 @@ Every label of ``FitConfig.labels`` (log g, T_eff, [M/H], any numeric parameter 
    draw per spectrum (``'single'``) or ``n_draws`` draws (``'augment'``) -- with every label's
    ``Xᵀy``, ``Σy``, ``Σy²`` beside the one Gram.
 2. Every group of every family is solved for the whole alpha sweep, every label from the same
-   factorisations (:mod:`moe.experts.ridge`).
+   factorisations (:mod:`moe.experts.ridge`) -- every label the family is fitted for: all of them unless
+   ``FitConfig.family_labels`` names fewer (:mod:`moe.experts.label_sets`; the pass is the same).
 3. One pass over the pre-noised validation split scores every (group, alpha, label) on the
    group's own samples; each group keeps its best alpha per label. The 36 ``cells`` experts are
    shrunk toward their selected physical expert (``w = argmin |y - Xw|^2 + a |w - w_phys|^2``)
@@ -41,6 +42,7 @@ from moe.data.noise import add_noise_np
 from moe.data.shards import LABEL_COLUMNS
 from moe.data.stream import SpectraStream
 from moe.experts import groups
+from moe.experts.label_sets import FamilyLabels, check_family_labels, label_index, labels_of
 from moe.experts.ridge import DEFAULT_ALPHAS, METHODS, best_alpha_index, fit_sweep
 from moe.experts.stats import PRODUCTS, CellStats, accumulate
 
@@ -62,7 +64,9 @@ class FitConfig:
     checked against it when loaded (:func:`refuse_fallbacks`).
 
     ``labels``: the parameter-table columns fitted, each with its own experts and alphas (asked twice,
-    fitted once).
+    fitted once). ``family_labels``: the families fitted for only some of them (a mapping or pairs family ->
+    labels, kept as canonical pairs, :mod:`moe.experts.label_sets`); empty, the default: every family every
+    label, and then no part of the cache key, so the keys of the fits before it stay what they were.
     """
 
     families: tuple[str, ...] = ("global", "phys", "snr")
@@ -78,12 +82,14 @@ class FitConfig:
     block_rows: int = 4096
     seed: int = 0
     labels: tuple[str, ...] = LABEL_COLUMNS
+    family_labels: FamilyLabels = ()
 
     def __post_init__(self):
         object.__setattr__(self, "families", groups.check_families(self.families))
         labels = (self.labels,) if isinstance(self.labels, str) else self.labels
         object.__setattr__(self, "labels", tuple(dict.fromkeys(str(label) for label in labels)))
         object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        object.__setattr__(self, "family_labels", check_family_labels(self.family_labels, self.families, self.labels))
         if self.required is not None:
             object.__setattr__(self, "required", groups.check_families(self.required))
         if self.noise_mode not in NOISE_MODES:
@@ -103,7 +109,13 @@ class FitConfig:
         d.pop("required")
         if self.noise_mode != "augment":
             d.pop("n_draws")
+        if not self.family_labels:
+            d.pop("family_labels")
         return d
+
+    def labels_of(self, family: str) -> tuple[str, ...]:
+        """The labels ``family`` is fitted for (every label of the fit unless ``family_labels`` names it)."""
+        return labels_of(self.family_labels, family, self.labels)
 
     def needs_minimum(self, family: str) -> bool:
         """Whether a group of ``family`` short of ``min_samples`` rows stops the fit (else: the global expert)."""
@@ -253,24 +265,26 @@ def _paths(
     grams: dict | None = None,
 ) -> dict[str, tuple]:
     """Every group x alpha x label of ``families``: per family (weight [G, A, L, D], bias [G, A, L], n [G],
-    fallback notes, label mean [G, L], label std [G, L]).
+    fallback notes, label mean [G, L], label std [G, L]), L the labels the family is fitted for
+    (:meth:`FitConfig.labels_of`, in the order of ``cfg.labels``).
 
     The solves are dealt out over the ranks round-robin and each result is broadcast from the rank that
     solved it (collective). A group too small takes the global expert (``fallback``) or, for ``cells``,
-    its ``prior`` physical expert (per physical bin: weight [L, D], bias [L]). ``solver`` (a dict)
+    its ``prior`` physical expert (per physical bin: weight [L, D], bias [L], the cells' labels). ``solver`` (a dict)
     accumulates ``systems``, ``factorizations`` and ``cg_steps``.
 
     ``grams`` (a dict) means ``stats`` holds this rank's own cell Grams only: each group's Gram is summed to
     the rank that solves it (:meth:`~moe.experts.stats.CellStats.reduce_group_grams`); the global group's
     is left in ``grams`` under ("global", 0) on the rank that solved it (the PCA's covariance).
     """
-    d, a, n_labels = stats.n_pixels, len(cfg.alphas), stats.n_labels
-    out, solve = {}, []
+    d, a = stats.n_pixels, len(cfg.alphas)
+    out, solve, own = {}, [], {f: label_index(cfg.family_labels, f, cfg.labels) for f in families}
     for family in families:
-        names, cells = groups.group_names(family), groups.members(family, partition)
-        weight, bias = np.zeros((len(cells), a, n_labels, d)), np.zeros((len(cells), a, n_labels))
+        names, cells, idx = groups.group_names(family), groups.members(family, partition), own[family]
+        weight, bias = np.zeros((len(cells), a, len(idx), d)), np.zeros((len(cells), a, len(idx)))
         n = np.array([stats.n[c].sum() for c in cells])
-        mean, std = _label_moments(n, [stats.sy[c].sum(0) for c in cells], [stats.syy[c].sum(0) for c in cells])
+        sy, syy = [stats.sy[c].sum(0)[idx] for c in cells], [stats.syy[c].sum(0)[idx] for c in cells]
+        mean, std = _label_moments(n, sy, syy)
         notes = [""] * len(cells)
         for g in range(len(cells)):
             if family == "cells":
@@ -303,16 +317,24 @@ def _paths(
             cells = groups.members(family, partition)[g]
             parent = prior[g // bins.N_SNR_BINS][0] if family == "cells" else None
             out[family][0][g], out[family][1][g], _ = fit_sweep(
-                stats.group(cells, reduced[j]), cfg.alphas, noise_var, parent, cfg.method, info
+                stats.group(cells, reduced[j]).select_labels(own[family]),
+                cfg.alphas,
+                noise_var,
+                parent,
+                cfg.method,
+                info,
             )
-            done += (len(cfg.alphas) * n_labels, info["factorizations"], sum(info["iterations"]))
+            done += (len(cfg.alphas) * len(own[family]), info["factorizations"], sum(info["iterations"]))
     for j, (family, g) in enumerate(solve):
         ranks.broadcast_array(out[family][0][g], src=owners[j])
         ranks.broadcast_array(out[family][1][g], src=owners[j])
     for family in families:
         for g, note in enumerate(out[family][3]):
-            if note == "global":
-                out[family][0][g], out[family][1][g] = out["global"][0][0], out["global"][1][0]
+            if note == "global":  # the global expert holds every label: the family's own
+                out[family][0][g], out[family][1][g] = (
+                    out["global"][0][0][:, own[family]],
+                    out["global"][1][0][:, own[family]],
+                )
     if solver is not None:
         for k, v in zip(("systems", "factorizations", "cg_steps"), ranks.all_reduce_sum(done)):
             solver[k] = solver.get(k, 0) + int(v)
@@ -328,10 +350,10 @@ def _label_moments(n: np.ndarray, sy: list, syy: list) -> tuple[np.ndarray, np.n
 
 
 def validation_sse(
-    folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.ndarray]], labels: tuple[str, ...]
+    folder: SpectraFolder, paths: dict[str, tuple[np.ndarray, np.ndarray]], labels: dict[str, tuple[str, ...]]
 ) -> dict[str, tuple]:
     """One pass over the pre-noised val split: per family, (sse [G, L, A], n [G], sst [G, L]) for the
-    paths' (weight [G, A, L, D], bias [G, A, L]) of ``labels``.
+    paths' (weight [G, A, L, D], bias [G, A, L]) of that family's ``labels`` (L of them).
 
     Each rank reads its share of the rows and the sums are added up over the ranks (collective), so every
     rank picks the same alphas.
@@ -349,13 +371,14 @@ def validation_sse(
             np.zeros((g_count, l_count)),
             np.zeros((g_count, l_count)),
         ]
-    for tensors in folder.stream("val", batch_size=2048, labels=labels):  # this rank's rows (all in one process)
+    streamed = tuple(dict.fromkeys(name for f in fams for name in labels[f]))
+    for tensors in folder.stream("val", batch_size=2048, labels=streamed):  # this rank's rows (all in one process)
         batch = {k: v.numpy() for k, v in tensors.items()}
         x = batch["flux"].astype(np.float64)
-        y = label_matrix(batch, labels)  # [N, L]
         pred = x @ flat_w.T + flat_b
         for i, f in enumerate(fams):
             g_count, a_count, l_count = paths[f][1].shape
+            y = label_matrix(batch, labels[f])  # [N, L]
             p = pred[:, offsets[i] : offsets[i + 1]].reshape(-1, g_count, a_count, l_count)
             grp = groups.group_of(f, batch["phys_bin"], batch["snr_bin"])
             own = p[np.arange(len(y)), grp]  # [N, A, L]
@@ -505,11 +528,9 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
     fams = [f for f in ("global", "phys", "snr") if f in cfg.families]
     _say(
         progress,
-        "solving %s for %d alpha values and %d label%s each",
-        ", ".join(f"{groups.FAMILY_SIZES[f]} {f} expert{'s' if groups.FAMILY_SIZES[f] > 1 else ''}" for f in fams),
+        "solving %s for %d alpha values each",
+        ", ".join(_experts_phrase(f, cfg) for f in fams),
         len(cfg.alphas),
-        len(cfg.labels),
-        "s" if len(cfg.labels) > 1 else "",
     )
     paths, counts = {}, {}
     for fam, result in _paths(stats, partition, fams, cfg, noise_var, solver=solver, grams=grams).items():
@@ -518,27 +539,27 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
         stats.xtx = np.empty((stats.xtx.shape[0], 0))
     t2 = time.perf_counter()
     _say(progress, "choosing each expert's alpha per label on the validation split")
-    val = validation_sse(folder, paths, cfg.labels)
-    fits: dict[str, dict[str, FamilyFit]] = {label: {} for label in cfg.labels}
+    val = validation_sse(folder, paths, {fam: cfg.labels_of(fam) for fam in paths})
+    fits: dict[str, dict[str, FamilyFit]] = {label: {} for label in cfg.labels}  # a family only under its labels
     for fam in paths:  # global first: its chosen alpha serves the groups it stands in for
         g_alpha = None if fam == "global" else {label: fits[label]["global"].alpha[0] for label in cfg.labels}
-        for label, fit in _family_fits(fam, paths[fam], counts[fam], val[fam], cfg.alphas, cfg.labels, g_alpha).items():
+        own = cfg.labels_of(fam)
+        for label, fit in _family_fits(fam, paths[fam], counts[fam], val[fam], cfg.alphas, own, g_alpha).items():
             fits[label][fam] = fit
     t3 = time.perf_counter()
     if "cells" in cfg.families:
+        own = cfg.labels_of("cells")  # the phys family holds each of them (FitConfig checks)
         prior = [
             (
-                np.stack([fits[label]["phys"].weight[k] for label in cfg.labels]),
-                np.array([fits[label]["phys"].bias[k] for label in cfg.labels]),
+                np.stack([fits[label]["phys"].weight[k] for label in own]),
+                np.array([fits[label]["phys"].bias[k] for label in own]),
             )
             for k in range(bins.N_PHYS_BINS)
         ]
-        _say(
-            progress, "solving the %d cell experts (shrunk toward their physical expert)", groups.FAMILY_SIZES["cells"]
-        )
+        _say(progress, "solving the %s, shrunk toward their physical expert", _experts_phrase("cells", cfg))
         cpath, ccount = _split(_paths(stats, partition, ["cells"], cfg, noise_var, prior=prior, solver=solver)["cells"])
-        cval = validation_sse(folder, {"cells": cpath}, cfg.labels)["cells"]
-        for label, fit in _family_fits("cells", cpath, ccount, cval, cfg.alphas, cfg.labels).items():
+        cval = validation_sse(folder, {"cells": cpath}, {"cells": own})["cells"]
+        for label, fit in _family_fits("cells", cpath, ccount, cval, cfg.alphas, own).items():
             fits[label]["cells"] = fit
     t4 = time.perf_counter()
     if grams is None:
@@ -550,6 +571,12 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
     t5 = time.perf_counter()
     timings = {"stats_s": t1 - t0, "solve_s": (t2 - t1) + (t4 - t3), "validate_s": t3 - t2, "pca_s": t5 - t4, **solver}
     return fits, pca, timings
+
+
+def _experts_phrase(family: str, cfg: FitConfig) -> str:
+    """``'9 phys experts (log_g, T_eff, M_H)'``: a family's size and the labels it is fitted for."""
+    size = groups.FAMILY_SIZES[family]
+    return f"{size} {family} expert{'s' if size > 1 else ''} ({', '.join(cfg.labels_of(family))})"
 
 
 def _say(progress: bool, message: str, *args) -> None:

@@ -24,7 +24,7 @@ covariance from which the PCA features are taken -- no second pass.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from scipy.linalg.lapack import dsfrk, dtfttr, ssfrk
@@ -76,6 +76,13 @@ class CellStats:
         idx = np.atleast_1d(np.asarray(cells))
         sums = {f.name: _sum_cells(getattr(self, f.name), idx) for f in fields(self) if f.name not in ("shift", "xtx")}
         return CellStats(**sums, xtx=_sum_cells(self.xtx, idx) if xtx is None else xtx, shift=self.shift)
+
+    def select_labels(self, idx: list[int]) -> CellStats:
+        """The same sums for the labels ``idx`` only (``sy``, ``syy`` [C, L'], ``xty`` [C, L', D]; the Grams and
+        the other sums shared, not copied): what a family fitted for fewer labels solves."""
+        if list(idx) == list(range(self.n_labels)):
+            return self
+        return replace(self, sy=self.sy[:, idx], syy=self.syy[:, idx], xty=self.xty[:, idx])
 
     def gram(self, cell: int = 0) -> np.ndarray:
         """Full symmetric X^T X [D, D] of one cell (or of a group from :meth:`group`)."""

@@ -161,7 +161,8 @@ class LowRankSpectra(nn.Module):
         docstring). ``usable`` [B, D] bool; every row needs at least one usable pixel. Stars without masked
         pixels are returned as they are, with the plain noise variance."""
         err2 = noise_level**2 * error.double().square()
-        a2 = maps.double().square()
+        maps = maps.double()
+        a2 = maps.square()
         filled = flux.clone()
         var = (torch.where(usable, err2, 0.0)) @ a2.T  # the usable pixels' noise [B, P]
         rows = torch.nonzero(~usable.all(1)).flatten()
@@ -191,7 +192,8 @@ class LowRankSpectra(nn.Module):
         return cache[name][1]
 
     def _impute_rows(self, y, err2, usable, maps, a2, axes, axes_maps32):
-        """Filled flux [b, D] and the imputation's share of each map row's variance [b, P] (float64), with
+        """Filled flux [b, D] and the imputation's share of each map row's variance [b, P] (float64), with the maps
+        ``maps [P, D]`` and their squares ``a2`` in float64,
         ``axes`` ``U_r U_q`` [R*R, D] (float64) and ``axes_maps32`` ``U_r A_p`` [R*P, D] (float32) per pixel: the sums
         over pixels as GEMMs."""
         u, mean = self.components, self.mean
@@ -204,7 +206,7 @@ class LowRankSpectra(nn.Module):
         rhs = ((y - mean) * winv) @ u.T  # [b, R]
         a_hat = torch.cholesky_solve(rhs[..., None], chol)[..., 0]
         filled = torch.where(usable, y, mean + a_hat @ u)
-        g = _masked_product(u, maps.double(), ~usable)  # U_m A_m^T [b, R, P]
+        g = _masked_product(u, maps, ~usable)  # U_m A_m^T [b, R, P]
         # U_o diag(s^2 e^2 / v) A_o^T [b, R, P], the largest product here, in float32: it enters through the cross
         # term only, and its rounding moves the variance by ~5e-10 relative (benchmarks/README.md)
         h = ((o * err2 / v).float() @ axes_maps32.T).view(b, r, p).double()

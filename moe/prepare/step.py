@@ -33,7 +33,7 @@ import torch
 from moe.data import ranks
 from moe.data.folder import SpectraFolder
 from moe.experts import groups
-from moe.experts.bundle import ExpertBundle, ExpertsMismatchError, bundle_path
+from moe.experts.bundle import ExpertBundle, ExpertsMismatchError, LabelNotFittedError, bundle_path
 from moe.experts.cache import load_or_fit
 from moe.experts.fit import FitConfig
 from moe.experts.model_error import model_error_variance
@@ -141,7 +141,8 @@ def stream_labels(folder: SpectraFolder, labels: tuple[str, ...]) -> None:
 
 def label_experts(bundle: ExpertBundle, family: str, labels: tuple[str, ...], path: Path) -> RidgeExperts:
     """The experts of ``family`` for ``labels`` (a subset of the bundle's, in this order) [K, L, D]; a label the
-    bundle was not fitted for is one error naming ``--model.labels`` and the experts file ``path``."""
+    bundle was not fitted for is one error naming ``--model.labels`` and the experts file ``path``, one the family
+    was not fitted for (``FitConfig.family_labels``) one naming the family and the label."""
     have = bundle.labels
     missing = [name for name in labels if name not in have]
     if missing:
@@ -149,8 +150,12 @@ def label_experts(bundle: ExpertBundle, family: str, labels: tuple[str, ...], pa
             f"{path}: --model.labels asks for {', '.join(missing)}, but these experts were fitted for "
             f"{', '.join(have)} only: drop --model.experts_path or fit experts for those labels"
         )
-    weight, bias = bundle.weights(family)  # [G, L_bundle, D], [G, L_bundle]
-    idx = [have.index(name) for name in labels]
+    own = bundle.family_labels(family)
+    for name in labels:
+        if name not in own:
+            raise LabelNotFittedError(family, name, own, where=f"{path}: ")
+    weight, bias = bundle.weights(family)  # [G, L_family, D], [G, L_family]
+    idx = [own.index(name) for name in labels]
     return RidgeExperts.from_arrays(weight[:, idx], bias[:, idx], bundle.family(family).names, labels)
 
 
@@ -199,9 +204,10 @@ def fit_scalers(folder: SpectraFolder, physics: PhysicsFeatures, rows: int) -> t
 
 def describe(prepared: Prepared) -> dict:
     """A short, JSON-able account of what was prepared (for logs and reports)."""
-    alphas = {
-        f: sorted(set(np.asarray(prepared.bundle.family(f).alpha).tolist())) for f in prepared.bundle.family_names
-    }
+    bundle, alphas = prepared.bundle, {}
+    for f in bundle.family_names:  # log g's alphas, or the first label's of a family fitted without log g
+        own = bundle.family_labels(f)
+        alphas[f] = sorted(set(np.asarray(bundle.family(f, "log_g" if "log_g" in own else own[0]).alpha).tolist()))
     return {
         "family": prepared.family,
         "labels": list(prepared.labels),
