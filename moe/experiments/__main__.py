@@ -161,14 +161,15 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def run_in_child(fn: Callable, *args):
+def run_in_child(fn: Callable, *args, env: dict[str, str] = HEAP_ENV):
     """``fn(*args)`` in a fresh (spawned) process, its result (or its exception) handed back: the memory it used
     goes back to the system when it returns. The child starts with the heap setting of the expert fit's child
     (:data:`HEAP_ENV`): under glibc's defaults a large block (over its threshold, at most 32 MiB) is a fresh
     ``mmap``, page-faulted in again at each use, and the ceiling's 1D-CNN took 260 s for a bin instead of 89 s.
-    ``fn`` and the arguments must pickle."""
+    ``env``: what the child's environment adds to this process's (``{}``: nothing, glibc's defaults; a
+    benchmark's comparison, ``benchmarks/experiment_heap.py``). ``fn`` and the arguments must pickle."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        with _environment(HEAP_ENV):
+        with _environment(env):
             future = pool.submit(fn, *args)  # starts the child, which inherits this environment
         return future.result()
 
