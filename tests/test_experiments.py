@@ -21,6 +21,10 @@ from moe.experiments.common import ExperimentSettings, Results, Verdict, bootstr
 from moe.experts.fit import FitConfig
 from moe.gates.quiet import quiet_lightning
 
+# ``moe experiments`` runs each experiment in a child process; the tests here patch experiments, which a child would
+# not see, so they run them in the test's process (the fixture below); the default is read before any patch
+ISOLATED_BY_DEFAULT = importlib.import_module("moe.experiments.__main__").ISOLATE
+
 FIGURES = {
     "leakage": [
         "logg_err_base_01_r2_models.png",
@@ -69,6 +73,12 @@ TABLES = {
     ],
     "ceiling": ["per_bin.csv", "overall.csv", "ridge_alpha_sweep.csv"],
 }
+
+
+@pytest.fixture(autouse=True)
+def in_process(monkeypatch):
+    """Experiments run in the test's process, where the test's patches apply."""
+    monkeypatch.setattr(importlib.import_module("moe.experiments.__main__"), "ISOLATE", False)
 
 
 @pytest.fixture(scope="module")
@@ -841,3 +851,44 @@ def test_the_every_label_section_is_in_the_report(computed, exp_dir, tmp_path):
         and "(CSV: `every_label.csv`)" in section
     )
     assert pd.read_csv(tmp_path / "every_label.csv").shape[0] == 5 * len(EVERY_LABEL)
+
+
+def _allocate(mb: int) -> tuple[int, int, dict[str, str | None]]:
+    """In a child: touch ``mb`` MB, then hand back the pid, this process's peak RSS (kB) and its heap setting."""
+    import os
+    import resource
+
+    from moe.experts.isolated import HEAP_ENV
+
+    block = np.ones(mb * 250_000, dtype=np.float32)  # 4 bytes each
+    assert block.sum() > 0
+    heap = {k: os.environ.get(k) for k in HEAP_ENV}
+    return os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, heap
+
+
+def _refuse(flag: str) -> None:
+    from moe.experiments.common import SettingsError
+
+    raise SettingsError(flag, "must be at least 50")
+
+
+def test_each_experiment_runs_in_a_child_whose_memory_is_not_the_parents():
+    """``run_in_child`` runs a function in another process and hands back its value: the 400 MB touched there are
+    that process's (another pid, its own peak) and count in the peak the run reports (``peak_rss_gb`` includes
+    children); the child has the expert fit's heap setting, the parent's environment is left as it was; an error
+    keeps its type, flag and message, so ``moe experiments`` still prints it as one line."""
+    import os
+
+    from moe.experiments.__main__ import peak_rss_gb, run_in_child
+    from moe.experiments.common import SettingsError
+    from moe.experts.isolated import HEAP_ENV
+
+    assert ISOLATED_BY_DEFAULT
+    before = dict(os.environ)
+    pid, child_kb, heap = run_in_child(_allocate, 400)
+    assert pid != os.getpid() and child_kb > 400_000
+    assert heap == HEAP_ENV and dict(os.environ) == before
+    assert peak_rss_gb() >= child_kb / 1e6
+    with pytest.raises(SettingsError, match="must be at least 50") as err:
+        run_in_child(_refuse, "--n-train")
+    assert err.value.argument_name == "--n-train"

@@ -14,15 +14,22 @@ bootstrap interval and the spread between seeds.
 (20k training spectra, CNN up to 20 epochs); ``--quick`` is a smoke run of a few minutes whose
 verdicts are not decisions; ``--n-train`` scales it up to the full 1M (the Ridge experts
 stream; in-memory models -- LightGBM, CNN, the leakage audit -- are capped by
-``--max-memory-rows``).
+``--max-memory-rows``). Each experiment runs in a process of its own (:func:`run_in_child`), so what one
+leaves in the heap never adds to the next one's peak (the peak RSS of ``all`` is its largest experiment's), and
+its allocator keeps large blocks in the heap as the expert fit's does: the 1D-CNN's batches are not page-faulted
+in afresh at every step.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,12 +40,14 @@ from moe.experiments import EXPERIMENTS, experiment
 from moe.experiments.common import ExperimentSettings, Outcome
 from moe.experiments.gates import MAX_EPOCHS
 from moe.experiments.summary import write_summary
+from moe.experts.isolated import HEAP_ENV
 from moe.gates.quiet import quiet_lightning, quiet_repeated_trainers
 from moe.shared.arguments import ToolParser, run_tool
 
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
 # a smoke run: a few thousand spectra, two seeds, short gate runs; its verdicts are not decisions
 QUICK = {"n_train": 3000, "max_memory_rows": 3000, "seeds": (1, 2), "epochs": 8, "cnn_epochs": 2}
+ISOLATE = True  # each experiment in its own process (tests that patch an experiment set it False)
 
 
 def _parser() -> ToolParser:
@@ -130,10 +139,60 @@ def _settings(a: Namespace) -> ExperimentSettings:
     )
 
 
+def peak_rss_gb() -> float:
+    """The largest RSS of this process or of any process it waited for (experiments, expert fits) so far, in GB
+    (the budget's second figure; ``ru_maxrss`` is in kB on Linux)."""
+    own, children = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return max(own, children) / 1e6
+
+
+@contextmanager
+def _environment(extra: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``extra`` inside the block (for a child started there), restored after."""
+    before = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+def run_in_child(fn: Callable, *args, env: dict[str, str] = HEAP_ENV):
+    """``fn(*args)`` in a fresh (spawned) process, its result (or its exception) handed back: the memory it used
+    goes back to the system when it returns. The child starts with the heap setting of the expert fit's child
+    (:data:`HEAP_ENV`): under glibc's defaults a large block (over its threshold, at most 32 MiB) is a fresh
+    ``mmap``, page-faulted in again at each use, and the ceiling's 1D-CNN took 260 s for a bin instead of 89 s.
+    ``env``: what the child's environment adds to this process's (``{}``: nothing, glibc's defaults; a
+    benchmark's comparison, ``benchmarks/experiment_heap.py``). ``fn`` and the arguments must pickle."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with _environment(env):
+            future = pool.submit(fn, *args)  # starts the child, which inherits this environment
+        return future.result()
+
+
+def _setup() -> None:
+    """What every process of a run sets up: log lines as messages, Lightning's lines a user cannot act on off."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_lightning()
+    quiet_repeated_trainers()
+    pd.set_option("display.width", 160)
+
+
+def _run(name: str, settings: ExperimentSettings, child: bool = False) -> Outcome:
+    """One experiment (in a child: set up as the parent is first)."""
+    if child:
+        _setup()
+    return experiment(name).run(settings)
+
+
 def _print(outcome: Outcome, seconds: float) -> None:
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux: the budget's second figure
     print(
-        f"\n== {outcome.experiment.name}: {outcome.report}/report.md ({seconds:.0f} s, peak RSS so far {peak_gb:.2f} GB)"
+        f"\n== {outcome.experiment.name}: {outcome.report}/report.md ({seconds:.0f} s, "
+        f"peak RSS so far {peak_rss_gb():.2f} GB)"
     )
     print(outcome.headline.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     for v in outcome.verdicts:
@@ -142,10 +201,7 @@ def _print(outcome: Outcome, seconds: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet_lightning()
-    quiet_repeated_trainers()
-    pd.set_option("display.width", 160)
+    _setup()
     base = _settings(a)
     names = EXPERIMENTS if a.name == "all" else (a.name,)
     root = Path(a.out or "reports")
@@ -155,7 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = a.seeds or (QUICK["seeds"] if a.quick else exp.default_seeds)
         out = root / name if (a.name == "all" or a.out is None) else root
         t = time.time()
-        outcomes.append(exp.run(replace(base, out=str(out), seeds=tuple(seeds))))
+        settings = replace(base, out=str(out), seeds=tuple(seeds))
+        if ISOLATE:
+            outcomes.append(run_in_child(_run, name, settings, True))
+        else:
+            outcomes.append(_run(name, settings))
         _print(outcomes[-1], time.time() - t)
     if a.name == "all":
         print(f"\n== summary: {write_summary(outcomes, root)}")
