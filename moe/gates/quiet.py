@@ -19,7 +19,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended.*")
     # the oracle and global gates learn nothing: fitting them only validates and checkpoints
-    warnings.filterwarnings("ignore", ".*`configure_optimizers` returned `None`.*")
+    warnings.filterwarnings("ignore", ".*configure_optimizers` returned `None`.*")
     warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
     # the catalogue writer takes each star's shard and row from the batch, not the loader's indices
     warnings.filterwarnings("ignore", ".*Couldn't infer the batch indices.*")
