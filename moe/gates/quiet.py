@@ -19,12 +19,16 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended.*")
     # the oracle and global gates learn nothing: fitting them only validates and checkpoints
-    warnings.filterwarnings("ignore", ".*`configure_optimizers` returned `None`.*")
+    warnings.filterwarnings("ignore", ".*configure_optimizers` returned `None`.*")
     warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
     # the catalogue writer takes each star's shard and row from the batch, not the loader's indices
     warnings.filterwarnings("ignore", ".*Couldn't infer the batch indices.*")
     # `fit --ckpt_path last` continues a run in its own folder, which holds its earlier checkpoints
     warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+    # test, validate and predict restore a checkpoint's callbacks too, and the checkpoint callback warns that its
+    # best-k list is not reloaded into another folder: those commands use none of it; a `fit --ckpt_path` with a
+    # checkpoint of another run's version starts a version of its own, which keeps its own best
+    warnings.filterwarnings("ignore", ".*The dirpath has changed from .* won't be reloaded.*")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
         lambda record: "Tip:" not in record.getMessage()
     )
