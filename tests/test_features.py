@@ -25,6 +25,43 @@ def test_quality_matches_scipy():
     assert torch.isfinite(const).all() and const[0, 8] == 0 and const[0, 9] == 0
 
 
+def _sorted_reference(error: torch.Tensor) -> torch.Tensor:
+    """The statistics from a full sort of each row, all rows at once (the definition before the partial sort)."""
+    e, s = error.double(), error.sort(dim=-1).values.double()
+    n = error.shape[-1]
+
+    def quantile(q):
+        lo = int(q * (n - 1))
+        hi, frac = min(lo + 1, n - 1), q * (n - 1) - lo
+        return s[:, lo] * (1 - frac) + s[:, hi] * frac
+
+    mean = e.mean(-1)
+    c2 = (e - mean[:, None]).square()
+    m2, m3, m4 = c2.mean(-1), (c2 * (e - mean[:, None])).mean(-1), c2.square().mean(-1)
+    ok = m2 > torch.finfo(torch.float64).tiny
+    safe = torch.where(ok, m2, torch.ones_like(m2))
+    skew = torch.where(ok, m3 / safe.pow(1.5), torch.zeros_like(m2))
+    kurt = torch.where(ok, m4 / safe.square() - 3.0, torch.zeros_like(m2))
+    cols = [mean, m2.sqrt(), s[:, 0], s[:, -1], quantile(0.5), e.sum(-1), quantile(0.25), quantile(0.75), skew, kurt]
+    return torch.stack(cols, dim=-1).to(error.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("shape", [(200, 4096), (64, 4096), (65, 257), (3, 2), (5, 1), (0, 4096)])
+def test_quality_pieces_and_partial_sort_equal_a_full_sort(shape, dtype):
+    """Rows in pieces of 64 and the quantiles from a partial sort give exactly the values of a full sort of all
+    rows at once, masked (NaN, inf) and constant rows included."""
+    g = torch.Generator().manual_seed(1)
+    error = (torch.rand(*shape, generator=g) * 0.2 + 0.05).to(dtype)
+    if shape[0] > 3 and shape[1] > 3:
+        error[1, ::3] = float("nan")
+        error[2, 1] = float("inf")
+        error[3] = 0.3
+    got = quality_features(error)
+    assert got.dtype == dtype and got.shape == (shape[0], 10)
+    torch.testing.assert_close(got, _sorted_reference(error), rtol=0, atol=0, equal_nan=True)
+
+
 def _band_mean(f, wave, lo, hi):
     m = (wave >= lo) & (wave <= hi)
     return f[m].mean() if m.any() else f[np.argmin(np.abs(wave - 0.5 * (lo + hi)))]
