@@ -872,6 +872,19 @@ def _refuse(flag: str) -> None:
     raise SettingsError(flag, "must be at least 50")
 
 
+def _die() -> None:
+    import os
+
+    os._exit(9)  # as a process the kernel killed for memory: no result, no exception
+
+
+def test_a_child_that_dies_names_what_it_ran():
+    from moe.experiments.__main__ import ChildDied, run_in_child
+
+    with pytest.raises(ChildDied, match=r"^the process running experiment ceiling ended without a result \(killed"):
+        run_in_child(_die, what="experiment ceiling")
+
+
 def test_each_experiment_runs_in_a_child_whose_memory_is_not_the_parents():
     """``run_in_child`` runs a function in another process and hands back its value: the 400 MB touched there are
     that process's (another pid, its own peak) and count in the peak the run reports (``peak_rss_gb`` includes

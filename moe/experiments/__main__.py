@@ -29,6 +29,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -161,17 +162,28 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def run_in_child(fn: Callable, *args, env: dict[str, str] = HEAP_ENV):
+class ChildDied(RuntimeError):
+    """The process running an experiment ended without a result (killed, out of memory)."""
+
+
+def run_in_child(fn: Callable, *args, env: dict[str, str] = HEAP_ENV, what: str = "the job"):
     """``fn(*args)`` in a fresh (spawned) process, its result (or its exception) handed back: the memory it used
     goes back to the system when it returns. The child starts with the heap setting of the expert fit's child
     (:data:`HEAP_ENV`): under glibc's defaults a large block (over its threshold, at most 32 MiB) is a fresh
     ``mmap``, page-faulted in again at each use, and the ceiling's 1D-CNN took 260 s for a bin instead of 89 s.
     ``env``: what the child's environment adds to this process's (``{}``: nothing, glibc's defaults; a
-    benchmark's comparison, ``benchmarks/experiment_heap.py``). ``fn`` and the arguments must pickle."""
+    benchmark's comparison, ``benchmarks/experiment_heap.py``). ``fn`` and the arguments must pickle. A child that
+    dies without a result raises :class:`ChildDied` naming ``what`` it ran."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         with _environment(env):
             future = pool.submit(fn, *args)  # starts the child, which inherits this environment
-        return future.result()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise ChildDied(
+                f"the process running {what} ended without a result (killed; out of memory? peak RSS so far "
+                f"{peak_rss_gb():.2f} GB)"
+            ) from None
 
 
 def _setup() -> None:
@@ -213,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.time()
         settings = replace(base, out=str(out), seeds=tuple(seeds))
         if ISOLATE:
-            outcomes.append(run_in_child(_run, name, settings, True))
+            outcomes.append(run_in_child(_run, name, settings, True, what=f"experiment {name}"))
         else:
             outcomes.append(_run(name, settings))
         _print(outcomes[-1], time.time() - t)
