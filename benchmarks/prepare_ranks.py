@@ -122,10 +122,11 @@ def timeline(samples: list, cores: int, bucket: float = 2.0) -> str:
             i += 1
         now = samples[i][1]
         used = {r: now.get(r, 0.0) - prev.get(r, 0.0) for r in roles}
+        width = min(end, samples[-1][0]) - (end - bucket)  # the last bucket ends with the run
         lines.append(
             f"{end:6.0f} "
             + " ".join(f"{used[r]:13.2f}" for r in roles)
-            + f"   {cores * bucket - sum(used.values()):5.2f}"
+            + f"   {cores * width - sum(used.values()):5.2f}"
         )
         prev, i, end = now, i + 1, end + bucket
     return "\n".join(lines)

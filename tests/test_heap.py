@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -65,6 +66,16 @@ def test_block_heap_reuses_pages_inside_and_gives_them_back_after():
     assert out["rss_held"] - out["rss_before"] > 32 << 20  # the heap keeps the freed 64 MiB block meanwhile
     assert out["rss_after"] - out["rss_before"] < 16 << 20  # and gives it back on leaving
     assert out["after"] > out["outside"] / 2  # afterwards the process allocates as glibc does, not as inside
+
+
+@glibc_only
+def test_block_heap_leaves_a_process_started_with_heap_env_as_it_is():
+    """The expert fit's child and the experiments start with HEAP_ENV for their whole life: a cache built there
+    must not hand the rest of the process (an experiment's 1D-CNN) back to glibc's defaults."""
+    env = dict(os.environ, **heap.HEAP_ENV)
+    run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, env=env)
+    out = json.loads(run.stdout)
+    assert out["after"] < out["inside"] + 1000 and out["outside"] < out["inside"] + 1000  # pages reused throughout
 
 
 def test_block_heap_is_a_no_op_elsewhere(monkeypatch):

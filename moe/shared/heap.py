@@ -11,7 +11,8 @@ faults and 7.3 s of system time in 37 s; `benchmarks/README.md`). Two ways to ke
 - :func:`block_heap`, around such a loop in a process that goes on afterwards (the caches and the catalogue of a
   training run): the same setting while inside; on leaving, the free memory is given back to the system and the
   thresholds are left where glibc's dynamic rule ends once a block of 32 MiB or more has been freed (mmap above
-  32 MiB, trim above 64 MiB), the state such a loop leaves glibc in anyway.
+  32 MiB, trim above 64 MiB), the state such a loop leaves glibc in anyway. In a process started with its own
+  thresholds (:data:`HEAP_ENV`, or glibc's tunables) it changes nothing.
 
 Elsewhere than glibc both mean nothing.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 import threading
 from collections.abc import Iterator
@@ -38,8 +40,11 @@ _depth = 0
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library's symbols when it is glibc (the process's own, no lookup of a file), else None."""
+    """The C library's symbols when it is glibc and the process did not start with its own thresholds (the
+    expert fit's child, an experiment's process: :data:`HEAP_ENV`, kept for their whole life), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    if any(name in os.environ for name in (*HEAP_ENV, "GLIBC_TUNABLES")):
         return None
     return ctypes.CDLL(None)
 
