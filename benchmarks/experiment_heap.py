@@ -3,7 +3,7 @@
     python benchmarks/experiment_heap.py [--rows 2636] [--epochs 2] [--repeat 1]
 
 ``moe experiments`` runs each experiment in a spawned process (:func:`moe.experiments.__main__.run_in_child`) whose
-environment carries the expert fit's heap setting (:data:`moe.experts.isolated.HEAP_ENV`). This fits the ceiling's
+environment carries the expert fit's heap setting (:data:`moe.shared.heap.HEAP_ENV`). This fits the ceiling's
 :class:`moe.experts.nonlinear.CNNExpert` (its defaults, ``--epochs`` epochs) on ``--rows`` random spectra of 4096
 pixels (a metal-poor bin of the default series holds ~2600) in one fresh process per setting started by
 ``run_in_child``, in one run, and prints the fit's wall time, the process's minor page faults and peak RSS, and the
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from moe.experiments.__main__ import run_in_child
-from moe.experts.isolated import HEAP_ENV
+from moe.shared.heap import HEAP_ENV
 
 
 def fit_cnn(rows: int, epochs: int) -> tuple[float, int, float]:

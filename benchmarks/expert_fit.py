@@ -12,7 +12,7 @@ Measured in one run, each part in a fresh subprocess (so peak RSS is its own):
   held in memory (loading excluded; the rows are float32 as stored, so scikit-learn computes
   in float32 where we accumulate in float64), and its peak RSS, extrapolated to 1M rows; run once as
   a user runs it and once with the glibc heap setting our fit runs with
-  (:data:`moe.experts.isolated.HEAP_ENV`, ``MALLOC_MMAP_THRESHOLD_``), so the comparison can be read
+  (:data:`moe.shared.heap.HEAP_ENV`, ``MALLOC_MMAP_THRESHOLD_``), so the comparison can be read
   without that advantage.
 
 ``--heap-compare`` measures only our fit at ``--n`` rows three times side by side, each in a fresh process:
@@ -36,8 +36,8 @@ import sys
 from pathlib import Path
 
 from moe.data.synth import SynthConfig, write_dataset
-from moe.experts.isolated import HEAP_ENV
 from moe.experts.ridge import DEFAULT_ALPHAS
+from moe.shared.heap import HEAP_ENV
 
 OURS = r"""
 import json, resource, sys, time

@@ -14,7 +14,9 @@ process (``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1``), so N r
 
 After each run the folder's experts are kept aside, and at the end the N-rank experts are compared with
 the 1-rank ones (largest relative weight difference, alphas equal) and so are the gate-input caches.
-Runs are taken in the order given (default 1 then 2). ``uptime`` is printed before and after: on a
+Each run prints its wall time and its CPU time (user + system of every process it started): the CPU time
+of N ranks over N is the wall time they would take perfectly packed on N cores. Runs are taken in the order
+given (default 1 then 2). ``uptime`` is printed before and after: on a
 machine others are using, the figures measure the load too. The last line is one JSON object.
 """
 
@@ -26,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +58,95 @@ def fresh(data: Path) -> None:
     for pattern in CACHES:
         for path in list(data.glob(pattern)) + list(data.glob(f"*/{pattern}")):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    """User + system CPU seconds so far of ``pid`` and each of its live descendants (Linux ``/proc``), by pid."""
+    parent, cpu = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+        cpu[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / TICK
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return {p: cpu[p] for p in tree if p in cpu}
+
+
+def run_metered(cmd: list[str], env: dict, every: float = 0.1) -> tuple[subprocess.CompletedProcess, list]:
+    """Run ``cmd``; also return the CPU seconds (user + system) its process tree had used by role -- the ranks and
+    their expert-fit children, which their parents do not all wait for, so ``RUSAGE_CHILDREN`` would miss them --
+    read from ``/proc`` every ``every`` s: ``[(seconds since the start, {role: CPU s so far})]`` (a process's last
+    ``every`` s before it exits are not counted)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, float] = {}
+    role: dict[int, str] = {}
+    samples: list[tuple[float, dict[str, float]]] = []
+
+    def meter() -> None:
+        while proc.poll() is None:
+            for pid, cpu in tree_cpu(proc.pid).items():
+                seen[pid] = max(seen.get(pid, 0.0), cpu)
+                if pid not in role:
+                    role[pid] = role_of(pid)
+            so_far: dict[str, float] = {}
+            for pid, cpu in seen.items():
+                so_far[role[pid]] = so_far.get(role[pid], 0.0) + cpu
+            samples.append((time.perf_counter() - t0, so_far))
+            time.sleep(every)
+
+    thread = threading.Thread(target=meter, daemon=True)
+    thread.start()
+    out, err = proc.communicate()
+    thread.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), samples or [(0.0, {})]
+
+
+def timeline(samples: list, cores: int, bucket: float = 2.0) -> str:
+    """The CPU seconds of each role per ``bucket`` s of the run and the core-seconds left idle (``cores`` x bucket
+    minus their sum): where the run leaves a core waiting."""
+    roles = sorted({r for _, so_far in samples for r in so_far})
+    lines = [f"{'s':>6} " + " ".join(f"{r:>13}" for r in roles) + "   idle"]
+    prev, i, end = {}, 0, bucket
+    while i < len(samples):
+        while i + 1 < len(samples) and samples[i + 1][0] <= end:
+            i += 1
+        now = samples[i][1]
+        used = {r: now.get(r, 0.0) - prev.get(r, 0.0) for r in roles}
+        width = min(end, samples[-1][0]) - (end - bucket)  # the last bucket ends with the run
+        lines.append(
+            f"{end:6.0f} "
+            + " ".join(f"{used[r]:13.2f}" for r in roles)
+            + f"   {cores * width - sum(used.values()):5.2f}"
+        )
+        prev, i, end = now, i + 1, end + bucket
+    return "\n".join(lines)
+
+
+def role_of(pid: int) -> str:
+    """What a process of the run is: ``rank <r>``, ``expert fit <r>`` (the rank's child), ``torchrun`` or ``other``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = dict(
+            item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item
+        )
+    except OSError:
+        return "other"
+    rank = environ.get(b"LOCAL_RANK", environ.get(b"RANK", b"0")).decode()
+    if b"torch.distributed.run" in argv:
+        return "torchrun"
+    if b"moe.experts.isolated" in argv:
+        return f"expert fit {rank}"
+    return f"rank {rank}" if b"moe.main" in argv or b"-c" in argv else "other"
 
 
 def uptime() -> str:
@@ -144,6 +236,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts, measured in this order")
     ap.add_argument("--step", choices=("fit", "prepare"), default="fit")
     ap.add_argument("--data", default=None, help="dataset folder (default data/bench_ranks<rows/1000>k)")
+    ap.add_argument("--timeline", action="store_true", help="print each run's CPU per role per 2 s and the idle cores")
     a = ap.parse_args()
     data = Path(a.data or f"data/bench_ranks{a.rows // 1000}k").resolve()
     if not (data / "synth.json").is_file():
@@ -156,12 +249,20 @@ def main() -> None:
     for ranks in a.ranks:
         fresh(data)
         t = time.perf_counter()
-        run = subprocess.run(command(a.step, data, ranks), env=env, cwd=ROOT, capture_output=True, text=True)
-        wall = time.perf_counter() - t
+        run, samples = run_metered(command(a.step, data, ranks), env)
+        wall, by_role = time.perf_counter() - t, {r: round(v, 1) for r, v in samples[-1][1].items()}
+        cpu = sum(by_role.values())
         if run.returncode != 0:
             raise SystemExit(f"{ranks} ranks failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
-        fig[f"wall_s_{ranks}"] = round(wall, 1)
-        print(f"{ranks} rank(s): {wall:8.1f} s   ({uptime()})", flush=True)
+        fig[f"wall_s_{ranks}"], fig[f"cpu_s_{ranks}"] = round(wall, 1), round(cpu, 1)
+        fig[f"cpu_s_by_process_{ranks}"] = dict(sorted(by_role.items()))
+        print(
+            f"{ranks} rank(s): {wall:8.1f} s, {cpu:6.1f} CPU-s (user + sys, every process)   ({uptime()})", flush=True
+        )
+        print("    CPU-s by process: " + ", ".join(f"{k} {v}" for k, v in sorted(by_role.items())), flush=True)
+        fig[f"idle_core_s_{ranks}"] = round(ranks * wall - cpu, 1)
+        if a.timeline:
+            print(timeline(samples, ranks), flush=True)
         keep_aside(data, ranks)
     base = a.ranks[0]
     for ranks in a.ranks[1:]:

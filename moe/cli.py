@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -52,6 +53,7 @@ from moe.gates.module import GatedMoE
 from moe.gates.quiet import quiet_lightning
 from moe.prepare import attach_inputs, prepare, stream_labels
 from moe.prepare.reference import load_or_build
+from moe.shared.heap import block_heap
 
 DESCRIPTION = (
     "Train, evaluate and apply a gated mixture of frozen Ridge experts that estimates log g +- sigma "
@@ -242,7 +244,17 @@ class MoECLI(LightningCLI):
         check_checkpoint(self.model, state, ckpt, self.datamodule.fingerprint_hash(), "--data")
         return state
 
-    before_fit = before_validate = before_test = before_predict = _prepare
+    before_fit = before_validate = before_test = _prepare
+
+    def before_predict(self) -> None:
+        """Prepare, then predict under :func:`~moe.shared.heap.block_heap`: each batch's [batch, pixels] arrays
+        reuse the heap (left in :meth:`after_predict`, or with the process)."""
+        self._prepare()
+        self._heap = ExitStack()
+        self._heap.enter_context(block_heap())
+
+    def after_predict(self) -> None:
+        self._heap.close()
 
     def after_test(self) -> None:
         self._print_table()

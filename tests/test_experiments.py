@@ -858,7 +858,7 @@ def _allocate(mb: int) -> tuple[int, int, dict[str, str | None]]:
     import os
     import resource
 
-    from moe.experts.isolated import HEAP_ENV
+    from moe.shared.heap import HEAP_ENV
 
     block = np.ones(mb * 250_000, dtype=np.float32)  # 4 bytes each
     assert block.sum() > 0
@@ -894,7 +894,7 @@ def test_each_experiment_runs_in_a_child_whose_memory_is_not_the_parents():
 
     from moe.experiments.__main__ import peak_rss_gb, run_in_child
     from moe.experiments.common import SettingsError
-    from moe.experts.isolated import HEAP_ENV
+    from moe.shared.heap import HEAP_ENV
 
     assert ISOLATED_BY_DEFAULT
     before = dict(os.environ)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import yaml
 from helpers import noisy_batch
 
+from moe import cli as cli_module
 from moe.cli import cli_main
 from moe.data.datamodule import SpectraDataModule
 from moe.data.shards import LABEL_COLUMNS
@@ -183,7 +185,7 @@ def test_every_config_fast_dev_run(tmp_path, tiny_dir, config, recwarn):
     assert not [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
 
 
-def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
+def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = _cli(
@@ -254,6 +256,22 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
     assert "test/r2" in acc.Tags()["scalars"]
 
     pred_csv = tmp_path / "pred.csv"
+    heap_events = []
+
+    @contextmanager
+    def recording_heap():  # predict's batches run under the block-heap setting, left when predict ends
+        heap_events.append("enter")
+        yield
+        heap_events.append("exit")
+
+    monkeypatch.setattr(cli_module, "block_heap", recording_heap)
+    predict_step = GatedMoE.predict_step
+
+    def recorded_step(self, *args, **kwargs):
+        heap_events.append("batch")
+        return predict_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GatedMoE, "predict_step", recorded_step)
     cli_main(
         [
             "predict",
@@ -267,6 +285,7 @@ def test_fit_logs_tensorboard_tags_and_checkpoints(tmp_path, tiny_dir, capsys):
         ]
     )
     assert [p.name for p in run_dir.iterdir()] == ["version_0"]
+    assert heap_events[0] == "enter" and heap_events[-1] == "exit" and set(heap_events[1:-1]) == {"batch"}
     rows = list(csv.DictReader(pred_csv.open()))
     assert len(rows) == 300
     names = test.model.mixture.experts.names

@@ -41,9 +41,9 @@ from moe.experiments import EXPERIMENTS, experiment
 from moe.experiments.common import ExperimentSettings, Outcome
 from moe.experiments.gates import MAX_EPOCHS
 from moe.experiments.summary import write_summary
-from moe.experts.isolated import HEAP_ENV
 from moe.gates.quiet import quiet_lightning, quiet_repeated_trainers
 from moe.shared.arguments import ToolParser, run_tool
+from moe.shared.heap import HEAP_ENV
 
 ALL_DEFAULTS = {"n_train": 20_000, "cnn_epochs": 20}
 # a smoke run: a few thousand spectra, two seeds, short gate runs; its verdicts are not decisions

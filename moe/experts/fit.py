@@ -514,7 +514,7 @@ def fit_families(folder: SpectraFolder, cfg: FitConfig, progress: bool = True):
 
     The labels are checked against the shards first (:func:`moe.data.labels.check_labels`). In this process;
     the cached path (:func:`moe.experts.cache.load_or_fit`) runs it in a child process with the heap setting
-    of :data:`moe.experts.isolated.HEAP_ENV`."""
+    of :data:`moe.shared.heap.HEAP_ENV`."""
     t0 = time.perf_counter()
     check_labels(folder.train_set, folder.val_set, cfg.labels)
     # over several ranks each group's Gram goes only to the rank that solves it -- unless the cells are solved

@@ -1,14 +1,11 @@
 """The expert fit in a child process: its heap setting and its peak memory end with it.
 
-The fit repeatedly allocates [block, D] and [D, D] float64 temporaries. glibc serves every allocation
-above its mmap threshold (at most 32 MiB by its own dynamic rule) with a fresh ``mmap`` and unmaps it on
-free, so each [4096, 4096] temporary is page-faulted in again -- where page faults are expensive (virtual
-machines) as costly as the arithmetic (on the 2-core VM, one 4096-row block's products took 0.052 s with
-fresh pages, 0.023 s with reused ones). The child therefore starts with glibc's tunables in its
-environment (:data:`HEAP_ENV`): blocks up to 1 GiB come from and return to the heap, whose top is never
-given back; the calling process -- the training run -- keeps glibc's own defaults, loads the file the
-child writes and never holds the fit's peak memory (4 GB at 4096 pixels). Elsewhere than glibc the
-variables mean nothing. Progress bars and the project's log lines of the child appear as the parent's.
+The fit repeatedly allocates [block, D] and [D, D] float64 temporaries, which glibc's defaults page-fault in
+again for every block (on the 2-core VM, one 4096-row block's products took 0.052 s with fresh pages, 0.023 s
+with reused ones). The child therefore starts with :data:`moe.shared.heap.HEAP_ENV` in its environment (blocks up
+to 1 GiB come from and return to the heap, whose top is never given back); the calling process -- the training
+run -- loads the file the child writes and never holds the fit's peak memory (4 GB at 4096 pixels). Progress bars
+and the project's log lines of the child appear as the parent's.
 
 The child is a fresh interpreter running this module (``python -m moe.experts.isolated JOB``),
 not a ``multiprocessing`` spawn, which would re-run the caller's main script -- a script without
@@ -38,10 +35,9 @@ from moe.data import ranks
 from moe.data.folder import SpectraFolder
 from moe.experts.bundle import fit_bundle
 from moe.experts.fit import FitConfig
+from moe.shared.heap import HEAP_ENV
 
 log = logging.getLogger(__name__)
-# glibc malloc tunables of the child: serve blocks up to 1 GiB from the heap and keep the heap's top
-HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 class ExpertFitDied(RuntimeError):
