@@ -1,6 +1,6 @@
 """The preparation split over ranks: the same ``moe fit`` with 1 and with N CPU ranks, side by side in one run.
 
-    python benchmarks/prepare_ranks.py --rows 100000 [--ranks 1 2] [--data data/bench_ranks100k]
+    python benchmarks/prepare_ranks.py --rows 100000 [--ranks 1 2] [--data data/bench_ranks100k] [--timeline]
     python benchmarks/prepare_ranks.py --rows 1000000 --step prepare   # the 1M pipeline's preparation step
 
 Every measured command starts on a fresh folder -- the shards as generated, no experts, no
@@ -14,10 +14,12 @@ process (``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1``), so N r
 
 After each run the folder's experts are kept aside, and at the end the N-rank experts are compared with
 the 1-rank ones (largest relative weight difference, alphas equal) and so are the gate-input caches.
-Each run prints its wall time and its CPU time (user + system of every process it started): the CPU time
-of N ranks over N is the wall time they would take perfectly packed on N cores. Runs are taken in the order
-given (default 1 then 2). ``uptime`` is printed before and after: on a
-machine others are using, the figures measure the load too. The last line is one JSON object.
+Each run prints its wall time and its CPU time (user + system of every process it started, by role: rank r,
+expert fit r), read from ``/proc`` every 0.1 s (Linux): the CPU time of N ranks over N is the wall time they
+would take perfectly packed on N cores, and N x wall - CPU the core-seconds they left idle; ``--timeline``
+prints the CPU of each role per 2 s of the run with the idle cores, i.e. where the cores wait. Runs are taken
+in the order given (default 1 then 2). ``uptime`` is printed before and after: on a machine others are using,
+the figures measure the load too. The last line is one JSON object.
 """
 
 from __future__ import annotations
