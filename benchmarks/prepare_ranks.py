@@ -269,8 +269,13 @@ def main() -> None:
     base = a.ranks[0]
     for ranks in a.ranks[1:]:
         fig[f"ratio_{ranks}_over_{base}"] = round(fig[f"wall_s_{ranks}"] / fig[f"wall_s_{base}"], 3)
+        # the ratio were the N-rank run's CPU perfectly packed on its N cores (none idle)
+        fig[f"floor_{ranks}_over_{base}"] = round(fig[f"cpu_s_{ranks}"] / ranks / fig[f"wall_s_{base}"], 3)
         fig[f"same_answer_{ranks}"] = compare(data, base, ranks)
-        print(f"{ranks} / {base} ranks: {fig[f'ratio_{ranks}_over_{base}']:.3f}; {fig[f'same_answer_{ranks}']}")
+        print(
+            f"{ranks} / {base} ranks: {fig[f'ratio_{ranks}_over_{base}']:.3f} (perfectly packed: "
+            f"{fig[f'floor_{ranks}_over_{base}']:.3f}); {fig[f'same_answer_{ranks}']}"
+        )
     fig["uptime_after"] = uptime()
     print(fig["uptime_after"])
     print(json.dumps(fig))
