@@ -4,39 +4,24 @@
 
 ``ensure_row_caches`` builds its caches under :func:`moe.shared.heap.block_heap`. This rebuilds every gate-input
 cache and pre-noised test copy of ``--data`` (a folder with shards; its experts are fitted first if it has none,
-not timed) in a fresh process per setting -- with ``block_heap`` as shipped, and with it replaced by a no-op --
-alternating ``--repeat`` times, with one BLAS / torch thread, and prints each build's wall time, user and system
-CPU, minor page faults and peak RSS, and the ratio of the best times. The caches are the same either way.
+not timed) in a fresh process per setting (``run_in_child``, with glibc's own heap) -- with ``block_heap`` as
+shipped, and with it replaced by a no-op -- alternating ``--repeat`` times, with one BLAS / torch thread, and prints
+each build's wall time, user and system CPU, minor page faults and peak RSS, and the ratio of the best times. The
+caches are the same either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
-import subprocess
-import sys
+import resource
+import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from moe.experiments.__main__ import run_in_child
+
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-BUILD = r"""
-import contextlib, json, resource, sys, time
-import moe.data.row_cache
-if sys.argv[2] == "defaults":
-    moe.data.row_cache.block_heap = contextlib.nullcontext
-from moe.data.folder import SpectraFolder
-from moe.gates import GatedMoE
-from moe.prepare import prepare
-folder = SpectraFolder(sys.argv[1], synth=None)
-cfg = GatedMoE("concat", n_pixels=folder.n_pixels).prepare_config()
-t = time.perf_counter()
-prepare(folder, cfg, progress=False)
-wall = time.perf_counter() - t
-use = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"wall_s": round(wall, 2), "user_s": round(use.ru_utime, 2), "sys_s": round(use.ru_stime, 2),
-                  "minor_faults": use.ru_minflt, "peak_rss_gb": round(use.ru_maxrss / 2**20, 3)}))
-"""
 
 
 def drop_caches(data: Path) -> None:
@@ -46,14 +31,35 @@ def drop_caches(data: Path) -> None:
             path.unlink()
 
 
+def prepare_caches(data: str, setting: str) -> dict:
+    """In a fresh process: what the folder's preparation builds, under ``block_heap`` or (``defaults``) a no-op in
+    its place; the build's wall time and the process's CPU, minor page faults and peak RSS."""
+    import moe.data.row_cache
+    from moe.data.folder import SpectraFolder
+    from moe.gates import GatedMoE
+    from moe.prepare import prepare
+
+    if setting == "defaults":
+        moe.data.row_cache.block_heap = contextlib.nullcontext
+    folder = SpectraFolder(data, synth=None)
+    cfg = GatedMoE("concat", n_pixels=folder.n_pixels).prepare_config()
+    t = time.perf_counter()
+    prepare(folder, cfg, progress=False)
+    wall = time.perf_counter() - t
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "wall_s": round(wall, 2),
+        "user_s": round(use.ru_utime, 2),
+        "sys_s": round(use.ru_stime, 2),
+        "minor_faults": use.ru_minflt,
+        "peak_rss_gb": round(use.ru_maxrss / 2**20, 3),
+    }
+
+
 def build(data: Path, setting: str) -> dict:
-    env = dict(os.environ, **ONE_THREAD)
-    run = subprocess.run(
-        [sys.executable, "-c", BUILD, str(data), setting], env=env, cwd=ROOT, capture_output=True, text=True
-    )
-    if run.returncode != 0:
-        raise SystemExit(f"the build under {setting} failed:\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    # the child's environment: one thread, and glibc's own heap (HEAP_ENV, run_in_child's default, would make
+    # block_heap a no-op)
+    return run_in_child(prepare_caches, str(data), setting, env=ONE_THREAD, what=f"the build under {setting}")
 
 
 def main() -> None:
