@@ -448,7 +448,7 @@ class SynthConfig:
 
     n_train: int = 50_000
     n_val: int = 5_000
-    n_test: int = 5_000
+    n_test: int = 20_000
     shard_size: int = 10_000
     n_pixels: int = 4096
     seed: int = 42
