@@ -262,7 +262,8 @@ class MoECLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config_init["fit"].get("test_after_fit") and not self.trainer.fast_dev_run:
             best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+            # the tables below say it per label and SNR bin: not Lightning's table of every logged metric too
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
             self._print_table()
 
     def _print_table(self) -> None:
