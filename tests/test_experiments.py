@@ -885,6 +885,50 @@ def test_a_child_that_dies_names_what_it_ran():
         run_in_child(_die, what="experiment ceiling")
 
 
+def _touch_and_sleep(path: str) -> None:
+    import pathlib
+    import time
+
+    pathlib.Path(path).write_text(str(__import__("os").getpid()))
+    time.sleep(120)
+
+
+def test_a_child_ends_with_its_parent(tmp_path):
+    """A parent killed outright (SIGKILL: no handler of its own runs) takes its experiment's child with it, instead
+    of leaving that experiment running to its end (Linux: the child asks the kernel for a signal at its parent's end)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    started = tmp_path / "child.pid"
+    code = (
+        "from moe.experiments.__main__ import run_in_child; from test_experiments import _touch_and_sleep; "
+        f"run_in_child(_touch_and_sleep, {str(started)!r})"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        for _ in range(600):
+            if started.exists() and started.read_text():
+                break
+            time.sleep(0.1)
+        child = int(started.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for _ in range(100):
+            if not Path(f"/proc/{child}").exists() or " Z " in Path(f"/proc/{child}/stat").read_text():
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the child went on after its parent was killed")
+    finally:
+        parent.kill()
+
+
 def test_each_experiment_runs_in_a_child_whose_memory_is_not_the_parents():
     """``run_in_child`` runs a function in another process and hands back its value: the 400 MB touched there are
     that process's (another pid, its own peak) and count in the peak the run reports (``peak_rss_gb`` includes

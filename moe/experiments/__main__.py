@@ -22,10 +22,12 @@ in afresh at every step.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import resource
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -166,6 +168,21 @@ class ChildDied(RuntimeError):
     """The process running an experiment ended without a result (killed, out of memory)."""
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends
+
+
+def _end_with_parent(parent: int) -> None:
+    """In a child of :func:`run_in_child`: have the kernel end it (SIGTERM) when ``parent`` ends, however that ends
+    (a ``kill``, out of memory), so a stopped run leaves no experiment running on (Linux; elsewhere nothing). The
+    child is started from the parent's main thread, which lives as long as the parent."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (AttributeError, OSError, TypeError):  # no prctl: not Linux
+        return
+    if os.getppid() != parent:  # the parent ended before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_in_child(fn: Callable, *args, env: dict[str, str] = HEAP_ENV, what: str = "the job"):
     """``fn(*args)`` in a fresh (spawned) process, its result (or its exception) handed back: the memory it used
     goes back to the system when it returns. The child starts with the heap setting of the expert fit's child
@@ -173,8 +190,10 @@ def run_in_child(fn: Callable, *args, env: dict[str, str] = HEAP_ENV, what: str 
     ``mmap``, page-faulted in again at each use, and the ceiling's 1D-CNN took 260 s for a bin instead of 89 s.
     ``env``: what the child's environment adds to this process's (``{}``: nothing, glibc's defaults; a
     benchmark's comparison, ``benchmarks/experiment_heap.py``). ``fn`` and the arguments must pickle. A child that
-    dies without a result raises :class:`ChildDied` naming ``what`` it ran."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    dies without a result raises :class:`ChildDied` naming ``what`` it ran; a parent that ends takes the child with it
+    (:func:`_end_with_parent`)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, context, initializer=_end_with_parent, initargs=(os.getpid(),)) as pool:
         with _environment(env):
             future = pool.submit(fn, *args)  # starts the child, which inherits this environment
         try:
