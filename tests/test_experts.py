@@ -292,6 +292,25 @@ def test_in_memory_ridge_sweep_with_fewer_rows_than_features_warns_nothing(recwa
     assert not [w for w in recwarn if "ill-conditioned" in str(w.message)]
 
 
+def test_cnn_expert_predicts_a_batch_at_a_time():
+    """The 1D-CNN expert's predict runs at most ``batch_size`` rows through the network per pass (its activations,
+    not the rows asked for, bound the memory) and gives the same numbers as one row at a time."""
+    from moe.experts.nonlinear import CNNExpert
+
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=(200, 64)).astype(np.float32)
+    error = np.full_like(clean, 0.1)
+    y = clean[:, :8].sum(1)
+    cnn = CNNExpert(epochs=1, batch_size=32).fit(clean, error, y, clean[:50], y[:50])
+    passes = []
+    cnn.model.register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
+    x = rng.normal(size=(150, 64)).astype(np.float32)
+    whole = cnn.predict(x)
+    assert max(passes) == 32 and sum(passes) == 150
+    one = np.concatenate([cnn.predict(x[i : i + 1]) for i in range(len(x))])
+    np.testing.assert_allclose(whole, one, rtol=1e-5, atol=1e-6)
+
+
 def test_ridge_experts_module_and_variance():
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(3, 10)), rng.normal(size=3)

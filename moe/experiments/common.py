@@ -144,7 +144,7 @@ class Arrays:
     """The first rows of one split in memory (N rows, D pixels), as the experiments' in-memory models use them."""
 
     flux: np.ndarray | None  # [N, D] noisy (train: one draw; val/test: the pre-noised copy); None unless asked for
-    error: np.ndarray  # [N, D]
+    error: np.ndarray | None  # [N, D]; None when not asked for (val/test of a model that reads the flux alone)
     clean: np.ndarray | None  # [N, D] noise-free train flux when asked for, else None
     log_g: np.ndarray  # [N]
     teff: np.ndarray  # [N]
@@ -155,14 +155,22 @@ class Arrays:
 
 
 def load_arrays(
-    dm: SpectraDataModule, split: str, max_rows: int, seed: int = 0, keep_clean: bool = False, keep_flux: bool = True
+    dm: SpectraDataModule,
+    split: str,
+    max_rows: int,
+    seed: int = 0,
+    keep_clean: bool = False,
+    keep_flux: bool = True,
+    keep_error: bool = True,
 ) -> Arrays:
     """The first ``max_rows`` rows of ``split``; train rows get one noise draw (``seed``). Without ``keep_flux``
-    no flux is kept (a model of the error vectors alone then holds half the memory)."""
+    no flux is kept (a model of the error vectors alone then holds half the memory), without ``keep_error`` no
+    error (train rows need theirs for the noise draw)."""
     parts, have = [], 0
     stream = dm.stream(split, shuffle=False, batch_size=4096)
+    dropped = {*(() if keep_flux else ("flux",)), *(() if keep_error or split == "train" else ("error",))}
     for b in stream:
-        parts.append({k: v.numpy() for k, v in b.items() if keep_flux or k != "flux"})
+        parts.append({k: v.numpy() for k, v in b.items() if k not in dropped})
         have += len(b["row"])
         if have >= max_rows:
             break
@@ -173,7 +181,7 @@ def load_arrays(
         flux = add_noise_np(flux, cat["error"], dm.noise_level, np.random.default_rng([seed, 7]))
     return Arrays(
         flux,
-        cat["error"],
+        cat.get("error") if keep_error or split == "train" else None,
         clean,
         cat["log_g"].astype(np.float64),
         cat["T_eff"].astype(np.float64),
@@ -185,14 +193,19 @@ def load_arrays(
 
 
 def load_splits(
-    dm: SpectraDataModule, settings: ExperimentSettings, keep_clean: bool = False, keep_flux: bool = True
+    dm: SpectraDataModule,
+    settings: ExperimentSettings,
+    keep_clean: bool = False,
+    keep_flux: bool = True,
+    eval_error: bool = True,
 ) -> tuple[Arrays, Arrays, Arrays]:
     """Train, val and test in memory: train capped by ``settings.memory_train_rows`` with one noise
-    draw (the first seed), val and test by ``settings.max_memory_rows``; without ``keep_flux``, no flux."""
+    draw (the first seed), val and test by ``settings.max_memory_rows``; without ``keep_flux``, no flux; without
+    ``eval_error``, no val/test error (models that score the flux alone: 0.33 GB less for 20k test rows)."""
     return (
         load_arrays(dm, "train", settings.memory_train_rows, settings.seeds[0], keep_clean, keep_flux),
-        load_arrays(dm, "val", settings.max_memory_rows, keep_flux=keep_flux),
-        load_arrays(dm, "test", settings.max_memory_rows, keep_flux=keep_flux),
+        load_arrays(dm, "val", settings.max_memory_rows, keep_flux=keep_flux, keep_error=eval_error),
+        load_arrays(dm, "test", settings.max_memory_rows, keep_flux=keep_flux, keep_error=eval_error),
     )
 
 
