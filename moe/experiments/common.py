@@ -168,7 +168,8 @@ def load_arrays(
     error (train rows need theirs for the noise draw)."""
     parts, have = [], 0
     stream = dm.stream(split, shuffle=False, batch_size=4096)
-    dropped = {*(() if keep_flux else ("flux",)), *(() if keep_error or split == "train" else ("error",))}
+    keep_error = keep_error or split == "train"  # train rows need theirs for the noise draw
+    dropped = {name for name, keep in (("flux", keep_flux), ("error", keep_error)) if not keep}
     for b in stream:
         parts.append({k: v.numpy() for k, v in b.items() if k not in dropped})
         have += len(b["row"])
@@ -181,7 +182,7 @@ def load_arrays(
         flux = add_noise_np(flux, cat["error"], dm.noise_level, np.random.default_rng([seed, 7]))
     return Arrays(
         flux,
-        cat.get("error") if keep_error or split == "train" else None,
+        cat.get("error"),
         clean,
         cat["log_g"].astype(np.float64),
         cat["T_eff"].astype(np.float64),

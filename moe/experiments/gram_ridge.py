@@ -24,7 +24,7 @@ import scipy.linalg as sla
 BLOCK = 2048  # rows cast to float64 at a time (2048 x 4096 x 8 B = 67 MB)
 
 
-def _blocks(x: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None):
+def float64_blocks(x: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None):
     """float64 blocks of ``BLOCK`` rows of ``x`` [N, D], through ``transform`` when given."""
     for start in range(0, len(x), BLOCK):
         block = np.asarray(x[start : start + BLOCK], dtype=np.float64)
@@ -45,9 +45,9 @@ class Gram:
     def of(cls, x: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Gram:
         """Two passes over ``x`` [N, D]: the column means, then the centred Gram (no cancellation)."""
         n = len(x)
-        mean = sum(b.sum(0) for b in _blocks(x, transform)) / n
+        mean = sum(b.sum(0) for b in float64_blocks(x, transform)) / n
         gram = np.zeros((x.shape[1], x.shape[1]))
-        for b in _blocks(x, transform):
+        for b in float64_blocks(x, transform):
             b -= mean
             gram += b.T @ b
         var = np.diag(gram) / n
@@ -60,7 +60,7 @@ class Gram:
         """``Z^T (y - mean(y))`` [D] for labels ``y`` [N] of the training rows in their order."""
         yc = np.asarray(y, np.float64) - np.mean(y)
         out = np.zeros(len(self.mean))
-        for start, b in zip(range(0, len(self.x), BLOCK), _blocks(self.x, self.transform)):
+        for start, b in zip(range(0, len(self.x), BLOCK), float64_blocks(self.x, self.transform)):
             out += (b - self.mean).T @ yc[start : start + BLOCK]
         return out / self.scale
 
@@ -78,5 +78,5 @@ class Gram:
         (``intercept``: the training labels' mean), in blocks."""
         w = (np.atleast_2d(coef) / self.scale).T  # [D, A] on the raw inputs
         shift = self.mean @ w
-        out = np.concatenate([b @ w - shift for b in _blocks(x, self.transform)]) + intercept
+        out = np.concatenate([b @ w - shift for b in float64_blocks(x, self.transform)]) + intercept
         return out[:, 0] if np.ndim(coef) == 1 else out

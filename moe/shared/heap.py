@@ -31,7 +31,10 @@ from contextlib import contextmanager
 HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-INSIDE = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: 2**31 - 1}  # the values of HEAP_ENV
+INSIDE = {
+    M_MMAP_THRESHOLD: int(HEAP_ENV["MALLOC_MMAP_THRESHOLD_"]),
+    M_TRIM_THRESHOLD: int(HEAP_ENV["MALLOC_TRIM_THRESHOLD_"]),
+}
 AFTER = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}  # where glibc's dynamic rule ends
 
 _lock = threading.Lock()
